@@ -1,0 +1,29 @@
+"""jointkl: latent-variable and unnormalised models on Pyro, fitted by minimising a KL
+divergence between joint distributions — EM, SVI, NCE, and MCMC as the reference."""
+
+from jointkl.engine import ENGINES, Engine, register_engine
+from jointkl.errors import FitDivergedError, InputError
+from jointkl.fit import Fit
+from jointkl.pair import Pair, as_pair
+from jointkl.zoo import MODELS, register_model
+
+# Public re-exports (DESIGN.md: the core imports models/inference only here and in cli);
+# importing them also fills the MODELS and ENGINES registries.
+from jointkl import inference, models  # noqa: E402,I001
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pair",
+    "as_pair",
+    "Fit",
+    "Engine",
+    "ENGINES",
+    "MODELS",
+    "register_engine",
+    "register_model",
+    "InputError",
+    "FitDivergedError",
+    "models",
+    "inference",
+]

@@ -1,0 +1,1 @@
+"""jointkl.distributions."""

@@ -1,0 +1,219 @@
+"""The result of a fit: parameters, objective history, convergence, and the way back to data.
+
+A :class:`Fit` is what every engine returns. It holds plain values (tensors, floats, JSON), so
+``fit.save(dir)`` writes ``fit.json`` plus one ``tensors.pt`` read back with
+``torch.load(weights_only=True)`` — nothing on disk is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jointkl.errors import InputError
+from jointkl.runs import atomic_save_tensors, atomic_write_text
+
+__all__ = ["Fit", "point_draws", "stored_draws"]
+
+FORMAT = 1
+
+
+@dataclass
+class Fit:
+    """What an engine learned.
+
+    :param engine: the registered name of the engine that made it (``"svi"``, ``"em"`` ...).
+    :param config: the engine's settings (JSON values).
+    :param params: constrained parameter tensors by param or site name.
+    :param history: the objective per step or iteration (``objective`` says which).
+    :param objective: the objective's name, e.g. ``"loss"`` (negative ELBO, lower is better)
+        or ``"log_likelihood"`` (higher is better).
+    :param converged: whether the engine's convergence test passed.
+    :param n_iter: steps or iterations taken.
+    :param state: engine-specific tensors needed to restore it (e.g. unconstrained params).
+    :param samples: stored posterior draws by site, each ``(chain, draw, *site_shape)``.
+    :param info: extra JSON facts (a stop reason, the best restart, timings).
+    :param model_spec: how to rebuild the pair on load (``{"zoo": name, "settings": {...}}``
+        or ``{"file": path, "name": attr}``); ``None`` when the pair must be passed to ``load``.
+    :param pair: the fitted model/guide pair (in memory only).
+    :param args, kwargs: the data the fit saw, passed to the model as ``model(*args, **kwargs)``.
+    """
+
+    engine: str
+    config: dict[str, Any]
+    params: dict[str, torch.Tensor]
+    history: list[float]
+    objective: str = "loss"
+    converged: bool = False
+    n_iter: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    model_spec: dict[str, Any] | None = None
+    pair: Any = field(default=None, repr=False)
+    args: tuple[Any, ...] = field(default=(), repr=False)
+    kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def final_objective(self) -> float:
+        return self.history[-1] if self.history else math.nan
+
+    def __repr__(self) -> str:
+        return (
+            f"Fit(engine={self.engine!r}, {self.objective}={self.final_objective:.6g}, "
+            f"n_iter={self.n_iter}, converged={self.converged}, params={sorted(self.params)})"
+        )
+
+    # ------------------------------------------------------------------ ArviZ
+    def to_arviz(self, num_samples: int = 500, seed: int = 0):
+        """An ``arviz.InferenceData`` with posterior, posterior_predictive, log_likelihood,
+        observed_data and sample_stats (see :func:`jointkl.inferencedata.to_inference_data`)."""
+        from jointkl.inferencedata import to_inference_data
+
+        if self.pair is None:
+            raise InputError(
+                "this Fit has no model attached; load it with Fit.load(dir, pair=...) first"
+            )
+        return to_inference_data(self, num_samples=num_samples, seed=seed)
+
+    def posterior_draws(self, num_samples: int = 500, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Posterior draws of every latent/global site, each ``(chain, draw, *shape)``."""
+        from jointkl.engine import engine_class
+
+        return engine_class(self.engine).posterior_draws(self, num_samples, seed)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``fit.json`` and ``tensors.pt`` into ``directory`` (atomically, file by file)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arg_tensors, arg_meta = _split_args(self.args, self.kwargs)
+        meta = {
+            "format": FORMAT,
+            "engine": self.engine,
+            "config": self.config,
+            "history": [float(h) for h in self.history],
+            "objective": self.objective,
+            "converged": bool(self.converged),
+            "n_iter": int(self.n_iter),
+            "info": self.info,
+            "model_spec": self.model_spec,
+            "data": arg_meta,
+        }
+        tensors = {
+            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "state": {k: v.detach().cpu() for k, v in self.state.items()},
+            "samples": {k: v.detach().cpu() for k, v in self.samples.items()},
+            "data": arg_tensors,
+        }
+        atomic_save_tensors(tensors, d / "tensors.pt")
+        atomic_write_text(json.dumps(meta, indent=2, default=_json_default), d / "fit.json")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, pair: Any = None) -> Fit:
+        """Read a fit written by :meth:`save`. ``pair`` is rebuilt from ``model_spec`` when
+        not given (zoo models and user files)."""
+        d = Path(directory)
+        meta_path, tensor_path = d / "fit.json", d / "tensors.pt"
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise InputError(f"{p} not found: expected a fit saved by Fit.save()")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{meta_path} is not valid JSON: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{meta_path}: unsupported fit format {meta.get('format')!r}")
+        tensors = torch.load(tensor_path, weights_only=True, map_location="cpu")
+        args, kwargs = _join_args(tensors["data"], meta["data"])
+        if pair is None and meta.get("model_spec"):
+            from jointkl.zoo import build_pair
+
+            pair = build_pair(meta["model_spec"])
+        return cls(
+            engine=meta["engine"],
+            config=meta["config"],
+            params=dict(tensors["params"]),
+            history=list(meta["history"]),
+            objective=meta["objective"],
+            converged=meta["converged"],
+            n_iter=meta["n_iter"],
+            state=dict(tensors["state"]),
+            samples=dict(tensors["samples"]),
+            info=meta.get("info", {}),
+            model_spec=meta.get("model_spec"),
+            pair=pair,
+            args=args,
+            kwargs=kwargs,
+        )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _split_args(args: tuple, kwargs: Mapping) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Data arguments as tensors (for tensors.pt) plus JSON for the rest."""
+    tensors: dict[str, Any] = {}
+    meta: dict[str, Any] = {"args": [], "kwargs": {}}
+    for i, a in enumerate(args):
+        key = f"arg{i}"
+        if isinstance(a, torch.Tensor):
+            tensors[key] = a.detach().cpu()
+            meta["args"].append({"tensor": key})
+        else:
+            meta["args"].append({"value": a})
+    for k, a in kwargs.items():
+        if isinstance(a, torch.Tensor):
+            tensors[f"kw_{k}"] = a.detach().cpu()
+            meta["kwargs"][k] = {"tensor": f"kw_{k}"}
+        else:
+            meta["kwargs"][k] = {"value": a}
+    return tensors, meta
+
+
+def _join_args(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[tuple, dict]:
+    def get(entry: Mapping[str, Any]) -> Any:
+        return tensors[entry["tensor"]] if "tensor" in entry else entry["value"]
+
+    return tuple(get(e) for e in meta["args"]), {k: get(e) for k, e in meta["kwargs"].items()}
+
+
+def stored_draws(fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+    """The stored ``(chain, draw, ...)`` samples, thinned evenly to at most ``num_samples``
+    draws per chain (deterministic: ``seed`` is not needed)."""
+    out = {}
+    for name, v in fit.samples.items():
+        n = v.shape[1]
+        if n > num_samples:
+            idx = torch.linspace(0, n - 1, num_samples).round().long()
+            v = v[:, idx]
+        out[name] = v
+    return out
+
+
+def point_draws(fit: Fit, num_samples: int) -> dict[str, torch.Tensor]:
+    """A point estimate as a one-chain 'posterior': every latent site repeated ``num_samples``
+    times (zero posterior spread). Sites are found by name in ``fit.params``."""
+    from jointkl.inferencedata import latent_site_names
+
+    names = latent_site_names(fit.pair.model, fit.args, fit.kwargs)
+    return {
+        n: fit.params[n].unsqueeze(0).expand(num_samples, *fit.params[n].shape).unsqueeze(0)
+        for n in names
+        if n in fit.params
+    }
