@@ -1,15 +1,14 @@
 """jointkl: latent-variable and unnormalised models on Pyro, fitted by minimising a KL
 divergence between joint distributions — EM, SVI, NCE, and MCMC as the reference."""
 
+# Public re-exports (DESIGN.md: the core imports models/inference only here and in cli);
+# importing them also fills the MODELS and ENGINES registries.
+from jointkl import inference, models  # noqa: E402,I001
 from jointkl.engine import ENGINES, Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.pair import Pair, as_pair
 from jointkl.zoo import MODELS, register_model
-
-# Public re-exports (DESIGN.md: the core imports models/inference only here and in cli);
-# importing them also fills the MODELS and ENGINES registries.
-from jointkl import inference, models  # noqa: E402,I001
 
 __version__ = "0.1.0"
 

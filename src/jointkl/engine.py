@@ -52,6 +52,11 @@ class Engine:
         raise NotImplementedError
 
     @classmethod
+    def activate(cls, fit: Fit) -> None:
+        """Put ``fit``'s learned parameters where the model reads them (e.g. Pyro's param
+        store) before the model is re-run for predictions. Default: nothing to do."""
+
+    @classmethod
     def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
         """Draws of every latent/global site, each of shape ``(num_samples, *site_shape)``.
 

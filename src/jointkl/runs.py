@@ -84,7 +84,9 @@ class RunDir:
         return self.path / "inference_data.nc"
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
-        return atomic_write_text(json.dumps(config, indent=2, default=str), self.path / "config.json")
+        return atomic_write_text(
+            json.dumps(config, indent=2, default=str), self.path / "config.json"
+        )
 
     def read_config(self) -> dict[str, Any]:
         return json.loads((self.path / "config.json").read_text())

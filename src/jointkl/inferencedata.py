@@ -1,0 +1,248 @@
+"""Fit -> ``arviz.InferenceData``, for any engine and any Pyro model.
+
+``az.from_pyro`` covers only MCMC; this converter works from posterior draws of the latent
+and global sites (whatever engine made them) and re-runs the model to get
+
+* ``log_likelihood``: pointwise over the ``"data"`` plate, with every enumerated discrete
+  latent summed out exactly (tensor-variable elimination, ``pyro.ops.contract``), so
+  ``az.loo``/``az.waic``/``az.compare`` see log p(x_i | θ) and not log p(x_i | z_i, θ);
+* ``posterior_predictive``: the observed sites re-sampled from the model given each draw;
+* ``observed_data`` and ``sample_stats`` (the objective per step, dimension ``step``).
+
+Dimensions are named from plates (``data``, ``components``); event dimensions get
+``<site>_dim_<k>``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+
+from jointkl.errors import InputError
+
+__all__ = [
+    "to_inference_data",
+    "trace_model",
+    "latent_site_names",
+    "observed_site_names",
+    "max_plate_nesting",
+    "DATA_PLATE",
+]
+
+DATA_PLATE = "data"
+
+
+def trace_model(model, args: tuple, kwargs: Mapping[str, Any], data: Mapping | None = None):
+    """One trace of ``model`` (optionally conditioned on ``data``), with no side effects on
+    the param store's gradients and no enumeration."""
+    m = poutine.condition(model, data=dict(data)) if data else model
+    with torch.no_grad():
+        return poutine.trace(m).get_trace(*args, **kwargs)
+
+
+def _is_enumerated(site: Mapping[str, Any]) -> bool:
+    return site["infer"].get("enumerate") == "parallel" or (
+        site["infer"].get("_enumerate_dim") is not None
+    )
+
+
+def latent_site_names(model, args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
+    """Unobserved sample sites that are not enumerated (the ones a posterior describes)."""
+    tr = trace_model(model, args, kwargs)
+    return [
+        name
+        for name, s in tr.nodes.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not _is_enumerated(s)
+        and not name.startswith("_")
+    ]
+
+
+def observed_site_names(model, args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
+    tr = trace_model(model, args, kwargs)
+    return [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+
+
+def max_plate_nesting(trace) -> int:
+    dims = [
+        -f.dim
+        for s in trace.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def _site_dims(site: Mapping[str, Any], name: str) -> list[str]:
+    """Dimension names for a site's value: plates for batch dims, ``name_dim_k`` otherwise."""
+    value = site["value"]
+    event_dim = site["fn"].event_dim if hasattr(site["fn"], "event_dim") else 0
+    batch_rank = value.dim() - event_dim
+    by_dim = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
+    dims = []
+    for i in range(value.dim()):
+        neg = i - batch_rank  # negative batch index for batch dims
+        if i < batch_rank and neg in by_dim and value.shape[i] == by_dim_size(site, neg):
+            dims.append(by_dim[neg])
+        else:
+            dims.append(f"{name}_dim_{i}")
+    return dims
+
+
+def by_dim_size(site: Mapping[str, Any], dim: int) -> int:
+    for f in site["cond_indep_stack"]:
+        if f.vectorized and f.dim == dim:
+            return f.size
+    return -1
+
+
+def _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting):
+    """{var name: tensor of shape (n_points...)} for one posterior draw."""
+    cond = poutine.condition(model, data=draw)
+    enum = poutine.enum(cond, first_available_dim=-nesting - 1)
+    with torch.no_grad():
+        tr = poutine.trace(enum).get_trace(*args, **kwargs)
+    tr.compute_log_prob()
+    tr.pack_tensors()
+    if DATA_PLATE not in tr.plate_to_symbol:
+        # No data plate: each observed site's elementwise log-density is the pointwise one.
+        return {n: tr.nodes[n]["log_prob"] for n in observed}
+    data_sym = tr.plate_to_symbol[DATA_PLATE]
+    target = frozenset({data_sym})
+
+    def ordinal(site):
+        return frozenset(
+            tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+
+    enum_sites = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and s["infer"].get("_enumerate_dim") is not None
+    ]
+    sum_dims = set()
+    for n in enum_sites:
+        sum_dims.update(tr.nodes[n]["packed"]["log_prob"]._pyro_dims)
+    sum_dims -= set(tr.plate_to_symbol.values())
+
+    def contract(names):
+        tree = OrderedDict()
+        for n in names:
+            s = tr.nodes[n]
+            tree.setdefault(ordinal(s), []).append(s["packed"]["unscaled_log_prob"])
+        t = contract_to_tensor(tree, set(sum_dims), target_ordinal=target)
+        t = packed.unpack(t, tr.symbol_to_dim)
+        size = next(
+            f.size
+            for s in tr.nodes.values()
+            if s["type"] == "sample"
+            for f in s["cond_indep_stack"]
+            if f.name == DATA_PLATE
+        )
+        # t broadcasts against the data plate: size 1 everywhere but (maybe) the data dim.
+        return t.reshape(-1).expand(size) if t.numel() == 1 else t.reshape(size)
+
+    in_data = [n for n in observed if data_sym in ordinal(tr.nodes[n])]
+    out = {}
+    if enum_sites:
+        # Observed sites that share enumerated latents are one joint variable per data point.
+        local_enum = [n for n in enum_sites if data_sym in ordinal(tr.nodes[n])]
+        if len(local_enum) != len(enum_sites):
+            raise InputError(
+                "pointwise log-likelihood needs every enumerated site inside the 'data' plate; "
+                f"global enumerated sites: {sorted(set(enum_sites) - set(local_enum))}"
+            )
+        out["__".join(in_data)] = contract(in_data + local_enum)
+    else:
+        for n in in_data:
+            out[n] = contract([n])
+    for n in observed:
+        if n not in in_data:
+            out[n] = tr.nodes[n]["log_prob"]
+    return out
+
+
+def _stack(rows: list[Mapping[str, torch.Tensor]], chains: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k in rows[0]:
+        t = torch.stack(
+            [
+                r[k].detach().to("cpu", torch.float64)
+                if r[k].dtype.is_floating_point
+                else r[k].detach().cpu()
+                for r in rows
+            ]
+        )
+        out[k] = t.reshape(chains, -1, *t.shape[1:]).numpy()
+    return out
+
+
+def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
+    """Build the InferenceData for ``fit`` (see the module docstring)."""
+    import arviz as az
+    import xarray as xr
+
+    from jointkl.engine import engine_class
+
+    if num_samples < 1:
+        raise InputError(f"num_samples must be >= 1, got {num_samples}")
+    engine = engine_class(fit.engine)
+    engine.activate(fit)
+    model, args, kwargs = fit.pair.model, fit.args, fit.kwargs
+    pyro.set_rng_seed(seed)
+    draws = engine.posterior_draws(fit, num_samples, seed)
+    base = trace_model(model, args, kwargs)
+    observed = [n for n, s in base.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+    if not observed:
+        raise InputError("the model has no observed sample site: nothing to compare with data")
+    nesting = max_plate_nesting(base)
+    chains, ndraw = next(iter(draws.values())).shape[:2] if draws else (1, num_samples)
+
+    flat = [{k: v[c, d] for k, v in draws.items()} for c in range(chains) for d in range(ndraw)]
+    ll_rows, pp_rows = [], []
+    uncond = poutine.uncondition(model)
+    for draw in flat:
+        ll_rows.append(_pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting))
+        with torch.no_grad():
+            tr = poutine.trace(poutine.condition(uncond, data=draw)).get_trace(*args, **kwargs)
+        pp_rows.append({n: tr.nodes[n]["value"] for n in observed})
+
+    dims: dict[str, list[str]] = {}
+    for n, s in base.nodes.items():
+        if s["type"] == "sample" and (n in draws or n in observed):
+            dims[n] = _site_dims(s, n)
+    ll = _stack(ll_rows, chains)
+    for k, v in ll.items():
+        if k not in dims:
+            dims[k] = [DATA_PLATE] if v.ndim == 3 else [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
+    posterior = {
+        k: v.detach().cpu().double().numpy()
+        if v.dtype.is_floating_point
+        else v.detach().cpu().numpy()
+        for k, v in draws.items()
+    }
+    observed_data = {n: base.nodes[n]["value"].detach().cpu().numpy() for n in observed}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        idata = az.from_dict(
+            posterior=posterior or None,
+            posterior_predictive=_stack(pp_rows, chains),
+            log_likelihood=ll,
+            observed_data=observed_data,
+            dims=dims,
+        )
+    if fit.history:
+        stats = xr.Dataset({fit.objective: (("step",), np.asarray(fit.history, dtype=float))})
+        idata.add_groups(sample_stats=stats)
+    return idata
