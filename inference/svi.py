@@ -103,6 +103,23 @@ class _ScaleDataPlate(Messenger):
             msg["scale"] = msg["scale"] * self.factor
 
 
+class _CallableLoss:
+    """Adapt a plain differentiable loss ``fn(model, guide, *args, **kwargs) -> tensor`` (e.g.
+    InfoMax's objective) to the ELBO interface the step loop uses."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.fn(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.fn(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss.detach())
+
+
 def _empty_guide(*args, **kwargs) -> None:
     """The guide of a model with no latent sites (maximum likelihood of pyro.params)."""
 
@@ -111,9 +128,11 @@ def _empty_guide(*args, **kwargs) -> None:
 class SVI(Engine):
     """Stochastic variational inference on any Pyro model/guide pair.
 
-    :param str loss: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL where known),
+    :param loss: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL where known),
         ``"enum"`` (TraceEnum_ELBO: enumerated discrete latents summed out), ``"renyi"``
-        (Rényi α-divergence, α=0.5). ``None`` picks ``"enum"`` when the model enumerates.
+        (Rényi α-divergence, α=0.5), or a callable ``loss(model, guide, *args, **kwargs)``
+        returning a differentiable scalar tensor (a plugged-in objective). ``None`` picks
+        ``"enum"`` when the model enumerates, else ``"trace"``.
     :param guide: ``"delta"`` (MAP), ``"normal"`` (mean-field Gaussian), ``"lowrank"``
         (low-rank multivariate normal), a callable guide, or ``None`` for the pair's guide,
         else the pair's ``default_guide`` attribute, else ``"normal"``.
@@ -162,7 +181,7 @@ class SVI(Engine):
         progress: bool = True,
         on_step: Callable[[int, float], None] | None = None,
     ):
-        if loss is not None and loss not in LOSSES:
+        if loss is not None and not callable(loss) and loss not in LOSSES:
             raise InputError(f"SVI: loss must be one of {LOSSES} or None, got {loss!r}")
         if guide is not None and not callable(guide) and guide not in GUIDES:
             raise InputError(
@@ -199,8 +218,9 @@ class SVI(Engine):
                 raise InputError("SVI: checkpoint_every needs checkpoint_dir")
         if resume and checkpoint_dir is None:
             raise InputError("SVI: resume=True needs checkpoint_dir")
+        self._loss_fn = loss if callable(loss) else None
         super().__init__(
-            loss=loss,
+            loss=loss if not callable(loss) else "callable",
             guide=guide if not callable(guide) else "callable",
             optim=optim if isinstance(optim, str) else type(optim).__name__,
             lr=float(lr),
@@ -238,7 +258,7 @@ class SVI(Engine):
             n for n, s in sample_sites.items() if not s["is_observed"] and n not in enumerated
         ]
         loss = cfg["loss"] or ("enum" if enumerated else "trace")
-        if enumerated and loss != "enum":
+        if enumerated and loss not in ("enum", "callable"):
             raise InputError(
                 f"SVI: the model enumerates site(s) {enumerated}; use loss='enum' (or None)"
             )
@@ -279,7 +299,9 @@ class SVI(Engine):
         )
         if cfg["vectorize_particles"] or loss == "enum":
             common["max_plate_nesting"] = nesting
-        if loss == "trace":
+        if loss == "callable":
+            elbo = _CallableLoss(self._loss_fn)
+        elif loss == "trace":
             elbo = Trace_ELBO(**common)
         elif loss == "meanfield":
             elbo = TraceMeanField_ELBO(**common)

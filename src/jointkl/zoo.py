@@ -52,7 +52,9 @@ def load_user_object(spec: str) -> tuple[Any, dict[str, Any]]:
             s.loader.exec_module(module)
         except Exception as e:
             del sys.modules[mod_name]
-            raise InputError(f"model file {path_s!r} failed to import: {type(e).__name__}: {e}")
+            raise InputError(
+                f"model file {path_s!r} failed to import: {type(e).__name__}: {e}"
+            ) from e
     candidates = [attr] if attr else ["pair", "model"]
     for name in candidates:
         if hasattr(module, name):
