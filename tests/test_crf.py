@@ -1,0 +1,392 @@
+"""LinearChainCRF against brute-force enumeration of all tag paths, pytorch-crf, and Pyro."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as pdist
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from jointkl.distributions import LinearChainCRF, TagConstraints, bmes_constraints
+from jointkl.errors import InputError
+
+SETTINGS = settings(max_examples=30, deadline=None)
+NEG_INF = float("-inf")
+
+
+def _crf(seed: int, batch: int, T: int, C: int, constrained: bool, method: str = "auto"):
+    """A random CRF (float64) with random lengths and, optionally, random constraints."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    if constrained:
+        kw["allowed"] = TagConstraints(
+            torch.rand(C, C, generator=g) < 0.7,
+            torch.rand(C, generator=g) < 0.8,
+            torch.rand(C, generator=g) < 0.8,
+        )
+    return LinearChainCRF(
+        torch.randn(batch, T, C, generator=g, dtype=torch.float64),
+        torch.randn(C, C, generator=g, dtype=torch.float64),
+        start=torch.randn(C, generator=g, dtype=torch.float64),
+        end=torch.randn(C, generator=g, dtype=torch.float64),
+        lengths=torch.randint(1, T + 1, (batch,), generator=g),
+        method=method,
+        **kw,
+    )
+
+
+def _enumerate(crf: LinearChainCRF, b: int) -> dict[tuple[int, ...], float]:
+    """Score of every tag path of sequence b, written out from the definition."""
+    h, A = crf.emissions[b], crf.transitions
+    C = crf.num_tags
+    start = crf.start if crf.start is not None else torch.zeros(C, dtype=h.dtype)
+    end = crf.end if crf.end is not None else torch.zeros(C, dtype=h.dtype)
+    allowed = crf.allowed
+    L = int(crf.lengths[b]) if crf.lengths is not None else h.shape[0]
+    out = {}
+    for y in itertools.product(range(C), repeat=L):
+        ok = allowed is None or (
+            (allowed.start is None or allowed.start[y[0]])
+            and (allowed.end is None or allowed.end[y[-1]])
+            and all(allowed.transitions[y[t], y[t + 1]] for t in range(L - 1))
+        )
+        s = start[y[0]] + h[0, y[0]] + end[y[-1]]
+        s = s + sum(A[y[t], y[t + 1]] + h[t + 1, y[t + 1]] for t in range(L - 1))
+        out[y] = float(s) if ok else NEG_INF
+    return out
+
+
+def _probs(scores: dict) -> dict:
+    finite = [s for s in scores.values() if s > NEG_INF]
+    if not finite:
+        return {y: 0.0 for y in scores}
+    m = max(finite)
+    logz = m + math.log(sum(math.exp(s - m) for s in finite))
+    return {y: (math.exp(s - logz) if s > NEG_INF else 0.0) for y, s in scores.items()}
+
+
+def _pad(y, T):
+    return list(y) + [0] * (T - len(y))
+
+
+crfs = st.tuples(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from(["sequential", "scan"]),
+)
+
+
+@SETTINGS
+@given(crfs)
+def test_log_partition_and_log_prob_equal_enumeration(args):
+    crf = _crf(*args)
+    logz = crf.log_partition
+    for b in range(crf.batch_shape[0]):
+        scores = _enumerate(crf, b)
+        finite = [s for s in scores.values() if s > NEG_INF]
+        ref = torch.logsumexp(torch.tensor(finite, dtype=torch.float64), 0) if finite else NEG_INF
+        assert float(logz[b]) == pytest.approx(float(ref), abs=1e-9)
+        paths = torch.tensor([_pad(y, crf.event_shape[0]) for y in scores])
+        # log_prob on a (paths, batch, T) sample-shaped input, checked for sequence b.
+        lp = crf.log_prob(paths.unsqueeze(1).expand(-1, crf.batch_shape[0], -1))[:, b]
+        probs = _probs(scores)
+        for i, y in enumerate(scores):
+            want = math.log(probs[y]) if probs[y] > 0 else NEG_INF
+            assert float(lp[i]) == pytest.approx(want, abs=1e-9)
+
+
+@SETTINGS
+@given(crfs)
+def test_node_and_edge_marginals_equal_enumeration(args):
+    crf = _crf(*args)
+    node, edge = crf.marginals, crf.edge_marginals
+    T, C = crf.event_shape[0], crf.num_tags
+    assert node.shape == (*crf.batch_shape, T, C) and edge.shape == (*crf.batch_shape, T - 1, C, C)
+    for b in range(crf.batch_shape[0]):
+        ref_node = torch.zeros(T, C, dtype=torch.float64)
+        ref_edge = torch.zeros(max(T - 1, 0), C, C, dtype=torch.float64)
+        for y, p in _probs(_enumerate(crf, b)).items():
+            for t, tag in enumerate(y):
+                ref_node[t, tag] += p
+            for t in range(len(y) - 1):
+                ref_edge[t, y[t], y[t + 1]] += p
+        assert torch.allclose(node[b], ref_node, atol=1e-9)
+        assert torch.allclose(edge[b], ref_edge, atol=1e-9)
+
+
+@SETTINGS
+@given(crfs)
+def test_viterbi_path_and_score_equal_enumeration(args):
+    crf = _crf(*args)
+    tags, score = crf.viterbi()
+    assert torch.equal(tags, crf.mode)
+    for b in range(crf.batch_shape[0]):
+        scores = _enumerate(crf, b)
+        best = max(scores.values())
+        L = len(next(iter(scores)))
+        assert float(score[b]) == pytest.approx(best, abs=1e-9)
+        assert (tags[b, L:] == 0).all()
+        if best > NEG_INF:
+            y = tuple(tags[b, :L].tolist())
+            assert scores[y] == pytest.approx(best, abs=1e-9)
+            runner_up = sorted(scores.values())[-2] if len(scores) > 1 else NEG_INF
+            if best - runner_up > 1e-6:  # unique optimum: the path itself is determined
+                assert y == max(scores, key=scores.get)
+
+
+@SETTINGS
+@given(crfs, st.integers(1, 5))
+def test_top_k_equals_sorted_enumeration(args, k):
+    crf = _crf(*args)
+    paths, scores = crf.top_k(k)
+    assert paths.shape == (k, *crf.batch_shape, crf.event_shape[0])
+    for b in range(crf.batch_shape[0]):
+        ref = sorted(_enumerate(crf, b).values(), reverse=True)[:k]
+        ref += [NEG_INF] * (k - len(ref))
+        assert scores[:, b].tolist() == pytest.approx(ref, abs=1e-9)
+        finite = scores[:, b] > NEG_INF
+        # Each listed path really has its listed score (also via the public score()).
+        path_scores = crf.score(paths[:, b : b + 1].expand(-1, crf.batch_shape[0], -1))[:, b]
+        assert torch.allclose(path_scores[finite], scores[finite, b], atol=1e-9)
+        listed = {tuple(p) for p in paths[finite, b].tolist()}
+        assert len(listed) == int(finite.sum())
+
+
+@SETTINGS
+@given(crfs)
+def test_entropy_equals_enumeration(args):
+    crf = _crf(*args)
+    H = crf.entropy()
+    for b in range(crf.batch_shape[0]):
+        ref = -sum(p * math.log(p) for p in _probs(_enumerate(crf, b)).values() if p > 0)
+        assert float(H[b]) == pytest.approx(ref, abs=1e-9)
+
+
+@settings(max_examples=12, deadline=None)
+@given(crfs)
+def test_samples_follow_the_enumerated_distribution(args):
+    crf = _crf(*args)
+    n = 4000
+    pyro.set_rng_seed(args[0])
+    samples = crf.sample((n,))
+    T = crf.event_shape[0]
+    assert samples.shape == (n, *crf.batch_shape, T)
+    for b in range(crf.batch_shape[0]):
+        probs = _probs(_enumerate(crf, b))
+        L = len(next(iter(probs)))
+        assert (samples[:, b, L:] == 0).all()
+        if sum(probs.values()) == 0:
+            continue  # no possible path: the samples are meaningless
+        counts = dict.fromkeys(probs, 0)
+        for y in map(tuple, samples[:, b, :L].tolist()):
+            assert probs[y] > 0, f"sampled the impossible path {y}"
+            counts[y] += 1
+        # Chi-square over paths, pooling the rare ones so every bin expects >= 5 draws.
+        obs, exp, pool_o, pool_e = [], [], 0, 0.0
+        for y, p in probs.items():
+            if p == 0:
+                continue
+            if n * p >= 5:
+                obs.append(counts[y])
+                exp.append(n * p)
+            else:
+                pool_o += counts[y]
+                pool_e += n * p
+        if pool_e > 0:
+            obs.append(pool_o)
+            exp.append(pool_e)
+        if len(obs) > 1:
+            exp = [e * n / sum(exp) for e in exp]
+            assert chisquare(obs, exp).pvalue > 1e-6
+
+
+def test_length_one_sequences():
+    h = torch.randn(3, 1, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    s, e = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    crf = LinearChainCRF(h, A, start=s, end=e)
+    assert torch.allclose(crf.log_partition, torch.logsumexp(s + h[:, 0] + e, -1))
+    assert torch.equal(crf.mode[:, 0], (s + h[:, 0] + e).argmax(-1))
+    assert torch.allclose(crf.marginals[:, 0], torch.softmax(s + h[:, 0] + e, -1))
+    loss = -crf.log_prob(torch.zeros(3, 1, dtype=torch.long)).sum() - crf.entropy().sum()
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(A.grad).all()
+    assert torch.equal(A.grad, torch.zeros_like(A.grad))  # no transitions in length 1
+
+
+def test_mask_and_lengths_agree():
+    h, A = torch.randn(2, 5, 3), torch.randn(3, 3)
+    lengths = torch.tensor([5, 2])
+    mask = torch.arange(5) < lengths[:, None]
+    a, b = LinearChainCRF(h, A, lengths=lengths), LinearChainCRF(h, A, mask=mask)
+    tags = torch.randint(0, 3, (2, 5))
+    assert torch.equal(a.log_prob(tags), b.log_prob(tags))
+    assert torch.equal(a.mode, b.mode)
+
+
+def _assert_bmes(tags: list[int], names=("B", "M", "E", "S")):
+    seq = "".join(names[t] for t in tags)
+    assert seq[0] in "BS" and seq[-1] in "ES", seq
+    for a, b in zip(seq, seq[1:], strict=False):
+        assert b in ({"B": "ME", "M": "ME", "E": "BS", "S": "BS"}[a]), seq
+
+
+def test_bmes_constraints_are_honoured_by_decoding_sampling_and_top_k():
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 1, 2, 4])
+    # Emissions that, unconstrained, favour illegal sequences (all M).
+    h = torch.randn(4, 7, 4) + torch.tensor([0.0, 3.0, 0.0, 0.0])
+    crf = LinearChainCRF(h, torch.zeros(4, 4), lengths=lengths, allowed=bmes_constraints())
+    samples, (kbest, kscores) = crf.sample((50,)), crf.top_k(6)
+    for b, L in enumerate(lengths.tolist()):
+        _assert_bmes(crf.mode[b, :L].tolist())
+        for y in samples[:, b, :L].tolist():
+            _assert_bmes(y)
+        for r in range(6):
+            if kscores[r, b] > NEG_INF:
+                _assert_bmes(kbest[r, b, :L].tolist())
+    illegal = torch.full((4, 7), 1)  # all M
+    assert torch.isneginf(crf.log_prob(illegal)).all()
+    # The helper follows the given tag order.
+    c = bmes_constraints(["s", "b", "m", "e"])
+    assert c.start.tolist() == [True, True, False, False]
+    assert c.transitions[1].tolist() == [False, False, True, True]  # b -> m, e
+
+
+def test_gradients_finite_with_constraints_impossible_paths_and_length_one():
+    torch.manual_seed(1)
+    h = torch.randn(3, 4, 4, requires_grad=True)
+    A = torch.randn(4, 4, requires_grad=True)
+    s = torch.randn(4, requires_grad=True)
+    e = torch.randn(4, requires_grad=True)
+    # Sequence 1 has length 1 and must be a single S; every tag of sequence 2 is -inf at t=0.
+    mask_h = torch.zeros(3, 4, 4)
+    mask_h[2, 0] = NEG_INF
+    crf = LinearChainCRF(
+        h + mask_h, A, s, e, lengths=torch.tensor([4, 1, 3]), allowed=bmes_constraints()
+    )
+    gold = torch.tensor([[0, 2, 1, 1], [3, 0, 0, 0], [3, 3, 3, 0]])  # seq 0 ends illegally
+    lp = crf.log_prob(gold)
+    assert torch.isneginf(lp[0]) and torch.isfinite(lp[1]) and torch.isneginf(lp[2])
+    assert torch.isneginf(crf.log_partition[2])
+    total = (
+        lp[1]
+        + crf.log_partition.clamp(min=-1e4).sum()
+        + crf.entropy().sum()
+        + (crf.marginals * torch.randn(3, 4, 4)).sum()
+    )
+    total.backward()
+    for name, x in (("emissions", h), ("transitions", A), ("start", s), ("end", e)):
+        assert torch.isfinite(x.grad).all(), name
+    # Forbidden transitions carry no gradient.
+    assert (A.grad[~bmes_constraints().transitions] == 0).all()
+
+
+def test_marginals_are_differentiable_when_parameters_require_grad():
+    h = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, A: LinearChainCRF(h, A, lengths=torch.tensor([4, 2])).marginals, (h, A)
+    )
+    assert torch.autograd.gradcheck(lambda h, A: LinearChainCRF(h, A).entropy(), (h, A))
+
+
+def test_bad_input_raises_input_error_naming_the_argument():
+    h, A = torch.randn(2, 5, 3), torch.randn(3, 3)
+    cases = [
+        (dict(emissions=torch.randn(5)), "emissions"),
+        (dict(transitions=torch.randn(3, 4)), "transitions"),
+        (dict(start=torch.randn(4)), "start"),
+        (dict(emissions=h.masked_fill(h > 1, float("nan"))), "emissions contains NaN"),
+        (dict(transitions=A.masked_fill(A > 0, float("inf"))), r"transitions contains \+inf"),
+        (dict(lengths=torch.tensor([0, 3])), "lengths must lie in 1..5"),
+        (dict(lengths=torch.tensor([6, 3])), "lengths must lie in 1..5"),
+        (dict(lengths=torch.tensor([1.0, 3.0])), "lengths must be integers"),
+        (dict(lengths=torch.tensor([1, 2, 3])), "lengths of shape"),
+        (dict(mask=torch.tensor([[True, False, True, False, False]] * 2)), "prefix"),
+        (dict(lengths=[2, 3], mask=torch.ones(2, 5, dtype=torch.bool)), "either lengths or mask"),
+        (dict(allowed=torch.ones(3, 3)), "allowed.transitions must be a bool"),
+    ]
+    for kw, msg in cases:
+        args = dict(emissions=h, transitions=A) | kw
+        with pytest.raises(InputError, match=msg):
+            LinearChainCRF(**args)
+    crf = LinearChainCRF(h, A, lengths=torch.tensor([5, 2]))
+    with pytest.raises(InputError, match="tags must lie in 0..2"):
+        crf.log_prob(torch.tensor([[0, 1, 2, 3, 0], [0, 0, 0, 0, 0]]))
+    with pytest.raises(InputError, match="tags must have shape"):
+        crf.log_prob(torch.zeros(2, 4, dtype=torch.long))
+    # Padding tags are ignored, even out-of-range ones (e.g. an ignore index).
+    assert torch.isfinite(
+        crf.log_prob(torch.tensor([[0, 1, 2, 0, 0], [1, 1, -100, -100, 7]]))
+    ).all()
+    with pytest.raises(InputError, match="B, M, E and S"):
+        bmes_constraints(["B", "I", "E", "S"])
+
+
+def test_pyro_site_in_a_data_plate():
+    h, A = torch.randn(6, 5, 3), torch.randn(3, 3)
+    lengths = torch.tensor([5, 4, 3, 2, 1, 5])
+    tags = torch.randint(0, 3, (6, 5))
+
+    def model():
+        with pyro.plate("data", 6):
+            pyro.sample("tags", LinearChainCRF(h, A, lengths=lengths), obs=tags)
+
+    tr = pyro.poutine.trace(model).get_trace()
+    tr.compute_log_prob()
+    want = LinearChainCRF(h, A, lengths=lengths).log_prob(tags)
+    assert torch.allclose(tr.nodes["tags"]["log_prob"], want)
+    # expand() to a larger batch, as plates and enumeration do.
+    ex = LinearChainCRF(h[0], A, lengths=lengths[0]).expand((2, 3))
+    assert ex.batch_shape == (2, 3) and ex.sample().shape == (2, 3, 5)
+    assert isinstance(ex, pdist.TorchDistribution)
+
+
+def test_log_prob_matches_pytorch_crf():
+    torchcrf = pytest.importorskip("torchcrf", reason="pytorch-crf not installed (bench extra)")
+    torch.manual_seed(0)
+    for B, T, C in [(4, 1, 3), (5, 7, 4), (3, 20, 6)]:
+        ref = torchcrf.CRF(C, batch_first=True)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_()
+        h = torch.randn(B, T, C)
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        mask = torch.arange(T) < lengths[:, None]
+        tags = torch.randint(0, C, (B, T))
+        ours = LinearChainCRF(
+            h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask
+        )
+        theirs = ref(h, tags, mask=mask, reduction="none")
+        assert torch.allclose(ours.log_prob(tags), theirs, atol=1e-5, rtol=0)
+        decoded = ref.decode(h, mask=mask)
+        for b, y in enumerate(decoded):
+            assert ours.mode[b, : len(y)].tolist() == y
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    crf = _crf(11, 4, 30, 4, True, "scan")
+    dev = LinearChainCRF(
+        crf.emissions.cuda(),
+        crf.transitions.cuda(),
+        crf.start.cuda(),
+        crf.end.cuda(),
+        lengths=crf.lengths.cuda(),
+        allowed=crf.allowed,
+    )
+    assert torch.allclose(crf.log_partition, dev.log_partition.cpu())
+    assert torch.allclose(crf.marginals, dev.marginals.cpu())
+    assert torch.equal(crf.mode, dev.mode.cpu())
+    assert dev.sample((3,)).device.type == "cuda"
