@@ -61,8 +61,7 @@ class SVIState:
     step: int
     params: dict[str, torch.Tensor]  # unconstrained, by param-store name
     optim: dict[str, Any]  # PyroOptim.get_state(): per-param torch optimiser state_dicts
-    rng: torch.Tensor  # torch's global RNG (Pyro samples from it)
-    batch_rng: torch.Tensor  # the mini-batch order generator
+    rng: torch.Tensor  # torch's global RNG (Pyro samples from it); batch order is stateless
     history: list[float] = field(default_factory=list)
 
     def save(self, path: Path) -> Path:
@@ -72,7 +71,6 @@ class SVIState:
                 "params": self.params,
                 "optim": self.optim,
                 "rng": self.rng,
-                "batch_rng": self.batch_rng,
                 "history": torch.tensor(self.history, dtype=torch.float64),
             },
             path,
@@ -81,9 +79,7 @@ class SVIState:
     @classmethod
     def load(cls, path: Path) -> SVIState:
         d = load_tensors(path)
-        return cls(
-            d["step"], d["params"], d["optim"], d["rng"], d["batch_rng"], d["history"].tolist()
-        )
+        return cls(d["step"], d["params"], d["optim"], d["rng"], d["history"].tolist())
 
 
 class _ScaleDataPlate(Messenger):
@@ -339,7 +335,6 @@ class SVI(Engine):
         pyro.set_rng_seed(cfg["seed"])
         guide, elbo, info = self._setup(pair, args, kwargs)
         model = pair.model
-        batch_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         ckdir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else None
         N, B = info["data_size"], cfg["batch_size"]
         sliced = _sliceable(args, kwargs, N) if B is not None else None
@@ -349,91 +344,103 @@ class SVI(Engine):
             elbo.loss(model, guide, *args, **kwargs)
         optim = self._make_optim()
         store = pyro.get_param_store()
-        state = SVIState(0, {}, {}, torch.get_rng_state(), batch_gen.get_state(), [])
+        state = SVIState(0, {}, {}, torch.get_rng_state(), [])
         latest = _latest_checkpoint(ckdir) if cfg["resume"] and ckdir else None
         if latest is not None:
             state = SVIState.load(latest)
             _load_params(store, state.params)
             optim.set_state(state.optim)
             torch.set_rng_state(state.rng)
-            batch_gen.set_state(state.batch_rng)
 
         def checkpoint(st: SVIState) -> None:
             st.params = {k: v.detach().clone() for k, v in store.get_state()["params"].items()}
             st.optim = optim.get_state()
-            st.rng, st.batch_rng = torch.get_rng_state(), batch_gen.get_state()
+            st.rng = torch.get_rng_state()
             st.save(ckdir / f"step-{st.step:08d}.pt")
 
         history = state.history
         es = cfg["early_stopping"]
-        smooth = history[-1] if history else None
+        smooth = None
         smoothed: list[float] = []
+        for h in history:  # rebuild the smoothed curve so early stopping resumes exactly
+            smooth = h if smooth is None else 0.9 * smooth + 0.1 * h
+            smoothed.append(smooth)
         converged, stop_reason = False, "max steps"
-        perm, pos = None, 0
+        epoch_perm: tuple[int, torch.Tensor] | None = None
+        completed = state.step  # steps whose update has been applied
         bar = tqdm(
             range(state.step, cfg["steps"]),
             disable=not self.progress,
             desc="svi",
             initial=state.step,
             total=cfg["steps"],
+            mininterval=1.0,
         )
         t0 = time.perf_counter()
-        step = state.step
         try:
             for step in bar:
                 if B is not None:
-                    # Epoch permutations from a dedicated generator: the order is part of
-                    # the state, so resume reproduces it.
-                    if perm is None or pos >= N:
-                        perm, pos = torch.randperm(N, generator=batch_gen), 0
-                    idx = perm[pos : pos + B]
-                    pos += B
+                    # The batch order is a function of (seed, step) alone, so a resumed run
+                    # draws the same batches as one that never stopped.
+                    nb = -(-N // B)
+                    epoch, j = divmod(step, nb)
+                    if epoch_perm is None or epoch_perm[0] != epoch:
+                        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+                        epoch_perm = (epoch, torch.randperm(N, generator=gen))
+                    idx = epoch_perm[1][j * B : (j + 1) * B]
                     b_args, b_kwargs = _slice(args, kwargs, sliced, idx)
                     scale = N / len(idx)
                     m = _ScaleDataPlate(scale)(model)
                     g = _ScaleDataPlate(scale)(guide)
                 else:
                     b_args, b_kwargs, m, g = args, kwargs, model, guide
-                factor = self._lr_factor(step)
-                loss = self._step(elbo, m, g, optim, factor, b_args, b_kwargs, step)
+                loss = self._step(elbo, m, g, optim, self._lr_factor(step), b_args, b_kwargs, step)
                 history.append(loss)
-                # Early stopping on the smoothed loss (EMA over ~window/5 steps).
+                completed = step + 1
+                # Early stopping on the exponentially smoothed loss.
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                 smoothed.append(smooth)
                 if self.progress and step % 10 == 0:
-                    bar.set_postfix(loss=f"{smooth:.4g}")
+                    bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
+                if ckdir is not None and cfg["checkpoint_every"]:
+                    if completed % cfg["checkpoint_every"] == 0:
+                        checkpoint(SVIState(completed, {}, {}, None, history))
                 if self.on_step is not None:
                     self.on_step(step, loss)
-                if (
-                    ckdir is not None
-                    and cfg["checkpoint_every"]
-                    and (step + 1) % cfg["checkpoint_every"] == 0
-                ):
-                    checkpoint(SVIState(step + 1, {}, {}, None, None, history))
                 if es is not None and len(smoothed) > es["window"]:
                     old, new = smoothed[-es["window"] - 1], smoothed[-1]
                     if abs(new - old) <= es["tol"] * max(abs(new), 1e-12):
                         converged, stop_reason = True, "early stopping"
-                        step += 1
                         break
-            else:
-                step = cfg["steps"]
         except KeyboardInterrupt:
-            stop_reason = f"interrupted at step {step}"
-            if ckdir is not None:
-                checkpoint(SVIState(step, {}, {}, None, None, history))
+            stop_reason = f"interrupted after step {completed}"
+        except FitDivergedError:
+            if ckdir is not None and completed > 0:
+                checkpoint(SVIState(completed, {}, {}, None, history))
+            raise
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
-        if ckdir is not None and stop_reason != f"interrupted at step {step}":
-            checkpoint(SVIState(step, {}, {}, None, None, history))
+        if ckdir is not None:
+            checkpoint(SVIState(completed, {}, {}, None, history))
+        step = completed
         return self._make_fit(
             pair, guide, info, args, kwargs, history, step, converged, stop_reason, elapsed
         )
 
     def _step(self, elbo, model, guide, optim, lr_factor, args, kwargs, step) -> float:
-        with poutine.trace(param_only=True) as capture:
-            loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+        try:
+            with poutine.trace(param_only=True) as capture:
+                loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+        except ValueError as e:
+            # Pyro's argument validation meets the NaN first when a parameter has gone bad.
+            if step > 0 and "invalid values" in str(e):
+                raise FitDivergedError(
+                    f"SVI: non-finite distribution parameters at step {step}; parameters kept "
+                    f"at the last good step; lower lr, set clip_norm, or check the data "
+                    f"({str(e).splitlines()[0][:160]})"
+                ) from e
+            raise
         params = [s["value"].unconstrained() for s in capture.trace.nodes.values()]
         loss = float(loss)
         bad = not math.isfinite(loss)

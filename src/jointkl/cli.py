@@ -1,0 +1,275 @@
+"""The ``jointkl`` command line.
+
+    jointkl fit MODEL --engine ENGINE [--data PATH] [--set key=value ...] [--seed N] [--out DIR]
+    jointkl diagnose DIR
+    jointkl models | jointkl engines
+
+Bad input (a missing file, NaN in the data, an unknown model/engine/setting, a malformed
+``--set``) exits with status 2 and one line naming the problem; nothing written before is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jointkl.errors import FitDivergedError, InputError
+
+__all__ = ["main", "build_parser", "parse_settings"]
+
+
+# ---------------------------------------------------------------------- settings
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true/false/null, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.replace("_", "").replace("-", "").isalnum():
+            raise InputError(f"malformed --set {item!r}: expected key=value, e.g. --set steps=500")
+        out[key.replace("-", "_")] = parse_value(value.strip())
+    return out
+
+
+def _params_of(obj: Any) -> set[str]:
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in sig.parameters.items() if n != "self" and p.kind != p.VAR_KEYWORD}
+
+
+def route_settings(
+    settings: dict[str, Any], model_cls: type | None, engine_cls: type
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``--set`` keys: the model constructor's parameters first, then the engine's."""
+    model_keys = _params_of(model_cls) if model_cls is not None else set()
+    engine_keys = _params_of(engine_cls) - {"progress", "on_step"}
+    m, e = {}, {}
+    for k, v in settings.items():
+        if k in model_keys:
+            m[k] = v
+        elif k in engine_keys:
+            e[k] = v
+        else:
+            allowed = sorted(model_keys | engine_keys)
+            raise InputError(f"unknown setting {k!r}; settings here: {', '.join(allowed)}")
+    return m, e
+
+
+# ---------------------------------------------------------------------- commands
+def _resolve_model(spec: str, model_settings_fn):
+    """(pair, model_spec, model class or None) for a zoo name or ``file.py:name``."""
+    from jointkl.pair import as_pair
+    from jointkl.zoo import load_user_object, model_class
+
+    if spec.endswith(".py") or ".py:" in spec:
+        obj, file_spec = load_user_object(spec)
+        return as_pair(obj), file_spec, None
+    cls = model_class(spec)
+    return cls, {"zoo": spec}, cls
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from jointkl.data.tables import bind_arguments, load_table
+    from jointkl.engine import engine_class
+    from jointkl.runs import RunDir
+
+    settings = parse_settings(args.set or [])
+    engine_cls = engine_class(args.engine)
+    target, model_spec, model_cls = _resolve_model(args.model, None)
+    model_kw, engine_kw = route_settings(settings, model_cls, engine_cls)
+    if model_cls is not None:
+        try:
+            pair = model_cls(**model_kw)
+        except TypeError as e:
+            raise InputError(f"model {args.model!r}: {e}") from e
+        model_spec["settings"] = pair.settings() if hasattr(pair, "settings") else model_kw
+    else:
+        pair = target
+    engine_params = _params_of(engine_cls)
+    if args.data:
+        table = load_table(args.data)
+        data_args, data_kwargs = bind_arguments(table, pair.model)
+        data_source = str(Path(args.data).resolve())
+    elif hasattr(pair, "default_data"):
+        data_args, data_kwargs = pair.default_data(seed=args.seed)
+        data_source = f"default data of {args.model!r}"
+    else:
+        raise InputError(f"model {args.model!r} has no default dataset: pass --data PATH")
+
+    out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}-{args.engine}")
+    run = RunDir(out).create()
+    if "seed" in engine_params:
+        engine_kw.setdefault("seed", args.seed)
+    if "checkpoint_dir" in engine_params:
+        engine_kw.setdefault("checkpoint_dir", str(run.checkpoints))
+        steps = engine_kw.get("steps") or inspect.signature(engine_cls).parameters["steps"].default
+        engine_kw.setdefault("checkpoint_every", max(1, int(steps) // 10))
+        engine_kw.setdefault("resume", bool(args.resume))
+    elif args.resume:
+        raise InputError(f"engine {args.engine!r} does not checkpoint; --resume is for svi")
+    try:
+        engine = engine_cls(**engine_kw)
+    except TypeError as e:
+        raise InputError(f"engine {args.engine!r}: {e}") from e
+    torch.manual_seed(args.seed)
+    run.write_config(
+        {
+            "command": " ".join(sys.argv),
+            "model": args.model,
+            "model_spec": model_spec,
+            "engine": args.engine,
+            "engine_config": engine.config,
+            "data": data_source,
+            "seed": args.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+    print(f"fitting {args.model} with {engine!r} on {data_source}", file=sys.stderr)
+    fit = engine.fit(pair, *data_args, **data_kwargs)
+    if fit.model_spec is None:
+        fit.model_spec = model_spec
+    fit.save(run.path)
+    run.write_metrics({"step": i + 1, fit.objective: v} for i, v in enumerate(fit.history))
+    _write_inference_data(fit, run, args.draws, args.seed)
+    print(f"{fit!r}")
+    print(f"run directory: {run.path}")
+    print(f"  inference data: {run.inference_data}")
+    print(f"  plots:          {run.plots}/")
+    return 0
+
+
+def _write_inference_data(fit, run, draws: int, seed: int):
+    from jointkl.diagnostics import write_plots
+
+    idata = fit.to_arviz(num_samples=draws, seed=seed)
+    # netCDF is written by its library to a path: write beside, then rename (atomic).
+    tmp = run.inference_data.with_name(f".{run.inference_data.name}.{os.getpid()}.tmp")
+    idata.to_netcdf(str(tmp))
+    os.replace(tmp, run.inference_data)
+    write_plots(fit, idata, run.plots)
+    return idata
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import arviz as az
+
+    from jointkl.diagnostics import loo_report, summary_table, write_plots
+    from jointkl.fit import Fit
+    from jointkl.runs import RunDir
+
+    run = RunDir(args.dir)
+    if not run.path.is_dir():
+        raise InputError(f"run directory {args.dir!r} not found")
+    fit = Fit.load(run.path)
+    if run.inference_data.is_file():
+        idata = az.from_netcdf(str(run.inference_data))
+    else:
+        idata = _write_inference_data(fit, run, args.draws, 0)
+    print(f"{fit!r}")
+    print(
+        f"stop: {fit.info.get('stop_reason', '-')}; {fit.objective} final {fit.final_objective:.6g}"
+    )
+    table = summary_table(idata)
+    if table is not None:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 200, "display.width", 160):
+            print(table)
+    loo = loo_report(idata)
+    if loo is not None:
+        print(f"elpd_loo {loo.elpd_loo:.3f} (se {loo.se:.3f}), p_loo {loo.p_loo:.3f}")
+    paths = write_plots(fit, idata, run.plots)
+    print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from jointkl.zoo import MODELS
+
+    for name in sorted(MODELS):
+        print(f"{name:12s} {MODELS[name].description}")
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from jointkl.engine import ENGINES
+
+    for name in sorted(ENGINES):
+        print(f"{name:12s} {ENGINES[name].description}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2 (argparse's own convention)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jointkl", description="Fit Pyro models by minimising a joint KL.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="fit a model with an engine and write a run directory")
+    f.add_argument("model", help="a zoo name (see `jointkl models`) or path/to/file.py[:name]")
+    f.add_argument("--engine", required=True, help="see `jointkl engines`")
+    f.add_argument("--data", help="CSV (header optional), .npy or .npz")
+    f.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a model or engine setting (repeatable), e.g. --set steps=500",
+    )
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", help="run directory (default runs/<model>-<engine>)")
+    f.add_argument("--draws", type=int, default=200, help="posterior draws for ArviZ")
+    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    f.set_defaults(func=cmd_fit)
+
+    d = sub.add_parser("diagnose", help="summary table, LOO and plots of a run directory")
+    d.add_argument("dir")
+    d.add_argument("--draws", type=int, default=200)
+    d.set_defaults(func=cmd_diagnose)
+
+    sub.add_parser("models", help="list the zoo models").set_defaults(func=cmd_models)
+    sub.add_parser("engines", help="list the engines").set_defaults(func=cmd_engines)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"jointkl: error: {e}", file=sys.stderr)
+        return 2
+    except FitDivergedError as e:
+        print(f"jointkl: fit stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jointkl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
