@@ -59,7 +59,7 @@ def route_settings(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``--set`` keys: the model constructor's parameters first, then the engine's."""
     model_keys = _params_of(model_cls) if model_cls is not None else set()
-    engine_keys = _params_of(engine_cls) - {"progress", "on_step"}
+    engine_keys = _params_of(engine_cls) - {"on_step"}
     m, e = {}, {}
     for k, v in settings.items():
         if k in model_keys:
