@@ -192,7 +192,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if table is not None:
         import pandas as pd
 
-        with pd.option_context("display.max_rows", 200, "display.width", 160):
+        varying = table["sd"] > 0
+        if varying.any() and not varying.all():
+            # structural constants (a Cholesky factor's zeros and unit diagonal) say nothing
+            print(f"({int((~varying).sum())} constant entries omitted)")
+            table = table[varying]
+        with pd.option_context(
+            "display.max_rows", 200, "display.max_columns", 20, "display.width", 200
+        ):
             print(table)
     loo = loo_report(idata)
     if loo is not None:

@@ -39,9 +39,17 @@ def summary_table(idata):
     names = small_posterior_vars(idata)
     if not names:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.summary(idata, var_names=names, kind="all")
+    import logging
+
+    log = logging.getLogger("arviz")
+    level = log.level
+    log.setLevel(logging.ERROR)  # one chain of independent draws: R-hat is NaN, said below
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return az.summary(idata, var_names=names, kind="all")
+    finally:
+        log.setLevel(level)
 
 
 def loo_report(idata) -> Any:
