@@ -1,0 +1,516 @@
+"""Expectation-maximisation: exact EM for any Pyro model with discrete enumerable latents.
+
+EM minimises the joint KL of DESIGN.md by alternating (SEEDS.md §1):
+
+* **E-step** — the exact posterior p(z | x, θ) over every enumerated site. The model's factors
+  are summed out (a forward recursion over :mod:`jointkl.chain` for mixtures and chains such as
+  ``pyro.markov`` HMMs, Pyro's tensor contraction otherwise); the log-partition is the marginal
+  log-likelihood and its gradient with respect to each factor table is that factor's posterior
+  marginal. No E-step code is asked of the model author.
+* **M-step** — θ ← argmax_θ E_{p(z|x,θ_old)} log p(x, z | θ) (+ log p(θ) for MAP globals):
+  closed forms where a site is a standard exponential family with free parameters, L-BFGS on
+  the expected complete-data log-likelihood for the rest (:mod:`jointkl.inference.em_mstep`
+  says how the engine decides).
+
+Both steps work on the model compiled once into factor tables
+(:mod:`jointkl.inference.em_factors`), so iterations do not re-run the model unless some site
+can only be computed by running it. The marginal log-likelihood never decreases.
+
+Requirements: every discrete latent is enumerated in parallel (``config_enumerate`` or
+``infer={"enumerate": "parallel"}``); continuous sample sites are globals outside the ``"data"``
+plate (point-estimated, MAP under their prior); parameters are ``pyro.param``\\s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from jointkl.inference.em_factors import FactorModel, transform_for
+from jointkl.inference.em_mstep import SingularCovariance, m_step, plan_updates
+from pyro.distributions import constraints
+from tqdm.auto import tqdm
+
+from jointkl.engine import Engine, register_engine
+from jointkl.errors import FitDivergedError, InputError
+from jointkl.fit import Fit
+from jointkl.pair import as_pair
+
+__all__ = ["EM", "bic", "aic", "n_parameters"]
+
+INITS = ("kmeans++", "random")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# Initial responsibilities mix the k-means labels with a little uniform mass, so that no
+# discrete emission probability starts at an exact (and, under EM, absorbing) zero.
+LABEL_SMOOTHING = 0.05
+
+
+@register_engine
+class EM(Engine):
+    """Exact expectation-maximisation for Pyro models with enumerated discrete latents.
+
+    :param int max_iter: most EM iterations (M-steps) per restart.
+    :param float tol: stop when the log-likelihood changes by less than ``tol`` per data
+        point (per element of the ``"data"`` plate; scikit-learn's convention).
+    :param int n_init: restarts from different initialisations; the best final
+        log-likelihood wins.
+    :param init: ``"kmeans++"`` (k-means++ seeding and a few Lloyd steps on the observations
+        attached to each enumerated variable, then an M-step), ``"random"`` (random
+        responsibilities, then an M-step, as scikit-learn's ``init_params="random"``), or a
+        callable ``init(*args, seed=int, **kwargs) -> {name: value}`` giving initial values
+        of (some of) the parameters and MAP globals.
+    :param dtype: ``torch.float64`` (default) or ``torch.float32``; floating data is cast to it.
+    :param int seed: the one seed for probes, initialisation and restarts.
+    :param bool progress: show a tqdm bar per restart.
+    :param float reg_covar: added to the diagonal of covariance (and to variance) estimates
+        (scikit-learn's ``reg_covar``); 0 is exact EM.
+    :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
+    :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    """
+
+    name = "em"
+    description = "expectation-maximisation: exact E-step over enumerated discrete latents"
+
+    def __init__(
+        self,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        n_init: int = 1,
+        init: str | Callable[..., Mapping[str, torch.Tensor]] = "kmeans++",
+        dtype: torch.dtype | str = torch.float64,
+        seed: int = 0,
+        progress: bool = True,
+        reg_covar: float = 0.0,
+        mstep_iter: int = 20,
+        kmeans_iter: int = 10,
+    ):
+        _check_int("max_iter", max_iter, 0)
+        _check_int("n_init", n_init, 1)
+        _check_int("mstep_iter", mstep_iter, 0)
+        _check_int("kmeans_iter", kmeans_iter, 0)
+        _check_int("seed", seed, 0)
+        if not _is_number(tol) or tol < 0:
+            raise InputError(f"EM: tol must be a number >= 0, got {tol!r}")
+        if not _is_number(reg_covar) or reg_covar < 0:
+            raise InputError(f"EM: reg_covar must be a number >= 0, got {reg_covar!r}")
+        if not callable(init) and init not in INITS:
+            raise InputError(f"EM: init must be one of {INITS} or a callable, got {init!r}")
+        if isinstance(dtype, str):
+            if dtype.removeprefix("torch.") not in DTYPES:
+                raise InputError(f"EM: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype.removeprefix("torch.")]
+        if dtype not in DTYPES.values():
+            raise InputError(f"EM: dtype must be torch.float64 or torch.float32, got {dtype!r}")
+        self._init_fn = init if callable(init) else None
+        self.dtype = dtype
+        self.progress = progress
+        super().__init__(
+            max_iter=int(max_iter),
+            tol=float(tol),
+            n_init=int(n_init),
+            init="callable" if callable(init) else init,
+            dtype=str(dtype).removeprefix("torch."),
+            seed=int(seed),
+            reg_covar=float(reg_covar),
+            mstep_iter=int(mstep_iter),
+            kmeans_iter=int(kmeans_iter),
+        )
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, pair: Any, *args: Any, **kwargs: Any) -> Fit:
+        """Fit ``pair.model`` to the data ``model(*args, **kwargs)``; returns a :class:`Fit`
+        whose history is the log-likelihood after each M-step (``history[0]`` at the
+        initial values; for models with MAP globals, log p(x | θ) + log p(θ))."""
+        pair = as_pair(pair)
+        cfg = self.config
+        args, kwargs = _cast_data(args, kwargs, self.dtype)
+        t_start = time.perf_counter()
+        pyro.clear_param_store()
+        pyro.set_rng_seed(cfg["seed"])
+        fm = FactorModel(pair.model, args, kwargs, seed=cfg["seed"], dtype=self.dtype)
+        closed, gradient = plan_updates(fm)
+        best, restarts, last_error = None, [], None
+        for r in range(cfg["n_init"]):
+            seed = cfg["seed"] + r
+            try:
+                theta0 = self._initial(fm, closed, gradient, seed, args, kwargs)
+                run = self._run(fm, theta0, closed, gradient, r)
+            except FitDivergedError as e:
+                restarts.append({"seed": seed, "error": str(e)})
+                last_error = e
+                continue
+            restarts.append(
+                {"seed": seed, "log_likelihood": run["history"][-1], "n_iter": run["n_iter"]}
+            )
+            if best is None or run["history"][-1] > best["history"][-1]:
+                best = run
+        if best is None:
+            raise FitDivergedError(
+                f"EM: all {cfg['n_init']} restart(s) diverged; last: {last_error}"
+            ) from last_error
+        return self._make_fit(pair, fm, closed, gradient, best, restarts, args, kwargs, t_start)
+
+    def _run(self, fm, theta, closed, gradient, restart: int) -> dict[str, Any]:
+        cfg = self.config
+        history: list[float] = []
+        converged, reason, decreases = False, "max_iter", 0
+        bar = tqdm(
+            total=cfg["max_iter"],
+            disable=not self.progress,
+            desc=f"em[{restart}]" if cfg["n_init"] > 1 else "em",
+        )
+        try:
+            for it in range(cfg["max_iter"] + 1):
+                ll, W = fm.e_step(theta)
+                if not math.isfinite(ll):
+                    err = FitDivergedError(
+                        f"EM: the log-likelihood became {ll} at iteration {it}; the last good "
+                        f"state (iteration {it - 1}) is in this error's .state; check the data "
+                        "or set reg_covar > 0"
+                    )
+                    err.state = {"theta": theta, "history": history}
+                    raise err
+                history.append(ll)
+                if it > 0:
+                    change = ll - history[-2]
+                    if change < -1e-9 * max(1.0, abs(history[-2])):
+                        decreases += 1
+                    bar.update(1)
+                    bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
+                    if abs(change) <= cfg["tol"] * fm.n_points:
+                        converged, reason = True, "tol"
+                        break
+                if it == cfg["max_iter"]:
+                    break
+                try:
+                    theta = m_step(
+                        fm, theta, W, closed, gradient, cfg["reg_covar"], cfg["mstep_iter"]
+                    )
+                except SingularCovariance as e:
+                    err = FitDivergedError(f"EM: at iteration {it + 1}: {e}")
+                    err.state = {"theta": theta, "history": history}
+                    raise err from e
+        except KeyboardInterrupt:
+            reason = f"interrupted after {len(history) - 1} iterations"
+        finally:
+            bar.close()
+        return {
+            "theta": theta,
+            "history": history,
+            "converged": converged,
+            "reason": reason,
+            "n_iter": len(history) - 1,
+            "decreases": decreases,
+        }
+
+    # ------------------------------------------------------------------ initialisation
+    def _initial(self, fm, closed, gradient, seed, args, kwargs) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        theta = {k: v.clone() for k, v in fm.init.items()}
+        if self._init_fn is not None:
+            given = self._init_fn(*args, seed=seed, **kwargs)
+            if not isinstance(given, Mapping):
+                raise InputError(
+                    f"EM: init callable must return a dict of initial values, got "
+                    f"{type(given).__name__}"
+                )
+            for k, v in given.items():
+                if k not in fm.free:
+                    raise InputError(
+                        f"EM: init gave a value for {k!r}, which is not a parameter or MAP "
+                        f"global of the model; known: {sorted(fm.free)}"
+                    )
+                v = torch.as_tensor(v, dtype=self.dtype)
+                if v.shape != fm.free[k].shape:
+                    raise InputError(
+                        f"EM: init value of {k!r} has shape {tuple(v.shape)}, expected "
+                        f"{tuple(fm.free[k].shape)}"
+                    )
+                if not bool(fm.free[k].constraint.check(v).all()):
+                    raise InputError(f"EM: init value of {k!r} violates its constraint")
+                theta[k] = v
+            return theta
+        gen = torch.Generator().manual_seed(seed)
+        labels = initial_labels(fm, cfg["init"], gen, self.dtype, cfg["kmeans_iter"])
+        W = fm.label_weights(labels)
+        try:
+            return m_step(fm, theta, W, closed, gradient, cfg["reg_covar"], cfg["mstep_iter"])
+        except SingularCovariance as e:
+            raise FitDivergedError(f"EM: initial M-step: {e}") from e
+
+    # ------------------------------------------------------------------ the result
+    def _make_fit(self, pair, fm, closed, gradient, run, restarts, args, kwargs, t_start) -> Fit:
+        theta = {k: v.detach().clone() for k, v in run["theta"].items()}
+        with torch.no_grad():
+            log_prior = fm.log_prior(theta)
+        ll = run["history"][-1] - log_prior
+        k = sum(_dof(fm.free[n].constraint, v) for n, v in theta.items())
+        n = fm.n_points
+        info = {
+            "stop_reason": run["reason"],
+            "seconds": time.perf_counter() - t_start,
+            "n_points": n,
+            "log_likelihood": ll,
+            "log_prior": log_prior,
+            "n_parameters": k,
+            "bic": -2 * ll + k * math.log(n),
+            "aic": -2 * ll + 2 * k,
+            "restarts": restarts,
+            "decreases": run["decreases"],
+            "free": {name: f.kind for name, f in fm.free.items()},
+            "closed_form": [name for up in closed for name in up.names],
+            "gradient": list(gradient),
+            "e_step": "chain" if fm.chain is not None else "contract",
+            "traced_sites": [s for g in fm.groups if g.kind == "traced" for s in g.sites],
+        }
+        return Fit(
+            engine=self.name,
+            config=dict(self.config),
+            params=theta,
+            history=list(run["history"]),
+            objective="log_likelihood",
+            converged=run["converged"],
+            n_iter=run["n_iter"],
+            info=info,
+            model_spec=pair.spec() if callable(getattr(pair, "spec", None)) else None,
+            pair=pair,
+            args=args,
+            kwargs=kwargs,
+        )
+
+    # ------------------------------------------------------------------ posterior
+    @classmethod
+    def activate(cls, fit: Fit) -> None:
+        """Put the fitted ``pyro.param`` values into Pyro's param store."""
+        pyro.clear_param_store()
+        rng = torch.get_rng_state()
+        with torch.no_grad(), poutine.block():
+            poutine.trace(fit.pair.model).get_trace(*fit.args, **fit.kwargs)
+        torch.set_rng_state(rng)
+        store = pyro.get_param_store()
+        kinds = fit.info.get("free", {})
+        for k, v in fit.params.items():
+            if kinds.get(k, "param") == "param" and k in store:
+                store[k] = v.to(store[k].dtype)
+
+    @classmethod
+    def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+        """Draws from the Laplace approximation at the optimum: a Gaussian in unconstrained
+        coordinates whose precision is minus the Hessian of the (penalised) marginal
+        log-likelihood, mapped to the constrained space. Keyed by parameter / MAP site name,
+        each ``(1, num_samples, *shape)``."""
+        lap = laplace(fit)
+        gen = torch.Generator().manual_seed(seed)
+        mean, factor = lap["mean"], lap["factor"]
+        eps = torch.randn(num_samples, factor.shape[1], generator=gen, dtype=mean.dtype)
+        u = mean + eps @ factor.T
+        out, start = {}, 0
+        for name, shape, size in zip(lap["names"], lap["shapes"], lap["sizes"], strict=True):
+            uu = u[:, start : start + size].reshape((num_samples,) + tuple(shape))
+            start += size
+            t = transform_for(lap["constraints"][name])
+            out[name] = t(uu).unsqueeze(0)
+        return out
+
+
+# --------------------------------------------------------------------------- Laplace
+def laplace(fit: Fit) -> dict[str, Any]:
+    """The Laplace approximation of a fit (computed once, cached in ``fit.state``)."""
+    if fit.pair is None:
+        raise InputError("this Fit has no model attached; load it with Fit.load(dir, pair=...)")
+    dtype = DTYPES.get(fit.config.get("dtype", "float64"), torch.float64)
+    fm = FactorModel(
+        fit.pair.model, fit.args, fit.kwargs, seed=fit.config.get("seed", 0), dtype=dtype
+    )
+    names = [n for n in fm.free if n in fit.params]
+    ts = {n: transform_for(fm.free[n].constraint) for n in names}
+    theta = {n: fit.params[n].to(dtype) for n in names}
+    us = {n: ts[n].inv(theta[n]).detach() for n in names}
+    shapes = [tuple(us[n].shape) for n in names]
+    sizes = [us[n].numel() for n in names]
+    mean = torch.cat([us[n].reshape(-1) for n in names])
+    if "laplace:factor" in fit.state:
+        factor = fit.state["laplace:factor"].to(dtype)
+    else:
+        factor = _laplace_factor(fm, names, ts, theta, us, mean, sizes)
+        fit.state["laplace:factor"] = factor
+    return {
+        "names": names,
+        "shapes": shapes,
+        "sizes": sizes,
+        "mean": mean,
+        "factor": factor,
+        "constraints": {n: fm.free[n].constraint for n in names},
+    }
+
+
+def _laplace_factor(fm, names, ts, theta, us, mean, sizes) -> torch.Tensor:
+    """A factor F with F F^T = (-H)^-1 on the coordinates that move the constrained value
+    (lower_cholesky's unused upper triangle does not); directions where -H is not positive
+    (flat or saddle: e.g. an empty component) get a tiny variance instead."""
+    # Active coordinates: a random direction through the transform's Jacobian.
+    active = []
+    for n in names:
+        u = us[n].clone().requires_grad_()
+        with torch.enable_grad():
+            y = ts[n](u)
+            (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), u)
+        active.append(g.reshape(-1) != 0)
+    active = torch.cat(active)
+    idx = active.nonzero().squeeze(-1)
+
+    def f(v):
+        u = mean.clone().index_copy(0, idx, v)
+        th, start = {}, 0
+        for n, size in zip(names, sizes, strict=True):
+            th[n] = ts[n](u[start : start + size].reshape(us[n].shape))
+            start += size
+        return fm.log_partition(fm.tables(th))
+
+    v0 = mean[idx].clone()
+    with torch.enable_grad():
+        try:
+            H = torch.autograd.functional.hessian(f, v0, vectorize=True)
+        except RuntimeError:
+            H = torch.autograd.functional.hessian(f, v0)
+    P = -(H + H.T) / 2
+    lam, V = torch.linalg.eigh(P)
+    floor = lam.abs().max().clamp_min(1.0) * 1e-8
+    lam = torch.where(lam > floor, lam, floor.expand_as(lam) * 1e8)
+    factor = torch.zeros(mean.numel(), idx.numel(), dtype=mean.dtype)
+    factor[idx] = V / lam.sqrt()
+    return factor
+
+
+# --------------------------------------------------------------------------- information criteria
+def n_parameters(fit: Fit) -> int:
+    """Free parameters of a fit, counted in unconstrained coordinates (a K-simplex has K-1,
+    a D x D Cholesky factor D(D+1)/2, a correlation Cholesky factor D(D-1)/2)."""
+    if "n_parameters" in fit.info:
+        return int(fit.info["n_parameters"])
+    raise InputError("this Fit has no parameter count: it was not made by the EM engine")
+
+
+def bic(fit: Fit, n: int | None = None) -> float:
+    """Bayesian information criterion, -2 log L + k log n (lower is better); ``n`` defaults
+    to the size of the ``"data"`` plate."""
+    n = fit.info["n_points"] if n is None else n
+    return -2 * float(fit.info["log_likelihood"]) + n_parameters(fit) * math.log(n)
+
+
+def aic(fit: Fit) -> float:
+    """Akaike information criterion, -2 log L + 2 k (lower is better)."""
+    return -2 * float(fit.info["log_likelihood"]) + 2 * n_parameters(fit)
+
+
+def _dof(constraint: Any, value: torch.Tensor) -> int:
+    if isinstance(constraint, type(constraints.simplex)):
+        return value.numel() - value.numel() // max(value.shape[-1], 1)
+    if isinstance(
+        constraint, (type(constraints.lower_cholesky), type(constraints.positive_definite))
+    ):
+        d = value.shape[-1]
+        return value.numel() // (d * d) * d * (d + 1) // 2
+    if isinstance(constraint, type(constraints.corr_cholesky)):
+        d = value.shape[-1]
+        return value.numel() // (d * d) * d * (d - 1) // 2
+    return transform_for(constraint).inv(value).numel()
+
+
+# --------------------------------------------------------------------------- initial labels
+def initial_labels(fm, how: str, gen, dtype, iters: int) -> dict[str, torch.Tensor]:
+    """Initial marginals of every enumerated variable, ``(plates..., card)``.
+
+    ``"kmeans++"``: the observations attached to a variable (sites that depend on it alone)
+    are clustered by k-means++ seeding and ``iters`` Lloyd steps; variables of one stacked
+    group (all time steps of an HMM) share the clustering. Others, and ``"random"``: uniform
+    random responsibilities.
+    """
+    labels: dict[str, torch.Tensor] = {}
+    if how == "kmeans++":
+        for g in fm.groups:
+            if g.value != "data" or len(g.cards) != 1 or g.data is None:
+                continue
+            vs = [r[0] for r in g.roles]
+            var = fm.vars[vs[0]]
+            if any(v in labels for v in vs) or tuple(g.plates) != var.plates:
+                continue
+            sizes = tuple(fm.plate_sizes[p] for p in var.plates)
+            x = g.data[:, 0]  # (rows, plates..., event)
+            if tuple(x.shape[1 : 1 + len(sizes)]) != sizes:
+                continue
+            if g.family == "categorical" or not x.is_floating_point():
+                x = torch.nn.functional.one_hot(x.long(), int(x.max()) + 1)
+            pts = x.reshape(x.shape[0] * math.prod(sizes), -1).to(dtype)
+            lab = _kmeans(pts, var.card, gen, iters)
+            if lab is None:
+                continue
+            lab = lab.reshape((len(vs),) + sizes + (var.card,))
+            for r, v in enumerate(vs):
+                labels[v] = lab[r]
+    for v, var in fm.vars.items():
+        if v not in labels:
+            sizes = tuple(fm.plate_sizes[p] for p in var.plates)
+            r = torch.rand(sizes + (var.card,), generator=gen, dtype=dtype)
+            labels[v] = r / r.sum(-1, keepdim=True)
+    return labels
+
+
+def _kmeans(x: torch.Tensor, k: int, gen, iters: int) -> torch.Tensor | None:
+    n = x.shape[0]
+    if n < k:
+        return None
+    centres = x[torch.randint(n, (1,), generator=gen)]
+    d2 = (x - centres[0]).square().sum(-1)
+    for _ in range(1, k):
+        # k-means++ (Arthur & Vassilvitskii 2007): next centre with probability ∝ D(x)^2.
+        total = d2.sum()
+        p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
+        i = torch.multinomial(p, 1, generator=gen)
+        centres = torch.cat([centres, x[i]])
+        d2 = torch.minimum(d2, (x - x[i]).square().sum(-1))
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(-1)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        if torch.equal(new, centres):
+            break
+        centres = new
+    assign = torch.cdist(x, centres).argmin(-1)
+    onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
+    return (1 - LABEL_SMOOTHING) * onehot + LABEL_SMOOTHING / k
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    ok = _is_number(value) and float(value).is_integer() and value >= low
+    if not ok:
+        raise InputError(f"EM: {name} must be an integer >= {low}, got {value!r}")
+
+
+def _cast_data(args: tuple, kwargs: Mapping[str, Any], dtype: torch.dtype):
+    """Floating data to the EM dtype (integer data, e.g. categories, is left alone); refuse
+    NaN/inf before any work starts."""
+
+    def cast(where: str, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
+            if not torch.isfinite(a).all():
+                bad = int((~torch.isfinite(a)).sum())
+                raise InputError(f"EM: data {where} has {bad} NaN/inf value(s)")
+            return a.to(dtype)
+        return a
+
+    return (
+        tuple(cast(f"argument {i}", a) for i, a in enumerate(args)),
+        {k: cast(repr(k), a) for k, a in kwargs.items()},
+    )

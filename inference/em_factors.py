@@ -1,0 +1,1141 @@
+"""A Pyro model with enumerated discrete latents, seen as a product of factor tables.
+
+Traced once under :func:`pyro.poutine.enum`, a model is a product of factors, one per sample
+site: the site's log-density as a table over the enumerated variables it depends on (its
+*roles*) and the plates it sits in. EM needs nothing else:
+
+* the **E-step** is a sum-product over those tables; its log-partition is the marginal
+  log-likelihood log p(x | θ) (plus log p(θ) for MAP globals), and the gradient of the
+  log-partition with respect to each table is that factor's exact posterior marginal
+  (Eisner 2016: "inside-outside and forward-backward are just backprop");
+* the **M-step** maximises Q(θ) = Σ_tables ⟨posterior marginal, table(θ)⟩.
+
+Every table sits in one *canonical layout*, ``(rows, role axes..., plate axes...)``: sites
+that compute the same thing for different variables (the 500 emission sites of a
+``pyro.markov`` HMM, say) are stacked as rows of one :class:`Group` and computed in one
+vectorised call. A group's table is computed in one of three ways, decided once per fit:
+
+``recipe``  the site's distribution is a Categorical, Bernoulli, Poisson, Normal or
+            MultivariateNormal whose parameters are free variables indexed by enumerated
+            values (``locs[z]``, ``trans[z_prev]``, ``weights``) or constants. The table is
+            recomputed from θ without running the model, and the closed-form M-steps in
+            :mod:`jointkl.inference.em_mstep` read the recipe.
+``fixed``   the distribution does not depend on θ (a prior of a MAP global, a known noise
+            model): the table is constant, or the prior's log-density at the global's value.
+``traced``  anything else: the table is read from a fresh trace of the model at θ.
+
+Recipes are found by *probing*: the model is traced at the initial θ and at two random
+values of θ; a distribution parameter is ``V[index]`` when it equals that expression at all
+three (random probes make an accidental match practically impossible).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Distribution, biject_to, constraints
+
+from jointkl.chain import chain_contract
+from jointkl.errors import InputError
+from jointkl.inferencedata import DATA_PLATE, max_plate_nesting
+from jointkl.semiring import LogSemiring
+
+__all__ = [
+    "Free",
+    "Var",
+    "Slot",
+    "Group",
+    "FactorModel",
+    "FAMILIES",
+    "index_part",
+    "transform_for",
+    "mvn_tril",
+]
+
+# --------------------------------------------------------------------------- families
+# Slots a recipe family exposes: (name, attribute on the torch distribution, the rank of one
+# parameter value (1 for a probability vector), the views the engine can invert).
+FAMILIES: dict[str, tuple[tuple[str, str, int, tuple[str, ...]], ...]] = {
+    "categorical": (("probs", "probs", 1, ("identity", "softmax")),),
+    "bernoulli": (("probs", "probs", 0, ("identity", "sigmoid")),),
+    "poisson": (("rate", "rate", 0, ("identity", "exp")),),
+    "normal": (
+        ("loc", "loc", 0, ("identity",)),
+        ("scale", "scale", 0, ("identity", "exp")),
+    ),
+    "mvn": (
+        ("loc", "loc", 1, ("identity",)),
+        (
+            "scale_tril",
+            "_unbroadcasted_scale_tril",
+            2,
+            ("identity", "diag", "spherical", "covariance", "scaled_corr"),
+        ),
+    ),
+}
+
+# How many trailing dims a view's input has, relative to the slot's (diag: a vector of
+# standard deviations for a D x D Cholesky factor). scaled_corr takes (scales, corr_chol).
+VIEW_RANK = {
+    "identity": (0,),
+    "softmax": (0,),
+    "sigmoid": (0,),
+    "exp": (0,),
+    "covariance": (0,),
+    "diag": (-1,),
+    "spherical": (-2,),
+    "scaled_corr": (-1, 0),
+}
+
+
+def transform_for(constraint: Any) -> torch.distributions.transforms.Transform:
+    """Unconstrained -> constrained map of a free variable: a bijection where torch has one,
+    else the transform Pyro's param store uses (e.g. lower_cholesky ignores the upper part)."""
+    try:
+        return biject_to(constraint)
+    except NotImplementedError:
+        return torch.distributions.transform_to(constraint)
+
+
+def family_of(fn: Distribution) -> str | None:
+    if isinstance(fn, torch.distributions.Categorical):
+        return "categorical"
+    if isinstance(fn, torch.distributions.Bernoulli):
+        return "bernoulli"
+    if isinstance(fn, torch.distributions.Poisson):
+        return "poisson"
+    if isinstance(fn, torch.distributions.Normal):
+        return "normal"
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        return "mvn"
+    return None
+
+
+def unwrap(fn: Distribution) -> tuple[Distribution, int]:
+    """The base distribution under ``.to_event`` / ``.expand`` wrappers, and how many of its
+    batch dims were reinterpreted as event dims (they are summed in the log-density)."""
+    r = 0
+    while True:
+        if isinstance(fn, torch.distributions.Independent):
+            r += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, dist.torch_distribution.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn, r
+
+
+def apply_view(view: str, ts: tuple[torch.Tensor, ...], size: int | None = None) -> torch.Tensor:
+    """The distribution parameter a view makes from its input(s) (used when probing)."""
+    t = ts[0]
+    if view == "identity":
+        return t
+    if view == "softmax":
+        return t.softmax(-1)
+    if view == "sigmoid":
+        return t.sigmoid()
+    if view == "exp":
+        return t.exp()
+    if view == "diag":
+        return torch.diag_embed(t)
+    if view == "spherical":
+        return torch.diag_embed(t.unsqueeze(-1).expand(*t.shape, size))
+    if view == "covariance":
+        return torch.linalg.cholesky(t)
+    if view == "scaled_corr":
+        return ts[0].unsqueeze(-1) * ts[1]
+    raise ValueError(view)
+
+
+# --------------------------------------------------------------------------- structures
+@dataclass
+class Free:
+    """A free variable of θ: a ``pyro.param`` (``kind="param"``) or a MAP global sample site
+    (``kind="global"``), with the constraint its values live in."""
+
+    name: str
+    kind: str
+    constraint: Any
+    shape: torch.Size
+
+
+@dataclass
+class Var:
+    """An enumerated site: ``card`` values, inside ``plates`` (canonical order)."""
+
+    name: str
+    card: int
+    plates: tuple[str, ...]
+
+
+@dataclass
+class Slot:
+    """How one distribution parameter is computed from θ.
+
+    Either ``const`` (a tensor in canonical layout) or a ``view`` of free variables
+    ``params``, each indexed by ``index`` — a tuple with ``("role", a)`` (the value of the
+    group's a-th role) or ``("const", c)`` per leading dim — and padded with ``pad``
+    singleton dims so that its trailing dims line up with the parameter's.
+    """
+
+    view: str = "identity"
+    params: tuple[str, ...] = ()
+    index: tuple[tuple[tuple[str, int], ...], ...] = ()
+    pad: tuple[int, ...] = ()
+    const: torch.Tensor | None = None
+
+    def key(self) -> tuple:
+        if self.const is not None:
+            return ("const", tuple(self.const.shape))
+        return (self.view, self.params, self.index, self.pad)
+
+
+@dataclass
+class Group:
+    """Factor tables computed together; row r is site ``sites[r]``, whose roles are the
+    enumerated variables ``roles[r]``. Tables are ``(rows, *cards, *plate_sizes)``."""
+
+    kind: str  # "recipe" | "fixed" | "traced"
+    family: str | None
+    sites: list[str]
+    roles: list[tuple[str, ...]]
+    cards: tuple[int, ...]
+    plates: tuple[str, ...]
+    shape: tuple[int, ...]  # table shape without the rows dim (what pyro's log_prob has)
+    value: str  # "data" | "own" | "free"
+    own: int | None = None  # role index of the site's own variable (value == "own")
+    free: str | None = None  # the free variable that is the value (value == "free")
+    slots: dict[str, Slot] = field(default_factory=dict)
+    n_event: int = 0  # reinterpreted batch dims, summed in the log-density
+    data: torch.Tensor | None = None  # (rows, 1.., plates.., event) observed values
+    table: torch.Tensor | None = None  # fixed tables that never change
+    fn: Distribution | None = None  # fixed prior evaluated at the free value
+    depends: frozenset[str] = frozenset()  # free variables the table depends on
+    dims: Any = None  # (dim -> symbol, symbol -> axis) to lay out a fixed prior's log-density
+
+    @property
+    def rows(self) -> int:
+        return len(self.sites)
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.cards) + len(self.plates)
+
+
+# --------------------------------------------------------------------------- helpers
+def _plates_of(site: Mapping[str, Any]) -> list[Any]:
+    return [f for f in site["cond_indep_stack"] if f.vectorized]
+
+
+def _is_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` broadcasts to ``a``'s shape and equals it (to rounding)."""
+    try:
+        if torch.broadcast_shapes(a.shape, b.shape) != a.shape:
+            return False
+    except RuntimeError:
+        return False
+    if a.dtype.is_floating_point:
+        tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+        b = b.to(a.dtype).expand_as(a)
+        both_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
+        ok = torch.isclose(a, b, rtol=tol, atol=tol * 1e-2) | both_inf
+        return bool(ok.all())
+    return bool((a == b).all())
+
+
+def canonical(
+    t: torch.Tensor,
+    n_trail: int,
+    dim_to_symbol: Mapping[int, str],
+    sym_to_axis: Mapping[str, int],
+    n_axes: int,
+    where: str,
+) -> torch.Tensor:
+    """Move a tensor from Pyro's layout (batch dims at global negative positions: plates and
+    enumeration dims) to ``(1, *axes, *trailing)``; dims of size 1 become broadcast axes."""
+    batch = t.dim() - n_trail
+    sizes = list(t.shape)
+    kept = [i for i in range(batch) if sizes[i] != 1]
+    axes = []
+    for i in kept:
+        sym = dim_to_symbol.get(i - batch)
+        if sym is None or sym not in sym_to_axis:
+            raise InputError(
+                f"EM: site {where!r} has a batch dimension of size {sizes[i]} at dim "
+                f"{i - batch} that is neither a plate nor an enumerated variable it depends on"
+            )
+        axes.append(sym_to_axis[sym])
+    t = t.reshape([sizes[i] for i in kept] + sizes[batch:])
+    order = sorted(range(len(kept)), key=lambda j: axes[j])
+    t = t.permute(order + list(range(len(kept), t.dim())))
+    shape = [1] * n_axes
+    for j, i in enumerate(kept):
+        shape[axes[j]] = sizes[i]
+    return t.reshape([1] + shape + sizes[batch:])
+
+
+def index_part(
+    slot: Slot, which: int, value: torch.Tensor, role_index: list[torch.Tensor], n_axes: int
+) -> torch.Tensor:
+    """``V[index]`` in canonical layout ``(1, *axes, *trailing)``, padded (the gather half of
+    a recipe; the view is applied by the family). ``value`` may carry extra trailing dims."""
+    idx = slot.index[which]
+    if idx:
+        ix = tuple(role_index[a] if kind == "role" else torch.tensor(a) for kind, a in idx)
+        t = value[ix]
+        lead = t.dim() - (value.dim() - len(idx))
+        if lead < 1 + n_axes:  # only constant indices: no batch part yet
+            t = t.reshape((1,) * (1 + n_axes - lead) + t.shape)
+    else:
+        t = value.reshape((1,) * (1 + n_axes) + value.shape)
+    pad = slot.pad[which]
+    if pad:
+        trail = value.dim() - len(idx)
+        t = t.reshape(t.shape[: t.dim() - trail] + (1,) * pad + t.shape[t.dim() - trail :])
+    return t
+
+
+class FastLogSemiring(LogSemiring):
+    """The log semiring with its matrix product done as a real matrix product:
+    log(exp(a - max_a) @ exp(b - max_b)) + max_a + max_b (the scaling trick of HMM codes).
+    Rows and columns are shifted by their own maxima, so a result can only underflow to -inf
+    when some path weight is below e^-700 relative to the best; then (and where a true -inf
+    appears) the exact logsumexp product is used instead."""
+
+    @classmethod
+    def matmul(cls, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ma = a.amax(-1, keepdim=True).detach()
+        mb = b.amax(-2, keepdim=True).detach()
+        ma = torch.where(torch.isfinite(ma), ma, torch.zeros_like(ma))
+        mb = torch.where(torch.isfinite(mb), mb, torch.zeros_like(mb))
+        out = ((a - ma).exp() @ (b - mb).exp()).log() + ma + mb
+        if torch.isneginf(out).any():
+            return LogSemiring.matmul(a, b)
+        return out
+
+
+# --------------------------------------------------------------------------- the model
+class FactorModel:
+    """A Pyro model compiled into factor groups (see the module docstring).
+
+    :param model: the Pyro model.
+    :param args, kwargs: the data, passed as ``model(*args, **kwargs)``.
+    :param seed: seeds the probes (and nothing else).
+    :param dtype: floating dtype of parameter values (initial values are cast to it).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        args: tuple,
+        kwargs: Mapping[str, Any],
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+    ):
+        self.model, self.args, self.kwargs = model, args, dict(kwargs)
+        self.dtype = dtype
+        self._discover(seed)
+
+    # ------------------------------------------------------------------ running the model
+    def _substituted(self, theta: Mapping[str, torch.Tensor]) -> Callable:
+        params = {k: v for k, v in theta.items() if self.free[k].kind == "param"}
+        globs = {k: v for k, v in theta.items() if self.free[k].kind == "global"}
+        return poutine.condition(poutine.substitute(self.model, data=params), data=globs)
+
+    def trace(self, theta: Mapping[str, torch.Tensor], enum: bool = True):
+        """A trace of the model at θ (enumerated, log-densities computed, dims symbolised)."""
+        m = self._substituted(theta)
+        if enum:
+            m = poutine.enum(m, first_available_dim=-self.nesting - 1)
+        tr = poutine.trace(m).get_trace(*self.args, **self.kwargs)
+        tr = prune_subsample_sites(tr)
+        tr.compute_log_prob()
+        tr.symbolize_dims()
+        return tr
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self, seed: int) -> None:
+        def init_fn(site):
+            if site["infer"].get("enumerate") == "parallel" or site["fn"].support.is_discrete:
+                return site["fn"].sample()
+            return init_to_median(site)
+
+        hide_init = pyro.infer.autoguide.initialization.InitMessenger(init_fn)
+        with torch.no_grad():
+            tr = poutine.trace(hide_init(self.model)).get_trace(*self.args, **self.kwargs)
+        tr = prune_subsample_sites(tr)
+        store = pyro.get_param_store()
+        store_constraints = store.get_state()["constraints"]
+        self.free: dict[str, Free] = {}
+        self.init: dict[str, torch.Tensor] = {}
+        observed, enumerated = [], []
+        for name, s in tr.nodes.items():
+            if s["type"] == "param":
+                c = store_constraints.get(name, constraints.real)
+                v = self._cast(s["value"].detach())
+                self.free[name] = Free(name, "param", c, v.shape)
+                self.init[name] = v.clone()
+            if s["type"] != "sample":
+                continue
+            if s["is_observed"]:
+                observed.append(name)
+                continue
+            how = s["infer"].get("enumerate")
+            in_data = any(f.name == DATA_PLATE for f in s["cond_indep_stack"])
+            if how == "parallel":
+                if not s["fn"].has_enumerate_support:
+                    raise InputError(
+                        f"EM: site {name!r} is marked for enumeration but "
+                        f"{type(s['fn']).__name__} has no finite support to enumerate"
+                    )
+                enumerated.append(name)
+            elif how is not None:
+                raise InputError(
+                    f"EM: site {name!r} uses enumerate={how!r}; EM needs "
+                    "infer={'enumerate': 'parallel'} (or @config_enumerate)"
+                )
+            elif s["fn"].support.is_discrete:
+                raise InputError(
+                    f"EM: site {name!r} is a discrete latent that is not enumerated; mark it "
+                    "with infer={'enumerate': 'parallel'} or decorate the model with "
+                    "@pyro.infer.config_enumerate"
+                )
+            elif in_data:
+                raise InputError(
+                    f"EM: site {name!r} is a continuous latent inside the {DATA_PLATE!r} plate; "
+                    "EM handles discrete enumerable latents (and MAP point estimates of "
+                    "globals) only — fit this model with the SVI engine"
+                )
+            else:
+                v = self._cast(s["value"].detach())
+                self.free[name] = Free(name, "global", s["fn"].support, v.shape)
+                self.init[name] = v.clone()
+        if not enumerated:
+            latent = [n for n in tr.nodes if n in self.free and self.free[n].kind == "global"]
+            what = f" (its latents {latent} are continuous)" if latent else ""
+            raise InputError(
+                "EM: the model has no enumerated discrete latent site"
+                f"{what}; EM needs at least one — fit it with the SVI engine instead"
+            )
+        if not observed:
+            raise InputError("EM: the model has no observed sample site: nothing to fit")
+        self.nesting = max_plate_nesting(tr)
+
+        # Three enumerated traces: at θ0 and at two random probes of θ.
+        g = torch.Generator().manual_seed(seed + 7919)
+        probes = []
+        for _ in range(2):
+            theta = {}
+            for k, f in self.free.items():
+                t = transform_for(f.constraint)
+                u = t.inv(self.init[k])
+                u = torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device)
+                theta[k] = t(u)
+            probes.append(theta)
+        with torch.no_grad():
+            traces = [self.trace(self.init)] + [self.trace(p) for p in probes]
+        self._thetas = [self.init, *probes]
+        t0 = traces[0]
+        sites = [n for n, s in t0.nodes.items() if s["type"] == "sample" and n not in ("_RETURN",)]
+        for tr_ in traces[1:]:
+            other = [n for n, s in tr_.nodes.items() if s["type"] == "sample"]
+            if other != sites or any(
+                tr_.nodes[n]["log_prob"].shape != t0.nodes[n]["log_prob"].shape for n in sites
+            ):
+                raise InputError(
+                    "EM: the model's sites or their shapes change with the parameter values; "
+                    "EM needs a fixed structure for given data"
+                )
+
+        # Plates and enumerated variables.
+        self.plate_dims: dict[str, int] = {}
+        self.plate_sizes: dict[str, int] = {}
+        for n in sites:
+            for f in _plates_of(t0.nodes[n]):
+                if self.plate_dims.setdefault(f.name, f.dim) != f.dim:
+                    raise InputError(f"EM: plate {f.name!r} is used at two different dims")
+                self.plate_sizes[f.name] = f.size
+        self.plate_order = sorted(self.plate_dims, key=lambda p: self.plate_dims[p])
+        self.n_points = self.plate_sizes.get(DATA_PLATE, 1)
+        self.vars: dict[str, Var] = {}
+        sym_to_var: dict[str, str] = {}
+        for n in enumerated:
+            s = t0.nodes[n]
+            card = s["value"].shape[0]
+            plates = tuple(p for p in self.plate_order if p in {f.name for f in _plates_of(s)})
+            self.vars[n] = Var(n, card, plates)
+            sym_to_var[s["infer"]["_enumerate_symbol"]] = n
+        var_order = {n: i for i, n in enumerate(self.vars)}
+        self._var_vals = [{v: tr_.nodes[v]["value"] for v in self.vars} for tr_ in traces]
+
+        # One candidate group per site, then stack sites with the same recipe.
+        dep_probe: dict[str, frozenset[str]] | None = None
+        candidates = []
+        for n in sites:
+            site = t0.nodes[n]
+            d2s = site["infer"]["_dim_to_symbol"]
+            lp = site["log_prob"]
+            deps = []
+            for i, size in enumerate(lp.shape):
+                sym = d2s.get(i - lp.dim())
+                v = sym_to_var.get(sym)
+                if v is not None and v != n and size > 1:
+                    deps.append(v)
+            deps.sort(key=var_order.get)
+            roles = tuple(deps) + ((n,) if n in self.vars else ())
+            plates = tuple(p for p in self.plate_order if p in {f.name for f in _plates_of(site)})
+            cand = self._site_group(n, [tr_.nodes[n] for tr_ in traces], roles, plates, sym_to_var)
+            if cand.kind == "traced":
+                if dep_probe is None:
+                    dep_probe = self._probe_dependence(traces[0], sites)
+                cand.depends = dep_probe[n]
+            candidates.append(cand)
+        self.groups = self._stack(candidates)
+        self.has_traced = any(g.kind == "traced" for g in self.groups)
+        self._role_index_cache: dict[int, list[torch.Tensor]] = {}
+        self.chain = self._chain_plan()
+        self._symbols()
+
+    def _cast(self, v: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None and v.dtype.is_floating_point:
+            return v.to(self.dtype)
+        return v
+
+    def _probe_dependence(self, t0, sites) -> dict[str, frozenset[str]]:
+        """Which free variables change each site's log-density (one trace per variable)."""
+        deps: dict[str, set[str]] = {n: set() for n in sites}
+        g = torch.Generator().manual_seed(104729)
+        for k, f in self.free.items():
+            t = transform_for(f.constraint)
+            u = t.inv(self.init[k])
+            theta = dict(self.init)
+            theta[k] = t(u + torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device))
+            with torch.no_grad():
+                tr = self.trace(theta)
+            for n in sites:
+                if not _is_close(t0.nodes[n]["log_prob"], tr.nodes[n]["log_prob"]):
+                    deps[n].add(k)
+        return {n: frozenset(v) for n, v in deps.items()}
+
+    def _axes(self, site, roles, plates, sym_to_var) -> dict[str, int]:
+        """symbol -> canonical axis, for one site."""
+        d2s = site["infer"]["_dim_to_symbol"]
+        var_sym = {v: s for s, v in sym_to_var.items()}
+        out = {var_sym[r]: i for i, r in enumerate(roles)}
+        for j, p in enumerate(plates):
+            out[d2s[self.plate_dims[p]]] = len(roles) + j
+        return out
+
+    def _site_group(self, name, per_trace, roles, plates, sym_to_var) -> Group:
+        site = per_trace[0]
+        cards = tuple(self.vars[r].card for r in roles)
+        sym_to_axis = self._axes(site, roles, plates, sym_to_var)
+        n_axes = len(roles) + len(plates)
+        d2s = site["infer"]["_dim_to_symbol"]
+        lp = canonical(site["log_prob"], 0, d2s, sym_to_axis, n_axes, name)
+        shape = tuple(lp.shape[1:])
+        for i in range(len(roles)):  # a role the table is constant along still counts
+            shape = shape[:i] + (cards[i],) + shape[i + 1 :]
+        if name in self.vars:
+            value, own, free = "own", roles.index(name), None
+        elif name in self.free:
+            value, own, free = "free", None, name
+        else:
+            value, own, free = "data", None, None
+        data = None
+        if value == "data":  # observed values in canonical layout
+            n_ev = len(site["fn"].event_shape)
+            data = canonical(site["value"], n_ev, d2s, sym_to_axis, n_axes, name).detach()
+        base = dict(
+            data=data,
+            sites=[name],
+            roles=[roles],
+            cards=cards,
+            plates=plates,
+            shape=shape,
+            value=value,
+            own=own,
+            free=free,
+        )
+        fns = [s["fn"] for s in per_trace]
+        plain = site["scale"] is None or (
+            not isinstance(site["scale"], torch.Tensor) and site["scale"] == 1.0
+        )
+        plain = plain and site["mask"] is None
+
+        # fixed: the distribution is the same at every probe.
+        v0 = site["value"]
+        try:
+            same = all(_is_close(fns[0].log_prob(v0), f.log_prob(v0)) for f in fns[1:])
+        except Exception:  # noqa: BLE001 (a distribution that cannot score another's value)
+            same = False
+        if same and plain:
+            if value == "free":
+                return Group(
+                    kind="fixed",
+                    family=None,
+                    fn=fns[0],
+                    depends=frozenset([name]),
+                    dims=(d2s, sym_to_axis),
+                    **base,
+                )
+            return Group(kind="fixed", family=None, table=lp, **base)
+
+        fam_fn, r = unwrap(fns[0])
+        family = family_of(fam_fn)
+        if family is None or not plain or (value == "own" and family == "poisson"):
+            return Group(kind="traced", family=None, **base)
+        slots = {}
+        for slot_name, attr, rank, views in FAMILIES[family]:
+            tensors = [getattr(unwrap(f)[0], attr) for f in fns]
+            slot = self._match_slot(
+                tensors, r + rank, views, d2s, sym_to_var, sym_to_axis, roles, name
+            )
+            if slot is None:
+                return Group(kind="traced", family=None, **base)
+            slots[slot_name] = slot
+        if value == "free":
+            return Group(kind="traced", family=None, **base)  # a global with a θ-dependent prior
+        if family == "categorical" and data is not None:
+            base["data"] = data.long()
+        depends = frozenset(p for s in slots.values() for p in s.params)
+        return Group(
+            kind="recipe",
+            family=family,
+            slots=slots,
+            n_event=r,
+            depends=depends,
+            **base,
+        )
+
+    def _match_slot(self, tensors, n_trail, views, d2s, sym_to_var, sym_to_axis, roles, name):
+        """A :class:`Slot` reproducing ``tensors`` (the parameter at θ0 and at both probes),
+        or ``None`` when no recipe does."""
+        n_axes = len(sym_to_axis)
+        if all(_is_close(tensors[0], t) for t in tensors[1:]):
+            const = canonical(tensors[0].detach(), n_trail, d2s, sym_to_axis, n_axes, name)
+            return Slot(const=const)
+        t0 = tensors[0]
+        batch = t0.dim() - n_trail
+        slot_vars = []  # the enumerated variables the parameter varies along
+        for i in range(batch):
+            v = sym_to_var.get(d2s.get(i - batch))
+            if v is not None and t0.shape[i] > 1:
+                slot_vars.append(v)
+        if not set(slot_vars) <= set(roles):
+            return None
+        size = t0.shape[-1] if t0.dim() else None
+        for view in views:
+            offsets = VIEW_RANK[view]
+            for combo in self._param_combos(view):
+                for choice in self._patterns(combo, offsets, n_trail, slot_vars):
+                    if all(
+                        self._reproduces(choice, view, tens, k, size)
+                        for k, tens in enumerate(tensors)
+                    ):
+                        index = tuple(
+                            tuple(
+                                ("role", roles.index(a)) if kind == "var" else ("const", a)
+                                for kind, a in idx
+                            )
+                            for _, idx, _ in choice
+                        )
+                        return Slot(
+                            view=view,
+                            params=tuple(p for p, _, _ in choice),
+                            index=index,
+                            pad=tuple(pad for _, _, pad in choice),
+                        )
+        return None
+
+    def _reproduces(self, choice, view, target, k, size) -> bool:
+        """Does the recipe ``choice`` give ``target`` in trace ``k`` (Pyro's layout)?"""
+        theta, var_values = self._thetas[k], self._var_vals[k]
+        ins = []
+        for pname, idx, pad in choice:
+            V = theta[pname]
+            t = V[tuple(var_values[a] if kind == "var" else a for kind, a in idx)] if idx else V
+            trail = V.dim() - len(idx)
+            t = t.reshape(t.shape[: t.dim() - trail] + (1,) * pad + t.shape[t.dim() - trail :])
+            ins.append(t)
+        try:
+            cand = apply_view(view, tuple(ins), size)
+        except (RuntimeError, IndexError):
+            return False
+        return _is_close(target, cand)
+
+    def _param_combos(self, view: str) -> list[tuple[str, ...]]:
+        """Free variables (pairs for scaled_corr) that could feed ``view``."""
+        names = list(self.free)
+        if view == "scaled_corr":
+            corr = [n for n in names if self.free[n].constraint is constraints.corr_cholesky]
+            return [(a, b) for b in corr for a in names if a != b]
+        return [(n,) for n in names]
+
+    def _patterns(self, combo, offsets, n_trail, slot_vars):
+        """Index patterns ``((param, ((kind, a), ...), pad), ...)`` to try for ``combo``.
+
+        The leading ``m`` dims of a free variable are indexed (by an enumerated variable the
+        parameter varies along, or a constant), the rest are its trailing parameter dims; a
+        pattern must use every variable the parameter varies along.
+        """
+        per_param = []
+        for pname, off in zip(combo, offsets, strict=False):
+            pre = n_trail + off
+            shape = self.free[pname].shape
+            opts = []
+            for m in range(0, min(len(shape), 3) + 1):
+                trail = len(shape) - m
+                if trail > pre:
+                    continue
+                choices = []
+                for j in range(m):
+                    c = [("var", v) for v in slot_vars if self.vars[v].card == shape[j]]
+                    if shape[j] <= 64:
+                        c += [("const", i) for i in range(shape[j])]
+                    choices.append(c)
+                for idx in itertools.product(*choices):
+                    if {a for kind, a in idx if kind == "var"} != set(slot_vars):
+                        continue
+                    opts.append((pname, tuple(idx), pre - trail))
+                    if len(opts) > 2048:
+                        break
+            per_param.append(opts)
+        out = list(itertools.product(*per_param))
+        if len(combo) == 2:  # scales and correlations must be indexed the same way
+            out = [c for c in out if c[0][1] == c[1][1]]
+        return out
+
+    def _stack(self, candidates: list[Group]) -> list[Group]:
+        """Stack single-site recipe groups that compute the same thing into one group."""
+        out: list[Group] = []
+        parts: dict[int, list[Group]] = {}
+        index: dict[tuple, int] = {}
+        for c in candidates:
+            if c.kind != "recipe":
+                out.append(c)
+                continue
+            key = (
+                c.family,
+                c.value,
+                c.own,
+                c.cards,
+                c.plates,
+                c.shape,
+                c.n_event,
+                tuple((k, s.key()) for k, s in sorted(c.slots.items())),
+                None if c.data is None else (tuple(c.data.shape), c.data.dtype),
+            )
+            if key not in index:
+                index[key] = len(out)
+                parts[len(out)] = [c]
+                out.append(c)
+            else:
+                parts[index[key]].append(c)
+        for i, ps in parts.items():
+            if len(ps) == 1:
+                continue
+            g = out[i]
+            g.sites = [p.sites[0] for p in ps]
+            g.roles = [p.roles[0] for p in ps]
+            if g.data is not None:
+                g.data = torch.cat([p.data for p in ps])
+            for k, s in g.slots.items():
+                if s.const is not None:
+                    s.const = torch.cat([p.slots[k].const for p in ps])
+        return out
+
+    # ------------------------------------------------------------------ contraction plans
+    def _symbols(self) -> None:
+        """Einsum symbols for the generic contraction: plates even, variables odd."""
+        self.plate_symbol = {
+            p: opt_einsum.get_symbol(2 * i) for i, p in enumerate(self.plate_order)
+        }
+        self.var_symbol = {v: opt_einsum.get_symbol(2 * i + 1) for i, v in enumerate(self.vars)}
+
+    def _chain_plan(self) -> dict[str, Any] | None:
+        """If the enumerated variables form one chain v_0 - v_1 - ... (a mixture is a chain
+        of length 1, an HMM a longer one), the positions each table adds to; else ``None``.
+
+        Every table must touch no variable, one variable, or two neighbours; all variables
+        share their plates and cardinality. The E-step is then the forward recursion of
+        :func:`jointkl.chain.chain_contract`, batched over the plates.
+        """
+        names = list(self.vars)
+        first = self.vars[names[0]]
+        if any(
+            (self.vars[n].plates, self.vars[n].card) != (first.plates, first.card) for n in names
+        ):
+            return None
+        links: dict[str, set[str]] = {n: set() for n in names}
+        for g in self.groups:
+            for roles in g.roles:
+                if len(roles) > 2:
+                    return None
+                if len(roles) == 2:
+                    a, b = roles
+                    links[a].add(b)
+                    links[b].add(a)
+        if any(len(v) > 2 for v in links.values()):
+            return None
+        ends = [n for n in names if len(links[n]) < 2]
+        if len(names) > 1 and len(ends) != 2:
+            return None
+        order = [min(ends, key=names.index)] if names else []
+        while len(order) < len(names):
+            nxt = [n for n in links[order[-1]] if n not in order]
+            if len(nxt) != 1:
+                return None
+            order.append(nxt[0])
+        pos = {n: i for i, n in enumerate(order)}
+        plan: dict[str, Any] = {"T": len(order), "K": first.card, "plates": first.plates}
+        per_group = []
+        for g in self.groups:
+            n_roles = len(g.cards)
+            if n_roles == 0:
+                per_group.append({"kind": "const"})
+                continue
+            if not set(first.plates) <= set(g.plates):
+                return None
+            extra = tuple(
+                1 + len(g.cards) + j for j, p in enumerate(g.plates) if p not in first.plates
+            )
+            if n_roles == 1:
+                where = torch.tensor([pos[r[0]] for r in g.roles])
+                per_group.append({"kind": "unary", "pos": where, "extra": extra})
+            else:
+                p0 = torch.tensor([pos[r[0]] for r in g.roles])
+                p1 = torch.tensor([pos[r[1]] for r in g.roles])
+                if not bool(((p0 - p1).abs() == 1).all()):
+                    return None
+                per_group.append(
+                    {
+                        "kind": "pair",
+                        "pos": torch.minimum(p0, p1),
+                        "flip": p0 > p1,
+                        "extra": extra,
+                    }
+                )
+        plan["groups"] = per_group
+        return plan
+
+    # ------------------------------------------------------------------ tables
+    def role_index(self, gi: int, device=None) -> list[torch.Tensor]:
+        """arange(card) placed on each role axis of group ``gi`` (canonical layout)."""
+        if gi not in self._role_index_cache:
+            g = self.groups[gi]
+            n = 1 + g.n_axes
+            out = []
+            for a, k in enumerate(g.cards):
+                shape = [1] * n
+                shape[1 + a] = k
+                out.append(torch.arange(k, device=device).reshape(shape))
+            self._role_index_cache[gi] = out
+        return self._role_index_cache[gi]
+
+    def slot_inputs(self, gi: int, name: str, theta: Mapping[str, torch.Tensor]):
+        """``(view, inputs)`` of a slot in canonical layout (inputs are pre-view tensors)."""
+        g = self.groups[gi]
+        s = g.slots[name]
+        if s.const is not None:
+            return "const", (s.const,)
+        ri = self.role_index(gi)
+        return s.view, tuple(
+            index_part(s, i, theta[p], ri, g.n_axes) for i, p in enumerate(s.params)
+        )
+
+    def own_value(self, gi: int, dtype=torch.long) -> torch.Tensor:
+        g = self.groups[gi]
+        return self.role_index(gi)[g.own].to(dtype)
+
+    def value(self, gi: int, dtype=None) -> torch.Tensor:
+        g = self.groups[gi]
+        if g.value == "own":
+            return self.own_value(gi, torch.long if g.family == "categorical" else dtype)
+        return g.data
+
+    def tables(
+        self,
+        theta: Mapping[str, torch.Tensor],
+        which: list[int] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Tables of the groups ``which`` (all by default) at θ, differentiable in θ."""
+        which = list(range(len(self.groups))) if which is None else which
+        out: dict[int, torch.Tensor] = {}
+        traced = [i for i in which if self.groups[i].kind == "traced"]
+        if traced:
+            tr = self.trace(theta)
+            sym_to_var = {tr.nodes[v]["infer"]["_enumerate_symbol"]: v for v in self.vars}
+        for i in which:
+            g = self.groups[i]
+            if g.kind == "fixed":
+                if g.fn is None:
+                    out[i] = g.table
+                else:
+                    d2s, axes = g.dims
+                    lp = g.fn.log_prob(theta[g.free])
+                    out[i] = canonical(lp, 0, d2s, axes, g.n_axes, g.sites[0])
+            elif g.kind == "traced":
+                site = tr.nodes[g.sites[0]]
+                axes = self._axes(site, g.roles[0], g.plates, sym_to_var)
+                out[i] = canonical(
+                    site["log_prob"],
+                    0,
+                    site["infer"]["_dim_to_symbol"],
+                    axes,
+                    g.n_axes,
+                    g.sites[0],
+                )
+            else:
+                out[i] = self._recipe_table(i, theta)
+        return out
+
+    def _recipe_table(self, gi: int, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        g = self.groups[gi]
+        dtype = next(iter(theta.values())).dtype if theta else torch.get_default_dtype()
+        x = self.value(gi, dtype)
+        sv = {k: self.slot_inputs(gi, k, theta) for k in g.slots}
+        lp = FAMILY_LOG_PROB[g.family](sv, x, g)
+        if g.n_event:
+            lp = lp.sum(tuple(range(-g.n_event, 0)))
+        return lp
+
+    # ------------------------------------------------------------------ E-step
+    def log_partition(self, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """log Σ_z Π tables: the marginal log-likelihood (plus log-priors of MAP globals)."""
+        # A recipe table that is the same for every row (transitions) is computed once; its
+        # weights then come back summed over rows, which is all the M-step needs.
+        expanded = {
+            i: t.expand((self.groups[i].rows,) + self.groups[i].shape) for i, t in tables.items()
+        }
+        if self.chain is not None:
+            return self._chain_log_partition(expanded)
+        return self._generic_log_partition(expanded)
+
+    def _chain_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        plan = self.chain
+        T, K = plan["T"], plan["K"]
+        psizes = tuple(self.plate_sizes[p] for p in plan["plates"])
+        n_p = len(psizes)
+        total = 0.0
+        some = next(iter(tabs.values()))
+        unary = some.new_zeros(psizes + (T, K))
+        pair = None
+        for i, t in tabs.items():
+            info = plan["groups"][i]
+            if info["kind"] == "const":
+                total = total + t.sum()
+                continue
+            if info["extra"]:
+                t = t.sum(info["extra"])  # plates no chain variable is in: a product
+            n_r = t.dim() - 1 - n_p  # role axes
+            # (rows, roles..., plates...) -> (plates..., rows, roles...)
+            t = t.permute(tuple(range(1 + n_r, t.dim())) + tuple(range(1 + n_r)))
+            if info["kind"] == "unary":
+                unary = unary.index_add(n_p, info["pos"], t.expand(psizes + t.shape[n_p:]))
+            else:
+                flip = info["flip"].reshape((1,) * n_p + (-1, 1, 1))
+                t = torch.where(flip, t.transpose(-1, -2), t)
+                if pair is None:
+                    pair = some.new_zeros(psizes + (max(T - 1, 0), K, K))
+                pair = pair.index_add(n_p, info["pos"], t.expand(psizes + t.shape[n_p:]))
+        init = unary[..., 0, :]
+        if T == 1:
+            alpha = init
+        else:
+            pots = unary[..., 1:, None, :]
+            pots = pots + pair if pair is not None else pots.expand(psizes + (T - 1, K, K))
+            # FastLogSemiring's products are real matrix products, so the balanced scan's
+            # memory is O(T K^2) per sequence and it always beats T sequential steps.
+            alpha = chain_contract(init, pots, FastLogSemiring, method="scan")
+        return total + torch.logsumexp(alpha, -1).sum()
+
+    def _generic_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        tree: OrderedDict = OrderedDict()
+        for i, t in tabs.items():
+            g = self.groups[i]
+            ordinal = frozenset(self.plate_symbol[p] for p in g.plates)
+            for r in range(t.shape[0]):
+                syms = [self.var_symbol[v] for v in g.roles[r]] + [
+                    self.plate_symbol[p] for p in g.plates
+                ]
+                term = t[r]
+                keep = [j for j in range(term.dim()) if term.shape[j] != 1]
+                term = term.reshape([term.shape[j] for j in keep])
+                term._pyro_dims = "".join(syms[j] for j in keep)
+                tree.setdefault(ordinal, []).append(term)
+        sum_dims = set(self.var_symbol.values())
+        out = contract_to_tensor(tree, sum_dims, ring=LogRing())
+        return out.sum()
+
+    def e_step(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, dict[int, torch.Tensor]]:
+        """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table."""
+        with torch.no_grad():
+            tabs = self.tables(theta)
+        leaves = {i: t.detach().requires_grad_() for i, t in tabs.items()}
+        with torch.enable_grad():
+            logz = self.log_partition(leaves)
+            grads = torch.autograd.grad(logz, list(leaves.values()), allow_unused=True)
+        weights = {
+            i: (g if g is not None else torch.zeros_like(leaves[i]))
+            for i, g in zip(leaves, grads, strict=True)
+        }
+        return float(logz.detach()), weights
+
+    def expected_log_joint(
+        self,
+        theta: Mapping[str, torch.Tensor],
+        weights: Mapping[int, torch.Tensor],
+        which: list[int],
+    ) -> torch.Tensor:
+        """Q(θ) restricted to the groups ``which``: Σ ⟨weights, table(θ)⟩ (differentiable)."""
+        tabs = self.tables(theta, which)
+        total = 0.0
+        for i, t in tabs.items():
+            w = weights[i]
+            # 0 * -inf would be nan: a table entry with no posterior mass contributes nothing.
+            total = total + torch.where(w != 0, w * t, torch.zeros_like(t)).sum()
+        return total
+
+    def groups_using(self, names: set[str]) -> list[int]:
+        return [i for i, g in enumerate(self.groups) if g.depends & names]
+
+    def log_prior(self, theta: Mapping[str, torch.Tensor]) -> float:
+        """Σ log p(θ) over the MAP globals' own sites (0 for a model of pyro.params)."""
+        which = [i for i, g in enumerate(self.groups) if g.value == "free"]
+        tabs = self.tables(theta, which)
+        return float(
+            sum(
+                t.expand((self.groups[i].rows,) + self.groups[i].shape).sum()
+                for i, t in tabs.items()
+            )
+        )
+
+    def label_weights(self, labels: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Table weights when the enumerated variables have independent marginals
+        ``labels[v]`` of shape ``(plates of v..., card)``: the product over each table's roles
+        (used to start EM from a labelling, as k-means initialisation does)."""
+        out = {}
+        for gi, g in enumerate(self.groups):
+            full = (g.rows,) + g.shape
+            w = None
+            for a in range(len(g.cards)):
+                v = self.vars[g.roles[0][a]]
+                lab = torch.stack([labels[r[a]] for r in g.roles]).movedim(-1, 1)
+                shape = [g.rows] + [1] * g.n_axes
+                shape[1 + a] = v.card
+                for p in v.plates:
+                    shape[1 + len(g.cards) + g.plates.index(p)] = self.plate_sizes[p]
+                lab = lab.reshape(shape)
+                w = lab if w is None else w * lab
+            if w is None:
+                w = torch.ones((1,) * len(full), dtype=next(iter(labels.values())).dtype)
+            out[gi] = w.expand(full)
+        return out
+
+
+# --------------------------------------------------------------------------- log-densities
+# Each takes the slots as (view, pre-view tensors) in canonical layout, the value, and the
+# group; it returns the elementwise log-density (event dims of the base distribution summed,
+# reinterpreted batch dims not yet summed).
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _categorical_lp(sv, x, g):
+    view, (t,) = sv["probs"]
+    logp = torch.log_softmax(t, -1) if view == "softmax" else t.log()
+    shape = torch.broadcast_shapes(logp.shape[:-1], x.shape)
+    logp = logp.expand(shape + logp.shape[-1:])
+    return logp.gather(-1, x.expand(shape).unsqueeze(-1)).squeeze(-1)
+
+
+def _bernoulli_lp(sv, x, g):
+    view, (t,) = sv["probs"]
+    if view == "sigmoid":
+        return x * torch.nn.functional.logsigmoid(t) + (1 - x) * torch.nn.functional.logsigmoid(-t)
+    # xlogy: an exact 0 or 1 probability scores the matching value 0, not nan.
+    return torch.xlogy(x, t) + torch.xlogy(1 - x, 1 - t)
+
+
+def _poisson_lp(sv, x, g):
+    view, (t,) = sv["rate"]
+    if view == "exp":
+        return x * t - t.exp() - torch.lgamma(x + 1)
+    return torch.xlogy(x, t) - t - torch.lgamma(x + 1)
+
+
+def _normal_lp(sv, x, g):
+    _, (mu,) = sv["loc"]
+    view, (s,) = sv["scale"]
+    sd, log_sd = (s.exp(), s) if view == "exp" else (s, s.log())
+    return -0.5 * ((x - mu) / sd) ** 2 - log_sd - 0.5 * LOG_2PI
+
+
+def mvn_tril(view: str, ins: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The Cholesky factor a full-covariance view describes."""
+    if view == "scaled_corr":
+        return ins[0].unsqueeze(-1) * ins[1]
+    if view == "covariance":
+        return torch.linalg.cholesky(ins[0])
+    return ins[0]
+
+
+def _mvn_lp(sv, x, g):
+    _, (mu,) = sv["loc"]
+    view, ins = sv["scale_tril"]
+    D = x.shape[-1]
+    if view in ("diag", "spherical"):
+        s = ins[0] if view == "diag" else ins[0].unsqueeze(-1)
+        z = (x - mu) / s
+        return (-0.5 * z**2 - s.log()).sum(-1) - 0.5 * D * LOG_2PI
+    L = mvn_tril(view, ins)
+    logdet = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    n_r, n_p = len(g.cards), len(g.plates)
+    plates = slice(1 + n_r, 1 + n_r + n_p)
+    fast = (
+        g.n_event == 0
+        and L.shape[0] == 1
+        and mu.shape[0] == 1
+        and all(n == 1 for n in L.shape[plates])
+        and all(n == 1 for n in mu.shape[plates])
+    )
+    if fast:
+        # One (points x D) @ (D x D) product per cell, as scikit-learn does with precision
+        # Cholesky factors: no per-point triangular solves.
+        eye = torch.eye(D, dtype=L.dtype, device=L.device)
+        Lt = torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+        Lt = Lt.reshape(Lt.shape[: 1 + n_r] + (D, D))
+        xs = x.reshape(x.shape[: 1 + n_r] + (-1, D))
+        m = mu.reshape(mu.shape[: 1 + n_r] + (-1, D))
+        y = xs @ Lt - m @ Lt
+        maha = y.square().sum(-1)
+        maha = maha.reshape(maha.shape[: 1 + n_r] + x.shape[plates])
+    else:
+        diff = x - mu
+        Lb = L.expand(diff.shape + (D,))
+        y = torch.linalg.solve_triangular(Lb, diff.unsqueeze(-1), upper=False).squeeze(-1)
+        maha = y.square().sum(-1)
+    return -0.5 * maha - logdet - 0.5 * D * LOG_2PI
+
+
+FAMILY_LOG_PROB = {
+    "categorical": _categorical_lp,
+    "bernoulli": _bernoulli_lp,
+    "poisson": _poisson_lp,
+    "normal": _normal_lp,
+    "mvn": _mvn_lp,
+}
