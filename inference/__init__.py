@@ -1,5 +1,6 @@
 """The engines (import name ``jointkl.inference``)."""
 
+from jointkl.inference.em import EM  # noqa: F401
 from jointkl.inference.svi import SVI
 
 __all__ = ["SVI"]
