@@ -1,1 +1,43 @@
-"""jointkl.text."""
+"""jointkl.text: minimum-entropy text — an unsupervised lexicon, EM word segmentation,
+sentence templates and parsing (SEEDS §5), with word-segmentation scoring.
+
+    lexicon = WordFinder(min_proba=1e-5, min_pmi=2.0, max_len=4).fit(lines)
+    segmenter = Segmenter(lexicon).fit_em(lines, iters=3)
+    segmenter.segment("迈向充满希望的新世纪")
+    templates = TemplateFinder(window=5).fit(sentences)
+    print(TemplateParser(templates).parse(["鸡蛋", "可以", "吃", "吗"]))   # (鸡蛋)可以(吃)吗
+"""
+
+from jointkl.text.corpus import Corpus
+from jointkl.text.lattice import WordIndex, WordLattice, semimarkov_forward
+from jointkl.text.lexicon import Lexicon, WordFinder
+from jointkl.text.presplit import split_line
+from jointkl.text.scoring import SegmentationScore, score_segmentation
+from jointkl.text.segmenter import Segmenter
+from jointkl.text.templates import (
+    Block,
+    Parse,
+    TemplateFinder,
+    TemplateParser,
+    Templates,
+    clauses,
+)
+
+__all__ = [
+    "Corpus",
+    "WordFinder",
+    "Lexicon",
+    "Segmenter",
+    "WordIndex",
+    "WordLattice",
+    "semimarkov_forward",
+    "split_line",
+    "TemplateFinder",
+    "Templates",
+    "TemplateParser",
+    "Parse",
+    "Block",
+    "clauses",
+    "score_segmentation",
+    "SegmentationScore",
+]

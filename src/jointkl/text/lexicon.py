@@ -1,0 +1,297 @@
+"""An unsupervised lexicon: ``WordFinder(...).fit(lines) -> Lexicon``.
+
+The cost of learning is the average code length −log p; a lexicon is good when coding the
+text word by word is short. Merging two adjacent units a, b into one word lowers the
+average code length per character roughly when PMI(a, b) = log p_ab / (p_a p_b) > 1
+(natural log). :class:`WordFinder` builds on that ("cut decisively"):
+
+1. count units and adjacent unit pairs (one pass);
+2. keep the *strong* pairs, ``p_ab > min_proba`` and ``PMI(a, b) > min_pmi``, and cut the
+   text at every other boundary; count the fragments (a second pass);
+3. keep fragments with ``p > min_proba`` (every single unit is kept, so any text segments);
+4. remove redundant words, longest first: re-segment w without itself (Viterbi on the
+   lattice); when ``log p(w) − Σ log p(piece) < len(w) − 1``, w saves too little code to pay
+   for its entry: delete it and give its count to the pieces.
+
+Counting is vectorised over blocks of about ``block_chars`` units with numpy; only the counts
+are kept between blocks, so memory is bounded by the counts, not the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jointkl.errors import InputError
+from jointkl.runs import atomic_write_text
+from jointkl.text.corpus import Corpus
+from jointkl.text.lattice import WordIndex, WordLattice
+from jointkl.text.presplit import code, coded_chunks
+
+__all__ = ["Lexicon", "WordFinder"]
+
+_SEP = "\n"
+_WORD_RE = re.compile(r"\w+")  # a coded word: units only, no punctuation or space
+
+
+class Lexicon:
+    """Coded words (see :mod:`jointkl.text.presplit`) and their counts; ``p(w) = n_w / Σ n``.
+
+    Words are kept most frequent first. ``save``/``load`` use a UTF-8 TSV file,
+    ``word<TAB>count`` per line, in which a digit run is written ``0`` and a Latin run ``A``
+    (``0年``, ``A股``); a loaded word is coded, so ``ＡＰＥＣ会议`` reads as ``A会议``.
+    """
+
+    def __init__(self, counts: Mapping[str, float]):
+        items = [(w, float(c)) for w, c in counts.items() if c > 0]
+        for w, c in items:
+            if not w or not math.isfinite(c):
+                raise InputError(
+                    f"lexicon entry {w!r}: expected a non-empty word and a finite count, got {c!r}"
+                )
+        items.sort(key=lambda wc: (-wc[1], wc[0]))
+        self.words = [w for w, _ in items]
+        self.counts = torch.tensor([c for _, c in items], dtype=torch.float64)
+        self._id = {w: i for i, w in enumerate(self.words)}
+        if not self.words:
+            raise InputError("lexicon is empty: expected at least one word with a positive count")
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self._id
+
+    def __getitem__(self, word: str) -> float:
+        return float(self.counts[self._id[word]])
+
+    def id(self, word: str) -> int | None:
+        return self._id.get(word)
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+    @property
+    def max_len(self) -> int:
+        return max(len(w) for w in self.words)
+
+    def log_probs(self) -> torch.Tensor:
+        """log p(w) (natural log), float64, in ``words`` order."""
+        return (self.counts / self.counts.sum()).log()
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.words, self.counts.tolist(), strict=True))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``word<TAB>count`` lines, most frequent first (atomically)."""
+        lines = [f"{w}\t{c:.6g}\n" for w, c in zip(self.words, self.counts.tolist(), strict=True)]
+        return atomic_write_text("".join(lines), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Lexicon:
+        """Read a file written by :meth:`save` (or by hand); bad lines raise :class:`InputError`."""
+        counts: dict[str, float] = {}
+        expected = "expected 'word<TAB>count' with a word of letters only and a positive count"
+        for n, line in enumerate(Corpus(path), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise InputError(f"{path}: line {n}: {expected}, got {line[:40]!r}")
+            word, count = fields[0].strip(), fields[1].strip()
+            coded = code(word)
+            try:
+                c = float(count)
+            except ValueError:
+                c = float("nan")
+            if not _WORD_RE.fullmatch(coded):
+                raise InputError(f"{path}: line {n}: {expected}, got word {word!r}")
+            if not (math.isfinite(c) and c > 0):
+                raise InputError(f"{path}: line {n}: {expected}, got count {count!r}")
+            counts[coded] = counts.get(coded, 0.0) + c
+        if not counts:
+            raise InputError(f"{path}: no entries; {expected} on each line")
+        return cls(counts)
+
+
+class WordFinder:
+    """Learn a :class:`Lexicon` from raw text by the minimum-entropy "cut decisively" rules.
+
+    :param min_proba: smallest probability of a strong pair and of a kept fragment.
+    :param min_pmi: smallest PMI (natural log) of a strong pair; ≈1 is where merging
+        starts to shorten the code.
+    :param max_len: longest word, in units; longer fragments are not counted.
+    :param block_chars: units counted per vectorised block (memory vs. speed).
+    :param progress: show a tqdm bar over the lines of each pass.
+
+    After :meth:`fit`: ``n_units_`` (units read), ``strong_pairs_`` (the kept pairs, as
+    two-unit strings), ``fragments_`` (fragment counts, a Counter) and ``n_redundant_``
+    (words removed by the redundancy rule).
+    """
+
+    def __init__(
+        self,
+        min_proba: float = 1e-6,
+        min_pmi: float = 1.0,
+        max_len: int = 6,
+        block_chars: int = 1 << 20,
+        progress: bool = False,
+    ):
+        if not (isinstance(min_proba, (int, float)) and 0 <= min_proba < 1):
+            raise InputError(f"min_proba must be in [0, 1), got {min_proba!r}")
+        if not (isinstance(min_pmi, (int, float)) and math.isfinite(min_pmi)):
+            raise InputError(f"min_pmi must be a finite number, got {min_pmi!r}")
+        if not (isinstance(max_len, int) and max_len >= 1):
+            raise InputError(f"max_len must be an integer >= 1, got {max_len!r}")
+        if not (isinstance(block_chars, int) and block_chars >= 1):
+            raise InputError(f"block_chars must be an integer >= 1, got {block_chars!r}")
+        self.min_proba = float(min_proba)
+        self.min_pmi = float(min_pmi)
+        self.max_len = max_len
+        self.block_chars = block_chars
+        self.progress = progress
+
+    # -- passes over the corpus -------------------------------------------------------------
+
+    def _blocks(self, corpus: Corpus, desc: str) -> Iterator[np.ndarray]:
+        """Codepoints of the coded chunks, ``_SEP`` after each chunk, in blocks."""
+        buf: list[str] = []
+        size = 0
+        for line in tqdm(corpus, desc=desc, unit=" lines", disable=not self.progress, leave=False):
+            for chunk in coded_chunks(line):
+                buf.append(chunk)
+                size += len(chunk) + 1
+            if size >= self.block_chars:
+                yield _codepoints(_SEP.join(buf) + _SEP)
+                buf, size = [], 0
+        if buf:
+            yield _codepoints(_SEP.join(buf) + _SEP)
+
+    def _count_pairs(self, corpus: Corpus) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        units = _Counts()
+        pairs = _Counts()
+        sep = np.uint32(ord(_SEP))
+        for cp in self._blocks(corpus, "counting pairs"):
+            units.add(cp[cp != sep].astype(np.uint64))
+            ok = (cp[:-1] != sep) & (cp[1:] != sep)
+            pairs.add(_pair_keys(cp)[ok])
+        return units.keys, units.counts, pairs.keys, pairs.counts
+
+    def _count_fragments(self, corpus: Corpus, strong: np.ndarray) -> Counter:
+        fragments: Counter = Counter()
+        for cp in self._blocks(corpus, "counting fragments"):
+            keys = _pair_keys(cp)
+            pos = np.searchsorted(strong, keys).clip(max=max(len(strong) - 1, 0))
+            keep = strong[pos] == keys if len(strong) else np.zeros(len(keys), dtype=bool)
+            # Cut after unit i unless (i, i+1) is strong; a pair with _SEP is never strong.
+            cuts = np.flatnonzero(~keep) + 1
+            text = np.insert(cp, cuts, np.uint32(ord(_SEP))).tobytes().decode("utf-32-le")
+            fragments.update(f for f in text.split(_SEP) if 0 < len(f) <= self.max_len)
+        return fragments
+
+    # -- the fit -----------------------------------------------------------------------------
+
+    def fit(self, lines: Iterable[str] | str | os.PathLike) -> Lexicon:
+        """Learn a lexicon from ``lines`` (an iterable of str, or a path to a UTF-8 file)."""
+        corpus = Corpus(lines)
+        ukeys, ucounts, pkeys, pcounts = self._count_pairs(corpus)
+        n_units = int(ucounts.sum())
+        if n_units == 0:
+            raise InputError(
+                "corpus is empty: expected lines of raw text with at least one character "
+                "other than punctuation and spaces"
+            )
+        self.n_units_ = n_units
+        n_pairs = max(int(pcounts.sum()), 1)
+        # PMI(a, b) = log p_ab / (p_a p_b), p_ab per adjacent pair, p_a per unit.
+        unit_p = ucounts / n_units
+        pa = unit_p[np.searchsorted(ukeys, pkeys >> np.uint64(32))]
+        pb = unit_p[np.searchsorted(ukeys, pkeys & np.uint64(0xFFFFFFFF))]
+        p_ab = pcounts / n_pairs
+        pmi = np.log(p_ab) - np.log(pa * pb)
+        strong = np.sort(pkeys[(p_ab > self.min_proba) & (pmi > self.min_pmi)])
+        self.strong_pairs_ = {
+            chr(int(k >> np.uint64(32))) + chr(int(k & np.uint64(0xFFFFFFFF))) for k in strong
+        }
+
+        fragments = self._count_fragments(corpus, strong)
+        self.fragments_ = fragments
+        total = sum(fragments.values())
+        counts = {
+            w: float(c) for w, c in fragments.items() if len(w) > 1 and c / total > self.min_proba
+        }
+        # Every unit stays a word (count at least 1), so every text has a segmentation.
+        for u in map(chr, ukeys.tolist()):
+            counts[u] = max(float(fragments.get(u, 0)), 1.0)
+        counts, self.n_redundant_ = remove_redundant(counts)
+        return Lexicon(counts)
+
+
+def remove_redundant(counts: Mapping[str, float]) -> tuple[dict[str, float], int]:
+    """Longest first: delete w when log p(w) − Σ log p(pieces) < len(w) − 1.
+
+    The pieces are the best segmentation of w without w itself (Viterbi on the lattice,
+    p = count / total). A deleted word's count goes to each of its pieces. Words of one
+    length are decided together (their pieces are shorter: one batched lattice); counts and
+    total are updated before the next, shorter length.
+
+    :returns: the new counts (single units are never removed) and the number removed.
+    """
+    counts = dict(counts)
+    removed = 0
+    for L in range(max(map(len, counts), default=0), 1, -1):
+        batch = [w for w in counts if len(w) == L]
+        if not batch:
+            continue
+        words = list(counts)
+        logp = torch.tensor([counts[w] for w in words], dtype=torch.float64)
+        logp = (logp / logp.sum()).log()
+        # A unit with no single-unit entry can not be a piece: the lattice's OOV edge
+        # (-inf) makes such a word irreplaceable, and it is kept.
+        lattice = WordLattice(batch, WordIndex(words, L), row_len=L + 1, exclude_whole=True)
+        pieces = lattice.best_words(logp, oov_logp=float("-inf"))
+        log_total = math.log(sum(counts.values()))
+        for w, ps in zip(batch, pieces, strict=True):
+            if any(p not in counts for p in ps):
+                continue
+            gain = math.log(counts[w]) - sum(math.log(counts[p]) for p in ps)
+            gain += (len(ps) - 1) * log_total  # log p = log n - log total, per term
+            if gain < L - 1:
+                c = counts.pop(w)
+                for p in ps:
+                    counts[p] += c
+                removed += 1
+    return counts, removed
+
+
+class _Counts:
+    """Running (sorted unique keys, counts) of uint64 keys, merged block by block."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, keys: np.ndarray) -> None:
+        k, c = np.unique(keys, return_counts=True)
+        allk = np.concatenate([self.keys, k])
+        allc = np.concatenate([self.counts, c])
+        self.keys, inv = np.unique(allk, return_inverse=True)
+        self.counts = np.bincount(inv, weights=allc, minlength=len(self.keys)).astype(np.int64)
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _pair_keys(cp: np.ndarray) -> np.ndarray:
+    """Key of each adjacent pair: (first codepoint << 32) | second codepoint."""
+    return (cp[:-1].astype(np.uint64) << np.uint64(32)) | cp[1:].astype(np.uint64)
