@@ -5,5 +5,7 @@ from jointkl.models.energy import EnergyModel  # noqa: F401
 from jointkl.models.crf_tagger import CRFTagger  # noqa: F401
 from jointkl.models.gmm import GaussianMixture
 from jointkl.models.hmm import HMM  # noqa: F401
+from jointkl.models.infomax import InfoMax  # noqa: F401
+from jointkl.models.vae import VAE  # noqa: F401
 
 __all__ = ["GaussianMixture"]

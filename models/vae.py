@@ -1,0 +1,304 @@
+"""Variational auto-encoder, read as a joint-KL fit (SEEDS.md §2).
+
+    z_i ~ N(0, I)                         i = 1..N   (plate "data")
+    x_i ~ q(x | z_i) = decoder(z_i)                  (Bernoulli or Gaussian, per pixel)
+
+    guide  p(z_i | x_i) = N(μ(x_i), diag σ²(x_i))    (the amortised encoder)
+
+SVI on this pair minimises KL(p̃(x) p(z|x) ‖ q(x|z) q(z)), i.e. per image
+
+    E_{z∼p(z|x)}[−log q(x|z)] + KL(p(z|x) ‖ N(0, I)),
+    KL = ½ Σ_k (μ_k² + σ_k² − log σ_k² − 1)          (closed form; ``loss="meanfield"``)
+
+The decoder's likelihood decides what the "reconstruction error" is:
+
+* ``"bernoulli"``: −log q(x|z) is the binary cross-entropy of the sigmoid output (binary data);
+* ``"gaussian"``: fixed scale σ̃, −log q(x|z) = ‖x − m(z)‖² / (2σ̃²) + D log(σ̃√(2π)): MSE,
+  with σ̃ setting how much reconstruction counts against the KL term;
+* ``"gaussian-learned-scale"``: σ̃ is a parameter (shared, or one per pixel), so the model
+  picks that balance itself: at the optimum σ̃² is the mean squared reconstruction error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from jointkl.errors import InputError
+from jointkl.zoo import register_model
+
+__all__ = ["VAE", "GaussianEncoder", "LearnedScale", "mlp"]
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned-scale")
+SCALE_SHARING = ("shared", "pixel")
+
+
+def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class GaussianEncoder(nn.Module):
+    """x (..., D) -> (μ, σ) of a diagonal Gaussian over z (..., L).
+
+    σ = softplus(·) + 1e-4: positive without exp's overflow, and bounded away from 0 so
+    log σ² in the KL stays finite.
+    """
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = mlp([input_dim, *hidden, 2 * latent_dim])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, raw = self.net(x).split(self.latent_dim, dim=-1)
+        return loc, nn.functional.softplus(raw) + 1e-4
+
+
+class LearnedScale(nn.Module):
+    """A positive scale σ̃ = min_scale + softplus(ρ), one per pixel or one shared (size 1).
+
+    Softplus keeps the gradient in ρ bounded as σ̃ shrinks, where exp(ρ) would let a
+    near-perfect reconstruction drive ρ → −∞ in a few steps.
+    """
+
+    def __init__(self, size: int, init: float, min_scale: float):
+        super().__init__()
+        if not init > min_scale:
+            raise InputError(f"LearnedScale: init {init!r} must exceed min_scale {min_scale!r}")
+        self.min_scale = min_scale
+        # softplus⁻¹(y) = log(expm1(y)): start exactly at σ̃ = init.
+        rho = math.log(math.expm1(init - min_scale))
+        self.rho = nn.Parameter(torch.full((size,), rho))
+
+    def forward(self) -> torch.Tensor:
+        scale = self.min_scale + nn.functional.softplus(self.rho)
+        return scale if scale.numel() > 1 else scale.squeeze(0)
+
+
+def hidden_sizes(hidden: int | Sequence[int], who: str) -> tuple[int, ...]:
+    sizes = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        raise InputError(f"{who}: hidden must be a positive int or a list of them, got {hidden!r}")
+    return sizes
+
+
+@register_model
+class VAE:
+    """Variational auto-encoder: N(0, I) prior, diagonal-Gaussian amortised guide.
+
+    :param int latent_dim: dimension L of z.
+    :param hidden: hidden layer width(s) of the default MLP encoder and decoder (int or list).
+    :param str likelihood: ``"bernoulli"`` (binary pixels; logits out), ``"gaussian"`` (fixed
+        scale ``scale``) or ``"gaussian-learned-scale"`` (scale is a learned parameter).
+    :param encoder: an ``nn.Module`` mapping x ``(..., D)`` to ``(loc, scale)``, each
+        ``(..., L)``; ``None`` builds an MLP (:class:`GaussianEncoder`).
+    :param decoder: an ``nn.Module`` mapping z ``(..., L)`` to ``(..., D)``: logits (Bernoulli)
+        or the mean (Gaussian); ``None`` builds an MLP.
+    :param float scale: the fixed decoder scale σ̃ of ``"gaussian"``.
+    :param str learned_scale: ``"shared"`` (one σ̃ for all pixels) or ``"pixel"`` (one each),
+        for ``"gaussian-learned-scale"``; starts at ``scale``.
+    :param float min_scale: floor of the learned σ̃ — a Gaussian density on quantised data is
+        unbounded as σ̃ → 0 on pixels that never change.
+    :param input_dim: D; ``None`` takes it from the data at the first call (the networks are
+        then initialised from torch's RNG there, i.e. from the engine's seed).
+    :param image_shape: (H, W) of an image when plotting; ``None``: square if D is a square.
+
+    Fitting the same instance again continues from its current weights (the networks are
+    the instance's state); build a new instance for a fresh start.
+    """
+
+    name: ClassVar[str] = "vae"
+    description: ClassVar[str] = "variational auto-encoder, Gaussian latents (digits by default)"
+
+    def __init__(
+        self,
+        latent_dim: int = 8,
+        hidden: int | Sequence[int] = (256, 256),
+        likelihood: str = "bernoulli",
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        scale: float = 1.0,
+        learned_scale: str = "shared",
+        min_scale: float = 1e-3,
+        input_dim: int | None = None,
+        image_shape: Sequence[int] | None = None,
+    ):
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+            raise InputError(f"VAE: latent_dim must be an int >= 1, got {latent_dim!r}")
+        if likelihood not in LIKELIHOODS:
+            raise InputError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if learned_scale not in SCALE_SHARING:
+            raise InputError(
+                f"VAE: learned_scale must be one of {SCALE_SHARING}, got {learned_scale!r}"
+            )
+        for arg, value in (("encoder", encoder), ("decoder", decoder)):
+            if value is not None and not isinstance(value, nn.Module):
+                raise InputError(
+                    f"VAE: {arg} must be a torch.nn.Module, got {type(value).__name__}"
+                )
+        if not float(scale) > 0 or not float(min_scale) > 0:
+            raise InputError(f"VAE: scale and min_scale must be > 0, got {scale!r}, {min_scale!r}")
+        if input_dim is not None and (not isinstance(input_dim, int) or input_dim < 1):
+            raise InputError(f"VAE: input_dim must be an int >= 1 or None, got {input_dim!r}")
+        if image_shape is not None:
+            image_shape = tuple(int(s) for s in image_shape)
+            if len(image_shape) != 2:
+                raise InputError(f"VAE: image_shape must be (H, W), got {image_shape!r}")
+        self.latent_dim = latent_dim
+        self.hidden = hidden_sizes(hidden, "VAE")
+        self.likelihood = likelihood
+        self.scale = float(scale)
+        self.learned_scale = learned_scale
+        self.min_scale = float(min_scale)
+        self.input_dim = input_dim
+        self.image_shape = image_shape
+        self._custom = encoder is not None or decoder is not None
+        self.encoder = encoder
+        self.decoder = decoder
+        # σ̃ lives in a module on the instance (not only in Pyro's param store), so a fitted
+        # VAE keeps its scale after the store is cleared by the next fit.
+        self.obs_scale: LearnedScale | None = None
+        if input_dim is not None:
+            self._build(input_dim)
+
+    # -------------------------------------------------------------- zoo hooks
+    def settings(self) -> dict[str, Any]:
+        return {
+            "latent_dim": self.latent_dim,
+            "hidden": list(self.hidden),
+            "likelihood": self.likelihood,
+            "scale": self.scale,
+            "learned_scale": self.learned_scale,
+            "min_scale": self.min_scale,
+            "input_dim": self.input_dim,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+        }
+
+    def spec(self) -> dict[str, Any] | None:
+        # User-supplied networks are code, not settings: such a fit must be loaded with
+        # Fit.load(dir, pair=...).
+        return None if self._custom else {"zoo": self.name, "settings": self.settings()}
+
+    def default_data(self, seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
+        """The digits training split (1,437 x 64): binarised for ``"bernoulli"``, grey levels
+        in [0, 1] otherwise (:func:`jointkl.data.digits`; the split is fixed, ``seed`` unused)."""
+        from jointkl.data.digits import digits
+
+        x, _ = digits("train", binarize=self.likelihood == "bernoulli")
+        return (x,), {}
+
+    # -------------------------------------------------------------- networks
+    def _build(self, input_dim: int) -> None:
+        self.input_dim = input_dim
+        if self.encoder is None:
+            self.encoder = GaussianEncoder(input_dim, self.hidden, self.latent_dim)
+        if self.decoder is None:
+            self.decoder = mlp([self.latent_dim, *reversed(self.hidden), input_dim])
+        if self.likelihood == "gaussian-learned-scale" and self.obs_scale is None:
+            size = input_dim if self.learned_scale == "pixel" else 1
+            self.obs_scale = LearnedScale(size, self.scale, self.min_scale)
+
+    def _check(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise InputError(f"VAE: x must be a float tensor, got {type(x).__name__}")
+        if x.dim() == 3:  # (N, H, W) images: the pixels are the event
+            if self.image_shape is None:
+                self.image_shape = tuple(x.shape[1:])
+            x = x.reshape(x.shape[0], -1)
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise InputError(
+                f"VAE: x must be (N, D) or (N, H, W) with N >= 1, got {tuple(x.shape)}"
+            )
+        if self.input_dim is not None and x.shape[1] != self.input_dim:
+            raise InputError(
+                f"VAE: x has {x.shape[1]} features, the networks expect {self.input_dim}"
+            )
+        if self.likelihood == "bernoulli" and bool(((x != 0) & (x != 1)).any()):
+            raise InputError(
+                "VAE: likelihood='bernoulli' needs binary x (0/1); binarise the data "
+                "(e.g. digits(binarize=True)) or use a Gaussian likelihood"
+            )
+        if self.encoder is None or self.decoder is None:
+            self._build(x.shape[1])
+        return x
+
+    def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
+        """q(x | z) from the decoder output ``out`` (..., D), one event of D pixels."""
+        if self.likelihood == "bernoulli":
+            # Validation would re-check the 0/1 support per call; _check already did it once.
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        scale = self.obs_scale() if self.likelihood == "gaussian-learned-scale" else self.scale
+        return dist.Normal(out, scale).to_event(1)
+
+    # -------------------------------------------------------------- the pair
+    def model(self, x: torch.Tensor) -> None:
+        x = self._check(x)
+        pyro.module("decoder", self.decoder)
+        if self.obs_scale is not None:
+            pyro.module("x_scale", self.obs_scale)
+        L = self.latent_dim
+        prior = dist.Normal(x.new_zeros(L), x.new_ones(L)).to_event(1)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", self.likelihood_dist(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        x = self._check(x)
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = self.encoder(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -------------------------------------------------------------- use
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guide's (μ(x), σ(x)), each (N, L): μ is the feature a linear probe reads."""
+        x = self._check(x)
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean E[x | z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
+        if self.decoder is None:
+            raise InputError("VAE: the networks are not built yet; fit the model or pass input_dim")
+        out = self.decoder(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = μ(x)]: the decoder's mean at the encoder's mean."""
+        loc, _ = self.encode(x)
+        return self.decode(loc)
+
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """Means E[x | z] of ``n`` draws z ~ N(0, I) (the generative side on its own)."""
+        if self.decoder is None:
+            raise InputError("VAE: the networks are not built yet; fit the model or pass input_dim")
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        p = next(self.decoder.parameters())
+        z = torch.randn(n, self.latent_dim, generator=g, dtype=p.dtype).to(p.device)
+        return self.decode(z)
+
+    def diagnostic_plots(self, fit, out_dir) -> list:
+        """Reconstructions, prior samples and the latent means, as PNGs in ``out_dir``
+        (called by ``jointkl diagnose``)."""
+        from jointkl.vae_plots import vae_figures
+
+        return vae_figures(self, fit, out_dir)
+
+    def __repr__(self) -> str:
+        return (
+            f"VAE(latent_dim={self.latent_dim}, hidden={list(self.hidden)}, "
+            f"likelihood={self.likelihood!r})"
+        )
