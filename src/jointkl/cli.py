@@ -3,6 +3,8 @@
     jointkl fit MODEL --engine ENGINE [--data PATH] [--set key=value ...] [--seed N] [--out DIR]
     jointkl diagnose DIR
     jointkl models | jointkl engines
+    jointkl words CORPUS --out lexicon.tsv | segment --lexicon L|--model RUN TEXT
+    jointkl templates CORPUS | parse --templates T SENTENCE
 
 Bad input (a missing file, NaN in the data, an unknown model/engine/setting, a malformed
 ``--set``) exits with status 2 and one line naming the problem; nothing written before is lost.
@@ -225,6 +227,28 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_model(args: argparse.Namespace) -> int:
+    """``jointkl segment --model RUN TEXT|FILE``: a supervised segmenter's run directory."""
+    from jointkl.fit import Fit
+    from jointkl.runs import atomic_write_text
+
+    run = Path(args.model)
+    if not (run / "fit.json").is_file():
+        raise InputError(f"--model {args.model!r}: no fit.json there; expected a run directory")
+    fit = Fit.load(run)
+    if not callable(getattr(fit.pair, "segment", None)):
+        raise InputError(f"--model {args.model!r}: its model ({fit.model_spec}) cannot segment")
+    path = Path(args.text)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else [args.text]
+    words = fit.pair.segment(lines, fit=fit)
+    text = "".join(" ".join(w) + "\n" for w in words)
+    if args.out:
+        atomic_write_text(text, args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2 (argparse's own convention)
@@ -255,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir")
     d.add_argument("--draws", type=int, default=200)
     d.set_defaults(func=cmd_diagnose)
+
+    from jointkl.text.commands import add_commands
+
+    add_commands(sub, segment_model=cmd_segment_model)  # words, segment, templates, parse
 
     sub.add_parser("models", help="list the zoo models").set_defaults(func=cmd_models)
     sub.add_parser("engines", help="list the engines").set_defaults(func=cmd_engines)
