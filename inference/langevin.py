@@ -107,8 +107,6 @@ class LogJoint:
         if not self.names:
             raise InputError("Langevin: the model has no latent sample site to draw")
         self.dim = start
-        self.dtype = tr.nodes[self.names[0]]["value"].dtype
-        self.batch_size = batch_size
         if batch_size is not None:
             if self.data_size is None:
                 raise InputError(
@@ -124,6 +122,11 @@ class LogJoint:
                     f"plate; local latent site(s) {local}: use batch_size=None"
                 )
             self._sliceable = _sliceable(args, kwargs, self.data_size)
+            if not any(self._sliceable):
+                raise InputError(
+                    f"Langevin: batch_size needs the data as model arguments whose first "
+                    f"dimension is the {DATA_PLATE!r} plate size {self.data_size}; none is"
+                )
 
     def constrained(self, theta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Site values for ``theta`` of shape (..., dim), and the log-Jacobian of T, shape (...)."""
@@ -246,7 +249,7 @@ class Langevin(Engine):
             num_chains=int(num_chains),
             num_samples=int(num_samples),
             warmup=int(warmup),
-            batch_size=batch_size,
+            batch_size=None if batch_size is None else int(batch_size),
             noise_tolerance=float(noise_tolerance),
             seed=seed,
         )
@@ -399,6 +402,7 @@ class _Run:
 
     def optimise(self, theta: torch.Tensor, steps: int) -> torch.Tensor:
         """Adam (AdaptiveFlow) on U, every chain: from the dispersed starts to the bulk."""
+        last = theta
         theta = theta.clone().requires_grad_()
         opt = AdaptiveFlow([theta])
         for t in range(steps):
@@ -406,7 +410,9 @@ class _Run:
             opt.param_groups[0]["step_size"] = 0.1 * 0.1 ** (t / max(1, steps - 1))
             us, grads = self.gradients_at(theta.detach())
             if not all(math.isfinite(u) for u in us) or not torch.isfinite(grads).all():
-                break
+                # Overshot into a non-finite region: keep the last finite point.
+                return last
+            last = theta.detach().clone()
             self.history.append(sum(us) / len(us))
             theta.grad = grads
             opt.step()

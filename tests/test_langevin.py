@@ -74,14 +74,17 @@ def test_constrained_site_gets_its_jacobian():
     assert_matches(draws, a / b, a / b**2)
 
 
-def test_leimkuhler_matthews_step_is_exact_on_a_gaussian_where_euler_is_not():
+@pytest.mark.parametrize("schedule", ["constant", "polynomial"])
+def test_leimkuhler_matthews_step_is_exact_on_a_gaussian_where_euler_is_not(schedule):
     """Standard normal target, fixed ε = 1.5 with no preconditioner. Euler–Maruyama's
-    stationary variance would be 1/(1 − ε/2) = 4; the averaged-noise step gives exactly 1."""
+    stationary variance would be 1/(1 − ε/2) = 4; the averaged-noise step gives exactly 1, and
+    still does as the polynomial schedule shrinks the step."""
 
     def model():
         pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    fit = Langevin(step_size=1.5, num_samples=500, warmup=20, progress=False).fit(model)
+    engine = Langevin(step_size=1.5, schedule=schedule, num_samples=500, warmup=20, progress=False)
+    fit = engine.fit(model)
     assert_matches(fit.samples["z"], 0.0, 1.0)
     assert fit.info["step_size"] == 1.5
 
@@ -183,6 +186,8 @@ def test_models_it_cannot_sample_are_refused_before_any_step():
         Langevin(batch_size=5, **quick).fit(local_latent, x)
     with pytest.raises(InputError, match="needs a pyro.plate"):
         Langevin(batch_size=5, **quick).fit(no_plate, x)
+    with pytest.raises(InputError, match="data as model arguments"):
+        Langevin(batch_size=5, **quick).fit(lambda: normal_model(x))
     with pytest.raises(InputError, match="exceeds the data size 20"):
         Langevin(batch_size=50, **quick).fit(normal_model, x)
     with pytest.raises(InputError, match="NaN"):
