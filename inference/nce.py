@@ -629,8 +629,10 @@ class NCE(Engine):
             lr=cfg["lr"],
             max_iter=cfg["steps"],
             max_eval=cfg["steps"] * 5 // 4 + 10,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
+            # torch's defaults: stop when the gradient's largest entry or the change in
+            # loss/parameters falls to round-off level for a loss of order one.
+            tolerance_grad=1e-7,
+            tolerance_change=1e-9,
             history_size=50,
             line_search_fn="strong_wolfe",
         )
