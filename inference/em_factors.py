@@ -24,9 +24,9 @@ vectorised call. A group's table is computed in one of three ways, decided once 
             model): the table is constant, or the prior's log-density at the global's value.
 ``traced``  anything else: the table is read from a fresh trace of the model at θ.
 
-Recipes are found by *probing*: the model is traced at the initial θ and at two random
-values of θ; a distribution parameter is ``V[index]`` when it equals that expression at all
-three (random probes make an accidental match practically impossible).
+Recipes are found by *probing*: the model is traced at the initial θ and at a random value
+of θ; a distribution parameter is ``V[index]`` when it equals that expression at both (a
+random probe makes an accidental match practically impossible).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution, biject_to, constraints
 
-from jointkl.chain import chain_contract
+from jointkl.chain import chain_forward
 from jointkl.errors import InputError
 from jointkl.inferencedata import DATA_PLATE, max_plate_nesting
 from jointkl.semiring import LogSemiring
@@ -241,19 +241,46 @@ def _plates_of(site: Mapping[str, Any]) -> list[Any]:
     return [f for f in site["cond_indep_stack"] if f.vectorized]
 
 
+def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """NumPy broadcasting of shapes (torch.broadcast_shapes goes through its symbolic-shape
+    machinery: a millisecond a call, and a sympy import on the first)."""
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, d in enumerate(s, n - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return tuple(out)
+
+
 def _is_close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``b`` broadcasts to ``a``'s shape and equals it (to rounding)."""
+    """``b`` broadcasts to ``a``'s shape and equals it (to rounding; equal infinities match).
+
+    Plates expand distribution parameters without copying (stride-0 dims): those dims are
+    compared once, after checking that ``b`` does not vary along them either.
+    """
     try:
-        if torch.broadcast_shapes(a.shape, b.shape) != a.shape:
+        if broadcast_shape(tuple(a.shape), tuple(b.shape)) != tuple(a.shape):
             return False
-    except RuntimeError:
+    except ValueError:
         return False
+    lead = a.dim() - b.dim()
+    for d in range(a.dim()):
+        if a.stride(d) == 0 and a.shape[d] > 1:
+            a = a.narrow(d, 0, 1)
+            bd = d - lead
+            if bd >= 0 and b.shape[bd] > 1:
+                first = b.narrow(bd, 0, 1)
+                same = first == b if not b.dtype.is_floating_point else torch.isclose(first, b)
+                if b.stride(bd) != 0 and not bool(same.all()):
+                    return False
+                b = first
+    b = b.to(a.dtype).expand_as(a)
     if a.dtype.is_floating_point:
         tol = 1e-9 if a.dtype == torch.float64 else 1e-4
-        b = b.to(a.dtype).expand_as(a)
-        both_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
-        ok = torch.isclose(a, b, rtol=tol, atol=tol * 1e-2) | both_inf
-        return bool(ok.all())
+        return bool(torch.isclose(a, b, rtol=tol, atol=tol * 1e-2).all())
     return bool((a == b).all())
 
 
@@ -309,23 +336,44 @@ def index_part(
     return t
 
 
-class FastLogSemiring(LogSemiring):
-    """The log semiring with its matrix product done as a real matrix product:
-    log(exp(a - max_a) @ exp(b - max_b)) + max_a + max_b (the scaling trick of HMM codes).
-    Rows and columns are shifted by their own maxima, so a result can only underflow to -inf
-    when some path weight is below e^-700 relative to the best; then (and where a true -inf
-    appears) the exact logsumexp product is used instead."""
+class FusedLogSemiring(LogSemiring):
+    """The log semiring with ⊕ as torch's fused ``logsumexp`` (one kernel instead of the ten
+    of :class:`~jointkl.semiring.LogSemiring`'s version, whose guards exist for gradients:
+    this one is used without autograd)."""
 
-    @classmethod
-    def matmul(cls, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ma = a.amax(-1, keepdim=True).detach()
-        mb = b.amax(-2, keepdim=True).detach()
-        ma = torch.where(torch.isfinite(ma), ma, torch.zeros_like(ma))
-        mb = torch.where(torch.isfinite(mb), mb, torch.zeros_like(mb))
-        out = ((a - ma).exp() @ (b - mb).exp()).log() + ma + mb
-        if torch.isneginf(out).any():
-            return LogSemiring.matmul(a, b)
-        return out
+    @staticmethod
+    def plus(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.logsumexp(x, dim)
+
+
+class ChainLogPartition(torch.autograd.Function):
+    """Per-chain log-partition ``log Σ_paths`` of ``init (..., K)`` and ``potentials
+    (..., T-1, K, K)``, whose gradient is the forward-backward posterior.
+
+    The forward runs :func:`jointkl.chain.chain_forward` twice, on the chain and on its
+    reversal (which gives the backward vectors beta), without autograd; the backward returns
+    the marginals exp(alpha_t + potential_t + beta_{t+1} - log Z) — exactly what autograd
+    through the forward recursion would, at the cost of two recursions and no taped graph.
+    """
+
+    @staticmethod
+    def forward(ctx, init, pots, method):
+        alphas = chain_forward(init, pots, FusedLogSemiring, method=method)
+        rev = pots.flip(-3).transpose(-1, -2)
+        betas = chain_forward(torch.zeros_like(init), rev, FusedLogSemiring, method=method)
+        betas = betas.flip(-2)
+        logz = torch.logsumexp(alphas[..., -1, :], -1)
+        ctx.save_for_backward(pots, alphas, betas, logz)
+        return logz
+
+    @staticmethod
+    def backward(ctx, grad):
+        pots, alphas, betas, logz = ctx.saved_tensors
+        lz = logz.unsqueeze(-1)
+        g_init = (alphas[..., 0, :] + betas[..., 0, :] - lz).exp() * grad.unsqueeze(-1)
+        lz = lz.unsqueeze(-1).unsqueeze(-1)
+        g_pots = (alphas[..., :-1, :, None] + pots + betas[..., 1:, None, :] - lz).exp()
+        return g_init, g_pots * grad[..., None, None, None], None
 
 
 # --------------------------------------------------------------------------- the model
@@ -435,20 +483,19 @@ class FactorModel:
             raise InputError("EM: the model has no observed sample site: nothing to fit")
         self.nesting = max_plate_nesting(tr)
 
-        # Three enumerated traces: at θ0 and at two random probes of θ.
+        # Two enumerated traces: at θ0 and at a random probe of θ (random values make an
+        # accidental match of a wrong recipe a measure-zero event; θ0 alone can be special,
+        # e.g. uniform transition rows are all equal).
         g = torch.Generator().manual_seed(seed + 7919)
-        probes = []
-        for _ in range(2):
-            theta = {}
-            for k, f in self.free.items():
-                t = transform_for(f.constraint)
-                u = t.inv(self.init[k])
-                u = torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device)
-                theta[k] = t(u)
-            probes.append(theta)
+        probe = {}
+        for k, f in self.free.items():
+            t = transform_for(f.constraint)
+            u = t.inv(self.init[k])
+            probe[k] = t(torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device))
         with torch.no_grad():
-            traces = [self.trace(self.init)] + [self.trace(p) for p in probes]
-        self._thetas = [self.init, *probes]
+            traces = [self.trace(self.init), self.trace(probe)]
+        self._thetas = [self.init, probe]
+        self._recipes: dict[tuple[str, str], list[Slot]] = {}
         t0 = traces[0]
         sites = [n for n, s in t0.nodes.items() if s["type"] == "sample" and n not in ("_RETURN",)]
         for tr_ in traces[1:]:
@@ -472,42 +519,41 @@ class FactorModel:
         self.plate_order = sorted(self.plate_dims, key=lambda p: self.plate_dims[p])
         self.n_points = self.plate_sizes.get(DATA_PLATE, 1)
         self.vars: dict[str, Var] = {}
-        sym_to_var: dict[str, str] = {}
         for n in enumerated:
             s = t0.nodes[n]
-            card = s["value"].shape[0]
             plates = tuple(p for p in self.plate_order if p in {f.name for f in _plates_of(s)})
-            self.vars[n] = Var(n, card, plates)
-            sym_to_var[s["infer"]["_enumerate_symbol"]] = n
-        var_order = {n: i for i, n in enumerate(self.vars)}
+            self.vars[n] = Var(n, s["value"].shape[0], plates)
         self._var_vals = [{v: tr_.nodes[v]["value"] for v in self.vars} for tr_ in traces]
+        self._sym_to_var = [
+            {tr_.nodes[v]["infer"]["_enumerate_symbol"]: v for v in self.vars} for tr_ in traces
+        ]
+        self._role_index_cache: dict[tuple, list[torch.Tensor]] = {}
 
-        # One candidate group per site, then stack sites with the same recipe.
-        dep_probe: dict[str, frozenset[str]] | None = None
-        candidates = []
+        # Sites with one signature (the iterations of a loop) are classified once, on the
+        # first of them, and the others are checked together against that recipe.
+        infos = {n: self._site_info(n, traces) for n in sites}
+        buckets: dict[tuple, list[str]] = {}
         for n in sites:
-            site = t0.nodes[n]
-            d2s = site["infer"]["_dim_to_symbol"]
-            lp = site["log_prob"]
-            deps = []
-            for i, size in enumerate(lp.shape):
-                sym = d2s.get(i - lp.dim())
-                v = sym_to_var.get(sym)
-                if v is not None and v != n and size > 1:
-                    deps.append(v)
-            deps.sort(key=var_order.get)
-            roles = tuple(deps) + ((n,) if n in self.vars else ())
-            plates = tuple(p for p in self.plate_order if p in {f.name for f in _plates_of(site)})
-            cand = self._site_group(n, [tr_.nodes[n] for tr_ in traces], roles, plates, sym_to_var)
-            if cand.kind == "traced":
-                if dep_probe is None:
-                    dep_probe = self._probe_dependence(traces[0], sites)
-                cand.depends = dep_probe[n]
-            candidates.append(cand)
+            buckets.setdefault(infos[n]["signature"], []).append(n)
+        candidates = []
+        for names in buckets.values():
+            first = self._site_group(names[0], infos[names[0]], traces)
+            failed = names[1:]
+            if failed and (first.kind == "recipe" or (first.kind == "fixed" and first.fn is None)):
+                first, failed = self._extend(first, failed, infos, traces)
+            candidates.append(first)
+            candidates += [self._site_group(n, infos[n], traces) for n in failed]
+        order = {n: i for i, n in enumerate(sites)}
+        candidates.sort(key=lambda c: order[c.sites[0]])
+        if any(c.kind == "traced" for c in candidates):
+            dep_probe = self._probe_dependence(traces[0], sites)
+            for c in candidates:
+                if c.kind == "traced":
+                    c.depends = dep_probe[c.sites[0]]
         self.groups = self._stack(candidates)
         self.has_traced = any(g.kind == "traced" for g in self.groups)
-        self._role_index_cache: dict[int, list[torch.Tensor]] = {}
         self.chain = self._chain_plan()
+        self.chain_method = "auto"
         self._symbols()
 
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
@@ -540,16 +586,39 @@ class FactorModel:
             out[d2s[self.plate_dims[p]]] = len(roles) + j
         return out
 
-    def _site_group(self, name, per_trace, roles, plates, sym_to_var) -> Group:
-        site = per_trace[0]
-        cards = tuple(self.vars[r].card for r in roles)
-        sym_to_axis = self._axes(site, roles, plates, sym_to_var)
-        n_axes = len(roles) + len(plates)
+    def _site_info(self, name: str, traces) -> dict[str, Any]:
+        """A site's roles, plates, canonical log-density in each trace, value and signature."""
+        site = traces[0].nodes[name]
         d2s = site["infer"]["_dim_to_symbol"]
-        lp = canonical(site["log_prob"], 0, d2s, sym_to_axis, n_axes, name)
-        shape = tuple(lp.shape[1:])
-        for i in range(len(roles)):  # a role the table is constant along still counts
-            shape = shape[:i] + (cards[i],) + shape[i + 1 :]
+        lp = site["log_prob"]
+        order = {v: i for i, v in enumerate(self.vars)}
+        deps = []
+        for i, size in enumerate(lp.shape):
+            v = self._sym_to_var[0].get(d2s.get(i - lp.dim()))
+            if v is not None and v != name and size > 1:
+                deps.append(v)
+        deps.sort(key=order.get)
+        roles = tuple(deps) + ((name,) if name in self.vars else ())
+        plates = tuple(p for p in self.plate_order if p in {f.name for f in _plates_of(site)})
+        n_axes = len(roles) + len(plates)
+        axes = [
+            self._axes(tr.nodes[name], roles, plates, stv)
+            for tr, stv in zip(traces, self._sym_to_var, strict=True)
+        ]
+        lps = [
+            canonical(
+                tr.nodes[name]["log_prob"],
+                0,
+                tr.nodes[name]["infer"]["_dim_to_symbol"],
+                ax,
+                n_axes,
+                name,
+            )
+            for tr, ax in zip(traces, axes, strict=True)
+        ]
+        cards = tuple(self.vars[r].card for r in roles)
+        shape = tuple(lps[0].shape[1:])
+        shape = cards + shape[len(cards) :]  # a role the table is constant along still counts
         if name in self.vars:
             value, own, free = "own", roles.index(name), None
         elif name in self.free:
@@ -559,23 +628,77 @@ class FactorModel:
         data = None
         if value == "data":  # observed values in canonical layout
             n_ev = len(site["fn"].event_shape)
-            data = canonical(site["value"], n_ev, d2s, sym_to_axis, n_axes, name).detach()
-        base = dict(
-            data=data,
+            data = canonical(site["value"], n_ev, d2s, axes[0], n_axes, name).detach()
+        plain = site["mask"] is None and (
+            site["scale"] is None
+            or (not isinstance(site["scale"], torch.Tensor) and site["scale"] == 1.0)
+        )
+        chain, fn = [], site["fn"]
+        while True:
+            chain.append(type(fn).__name__)
+            if isinstance(fn, torch.distributions.Independent):
+                chain.append(fn.reinterpreted_batch_ndims)
+            inner = getattr(fn, "base_dist", None)
+            if inner is None or not isinstance(
+                fn, (torch.distributions.Independent, dist.torch_distribution.ExpandedDistribution)
+            ):
+                break
+            fn = inner
+        family = family_of(fn)
+        slot_shapes = ()
+        if family is not None:
+            slot_shapes = tuple(
+                tuple(getattr(fn, attr).shape) for _, attr, _, _ in FAMILIES[family]
+            )
+        signature = (
+            value,
+            own,
+            cards,
+            plates,
+            shape,
+            None if data is None else (tuple(data.shape), data.dtype),
+            tuple(chain),
+            slot_shapes,
+            plain,
+        )
+        return {
+            "roles": roles,
+            "plates": plates,
+            "cards": cards,
+            "shape": shape,
+            "axes": axes,
+            "lps": lps,
+            "value": value,
+            "own": own,
+            "free": free,
+            "data": data,
+            "plain": plain,
+            "signature": signature,
+        }
+
+    def _base(self, name: str, info: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(
+            data=info["data"],
             sites=[name],
-            roles=[roles],
-            cards=cards,
-            plates=plates,
-            shape=shape,
-            value=value,
-            own=own,
-            free=free,
+            roles=[info["roles"]],
+            cards=info["cards"],
+            plates=info["plates"],
+            shape=info["shape"],
+            value=info["value"],
+            own=info["own"],
+            free=info["free"],
         )
+
+    def _site_group(self, name: str, info: Mapping[str, Any], traces) -> Group:
+        """Classify one site: a recipe, a fixed table or prior, or a traced site."""
+        per_trace = [tr.nodes[name] for tr in traces]
+        site = per_trace[0]
+        roles, value = info["roles"], info["value"]
+        sym_to_axis = info["axes"][0]
+        d2s = site["infer"]["_dim_to_symbol"]
+        base = self._base(name, info)
         fns = [s["fn"] for s in per_trace]
-        plain = site["scale"] is None or (
-            not isinstance(site["scale"], torch.Tensor) and site["scale"] == 1.0
-        )
-        plain = plain and site["mask"] is None
+        plain = info["plain"]
 
         # fixed: the distribution is the same at every probe.
         v0 = site["value"]
@@ -593,36 +716,115 @@ class FactorModel:
                     dims=(d2s, sym_to_axis),
                     **base,
                 )
-            return Group(kind="fixed", family=None, table=lp, **base)
+            return Group(kind="fixed", family=None, table=info["lps"][0], **base)
 
         fam_fn, r = unwrap(fns[0])
         family = family_of(fam_fn)
-        if family is None or not plain or (value == "own" and family == "poisson"):
+        if (
+            family is None
+            or not plain
+            or value == "free"
+            or (value == "own" and family == "poisson")
+        ):
             return Group(kind="traced", family=None, **base)
         slots = {}
         for slot_name, attr, rank, views in FAMILIES[family]:
             tensors = [getattr(unwrap(f)[0], attr) for f in fns]
             slot = self._match_slot(
-                tensors, r + rank, views, d2s, sym_to_var, sym_to_axis, roles, name
+                (family, slot_name, r),
+                tensors,
+                r + rank,
+                views,
+                d2s,
+                self._sym_to_var[0],
+                sym_to_axis,
+                roles,
+                name,
             )
             if slot is None:
                 return Group(kind="traced", family=None, **base)
             slots[slot_name] = slot
-        if value == "free":
-            return Group(kind="traced", family=None, **base)  # a global with a θ-dependent prior
-        if family == "categorical" and data is not None:
-            base["data"] = data.long()
+        if family == "categorical" and base["data"] is not None:
+            base["data"] = base["data"].long()
         depends = frozenset(p for s in slots.values() for p in s.params)
-        return Group(
-            kind="recipe",
-            family=family,
-            slots=slots,
-            n_event=r,
-            depends=depends,
-            **base,
-        )
+        g = Group(kind="recipe", family=family, slots=slots, n_event=r, depends=depends, **base)
+        # The recipe must give the log-densities Pyro computed (a last check, e.g. that the
+        # value is scored as the family's own log_prob would).
+        if not self._rows_match(g, [info])[0]:
+            return Group(kind="traced", family=None, **base)
+        return g
 
-    def _match_slot(self, tensors, n_trail, views, d2s, sym_to_var, sym_to_axis, roles, name):
+    def _rows_match(self, g: Group, infos: list[Mapping[str, Any]]) -> list[bool]:
+        """Per row: does the recipe reproduce the site's log-density in every trace?"""
+        ok = torch.ones(g.rows, dtype=torch.bool)
+        for k, theta in enumerate(self._thetas):
+            with torch.no_grad():
+                tab = self._recipe_table(g, theta)
+            ref = torch.cat([info["lps"][k] for info in infos])
+            tab = tab.expand(ref.shape) if tab.dim() == ref.dim() else tab
+            tol = 1e-8 if ref.dtype == torch.float64 else 1e-3
+            close = torch.isclose(tab, ref, rtol=tol, atol=tol)
+            ok &= close.reshape(g.rows, -1).all(-1)
+        return ok.tolist()
+
+    def _extend(self, first: Group, names: list[str], infos, traces) -> tuple[Group, list[str]]:
+        """Add the sites ``names`` (same signature) to ``first`` as rows where its recipe (or
+        fixed-ness) holds for them too; returns the group and the sites that did not fit."""
+        if first.kind == "fixed":
+            fits = [n for n in names if _is_close(infos[n]["lps"][0], infos[n]["lps"][1])]
+            rows = [first.sites[0], *fits]
+            g = Group(**{**first.__dict__})
+            g.sites, g.roles = rows, [infos[n]["roles"] for n in rows]
+            g.table = torch.cat([infos[n]["lps"][0] for n in rows])
+            if g.data is not None:
+                g.data = torch.cat([infos[n]["data"] for n in rows])
+            return g, [n for n in names if n not in set(fits)]
+        consts = {k: s for k, s in first.slots.items() if s.const is not None}
+        cand = []
+        for n in names:
+            site_fns = [tr.nodes[n]["fn"] for tr in traces]
+            c = {}
+            for k in consts:
+                attr = next(a for sn, a, _, _ in FAMILIES[first.family] if sn == k)
+                rank = next(r for sn, _, r, _ in FAMILIES[first.family] if sn == k)
+                ts = [getattr(unwrap(f)[0], attr) for f in site_fns]
+                if not all(_is_close(ts[0], t) for t in ts[1:]):
+                    break
+                site = traces[0].nodes[n]
+                c[k] = canonical(
+                    ts[0].detach(),
+                    first.n_event + rank,
+                    site["infer"]["_dim_to_symbol"],
+                    infos[n]["axes"][0],
+                    first.n_axes,
+                    n,
+                )
+            else:
+                cand.append((n, c))
+        rows = [(first.sites[0], {k: s.const for k, s in consts.items()})] + cand
+        g = Group(**{**first.__dict__})
+        g.slots = {k: Slot(**s.__dict__) for k, s in first.slots.items()}
+        g.sites = [n for n, _ in rows]
+        g.roles = [infos[n]["roles"] for n in g.sites]
+        if g.data is not None:
+            data = torch.cat([infos[n]["data"] for n in g.sites])
+            g.data = data.long() if g.family == "categorical" else data
+        for k in consts:
+            g.slots[k].const = torch.cat([c[k] for _, c in rows])
+        ok = self._rows_match(g, [infos[n] for n in g.sites])
+        if not all(ok):
+            keep = [n for n, good in zip(g.sites, ok, strict=True) if good]
+            if first.sites[0] not in keep:
+                return first, names
+            idx = torch.tensor([i for i, good in enumerate(ok) if good])
+            g.sites, g.roles = keep, [infos[n]["roles"] for n in keep]
+            if g.data is not None:
+                g.data = g.data[idx]
+            for k in consts:
+                g.slots[k].const = g.slots[k].const[idx]
+        return g, [n for n in names if n not in set(g.sites)]
+
+    def _match_slot(self, key, tensors, n_trail, views, d2s, sym_to_var, sym_to_axis, roles, name):
         """A :class:`Slot` reproducing ``tensors`` (the parameter at θ0 and at both probes),
         or ``None`` when no recipe does."""
         n_axes = len(sym_to_axis)
@@ -639,6 +841,17 @@ class FactorModel:
         if not set(slot_vars) <= set(roles):
             return None
         size = t0.shape[-1] if t0.dim() else None
+        # Sites in a loop (an HMM's time steps) repeat one recipe: try the known ones first.
+        for known in self._recipes.get(key, []):
+            if any(kind == "role" and a >= len(roles) for ix in known.index for kind, a in ix):
+                continue
+            idx = [
+                tuple(("var", roles[a]) if kind == "role" else (kind, a) for kind, a in ix)
+                for ix in known.index
+            ]
+            choice = tuple(zip(known.params, idx, known.pad, strict=True))
+            if all(self._reproduces(choice, known.view, t, k, size) for k, t in enumerate(tensors)):
+                return known
         for view in views:
             offsets = VIEW_RANK[view]
             for combo in self._param_combos(view):
@@ -654,12 +867,14 @@ class FactorModel:
                             )
                             for _, idx, _ in choice
                         )
-                        return Slot(
+                        slot = Slot(
                             view=view,
                             params=tuple(p for p, _, _ in choice),
                             index=index,
                             pad=tuple(pad for _, _, pad in choice),
                         )
+                        self._recipes.setdefault(key, []).append(slot)
+                        return slot
         return None
 
     def _reproduces(self, choice, view, target, k, size) -> bool:
@@ -750,8 +965,8 @@ class FactorModel:
             if len(ps) == 1:
                 continue
             g = out[i]
-            g.sites = [p.sites[0] for p in ps]
-            g.roles = [p.roles[0] for p in ps]
+            g.sites = [n for p in ps for n in p.sites]
+            g.roles = [r for p in ps for r in p.roles]
             if g.data is not None:
                 g.data = torch.cat([p.data for p in ps])
             for k, s in g.slots.items():
@@ -834,38 +1049,40 @@ class FactorModel:
         return plan
 
     # ------------------------------------------------------------------ tables
-    def role_index(self, gi: int, device=None) -> list[torch.Tensor]:
-        """arange(card) placed on each role axis of group ``gi`` (canonical layout)."""
-        if gi not in self._role_index_cache:
-            g = self.groups[gi]
+    def _g(self, g: int | Group) -> Group:
+        return self.groups[g] if isinstance(g, int) else g
+
+    def role_index(self, g: int | Group) -> list[torch.Tensor]:
+        """arange(card) placed on each role axis of a group (canonical layout)."""
+        g = self._g(g)
+        key = (g.cards, g.n_axes)
+        if key not in self._role_index_cache:
             n = 1 + g.n_axes
             out = []
             for a, k in enumerate(g.cards):
                 shape = [1] * n
                 shape[1 + a] = k
-                out.append(torch.arange(k, device=device).reshape(shape))
-            self._role_index_cache[gi] = out
-        return self._role_index_cache[gi]
+                out.append(torch.arange(k).reshape(shape))
+            self._role_index_cache[key] = out
+        return self._role_index_cache[key]
 
-    def slot_inputs(self, gi: int, name: str, theta: Mapping[str, torch.Tensor]):
+    def slot_inputs(self, g: int | Group, name: str, theta: Mapping[str, torch.Tensor]):
         """``(view, inputs)`` of a slot in canonical layout (inputs are pre-view tensors)."""
-        g = self.groups[gi]
+        g = self._g(g)
         s = g.slots[name]
         if s.const is not None:
             return "const", (s.const,)
-        ri = self.role_index(gi)
+        ri = self.role_index(g)
         return s.view, tuple(
             index_part(s, i, theta[p], ri, g.n_axes) for i, p in enumerate(s.params)
         )
 
-    def own_value(self, gi: int, dtype=torch.long) -> torch.Tensor:
-        g = self.groups[gi]
-        return self.role_index(gi)[g.own].to(dtype)
-
-    def value(self, gi: int, dtype=None) -> torch.Tensor:
-        g = self.groups[gi]
+    def value(self, g: int | Group, dtype=None) -> torch.Tensor:
+        """The values a group's tables score: observed data, or the enumerated values."""
+        g = self._g(g)
         if g.value == "own":
-            return self.own_value(gi, torch.long if g.family == "categorical" else dtype)
+            own = self.role_index(g)[g.own]
+            return own if g.family == "categorical" else own.to(dtype)
         return g.data
 
     def tables(
@@ -904,11 +1121,11 @@ class FactorModel:
                 out[i] = self._recipe_table(i, theta)
         return out
 
-    def _recipe_table(self, gi: int, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        g = self.groups[gi]
+    def _recipe_table(self, g: int | Group, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        g = self._g(g)
         dtype = next(iter(theta.values())).dtype if theta else torch.get_default_dtype()
-        x = self.value(gi, dtype)
-        sv = {k: self.slot_inputs(gi, k, theta) for k in g.slots}
+        x = self.value(g, dtype)
+        sv = {k: self.slot_inputs(g, k, theta) for k in g.slots}
         lp = FAMILY_LOG_PROB[g.family](sv, x, g)
         if g.n_event:
             lp = lp.sum(tuple(range(-g.n_event, 0)))
@@ -959,9 +1176,8 @@ class FactorModel:
         else:
             pots = unary[..., 1:, None, :]
             pots = pots + pair if pair is not None else pots.expand(psizes + (T - 1, K, K))
-            # FastLogSemiring's products are real matrix products, so the balanced scan's
-            # memory is O(T K^2) per sequence and it always beats T sequential steps.
-            alpha = chain_contract(init, pots, FastLogSemiring, method="scan")
+            method = "sequential" if T - 1 > 64 else self.chain_method
+            return total + ChainLogPartition.apply(init, pots, method).sum()
         return total + torch.logsumexp(alpha, -1).sum()
 
     def _generic_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -1058,7 +1274,7 @@ LOG_2PI = math.log(2 * math.pi)
 def _categorical_lp(sv, x, g):
     view, (t,) = sv["probs"]
     logp = torch.log_softmax(t, -1) if view == "softmax" else t.log()
-    shape = torch.broadcast_shapes(logp.shape[:-1], x.shape)
+    shape = broadcast_shape(tuple(logp.shape[:-1]), tuple(x.shape))
     logp = logp.expand(shape + logp.shape[-1:])
     return logp.gather(-1, x.expand(shape).unsqueeze(-1)).squeeze(-1)
 

@@ -33,7 +33,14 @@ from typing import Any
 
 import opt_einsum
 import torch
-from jointkl.inference.em_factors import FactorModel, index_part, mvn_tril, transform_for, unwrap
+from jointkl.inference.em_factors import (
+    FactorModel,
+    broadcast_shape,
+    index_part,
+    mvn_tril,
+    transform_for,
+    unwrap,
+)
 
 __all__ = ["Update", "plan_updates", "m_step", "gradient_step", "SingularCovariance", "wsum"]
 
@@ -227,7 +234,7 @@ def _weights(W: torch.Tensor, trailing: int) -> torch.Tensor:
 
 
 def _full(*shapes) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(*shapes))
+    return broadcast_shape(*(tuple(s) for s in shapes))
 
 
 # --------------------------------------------------------------------------- updates

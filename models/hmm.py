@@ -1,0 +1,267 @@
+"""Hidden Markov model: a chain of enumerated states per sequence, Gaussian or categorical
+emissions.
+
+    init    ~ Dirichlet(α·1)                               (priors="weak")
+    trans_k ~ Dirichlet(α·1)            k = 1..K           (plate "states")
+    s_{i,0} ~ Categorical(init)                            (plate "data": the sequences)
+    s_{i,t} ~ Categorical(trans_{s_{i,t-1}})   t = 1..T-1  (pyro.markov: enumerated)
+    x_{i,t} ~ Normal(locs_s, scales_s) (diag) | MultivariateNormal(locs_s, L_s) (full)
+            | Categorical(emit_s)                          (categorical)
+
+Time is a ``pyro.markov`` loop, so Pyro's TraceEnum_ELBO (SVI) sums the states out by
+variable elimination, and EM recognises the chain and runs one forward recursion over all
+sequences at once (forward-backward by autograd). Sequences share one length T.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+
+from jointkl.errors import InputError
+from jointkl.zoo import register_model
+
+__all__ = ["HMM"]
+
+EMISSIONS = ("gaussian", "categorical")
+COVARIANCES = ("diag", "full")
+
+
+@register_model
+class HMM:
+    """K-state hidden Markov model over equal-length sequences.
+
+    :param int n_states: number of hidden states K.
+    :param str emission: ``"gaussian"`` (data ``(S, T)`` or ``(S, T, D)`` floats) or
+        ``"categorical"`` (data ``(S, T)`` integers in ``0..n_symbols-1``).
+    :param str covariance: ``"diag"`` or ``"full"`` (Gaussian emissions).
+    :param n_symbols: number of symbols (categorical); ``None`` reads it from the data.
+    :param priors: ``"weak"`` (Dirichlet start/transition/emission probabilities, Normal
+        means, LogNormal scales [+ LKJ correlations]: MAP under EM) or ``None``
+        (``pyro.param`` globals: maximum likelihood).
+    :param float concentration: Dirichlet concentration α.
+    :param loc_prior: (mean, scale) of the Normal prior on every mean coordinate.
+    :param scale_prior: (mu, sigma) of the LogNormal prior on the standard deviations.
+    """
+
+    name: ClassVar[str] = "hmm"
+    description: ClassVar[str] = (
+        "hidden Markov model, Gaussian or categorical emissions, states enumerated "
+        "(synthetic regime-switching sequences by default)"
+    )
+    default_guide: ClassVar[str] = "delta"
+
+    def __init__(
+        self,
+        n_states: int = 3,
+        emission: str = "gaussian",
+        covariance: str = "diag",
+        n_symbols: int | None = None,
+        priors: str | None = None,
+        concentration: float = 1.0,
+        loc_prior: tuple[float, float] = (0.0, 10.0),
+        scale_prior: tuple[float, float] = (0.0, 2.0),
+    ):
+        if not isinstance(n_states, int) or n_states < 1:
+            raise InputError(f"HMM: n_states must be an int >= 1, got {n_states!r}")
+        if emission not in EMISSIONS:
+            raise InputError(f"HMM: emission must be one of {EMISSIONS}, got {emission!r}")
+        if covariance not in COVARIANCES:
+            raise InputError(f"HMM: covariance must be one of {COVARIANCES}, got {covariance!r}")
+        if n_symbols is not None and (not isinstance(n_symbols, int) or n_symbols < 1):
+            raise InputError(f"HMM: n_symbols must be an int >= 1 or None, got {n_symbols!r}")
+        if priors not in ("weak", None):
+            raise InputError(f"HMM: priors must be 'weak' or None, got {priors!r}")
+        self.n_states = n_states
+        self.emission = emission
+        self.covariance = covariance
+        self.n_symbols = n_symbols
+        self.priors = priors
+        self.concentration = float(concentration)
+        self.loc_prior = tuple(float(v) for v in loc_prior)
+        self.scale_prior = tuple(float(v) for v in scale_prior)
+
+    # -------------------------------------------------------------- zoo hooks
+    def settings(self) -> dict[str, Any]:
+        return {
+            "n_states": self.n_states,
+            "emission": self.emission,
+            "covariance": self.covariance,
+            "n_symbols": self.n_symbols,
+            "priors": self.priors,
+            "concentration": self.concentration,
+            "loc_prior": list(self.loc_prior),
+            "scale_prior": list(self.scale_prior),
+        }
+
+    def spec(self) -> dict[str, Any]:
+        return {"zoo": self.name, "settings": self.settings()}
+
+    def default_data(self, seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
+        """Synthetic sequences drawn with ``seed`` from a known, sticky 3-state chain
+        (stay with probability 0.9, else move to either other state).
+
+        Gaussian: 20 sequences x 100 steps of a 1-D regime-switching signal with state means
+        (-2, 0, 2.5) and standard deviations (0.5, 0.7, 0.5), shape (20, 100, 1).
+        Categorical: the "occasionally dishonest casino" (Durbin et al. 1998) with a third
+        state: fair die, die loaded on six (p=0.5), die loaded on one (p=0.5); 20 x 100 rolls
+        as integers 0..5, shape (20, 100).
+        """
+        g = torch.Generator().manual_seed(seed)
+        S, T, K = 20, 100, 3
+        trans = torch.full((K, K), 0.05) + 0.85 * torch.eye(K)
+        states = torch.empty(S, T, dtype=torch.long)
+        states[:, 0] = torch.randint(K, (S,), generator=g)
+        for t in range(1, T):
+            states[:, t] = torch.multinomial(trans[states[:, t - 1]], 1, generator=g).squeeze(-1)
+        if self.emission == "categorical":
+            emit = torch.full((K, 6), 0.1)
+            emit[0] = 1 / 6
+            emit[1, 5] = 0.5
+            emit[2, 0] = 0.5
+            x = torch.multinomial(emit[states.reshape(-1)], 1, generator=g).reshape(S, T)
+            return (x,), {}
+        means = torch.tensor([-2.0, 0.0, 2.5])
+        sds = torch.tensor([0.5, 0.7, 0.5])
+        noise = torch.randn(S, T, generator=g)
+        x = (means[states] + sds[states] * noise).unsqueeze(-1)
+        return (x.to(torch.get_default_dtype()),), {}
+
+    def init_values(self, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Uniform start and transition probabilities; means at spread-out observations;
+        scales at the data's; emission probabilities near the symbol frequencies."""
+        x = self._check(x)
+        g = torch.Generator().manual_seed(seed)
+        K = self.n_states
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        vals = {
+            "init": torch.full((K,), 1.0 / K, dtype=dtype),
+            "trans": torch.full((K, K), 1.0 / K, dtype=dtype),
+        }
+        if self.emission == "categorical":
+            M = self._symbols(x)
+            freq = torch.bincount(x.reshape(-1), minlength=M).to(dtype) + 1.0
+            noise = 1 + 0.2 * torch.rand(K, M, generator=g, dtype=dtype)
+            emit = freq / freq.sum() * noise
+            vals["emit"] = emit / emit.sum(-1, keepdim=True)
+            return vals
+        flat = x.reshape(-1, x.shape[-1])
+        q = torch.linspace(0.1, 0.9, K, dtype=dtype)
+        # Means at quantiles of the first coordinate's order: distinct, deterministic.
+        order = flat[:, 0].argsort()
+        idx = (q * (len(order) - 1)).round().long()
+        vals["locs"] = flat[order[idx]].clone()
+        sd = flat.std(0).clamp_min(1e-3) if len(flat) > 1 else torch.ones(flat.shape[1])
+        vals["scales"] = sd.expand(K, -1).clone()
+        if self.covariance == "full":
+            vals["corr_chol"] = torch.eye(flat.shape[1], dtype=dtype).expand(K, -1, -1).clone()
+        return vals
+
+    # -------------------------------------------------------------- the model
+    def _symbols(self, x: torch.Tensor) -> int:
+        return self.n_symbols if self.n_symbols is not None else int(x.max()) + 1
+
+    def _check(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"HMM: x must be a tensor, got {type(x).__name__}")
+        if self.emission == "categorical":
+            if x.dim() != 2 or x.numel() == 0:
+                raise InputError(f"HMM: categorical data must be (S, T), got {tuple(x.shape)}")
+            if x.is_floating_point():
+                if not bool((x == x.round()).all()):
+                    raise InputError("HMM: categorical data must be integers")
+                x = x.long()
+            if int(x.min()) < 0 or (self.n_symbols is not None and int(x.max()) >= self.n_symbols):
+                raise InputError(
+                    f"HMM: symbols must lie in 0..{self._symbols(x) - 1}, got "
+                    f"{int(x.min())}..{int(x.max())}"
+                )
+            return x
+        if x.dim() == 2:
+            x = x.unsqueeze(-1)
+        if x.dim() != 3 or x.numel() == 0:
+            raise InputError(
+                f"HMM: Gaussian data must be (S, T) or (S, T, D), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        return x
+
+    def _globals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        K = self.n_states
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        opts = dict(dtype=dtype, device=x.device)
+        if self.priors is None:
+            init = self.init_values(x)
+            out = {
+                "init": pyro.param("init", init["init"].to(**opts), constraint=constraints.simplex),
+                "trans": pyro.param(
+                    "trans", init["trans"].to(**opts), constraint=constraints.simplex
+                ),
+            }
+            if self.emission == "categorical":
+                out["emit"] = pyro.param(
+                    "emit", init["emit"].to(**opts), constraint=constraints.simplex
+                )
+            elif self.covariance == "diag":
+                out["locs"] = pyro.param("locs", init["locs"].to(**opts))
+                out["scales"] = pyro.param(
+                    "scales", init["scales"].to(**opts), constraint=constraints.positive
+                )
+            else:
+                out["locs"] = pyro.param("locs", init["locs"].to(**opts))
+                out["scale_tril"] = pyro.param(
+                    "scale_tril",
+                    torch.diag_embed(init["scales"]).to(**opts),
+                    constraint=constraints.lower_cholesky,
+                )
+            return out
+        a = torch.tensor(self.concentration, **opts)
+        out = {"init": pyro.sample("init", dist.Dirichlet(a.expand(K)))}
+        with pyro.plate("states", K, dim=-1):
+            out["trans"] = pyro.sample("trans", dist.Dirichlet(a.expand(K, K)))
+            if self.emission == "categorical":
+                M = self._symbols(x)
+                out["emit"] = pyro.sample("emit", dist.Dirichlet(a.expand(K, M)))
+                return out
+            D = x.shape[-1]
+            m, s = self.loc_prior
+            lm, ls = self.scale_prior
+            out["locs"] = pyro.sample(
+                "locs", dist.Normal(torch.tensor(m, **opts), s).expand([D]).to_event(1)
+            )
+            scales = pyro.sample(
+                "scales", dist.LogNormal(torch.tensor(lm, **opts), ls).expand([D]).to_event(1)
+            )
+            if self.covariance == "diag":
+                out["scales"] = scales
+            else:
+                corr = pyro.sample("corr_chol", dist.LKJCholesky(D, torch.tensor(1.0, **opts)))
+                out["scale_tril"] = scales.unsqueeze(-1) * corr
+        return out
+
+    def _emission(self, g: dict[str, torch.Tensor], s: torch.Tensor):
+        if self.emission == "categorical":
+            return dist.Categorical(g["emit"][s])
+        if "scale_tril" in g:
+            return dist.MultivariateNormal(g["locs"][s], scale_tril=g["scale_tril"][s])
+        return dist.Normal(g["locs"][s], g["scales"][s]).to_event(1)
+
+    def model(self, x: torch.Tensor) -> None:
+        x = self._check(x)
+        g = self._globals(x)
+        S, T = x.shape[:2]
+        with pyro.plate("data", S, dim=-1):
+            s = None
+            for t in pyro.markov(range(T)):
+                probs = g["init"] if t == 0 else g["trans"][s]
+                s = pyro.sample(
+                    f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
+                )
+                pyro.sample(f"obs_{t}", self._emission(g, s), obs=x[:, t])
+
+    guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM
