@@ -48,7 +48,6 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from jointkl.inference.svi import _check_finite_data, _ScaleDataPlate, _slice, _sliceable
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.poutine.util import site_is_subsample
@@ -58,6 +57,12 @@ from jointkl.engine import Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.inferencedata import DATA_PLATE, trace_model
+from jointkl.minibatch import (
+    ScaleDataPlate,
+    check_finite_data,
+    slice_arguments,
+    sliceable_arguments,
+)
 from jointkl.optim import AdaptiveFlow
 from jointkl.pair import as_pair
 
@@ -121,7 +126,7 @@ class LogJoint:
                     f"Langevin: mini-batches need every latent outside the {DATA_PLATE!r} "
                     f"plate; local latent site(s) {local}: use batch_size=None"
                 )
-            self._sliceable = _sliceable(args, kwargs, self.data_size)
+            self._sliceable = sliceable_arguments(args, kwargs, self.data_size)
             if not any(self._sliceable):
                 raise InputError(
                     f"Langevin: batch_size needs the data as model arguments whose first "
@@ -149,8 +154,8 @@ class LogJoint:
         model = poutine.condition(self.model, data=values)
         args, kwargs = self.args, self.kwargs
         if idx is not None:
-            args, kwargs = _slice(args, kwargs, self._sliceable, idx)
-            model = _ScaleDataPlate(self.data_size / len(idx))(model)
+            args, kwargs = slice_arguments(args, kwargs, self._sliceable, idx)
+            model = ScaleDataPlate(self.data_size / len(idx))(model)
         tr = poutine.trace(model).get_trace(*args, **kwargs)
         return -(tr.log_prob_sum() + log_det)
 
@@ -260,7 +265,7 @@ class Langevin(Engine):
         """Draw from the posterior of ``pair.model`` given ``model(*args, **kwargs)``."""
         pair = as_pair(pair)
         cfg = self.config
-        _check_finite_data(args, kwargs)
+        check_finite_data(args, kwargs)
         pyro.set_rng_seed(cfg["seed"])
         target = LogJoint(pair.model, args, kwargs, cfg["batch_size"])
         run = _Run(target, cfg, torch.Generator().manual_seed(cfg["seed"]), self.progress)

@@ -30,13 +30,19 @@ from pyro.infer.autoguide import (
     init_to_median,
     init_to_value,
 )
-from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.inferencedata import DATA_PLATE, max_plate_nesting, trace_model
+from jointkl.minibatch import (
+    ScaleDataPlate,
+    check_finite_data,
+    slice_arguments,
+    sliceable_arguments,
+)
+from jointkl.optim import OPTIMIZERS, pyro_optim
 from jointkl.pair import as_pair
 from jointkl.runs import atomic_save_tensors, load_tensors
 
@@ -80,23 +86,6 @@ class SVIState:
     def load(cls, path: Path) -> SVIState:
         d = load_tensors(path)
         return cls(d["step"], d["params"], d["optim"], d["rng"], d["history"].tolist())
-
-
-class _ScaleDataPlate(Messenger):
-    """Multiply the log-density of every site inside the ``"data"`` plate by N/B.
-
-    The engine slices the data arguments to a mini-batch and the model sees a plate of size
-    B; scaling those sites by N/B keeps the ELBO an unbiased estimate of the full-data one,
-    while global sites keep scale 1.
-    """
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def _process_message(self, msg):
-        if any(f.name == DATA_PLATE for f in msg["cond_indep_stack"]):
-            msg["scale"] = msg["scale"] * self.factor
 
 
 class _CallableLoss:
@@ -314,6 +303,9 @@ class SVI(Engine):
         cls = _optim_class(name)
         if name == "clippedadam":
             return pyro.optim.ClippedAdam({"lr": lr})
+        if name not in TORCH_OPTIMS:
+            # jointkl.optim integrators: lr is their step size ε (docs/optim.md)
+            return pyro_optim(name, step_size=lr)
         return pyro.optim.PyroOptim(cls, {"lr": lr})
 
     def _lr_factor(self, step: int) -> float:
@@ -330,14 +322,14 @@ class SVI(Engine):
         """Fit ``pair`` to the data ``model(*args, **kwargs)``; returns a :class:`Fit`."""
         pair = as_pair(pair)
         cfg = self.config
-        _check_finite_data(args, kwargs)
+        check_finite_data(args, kwargs)
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg["seed"])
         guide, elbo, info = self._setup(pair, args, kwargs)
         model = pair.model
         ckdir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else None
         N, B = info["data_size"], cfg["batch_size"]
-        sliced = _sliceable(args, kwargs, N) if B is not None else None
+        sliced = sliceable_arguments(args, kwargs, N) if B is not None else None
 
         # Create every param (model and guide) once, so a checkpoint can be poured in.
         with torch.no_grad(), poutine.block():
@@ -388,10 +380,10 @@ class SVI(Engine):
                         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
                         epoch_perm = (epoch, torch.randperm(N, generator=gen))
                     idx = epoch_perm[1][j * B : (j + 1) * B]
-                    b_args, b_kwargs = _slice(args, kwargs, sliced, idx)
+                    b_args, b_kwargs = slice_arguments(args, kwargs, sliced, idx)
                     scale = N / len(idx)
-                    m = _ScaleDataPlate(scale)(model)
-                    g = _ScaleDataPlate(scale)(guide)
+                    m = ScaleDataPlate(scale)(model)
+                    g = ScaleDataPlate(scale)(guide)
                 else:
                     b_args, b_kwargs, m, g = args, kwargs, model, guide
                 loss = self._step(elbo, m, g, optim, self._lr_factor(step), b_args, b_kwargs, step)
@@ -458,8 +450,9 @@ class SVI(Engine):
         if lr_factor != 1.0:
             for opt in optim.optim_objs.values():
                 for group in opt.param_groups:
-                    group.setdefault("initial_lr", group["lr"])
-                    group["lr"] = group["initial_lr"] * lr_factor
+                    key = "lr" if "lr" in group else "step_size"  # jointkl.optim: step size ε
+                    group.setdefault("initial_lr", group[key])
+                    group[key] = group["initial_lr"] * lr_factor
         optim(set(params))
         pyro.infer.util.zero_grads(set(params))
         return loss
@@ -576,10 +569,11 @@ def _optim_class(name: str):
         return None
     if name in TORCH_OPTIMS:
         return TORCH_OPTIMS[name]
-    try:
-        from jointkl.optim import OPTIMIZERS
-    except ImportError:
-        OPTIMIZERS = {}
+    if name == "heun":
+        raise InputError(
+            "SVI: optim 'heun' needs a closure (two gradients per step), which Pyro's SVI step "
+            "cannot give; use jointkl.optim.Heun in a torch loop, or another integrator"
+        )
     if name in OPTIMIZERS:
         return OPTIMIZERS[name]
     known = sorted([*TORCH_OPTIMS, "clippedadam", *OPTIMIZERS])
@@ -613,34 +607,3 @@ def _latest_checkpoint(ckdir: Path) -> Path | None:
         return None
     found = sorted(ckdir.glob("step-*.pt"))
     return found[-1] if found else None
-
-
-def _check_finite_data(args, kwargs) -> None:
-    for where, a in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
-        if (
-            isinstance(a, torch.Tensor)
-            and a.dtype.is_floating_point
-            and not torch.isfinite(a).all()
-        ):
-            n = int((~torch.isfinite(a)).sum())
-            raise InputError(f"data {where} has {n} NaN/inf value(s); clean or drop them first")
-
-
-def _sliceable(args, kwargs, n: int) -> tuple[set[int], set[str]]:
-    """Which arguments are per-data-point (a tensor whose first dim is the plate size)."""
-
-    def per_point(a):
-        return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
-
-    return (
-        {i for i, a in enumerate(args) if per_point(a)},
-        {k for k, a in kwargs.items() if per_point(a)},
-    )
-
-
-def _slice(args, kwargs, which, idx):
-    ai, ki = which
-    return (
-        tuple(a[idx] if i in ai else a for i, a in enumerate(args)),
-        {k: (a[idx] if k in ki else a) for k, a in kwargs.items()},
-    )

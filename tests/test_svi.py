@@ -184,3 +184,13 @@ def test_cosine_schedule_changes_the_trajectory():
         regression_model, x, y
     )
     assert a.history[:1] == b.history[:1] and a.history[-1] != b.history[-1]
+
+
+def test_svi_runs_jointkl_integrators_and_refuses_heun():
+    x, y = line_data(64)
+    fit = SVI(optim="heavyball", lr=0.05, steps=300, guide="delta", progress=False).fit(
+        regression_model, x, y
+    )
+    assert fit.params["w"] == pytest.approx(2.0, abs=0.3)
+    with pytest.raises(InputError, match="closure"):
+        SVI(optim="heun")

@@ -28,6 +28,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 
 from jointkl.errors import InputError
+from jointkl.minibatch import DATA_PLATE
 
 __all__ = [
     "to_inference_data",
@@ -37,8 +38,6 @@ __all__ = [
     "max_plate_nesting",
     "DATA_PLATE",
 ]
-
-DATA_PLATE = "data"
 
 
 def trace_model(model, args: tuple, kwargs: Mapping[str, Any], data: Mapping | None = None):
