@@ -76,7 +76,7 @@ def _cjk(text: str) -> str:
 
 def test_word_finder_counts_pmi_cut_and_fragments_by_hand():
     lines = [_cjk(s) for s in ["abcd", "abxcd", "ab", "cd", "xx"]]
-    f = WordFinder(min_proba=0.0, min_pmi=1.0, max_len=4)
+    f = WordFinder(min_proba=0.0, min_pmi=1.0, max_len=4, redundancy=1.0)
     lex = f.fit(lines)
     # Units: a b c d x three times each, 15 in all; pairs: ab 3, cd 3, bc bx xc xx 1 each,
     # 10 in all. PMI(a, b) = log(0.3 / 0.2²) = 2.01 > 1: strong; every other pair has
@@ -92,7 +92,7 @@ def test_word_finder_counts_pmi_cut_and_fragments_by_hand():
 
 def test_word_finder_min_proba_cuts_pairs_and_drops_rare_fragments():
     lines = [_cjk(s) for s in ["abcd"] * 3 + ["ef"] * 2 + ["x"] * 30]
-    f = WordFinder(min_proba=0.07, min_pmi=0.0, max_len=4)
+    f = WordFinder(min_proba=0.07, min_pmi=0.0, max_len=4, redundancy=1.0)
     lex = f.fit(lines)
     # Pairs: ab bc cd 3 each, ef 2 (11 in all): p = 0.27 and 0.18 > 0.07, all strong.
     assert f.strong_pairs_ == set(_cjk("ab bc cd ef").split())
@@ -111,6 +111,16 @@ def test_redundancy_rule_by_hand():
     # bc: log 2 - log 10 - log 6 + log 37 = 0.21 < 1: deleted, b -> 12, c -> 8.
     assert new == {"a": 10, "b": 12, "c": 8, "ab": 9}
     assert removed == 2
+
+
+def test_redundancy_scale_makes_the_rule_stricter():
+    counts = {"a": 10, "b": 10, "c": 5, "ab": 8, "abc": 1, "bc": 2}
+    # Threshold 2 (len - 1): ab's gain 1.20 no longer pays; its 9 go to a and b.
+    assert remove_redundant(counts, 2.0) == ({"a": 19, "b": 21, "c": 8}, 3)
+    assert remove_redundant(counts, 0.0) == (
+        {"a": 10, "b": 10, "c": 6, "ab": 9, "bc": 2},
+        1,
+    )  # only abc (gain < 0) goes
 
 
 def test_redundancy_keeps_a_word_that_saves_enough_code():
@@ -225,11 +235,23 @@ def test_semimarkov_forward_is_one_recursion_for_both_semirings():
         assert float(alpha_max[-1, b]) == pytest.approx(float(totals.max()))
 
 
-def test_length_one_chunks_and_forced_cuts():
+def test_long_chunks_split_where_no_word_crosses_change_nothing():
     words = ["a", "b", "ab"]
     logp = torch.log(torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64))
-    lat = WordLattice(["a", "b", "abababab"], WordIndex(words, 2), row_len=4)  # cut every 3
-    assert lat.best_words(logp) == [["a"], ["b"], ["ab", "a", "b", "ab", "ab"]]
+    chunks = ["a", "b", "abababab"]
+    short = WordLattice(chunks, WordIndex(words, 2), row_len=4)  # rows hold 3 units
+    whole = WordLattice(chunks, WordIndex(words, 2), row_len=16)
+    assert short.n_forced == 0
+    assert short.best_words(logp) == whole.best_words(logp) == [["a"], ["b"], ["ab"] * 4]
+    assert float(short.log_partition(logp).sum()) == pytest.approx(
+        float(whole.log_partition(logp).sum())
+    )
+    # With "ab" and "ba" every boundary is crossed: a boundary must be forced every 3 units.
+    words2 = ["a", "b", "ab", "ba"]
+    logp2 = torch.log(torch.tensor([0.1, 0.1, 0.5, 0.3], dtype=torch.float64))
+    forced = WordLattice(["abababab"], WordIndex(words2, 2), row_len=4)
+    assert forced.n_forced == 2
+    assert "".join(forced.best_words(logp2)[0]) == "abababab"
 
 
 # -- EM ---------------------------------------------------------------------------------------

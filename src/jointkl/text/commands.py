@@ -144,9 +144,12 @@ def add_commands(
     w = subparsers.add_parser("words", help="learn a lexicon from raw text (minimum entropy)")
     w.add_argument("corpus", help="UTF-8 text file, one sentence or paragraph per line")
     w.add_argument("--out", required=True, help="lexicon TSV to write (word<TAB>count)")
-    w.add_argument("--min-proba", type=float, default=1e-5)
-    w.add_argument("--min-pmi", type=float, default=2.0)
-    w.add_argument("--max-len", type=int, default=4)
+    w.add_argument(
+        "--min-proba", type=float, default=1e-6, help="pair and fragment probability cut"
+    )
+    w.add_argument("--min-pmi", type=float, default=1.0, help="pair PMI cut (natural log)")
+    w.add_argument("--max-len", type=int, default=4, help="longest word, in characters")
+    w.add_argument("--redundancy", type=float, default=3.5, help="redundancy rule scale")
     w.add_argument("--em-iters", type=int, default=0, help="EM iterations after the word finder")
     w.add_argument(
         "--prune", type=float, default=None, help="EM: drop words below this expected count"

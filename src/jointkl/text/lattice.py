@@ -83,6 +83,8 @@ class WordIndex:
         self.words = list(words)
         self.max_len = int(max_len)
         self.alphabet = np.unique(_codepoints("".join(self.words)))
+        self._table = np.zeros(int(self.alphabet[-1]) + 1 if len(self.alphabet) else 1, np.int64)
+        self._table[self.alphabet] = np.arange(1, len(self.alphabet) + 1)
         bits = max(1, int(len(self.alphabet) + 1).bit_length())
         self.exact = bits * self.max_len <= 63
         self._mult = np.uint64(1 << bits) if self.exact else _HASH_P
@@ -134,10 +136,9 @@ class WordIndex:
     def dense(self, text: str | np.ndarray) -> np.ndarray:
         """Dense unit ids, 1-based; 0 for a unit outside the lexicon's alphabet (or a separator)."""
         cp = _codepoints(text) if isinstance(text, str) else text
-        if not len(self.alphabet):
-            return np.zeros(cp.shape, dtype=np.uint64)
-        pos = np.searchsorted(self.alphabet, cp).clip(max=len(self.alphabet) - 1)
-        return np.where(self.alphabet[pos] == cp, pos + 1, 0).astype(np.uint64)
+        # A direct table over codepoints (at most 0x110000 entries): one gather, no search.
+        inside = cp < len(self._table)
+        return np.where(inside, self._table[np.where(inside, cp, 0)], 0).astype(np.uint64)
 
     def end_ids(self, units: np.ndarray, none: int) -> np.ndarray:
         """``(T, B)`` dense units -> ``(T, max_len, B)`` word ids by end position.
@@ -180,9 +181,10 @@ class WordLattice:
 
     :param chunks: coded chunks (strings of units, no separators).
     :param index: the vocabulary to find edges with.
-    :param row_len: units per packed row. A chunk longer than ``row_len - 1`` is cut into
-        pieces of that length, a forced boundary (see :class:`~jointkl.text.Segmenter` for
-        how chunks are bucketed so that this is rare).
+    :param row_len: units per packed row. A chunk longer than ``row_len - 1`` is split
+        into pieces at positions that no lexicon word crosses: the lattice factorises
+        there, so the split changes nothing. Only when no such position exists within
+        ``row_len - 1`` units is a boundary forced (``n_forced`` counts them).
     :param exclude_whole: drop the edge that spans a whole chunk (used to re-segment a word
         without itself).
 
@@ -209,10 +211,11 @@ class WordLattice:
         self.n_chunks = len(chunks)
         parts = list(chunks)
         self.n_parts: np.ndarray | None = None  # pieces per chunk when any chunk was cut
+        self.n_forced = 0
         if len(lens) and (lens.max() > cap or lens.min() == 0):
             parts, n_parts = [], []
             for c in chunks:
-                pieces = [c[i : i + cap] for i in range(0, len(c), cap)]
+                pieces = self._split_long(c, cap) if len(c) > cap else [c] if c else []
                 parts += pieces
                 n_parts.append(len(pieces))
             self.n_parts = np.array(n_parts, dtype=np.int64)
@@ -251,6 +254,27 @@ class WordLattice:
             j = (starts - row_start[row_of] + lens - 1)[whole]
             edges[j, lens[whole] - 1, row_of[whole]] = self.NONE
         self.edges = torch.from_numpy(edges)
+
+    def _split_long(self, chunk: str, cap: int) -> list[str]:
+        """Split ``chunk`` into pieces of at most ``cap`` units where no word crosses."""
+        edges = self.index.end_ids(self.index.dense(chunk).reshape(-1, 1), self.NONE)[:, :, 0]
+        n = len(chunk)
+        # crossed[p]: some word covers units p-1 and p (starts before p, ends at or after p).
+        crossed = np.zeros(n + 1, dtype=bool)
+        for k in range(1, edges.shape[1]):
+            ends = np.flatnonzero(edges[:, k] != self.NONE)  # word of length k+1 ends here
+            for d in range(k):  # it crosses the boundaries end-d, for d = 0 .. k-1
+                crossed[ends - d] = True
+        safe = np.flatnonzero(~crossed[1:n]) + 1  # boundaries 1 .. n-1 no word crosses
+        pieces, start = [], 0
+        while n - start > cap:
+            ok = safe[(safe > start) & (safe <= start + cap)]
+            cut = int(ok[-1]) if len(ok) else start + cap
+            self.n_forced += not len(ok)
+            pieces.append(chunk[start:cut])
+            start = cut
+        pieces.append(chunk[start:])
+        return pieces
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -10,8 +10,10 @@ average code length per character roughly when PMI(a, b) = log p_ab / (p_a p_b) 
    text at every other boundary; count the fragments (a second pass);
 3. keep fragments with ``p > min_proba`` (every single unit is kept, so any text segments);
 4. remove redundant words, longest first: re-segment w without itself (Viterbi on the
-   lattice); when ``log p(w) − Σ log p(piece) < len(w) − 1``, w saves too little code to pay
-   for its entry: delete it and give its count to the pieces.
+   lattice); when ``log p(w) − Σ log p(piece) < redundancy × (len(w) − 1)``, w saves too
+   little code to pay for its entry: delete it and give its count to the pieces. SEEDS §5
+   states the rule with ``redundancy = 1``; on People's Daily a stricter 3.5 (fewer, surer
+   words) gives the best segmentation (docs/text.md has the sweep).
 
 Counting is vectorised over blocks of about ``block_chars`` units with numpy; only the counts
 are kept between blocks, so memory is bounded by the counts, not the corpus.
@@ -130,6 +132,7 @@ class WordFinder:
     :param min_pmi: smallest PMI (natural log) of a strong pair; ≈1 is where merging
         starts to shorten the code.
     :param max_len: longest word, in units; longer fragments are not counted.
+    :param redundancy: scale of the redundancy rule's threshold, in nats per extra unit.
     :param block_chars: units counted per vectorised block (memory vs. speed).
     :param progress: show a tqdm bar over the lines of each pass.
 
@@ -142,7 +145,8 @@ class WordFinder:
         self,
         min_proba: float = 1e-6,
         min_pmi: float = 1.0,
-        max_len: int = 6,
+        max_len: int = 4,
+        redundancy: float = 3.5,
         block_chars: int = 1 << 20,
         progress: bool = False,
     ):
@@ -152,13 +156,24 @@ class WordFinder:
             raise InputError(f"min_pmi must be a finite number, got {min_pmi!r}")
         if not (isinstance(max_len, int) and max_len >= 1):
             raise InputError(f"max_len must be an integer >= 1, got {max_len!r}")
+        if not (isinstance(redundancy, (int, float)) and math.isfinite(redundancy)):
+            raise InputError(f"redundancy must be a finite number, got {redundancy!r}")
         if not (isinstance(block_chars, int) and block_chars >= 1):
             raise InputError(f"block_chars must be an integer >= 1, got {block_chars!r}")
         self.min_proba = float(min_proba)
         self.min_pmi = float(min_pmi)
         self.max_len = max_len
+        self.redundancy = float(redundancy)
         self.block_chars = block_chars
         self.progress = progress
+
+    @property
+    def strong_pairs_(self) -> set[str]:
+        """The strong pairs of the last fit, as two-unit strings."""
+        k = self._strong
+        cp = np.stack([k >> np.uint64(32), k & np.uint64(0xFFFFFFFF)], 1).astype(np.uint32)
+        text = cp.tobytes().decode("utf-32-le")
+        return {text[i : i + 2] for i in range(0, len(text), 2)}
 
     # -- passes over the corpus -------------------------------------------------------------
 
@@ -195,7 +210,9 @@ class WordFinder:
             # Cut after unit i unless (i, i+1) is strong; a pair with _SEP is never strong.
             cuts = np.flatnonzero(~keep) + 1
             text = np.insert(cp, cuts, np.uint32(ord(_SEP))).tobytes().decode("utf-32-le")
-            fragments.update(f for f in text.split(_SEP) if 0 < len(f) <= self.max_len)
+            fragments.update(text.split(_SEP))  # C-level counting; long ones dropped below
+        for f in [f for f in fragments if not 0 < len(f) <= self.max_len]:
+            del fragments[f]
         return fragments
 
     # -- the fit -----------------------------------------------------------------------------
@@ -219,9 +236,7 @@ class WordFinder:
         p_ab = pcounts / n_pairs
         pmi = np.log(p_ab) - np.log(pa * pb)
         strong = np.sort(pkeys[(p_ab > self.min_proba) & (pmi > self.min_pmi)])
-        self.strong_pairs_ = {
-            chr(int(k >> np.uint64(32))) + chr(int(k & np.uint64(0xFFFFFFFF))) for k in strong
-        }
+        self._strong = strong
 
         fragments = self._count_fragments(corpus, strong)
         self.fragments_ = fragments
@@ -232,12 +247,14 @@ class WordFinder:
         # Every unit stays a word (count at least 1), so every text has a segmentation.
         for u in map(chr, ukeys.tolist()):
             counts[u] = max(float(fragments.get(u, 0)), 1.0)
-        counts, self.n_redundant_ = remove_redundant(counts)
+        counts, self.n_redundant_ = remove_redundant(counts, self.redundancy)
         return Lexicon(counts)
 
 
-def remove_redundant(counts: Mapping[str, float]) -> tuple[dict[str, float], int]:
-    """Longest first: delete w when log p(w) − Σ log p(pieces) < len(w) − 1.
+def remove_redundant(
+    counts: Mapping[str, float], redundancy: float = 1.0
+) -> tuple[dict[str, float], int]:
+    """Longest first: delete w when log p(w) − Σ log p(pieces) < redundancy × (len(w) − 1).
 
     The pieces are the best segmentation of w without w itself (Viterbi on the lattice,
     p = count / total). A deleted word's count goes to each of its pieces. Words of one
@@ -265,7 +282,7 @@ def remove_redundant(counts: Mapping[str, float]) -> tuple[dict[str, float], int
                 continue
             gain = math.log(counts[w]) - sum(math.log(counts[p]) for p in ps)
             gain += (len(ps) - 1) * log_total  # log p = log n - log total, per term
-            if gain < L - 1:
+            if gain < redundancy * (L - 1):
                 c = counts.pop(w)
                 for p in ps:
                     counts[p] += c

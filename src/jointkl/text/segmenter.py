@@ -32,30 +32,31 @@ from jointkl.text.presplit import coded_chunks, decode_words, split_line
 
 __all__ = ["Segmenter"]
 
-# Chunks are bucketed by length into lattices with rows of these lengths; a chunk longer
-# than the last bucket (3 of the 167,543 chunks of People's Daily) gets a forced boundary
-# every 255 units. Short rows keep the Python loop over positions short.
-_ROW_LENS = (64, 256)
-
 
 class Segmenter:
     """Maximum-probability segmentation with a unigram :class:`Lexicon`.
 
     :param lexicon: the words and their counts (probabilities are counts / total).
     :param max_len: longest word looked for; defaults to the lexicon's longest word.
-    :param block_units: units per lattice block in EM (bounds autograd memory).
+    :param row_len: units per lattice row: the Python loop of the dynamic programme has
+        ``row_len`` steps per block. Longer chunks are split where no word crosses
+        (:class:`~jointkl.text.WordLattice`), so this changes speed, not results.
+    :param block_units: units per lattice block (bounds the memory autograd keeps).
     :param dtype: float dtype of the dynamic programme (float64: EM's objective is a sum of
         millions of terms).
 
     After :meth:`fit_em`: ``bits_per_char_`` (objective before the first and after each
-    iteration), ``n_iter_``, ``converged_``, ``pruned_`` (words removed by pruning).
+    iteration), ``n_iter_``, ``converged_``, ``pruned_`` (words removed by pruning), and
+    ``lexicon`` holds the re-estimated counts. The lattices of the EM corpus are kept, so
+    segmenting that corpus next reuses them (:meth:`clear_cache` frees them).
     """
 
     def __init__(
         self,
         lexicon: Lexicon,
         max_len: int | None = None,
-        block_units: int = 1 << 18,
+        row_len: int = 64,
+        block_units: int = 1 << 20,
         dtype: torch.dtype = torch.float64,
     ):
         if not isinstance(lexicon, Lexicon):
@@ -64,9 +65,12 @@ class Segmenter:
             )
         if max_len is not None and not (isinstance(max_len, int) and max_len >= 1):
             raise InputError(f"max_len must be an integer >= 1 or None, got {max_len!r}")
+        if not (isinstance(row_len, int) and row_len >= 2):
+            raise InputError(f"row_len must be an integer >= 2, got {row_len!r}")
         if not (isinstance(block_units, int) and block_units >= 1):
             raise InputError(f"block_units must be an integer >= 1, got {block_units!r}")
         self.max_len = max_len
+        self.row_len = row_len
         self.block_units = block_units
         self.dtype = dtype
         self._set_lexicon(lexicon)
@@ -78,6 +82,11 @@ class Segmenter:
         # An unseen unit costs as much as a unit seen half a time.
         self.oov_logp = math.log(0.5 / lexicon.total)
         self._single = torch.tensor([len(w) == 1 for w in lexicon.words])
+        self._cache: tuple[list[str], list[WordLattice]] | None = None
+
+    def clear_cache(self) -> None:
+        """Forget the lattices kept from the last :meth:`fit_em` corpus (frees their memory)."""
+        self._cache = None
 
     # -- segmentation ------------------------------------------------------------------------
 
@@ -85,37 +94,28 @@ class Segmenter:
         # A single unit must never be impossible (EM can give it zero mass): floor at OOV.
         return torch.where(self._single, self.logp.clamp(min=self.oov_logp), self.logp)
 
-    def _lattices(self, chunks: Sequence[str]) -> list[tuple[list[int], WordLattice]]:
-        """Bucket chunks by length into lattices of at most ``block_units`` units each."""
-        buckets: list[list[int]] = [[] for _ in _ROW_LENS]
-        for i, c in enumerate(chunks):
-            b = 0
-            while b < len(_ROW_LENS) - 1 and len(c) >= _ROW_LENS[b]:
-                b += 1
-            buckets[b].append(i)
+    def _lattices(self, chunks: Sequence[str]) -> list[tuple[slice, WordLattice]]:
+        """Lattices over consecutive blocks of about ``block_units`` units each."""
         out = []
-        for row_len, members in zip(_ROW_LENS, buckets, strict=True):
-            block: list[int] = []
-            size = 0
-            for i in members:
-                block.append(i)
-                size += len(chunks[i]) + 1
-                if size >= self.block_units:
-                    out.append(
-                        (block, WordLattice([chunks[j] for j in block], self.index, row_len))
-                    )
-                    block, size = [], 0
-            if block:
-                out.append((block, WordLattice([chunks[j] for j in block], self.index, row_len)))
+        start, size = 0, 0
+        for i, c in enumerate(chunks):
+            size += len(c) + 1
+            if size >= self.block_units or i == len(chunks) - 1:
+                block = slice(start, i + 1)
+                out.append((block, WordLattice(chunks[block], self.index, self.row_len)))
+                start, size = i + 1, 0
         return out
 
     def segment_chunks(self, chunks: Sequence[str]) -> list[list[str]]:
         """Viterbi segmentation of coded chunks, as lists of coded words."""
         logp = self._viterbi_logp()
-        out: list[list[str]] = [[] for _ in chunks]
-        for members, lattice in self._lattices(chunks):
-            for i, words in zip(members, lattice.best_words(logp, self.oov_logp), strict=True):
-                out[i] = words
+        if self._cache is not None and self._cache[0] == chunks:
+            lattices = self._cache[1]  # the EM corpus again: its lattices are already built
+        else:
+            lattices = [lat for _, lat in self._lattices(chunks)]
+        out: list[list[str]] = []
+        for lattice in lattices:
+            out += lattice.best_words(logp, self.oov_logp)
         return out
 
     def segment_lines(self, lines: Iterable[str] | str | os.PathLike) -> list[list[str]]:
@@ -222,8 +222,13 @@ class Segmenter:
         self.n_iter_ = len(history) - 1
         if self.n_iter_:
             # The lexicon keeps counts proportional to the final p; unused words leave it.
-            final = (logp.exp() * n_units).tolist()
-            self._set_lexicon(Lexicon(dict(zip(self.lexicon.words, final, strict=True))))
+            # The index (and so the lattices) stay: a dropped word just has log p = -inf.
+            # Counts on the scale of the expected number of words in the corpus.
+            self.logp = logp
+            final = (logp.exp() * counts.sum()).tolist()
+            self.lexicon = Lexicon(dict(zip(self.index.words, final, strict=True)))
+            self.oov_logp = math.log(0.5 / self.lexicon.total)
+        self._cache = (chunks, lattices)
         return self
 
     def bits_per_char(self, lines: Iterable[str] | str | os.PathLike) -> float:
