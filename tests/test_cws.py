@@ -1,0 +1,124 @@
+"""Word segmentation: BMES round trips, vocabulary, packing, and the CRF tagger trained briefly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jointkl.inference import SVI
+from jointkl.models import CRFTagger
+
+from jointkl.data.cws import (
+    PAD,
+    UNK,
+    CharVocab,
+    bmes_tags,
+    cws_dataset,
+    encode_rows,
+    pack_rows,
+    words_from_tags,
+)
+from jointkl.errors import InputError
+from jointkl.fit import Fit
+from jointkl.zoo import model_class
+
+words_st = st.lists(st.text("中国人民日报新年好", min_size=1, max_size=5), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(words_st)
+def test_bmes_tags_round_trip_to_the_same_words(words):
+    tags = bmes_tags(words)
+    text = "".join(words)
+    assert len(tags) == len(text)
+    assert words_from_tags(text, tags) == words
+
+
+def test_bmes_tags_of_a_sentence():
+    assert bmes_tags(["中国", "人", "民日报"]) == [0, 2, 3, 0, 1, 2]
+    # Ill-formed tags still cover every character once.
+    assert words_from_tags("abcd", [1, 1, 0, 0]) == ["ab", "c", "d"]
+    with pytest.raises(InputError, match="cover"):
+        words_from_tags("abc", [3])
+
+
+def test_vocab_maps_rare_characters_to_unknown():
+    vocab = CharVocab.build([["aab", "c"], ["ab"]], min_count=2)
+    assert vocab.chars == "ab"  # a: 3, b: 2, c: 1
+    assert vocab.encode("abcz") == [2, 3, UNK, UNK]
+    assert len(vocab) == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(words_st, min_size=1, max_size=4), st.integers(1, 8))
+def test_pack_rows_cuts_only_between_words(sentences, max_len):
+    rows = pack_rows(sentences, max_len)
+    assert [w for r in rows for w in r] == [w for s in sentences for w in s]
+    for r in rows:
+        assert len("".join(r)) <= max_len or len(r) == 1
+
+
+def test_encode_rows_pads_with_pad_and_tag_zero():
+    vocab = CharVocab("中国人")
+    chars, lengths, tags = encode_rows([["中国", "人"], ["人"]], vocab)
+    assert chars.tolist() == [[2, 3, 4], [4, PAD, PAD]]
+    assert lengths.tolist() == [3, 1] and tags.tolist() == [[0, 2, 3], [3, 0, 0]]
+
+
+@pytest.mark.parametrize("encoder", ["conv", "bilstm"])
+def test_emissions_do_not_depend_on_padding(encoder):
+    torch.manual_seed(0)
+    tagger = CRFTagger(vocab="abcdef", encoder=encoder, embedding_dim=8, hidden_dim=8)
+    chars = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    lengths = torch.tensor([3])
+    tagger.net.eval()
+    padded = tagger.net(chars, lengths)[0, :3]
+    alone = tagger.net(chars[:, :3], lengths)[0]
+    assert torch.allclose(padded, alone, atol=1e-6)
+
+
+def test_tagger_settings_are_validated():
+    with pytest.raises(InputError, match="encoder"):
+        CRFTagger(vocab="ab", encoder="gru")
+    with pytest.raises(InputError, match="num_tags=4"):
+        CRFTagger(vocab="ab", num_tags=5)
+    with pytest.raises(InputError, match="vocab_size"):
+        CRFTagger(vocab="ab", vocab_size=7)
+    generic = CRFTagger(vocab_size=10, num_tags=6, tag_scheme=None)
+    with pytest.raises(InputError, match="segment needs a vocab"):
+        generic.segment("ab")
+    assert model_class("crf-seg") is CRFTagger
+
+
+@pytest.fixture(scope="module")
+def small_fit(tmp_path_factory):
+    data = cws_dataset(limit=60, max_len=40)
+    tagger = CRFTagger(vocab=data.vocab.chars, embedding_dim=16, hidden_dim=16, num_layers=2)
+    args = (data.train_chars, data.train_lengths, data.train_tags)
+    fit = SVI(steps=30, batch_size=16, lr=0.03, progress=False, seed=1).fit(tagger, *args)
+    path = tmp_path_factory.mktemp("crf") / "run"
+    fit.save(path)
+    return data, tagger, fit, path
+
+
+def test_training_a_few_steps_lowers_the_loss(small_fit):
+    data, _, fit, _ = small_fit
+    h = fit.history
+    # Per-step losses are noisy mini-batch estimates of the full NLL: compare averages.
+    assert sum(h[-6:]) / 6 < 0.7 * sum(h[:6]) / 6
+    per_char = sum(h[-6:]) / 6 / float(data.train_lengths.sum())
+    assert per_char < 1.0  # nats/char; a uniform guess over 4 tags is log 4 = 1.39
+
+
+def test_segmentation_covers_the_text_with_well_formed_words(small_fit):
+    data, tagger, fit, path = small_fit
+    texts = ["".join(s) for s in data.test_sentences[:5]] + ["", "新"]
+    words = tagger.segment(texts)
+    for text, ws in zip(texts, words, strict=True):
+        assert "".join(ws) == text
+        assert all(ws)
+    # A saved fit rebuilds the tagger (vocab included) and segments identically.
+    loaded = Fit.load(path)
+    assert isinstance(loaded.pair, CRFTagger)
+    assert loaded.pair.segment(texts, fit=loaded) == words
