@@ -20,6 +20,7 @@ one that is neither a template's word nor the whole content of a placeholder.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from jointkl.errors import InputError
 from jointkl.runs import atomic_write_text
+from jointkl.text.bulk import paused_gc
 from jointkl.text.corpus import Corpus
 
 __all__ = [
@@ -201,16 +203,18 @@ class TemplateFinder:
 
     def fit(self, sentences: Iterable[Sequence[str]]) -> Templates:
         """Learn templates from ``sentences``, each a list of words (already segmented)."""
-        vocab: dict[str, int] = {}
-        ids: list[int] = []
-        bounds = [0]
-        for n, s in enumerate(sentences):
-            if isinstance(s, str):
-                raise InputError(f"sentence {n + 1}: expected a list of words, got a str")
-            ids.extend(vocab.setdefault(w, len(vocab)) for w in s)
-            bounds.append(len(ids))
-        if not ids:
-            raise InputError("no sentences: expected at least one non-empty list of words")
+        with paused_gc():
+            sentences = list(sentences)
+            for n, s in enumerate(sentences):
+                if isinstance(s, str):
+                    raise InputError(f"sentence {n + 1}: expected a list of words, got a str")
+            flat = list(itertools.chain.from_iterable(sentences))
+            if not flat:
+                raise InputError("no sentences: expected at least one non-empty list of words")
+            # Word ids in first-seen order, with C-level dict and map calls.
+            vocab = {w: i for i, w in enumerate(dict.fromkeys(flat))}
+            ids = list(map(vocab.__getitem__, flat))
+        bounds = np.concatenate([[0], np.cumsum([len(s) for s in sentences])]).tolist()
         words = np.array(ids, dtype=np.int64)
         sent = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
         V = len(vocab)
@@ -229,31 +233,37 @@ class TemplateFinder:
         strong = keys[(p_ab > self.min_proba) & (pmi > self.min_pmi)]
         self.n_strong_pairs_ = len(strong)
 
-        names = list(vocab)
-        counts: Counter = Counter()
-        starts = bounds[:-1]
-        it = tqdm(range(len(starts)), desc="templates", disable=not self.progress, leave=False)
-        for k in it:
-            a, b = bounds[k], bounds[k + 1]
-            s = words[a:b]
-            n = len(s)
-            if n < 2:
-                continue
-            # Edges i -> j (j - i <= window) for strong pairs.
-            ii, jj = np.triu_indices(n, 1)
-            near = jj - ii <= self.window
-            ii, jj = ii[near], jj[near]
-            pk = s[ii] * V + s[jj]
+        # Edges i -> i+d of every sentence at once, for strong pairs (sorted by i, then d).
+        src, dst = [], []
+        for d in range(1, self.window + 1):
+            i = np.flatnonzero(sent[d:] == sent[:-d])
+            pk = words[i] * V + words[i + d]
             pos = np.searchsorted(strong, pk).clip(max=max(len(strong) - 1, 0))
             hit = strong[pos] == pk if len(strong) else np.zeros(len(pk), dtype=bool)
-            if not hit.any():
-                continue
-            succ: dict[int, list[int]] = defaultdict(list)
-            for i, j in zip(ii[hit].tolist(), jj[hit].tolist(), strict=True):
-                succ[i].append(j)
-            sw = [names[x] for x in s.tolist()]
-            for path in _paths(succ, self.max_words):
-                counts[_template(sw, path)] += 1
+            src.append(i[hit])
+            dst.append(i[hit] + d)
+        src = np.concatenate(src)
+        dst = np.concatenate(dst)
+        order = np.lexsort((dst, src))
+        src, dst = src[order].tolist(), dst[order].tolist()
+        names = list(vocab)
+        bound = bounds  # sentence k covers words bound[k] .. bound[k+1]-1
+        sent_of = sent.tolist()
+        counts: Counter = Counter()
+        e = 0
+        it = tqdm(total=len(src), desc="templates", disable=not self.progress, leave=False)
+        with paused_gc():
+            while e < len(src):
+                k = sent_of[src[e]]
+                succ: dict[int, list[int]] = defaultdict(list)
+                while e < len(src) and sent_of[src[e]] == k:
+                    succ[src[e] - bound[k]].append(dst[e] - bound[k])
+                    e += 1
+                it.update(sum(map(len, succ.values())))
+                sw = [names[x] for x in ids[bound[k] : bound[k + 1]]]
+                for path in _paths(succ, self.max_words):
+                    counts[_template(sw, path)] += 1
+        it.close()
         self.n_paths_ = sum(counts.values())
         total = max(self.n_paths_, 1)
         kept = {t: c for t, c in counts.items() if c / total > self.min_proba}
