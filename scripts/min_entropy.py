@@ -2,6 +2,7 @@
 
     python scripts/min_entropy.py                  # the whole pipeline, figures on stdout
     python scripts/min_entropy.py --json           # one JSON object per stage instead
+    python scripts/min_entropy.py --out runs/text  # also write lexicon.tsv, templates.tsv
 
 The corpus is ``jointkl.data.peoples_daily()`` with the gold spaces and POS tags removed:
 every stage sees raw text only; the gold words are used for scoring and nothing else.
@@ -23,6 +24,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=20, help="templates to print")
     p.add_argument("--lines", type=int, default=None, help="use only the first N lines")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--out", help="directory for lexicon.tsv and templates.tsv (for the CLI)")
     p.add_argument("--json", action="store_true", help="one JSON object per stage")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     templates = tf.fit(sentences)
     top = templates.top(args.top)
     stage("templates", t0, templates=len(templates), strong_pairs=tf.n_strong_pairs_, top=top)
+    if args.out:
+        out = Path(args.out)
+        seg.lexicon.save(out / "lexicon.tsv")
+        templates.save(out / "templates.tsv")
     parser = TemplateParser(templates)
     parses = {text: str(parser.parse(seg.segment(text))) for text in EXAMPLES}
     if args.json:

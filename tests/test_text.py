@@ -349,7 +349,8 @@ def test_template_parser_builds_the_expected_tree():
     assert nested.score == pytest.approx(lp[0] + lp[1])
     # A word no template covers pays the null score.
     loose = parser.parse(["今天", "鸡蛋", "可以", "吃", "吗"])
-    assert str(loose) in ("今天(鸡蛋)可以(吃)吗", "(今天鸡蛋)可以(吃)吗")
+    assert str(loose) in ("今天 (鸡蛋)可以(吃)吗", "(今天 鸡蛋)可以(吃)吗")
+    assert loose.score == pytest.approx(lp[0] - 20.0)
     assert parser.parse([]).items == []
     assert str(parser.parse(["什么"])) == "什么" and parser.parse(["什么"]).score == -20.0
 

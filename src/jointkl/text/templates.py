@@ -301,6 +301,11 @@ def _template(words: Sequence[str], path: Sequence[int]) -> Template:
 # -- parsing ---------------------------------------------------------------------------------
 
 
+def _show_items(items: Sequence[str | Block]) -> str:
+    # Items of one sequence are spaced, so that two blocks side by side stay two blocks.
+    return " ".join(map(str, items))
+
+
 @dataclass
 class Block:
     """One template instance: ``args[r]`` fills the template's r-th placeholder."""
@@ -311,20 +316,22 @@ class Block:
 
     def __str__(self) -> str:
         args = iter(self.args)
-        return "".join(
-            "(" + "".join(map(str, next(args))) + ")" if t is X else t for t in self.template
-        )
+        return "".join("(" + _show_items(next(args)) + ")" if t is X else t for t in self.template)
 
 
 @dataclass
 class Parse:
-    """A parsed sentence: a sequence of blocks and bare words, and its score."""
+    """A parsed sentence: a sequence of blocks and bare words, and its score.
+
+    Printed as its items separated by spaces, each block as its template with every
+    placeholder's content in parentheses: ``(鸡蛋)可以(吃)吗``, ``今天 (鸡蛋)可以(吃)吗``.
+    """
 
     items: list[str | Block]
     score: float
 
     def __str__(self) -> str:
-        return "".join(map(str, self.items))
+        return _show_items(self.items)
 
     @property
     def blocks(self) -> list[Block]:
