@@ -28,12 +28,13 @@ from typing import Any, ClassVar
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from jointkl.errors import InputError
 from jointkl.zoo import register_model
 
-__all__ = ["VAE", "GaussianEncoder", "LearnedScale", "mlp"]
+__all__ = ["VAE", "GaussianEncoder", "LearnedScale", "mlp", "register_module"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned-scale")
 SCALE_SHARING = ("shared", "pixel")
@@ -85,6 +86,25 @@ class LearnedScale(nn.Module):
     def forward(self) -> torch.Tensor:
         scale = self.min_scale + nn.functional.softplus(self.rho)
         return scale if scale.numel() > 1 else scale.squeeze(0)
+
+
+def register_module(name: str, module: nn.Module, cache: dict) -> None:
+    """``pyro.module(name, module)`` for a module whose set of parameters does not change.
+
+    Every call must still pass each parameter through ``pyro.param`` (that is how the engine
+    finds what to optimise), but walking the module tree to list them is done once and kept
+    in ``cache`` (rebuilt if a different module is registered under ``name``).
+    """
+    entry = cache.get(name)
+    if entry is None or entry[0] is not module:
+        pairs = [
+            (param_with_module_name(name, n), p)
+            for n, p in module.named_parameters()
+            if p.requires_grad
+        ]
+        entry = cache[name] = (module, pairs)
+    for full_name, p in entry[1]:
+        pyro.param(full_name, p)
 
 
 def hidden_sizes(hidden: int | Sequence[int], who: str) -> tuple[int, ...]:
@@ -170,6 +190,7 @@ class VAE:
         # σ̃ lives in a module on the instance (not only in Pyro's param store), so a fitted
         # VAE keeps its scale after the store is cleared by the next fit.
         self.obs_scale: LearnedScale | None = None
+        self._registry: dict[str, tuple[nn.Module, list]] = {}
         if input_dim is not None:
             self._build(input_dim)
 
@@ -210,7 +231,9 @@ class VAE:
             size = input_dim if self.learned_scale == "pixel" else 1
             self.obs_scale = LearnedScale(size, self.scale, self.min_scale)
 
-    def _check(self, x: Any) -> torch.Tensor:
+    def _check(self, x: Any, values: bool = True) -> torch.Tensor:
+        """x as (N, D), validated; ``values=False`` skips the O(N·D) look at the values (the
+        guide and the model see the same x, and the model looks)."""
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise InputError(f"VAE: x must be a float tensor, got {type(x).__name__}")
         if x.dim() == 3:  # (N, H, W) images: the pixels are the event
@@ -225,7 +248,7 @@ class VAE:
             raise InputError(
                 f"VAE: x has {x.shape[1]} features, the networks expect {self.input_dim}"
             )
-        if self.likelihood == "bernoulli" and bool(((x != 0) & (x != 1)).any()):
+        if values and self.likelihood == "bernoulli" and bool((x * (1 - x) != 0).any()):
             raise InputError(
                 "VAE: likelihood='bernoulli' needs binary x (0/1); binarise the data "
                 "(e.g. digits(binarize=True)) or use a Gaussian likelihood"
@@ -240,26 +263,33 @@ class VAE:
             # Validation would re-check the 0/1 support per call; _check already did it once.
             return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
         scale = self.obs_scale() if self.likelihood == "gaussian-learned-scale" else self.scale
-        return dist.Normal(out, scale).to_event(1)
+        return dist.Normal(out, scale, validate_args=self._validate).to_event(1)
 
     # -------------------------------------------------------------- the pair
+    @property
+    def _validate(self) -> bool | None:
+        # Our networks give a finite loc and σ = softplus(·) + ε > 0 by construction, so
+        # re-checking the constraints on every call is pure overhead (a NaN still reaches the
+        # loss, where the engine stops); user-supplied networks keep Pyro's validation.
+        return None if self._custom else False
+
     def model(self, x: torch.Tensor) -> None:
         x = self._check(x)
-        pyro.module("decoder", self.decoder)
+        register_module("decoder", self.decoder, self._registry)
         if self.obs_scale is not None:
-            pyro.module("x_scale", self.obs_scale)
+            register_module("x_scale", self.obs_scale, self._registry)
         L = self.latent_dim
-        prior = dist.Normal(x.new_zeros(L), x.new_ones(L)).to_event(1)
+        prior = dist.Normal(x.new_zeros(L), x.new_ones(L), validate_args=False).to_event(1)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", prior)
             pyro.sample("x", self.likelihood_dist(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
-        x = self._check(x)
-        pyro.module("encoder", self.encoder)
+        x = self._check(x, values=False)
+        register_module("encoder", self.encoder, self._registry)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", dist.Normal(loc, scale, validate_args=self._validate).to_event(1))
 
     # -------------------------------------------------------------- use
     @torch.no_grad()
