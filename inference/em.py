@@ -370,7 +370,7 @@ def _laplace_factor(fm, names, ts, theta, us, mean, sizes) -> torch.Tensor:
         for n, size in zip(names, sizes, strict=True):
             th[n] = ts[n](u[start : start + size].reshape(us[n].shape))
             start += size
-        return fm.log_partition(fm.tables(th))
+        return fm.log_partition(fm.tables(th), twice_differentiable=True)
 
     v0 = mean[idx].clone()
     with torch.enable_grad():

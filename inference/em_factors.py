@@ -43,13 +43,13 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution, biject_to, constraints
 
-from jointkl.chain import chain_forward
+from jointkl.chain import chain_contract, chain_forward
 from jointkl.errors import InputError
 from jointkl.inferencedata import DATA_PLATE, max_plate_nesting
 from jointkl.semiring import LogSemiring
@@ -420,21 +420,34 @@ class FactorModel:
         def init_fn(site):
             if site["infer"].get("enumerate") == "parallel" or site["fn"].support.is_discrete:
                 return site["fn"].sample()
-            return init_to_median(site)
+            # A global starts at its prior's median, unless that leaves the support (an
+            # elementwise median of Dirichlet draws does not sum to one): then at the
+            # transform of zero (uniform probabilities, identity correlations, ...).
+            v = init_to_median(site)
+            if not bool(site["fn"].support.check(v).all()):
+                v = init_to_feasible(site)
+            return v
 
-        hide_init = pyro.infer.autoguide.initialization.InitMessenger(init_fn)
-        with torch.no_grad():
-            tr = poutine.trace(hide_init(self.model)).get_trace(*self.args, **self.kwargs)
-        tr = prune_subsample_sites(tr)
+        init_globals = pyro.infer.autoguide.initialization.InitMessenger(init_fn)
+        # The model's own initial parameter values, from an empty param store (stale values
+        # of another fit must not leak in); the caller's store is put back afterwards.
         store = pyro.get_param_store()
-        store_constraints = store.get_state()["constraints"]
+        saved = store.get_state()
+        store.clear()
+        try:
+            with torch.no_grad():
+                tr = poutine.trace(init_globals(self.model)).get_trace(*self.args, **self.kwargs)
+            store_constraints = dict(store.get_state()["constraints"])
+        finally:
+            store.set_state(saved)
+        tr = prune_subsample_sites(tr)
         self.free: dict[str, Free] = {}
         self.init: dict[str, torch.Tensor] = {}
         observed, enumerated = [], []
         for name, s in tr.nodes.items():
             if s["type"] == "param":
                 c = store_constraints.get(name, constraints.real)
-                v = self._cast(s["value"].detach())
+                v = self._cast(s["value"].detach(), c)
                 self.free[name] = Free(name, "param", c, v.shape)
                 self.init[name] = v.clone()
             if s["type"] != "sample":
@@ -469,7 +482,7 @@ class FactorModel:
                     "globals) only — fit this model with the SVI engine"
                 )
             else:
-                v = self._cast(s["value"].detach())
+                v = self._cast(s["value"].detach(), s["fn"].support)
                 self.free[name] = Free(name, "global", s["fn"].support, v.shape)
                 self.init[name] = v.clone()
         if not enumerated:
@@ -556,9 +569,13 @@ class FactorModel:
         self.chain_method = "auto"
         self._symbols()
 
-    def _cast(self, v: torch.Tensor) -> torch.Tensor:
+    def _cast(self, v: torch.Tensor, constraint: Any) -> torch.Tensor:
+        """An initial value in the EM dtype, put back on its constraint at that precision (a
+        float32 simplex is off by 1e-7 in float64, and Categorical would renormalise it)."""
         if self.dtype is not None and v.dtype.is_floating_point:
-            return v.to(self.dtype)
+            v = v.to(self.dtype)
+            t = transform_for(constraint)
+            return t(t.inv(v))
         return v
 
     def _probe_dependence(self, t0, sites) -> dict[str, frozenset[str]]:
@@ -1132,18 +1149,26 @@ class FactorModel:
         return lp
 
     # ------------------------------------------------------------------ E-step
-    def log_partition(self, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """log Σ_z Π tables: the marginal log-likelihood (plus log-priors of MAP globals)."""
+    def log_partition(
+        self, tables: Mapping[int, torch.Tensor], twice_differentiable: bool = False
+    ) -> torch.Tensor:
+        """log Σ_z Π tables: the marginal log-likelihood (plus log-priors of MAP globals).
+
+        Its gradient is exact either way; ``twice_differentiable`` runs a chain's recursion
+        under autograd (slower) so that Hessians (the Laplace approximation) are exact too.
+        """
         # A recipe table that is the same for every row (transitions) is computed once; its
         # weights then come back summed over rows, which is all the M-step needs.
         expanded = {
             i: t.expand((self.groups[i].rows,) + self.groups[i].shape) for i, t in tables.items()
         }
         if self.chain is not None:
-            return self._chain_log_partition(expanded)
+            return self._chain_log_partition(expanded, twice_differentiable)
         return self._generic_log_partition(expanded)
 
-    def _chain_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    def _chain_log_partition(
+        self, tabs: Mapping[int, torch.Tensor], twice_differentiable: bool = False
+    ) -> torch.Tensor:
         plan = self.chain
         T, K = plan["T"], plan["K"]
         psizes = tuple(self.plate_sizes[p] for p in plan["plates"])
@@ -1177,7 +1202,10 @@ class FactorModel:
             pots = unary[..., 1:, None, :]
             pots = pots + pair if pair is not None else pots.expand(psizes + (T - 1, K, K))
             method = "sequential" if T - 1 > 64 else self.chain_method
-            return total + ChainLogPartition.apply(init, pots, method).sum()
+            if twice_differentiable:
+                alpha = chain_contract(init, pots, LogSemiring, method=method)
+            else:
+                return total + ChainLogPartition.apply(init, pots, method).sum()
         return total + torch.logsumexp(alpha, -1).sum()
 
     def _generic_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:

@@ -239,6 +239,8 @@ class HMM:
             )
             if self.covariance == "diag":
                 out["scales"] = scales
+            elif D == 1:  # a 1 x 1 correlation is 1: no LKJ factor to learn
+                out["scale_tril"] = scales.unsqueeze(-1)
             else:
                 corr = pyro.sample("corr_chol", dist.LKJCholesky(D, torch.tensor(1.0, **opts)))
                 out["scale_tril"] = scales.unsqueeze(-1) * corr
