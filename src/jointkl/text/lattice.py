@@ -321,7 +321,7 @@ class WordLattice:
                 ],
                 dim=1,
             )
-            back = (shifted + scores).max(dim=1).indices.numpy()  # (T, B); first max on ties
+            back = (shifted + scores).max(dim=1).indices.cpu().numpy()  # (T, B); first max on ties
         # Follow the back-pointers from each row's end (numpy: small ops, no dispatch cost).
         starts = np.zeros((T, B), dtype=bool)
         rows = np.arange(B)
