@@ -37,7 +37,10 @@ class Corpus:
             self.path = Path(source)
             self._lines = None
             if not self.path.is_file():
-                raise InputError(f"corpus file {str(self.path)!r} does not exist or is not a file")
+                raise InputError(
+                    f"corpus file {str(self.path)[:60]!r} does not exist or is not a file "
+                    "(a str is read as a path: pass raw text as a list of lines)"
+                )
         elif isinstance(source, (bytes, bytearray)):
             raise InputError("corpus must be a path or an iterable of str lines, got bytes")
         elif isinstance(source, Iterable):
