@@ -134,6 +134,7 @@ class EM(Engine):
         pyro.set_rng_seed(cfg["seed"])
         fm = FactorModel(pair.model, args, kwargs, seed=cfg["seed"], dtype=self.dtype)
         closed, gradient = plan_updates(fm)
+        t_compiled = time.perf_counter()
         best, restarts, last_error = None, [], None
         for r in range(cfg["n_init"]):
             seed = cfg["seed"] + r
@@ -153,7 +154,9 @@ class EM(Engine):
             raise FitDivergedError(
                 f"EM: all {cfg['n_init']} restart(s) diverged; last: {last_error}"
             ) from last_error
-        return self._make_fit(pair, fm, closed, gradient, best, restarts, args, kwargs, t_start)
+        fit = self._make_fit(pair, fm, closed, gradient, best, restarts, args, kwargs, t_start)
+        fit.info["compile_seconds"] = t_compiled - t_start
+        return fit
 
     def _run(self, fm, theta, closed, gradient, restart: int) -> dict[str, Any]:
         cfg = self.config

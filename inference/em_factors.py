@@ -346,6 +346,59 @@ class FusedLogSemiring(LogSemiring):
         return torch.logsumexp(x, dim)
 
 
+class SharedChainLogPartition(torch.autograd.Function):
+    """Per-chain log-partition of unary tables ``(..., T, K)`` and one transition table
+    ``(K, K)`` shared by every step and chain (a homogeneous HMM), with the forward-backward
+    posterior as its gradient.
+
+    :func:`jointkl.chain.chain_forward` needs the (..., T-1, K, K) potentials written out;
+    with a shared transition the recursion only needs one (batch x K) @ (K x K) product per
+    step. It runs in probability space with per-step normalisation (Rabiner 1989's scaled
+    forward-backward, what hmmlearn's "scaling" implementation does): alpha_t is normalised
+    to sum 1 and log Z = Σ_t log c_t. The gradients are the state marginals gamma_t and the
+    expected transition counts Σ_t xi_t, the latter as one matrix product over all (chain,
+    step) pairs. If a step's normaliser underflows (every state below e^-700 of the best
+    path) log Z comes back -inf and the caller falls back to the log-space recursion.
+    """
+
+    @staticmethod
+    def forward(ctx, unary, trans):
+        batch, (T, K) = unary.shape[:-2], unary.shape[-2:]
+        U = unary.reshape(-1, T, K)
+        P = trans.exp()
+        m = U.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        E = (U - m).exp()
+        a = torch.empty_like(E)
+        c = E.new_empty(E.shape[:-1])
+        x = E[:, 0]
+        for t in range(T):
+            if t:
+                x = (a[:, t - 1] @ P) * E[:, t]
+            s = x.sum(-1)
+            a[:, t] = x / s.unsqueeze(-1)
+            c[:, t] = s
+        logz = c.log().sum(-1) + m.squeeze(-1).sum(-1)
+        ctx.save_for_backward(a, c, E, P)
+        ctx.batch = batch
+        return logz.reshape(batch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, c, E, P = ctx.saved_tensors
+        T, K = a.shape[-2:]
+        g = grad.reshape(-1)
+        b = torch.empty_like(a)
+        b[:, -1] = 1.0
+        for t in range(T - 2, -1, -1):
+            b[:, t] = ((E[:, t + 1] * b[:, t + 1]) @ P.T) / c[:, t + 1].unsqueeze(-1)
+        g_unary = a * b * g[:, None, None]
+        right = (E[:, 1:] * b[:, 1:]) / c[:, 1:].unsqueeze(-1)
+        left = a[:, :-1] * g[:, None, None]
+        g_trans = P * (left.reshape(-1, K).T @ right.reshape(-1, K))
+        return g_unary.reshape(ctx.batch + (T, K)), g_trans
+
+
 class ChainLogPartition(torch.autograd.Function):
     """Per-chain log-partition ``log Σ_paths`` of ``init (..., K)`` and ``potentials
     (..., T-1, K, K)``, whose gradient is the forward-backward posterior.
@@ -409,7 +462,10 @@ class FactorModel:
         m = self._substituted(theta)
         if enum:
             m = poutine.enum(m, first_available_dim=-self.nesting - 1)
-        tr = poutine.trace(m).get_trace(*self.args, **self.kwargs)
+        # The first, plain run of the model (in _discover) is validated; these repeat it at
+        # other parameter values, and Pyro's argument checks would be a third of their time.
+        with pyro.validation_enabled(False):
+            tr = poutine.trace(m).get_trace(*self.args, **self.kwargs)
         tr = prune_subsample_sites(tr)
         tr.compute_log_prob()
         tr.symbolize_dims()
@@ -505,6 +561,8 @@ class FactorModel:
             t = transform_for(f.constraint)
             u = t.inv(self.init[k])
             probe[k] = t(torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device))
+        # The plain trace above ran with Pyro's validation; these two skip its argument
+        # checks (a third of the time of a long pyro.markov loop).
         with torch.no_grad():
             traces = [self.trace(self.init), self.trace(probe)]
         self._thetas = [self.init, probe]
@@ -563,7 +621,7 @@ class FactorModel:
             for c in candidates:
                 if c.kind == "traced":
                     c.depends = dep_probe[c.sites[0]]
-        self.groups = self._stack(candidates)
+        self.groups = self._stack(candidates, order)
         self.has_traced = any(g.kind == "traced" for g in self.groups)
         self.chain = self._chain_plan()
         self.chain_method = "auto"
@@ -952,7 +1010,7 @@ class FactorModel:
             out = [c for c in out if c[0][1] == c[1][1]]
         return out
 
-    def _stack(self, candidates: list[Group]) -> list[Group]:
+    def _stack(self, candidates: list[Group], order: Mapping[str, int]) -> list[Group]:
         """Stack single-site recipe groups that compute the same thing into one group."""
         out: list[Group] = []
         parts: dict[int, list[Group]] = {}
@@ -982,13 +1040,19 @@ class FactorModel:
             if len(ps) == 1:
                 continue
             g = out[i]
-            g.sites = [n for p in ps for n in p.sites]
-            g.roles = [r for p in ps for r in p.roles]
+            sites = [n for p in ps for n in p.sites]
+            # Rows in the model's order (loops whose iterations alternate Pyro's markov dims
+            # arrive as two buckets): a chain then reads its unary tables in place.
+            perm = sorted(range(len(sites)), key=lambda j: order[sites[j]])
+            idx = torch.tensor(perm)
+            g.sites = [sites[j] for j in perm]
+            roles = [r for p in ps for r in p.roles]
+            g.roles = [roles[j] for j in perm]
             if g.data is not None:
-                g.data = torch.cat([p.data for p in ps])
+                g.data = torch.cat([p.data for p in ps])[idx]
             for k, s in g.slots.items():
                 if s.const is not None:
-                    s.const = torch.cat([p.slots[k].const for p in ps])
+                    s.const = torch.cat([p.slots[k].const for p in ps])[idx]
         return out
 
     # ------------------------------------------------------------------ contraction plans
@@ -1048,18 +1112,29 @@ class FactorModel:
             )
             if n_roles == 1:
                 where = torch.tensor([pos[r[0]] for r in g.roles])
-                per_group.append({"kind": "unary", "pos": where, "extra": extra})
+                in_order = bool(torch.equal(where, torch.arange(len(order))))
+                per_group.append(
+                    {"kind": "unary", "pos": where, "extra": extra, "in_order": in_order}
+                )
             else:
                 p0 = torch.tensor([pos[r[0]] for r in g.roles])
                 p1 = torch.tensor([pos[r[1]] for r in g.roles])
                 if not bool(((p0 - p1).abs() == 1).all()):
                     return None
+                start = torch.minimum(p0, p1)
+                flip = p0 > p1
                 per_group.append(
                     {
                         "kind": "pair",
-                        "pos": torch.minimum(p0, p1),
-                        "flip": p0 > p1,
+                        "pos": start,
+                        "flip": flip,
                         "extra": extra,
+                        # every step once, one orientation: a shared table can stay (K, K)
+                        "in_order": bool(
+                            torch.equal(start.sort().values, torch.arange(len(order) - 1))
+                        )
+                        and bool(flip.all() or (~flip).all()),
+                        "flipped": bool(flip.all()) if len(flip) else False,
                     }
                 )
         plan["groups"] = per_group
@@ -1159,54 +1234,77 @@ class FactorModel:
         """
         # A recipe table that is the same for every row (transitions) is computed once; its
         # weights then come back summed over rows, which is all the M-step needs.
+        if self.chain is not None:
+            return self._chain_log_partition(tables, twice_differentiable)
         expanded = {
             i: t.expand((self.groups[i].rows,) + self.groups[i].shape) for i, t in tables.items()
         }
-        if self.chain is not None:
-            return self._chain_log_partition(expanded, twice_differentiable)
         return self._generic_log_partition(expanded)
 
     def _chain_log_partition(
         self, tabs: Mapping[int, torch.Tensor], twice_differentiable: bool = False
     ) -> torch.Tensor:
+        """The chain's log-partition from its tables (natural shapes, not yet expanded)."""
         plan = self.chain
         T, K = plan["T"], plan["K"]
         psizes = tuple(self.plate_sizes[p] for p in plan["plates"])
         n_p = len(psizes)
         total = 0.0
         some = next(iter(tabs.values()))
-        unary = some.new_zeros(psizes + (T, K))
-        pair = None
+        unary = None
+        pair, shared = None, None
         for i, t in tabs.items():
-            info = plan["groups"][i]
+            info, g = plan["groups"][i], self.groups[i]
             if info["kind"] == "const":
-                total = total + t.sum()
+                total = total + t.expand((g.rows,) + g.shape).sum()
                 continue
             if info["extra"]:
+                t = t.expand((t.shape[0],) + g.shape)
                 t = t.sum(info["extra"])  # plates no chain variable is in: a product
             n_r = t.dim() - 1 - n_p  # role axes
+            if info["kind"] == "pair" and info["in_order"] and t.shape[0] == 1 and pair is None:
+                # One transition table for every step and sequence (a homogeneous HMM):
+                # kept as (K, K) for the structured recursion below.
+                if all(n == 1 for n in t.shape[1 + n_r :]):
+                    shared = t.reshape(K, K)
+                    shared = shared.T if info["flipped"] else shared
+                    continue
+            t = t.expand((g.rows,) + t.shape[1:])
             # (rows, roles..., plates...) -> (plates..., rows, roles...)
             t = t.permute(tuple(range(1 + n_r, t.dim())) + tuple(range(1 + n_r)))
+            t = t.expand(psizes + t.shape[n_p:])
             if info["kind"] == "unary":
-                unary = unary.index_add(n_p, info["pos"], t.expand(psizes + t.shape[n_p:]))
+                if info["in_order"] and unary is None:
+                    unary = t
+                else:
+                    if unary is None:
+                        unary = some.new_zeros(psizes + (T, K))
+                    unary = unary.index_add(n_p, info["pos"], t)
             else:
                 flip = info["flip"].reshape((1,) * n_p + (-1, 1, 1))
                 t = torch.where(flip, t.transpose(-1, -2), t)
                 if pair is None:
                     pair = some.new_zeros(psizes + (max(T - 1, 0), K, K))
-                pair = pair.index_add(n_p, info["pos"], t.expand(psizes + t.shape[n_p:]))
-        init = unary[..., 0, :]
+                pair = pair.index_add(n_p, info["pos"], t)
+        if unary is None:
+            unary = some.new_zeros(psizes + (T, K))
         if T == 1:
-            alpha = init
-        else:
-            pots = unary[..., 1:, None, :]
-            pots = pots + pair if pair is not None else pots.expand(psizes + (T - 1, K, K))
-            method = "sequential" if T - 1 > 64 else self.chain_method
-            if twice_differentiable:
-                alpha = chain_contract(init, pots, LogSemiring, method=method)
-            else:
-                return total + ChainLogPartition.apply(init, pots, method).sum()
-        return total + torch.logsumexp(alpha, -1).sum()
+            return total + torch.logsumexp(unary[..., 0, :], -1).sum()
+        if shared is not None and pair is None and not twice_differentiable:
+            logz = SharedChainLogPartition.apply(unary, shared)
+            if bool(torch.isfinite(logz).all()):
+                return total + logz.sum()
+            # Scaling underflowed (a state path below e^-700 of the best): exact log space.
+        if shared is not None:
+            pair = shared.expand(psizes + (T - 1, K, K)) if pair is None else pair + shared
+        init = unary[..., 0, :]
+        pots = unary[..., 1:, None, :]
+        pots = pots + pair if pair is not None else pots.expand(psizes + (T - 1, K, K))
+        method = "sequential" if T - 1 > 64 else self.chain_method
+        if twice_differentiable:
+            alpha = chain_contract(init, pots, LogSemiring, method=method)
+            return total + torch.logsumexp(alpha, -1).sum()
+        return total + ChainLogPartition.apply(init, pots, method).sum()
 
     def _generic_log_partition(self, tabs: Mapping[int, torch.Tensor]) -> torch.Tensor:
         tree: OrderedDict = OrderedDict()

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jointkl.inference import EM
 from jointkl.inference.em import aic, bic, n_parameters
-from jointkl.inference.em_factors import ChainLogPartition, FactorModel
+from jointkl.inference.em_factors import ChainLogPartition, FactorModel, SharedChainLogPartition
 from jointkl.inference.em_mstep import m_step, plan_updates
 from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 from pyro.distributions import constraints
@@ -175,6 +175,24 @@ def test_forward_backward_marginals_equal_autograd_of_chain_contract():
     g2 = torch.autograd.grad(ref, [init, pots])
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_transition_recursion_equals_the_general_chain():
+    """A homogeneous HMM's structured (scaled) forward-backward gives chain_contract's log
+    partition and the same marginals (gradients) as the general recursion."""
+    g = torch.Generator().manual_seed(1)
+    unary = (3 * torch.randn(5, 40, 4, generator=g, dtype=F64)).requires_grad_()
+    trans = torch.randn(4, 4, generator=g, dtype=F64).log_softmax(-1).requires_grad_()
+    ours = SharedChainLogPartition.apply(unary, trans).sum()
+    pots = unary[:, 1:, None, :] + trans
+    ref = chain_contract(unary[:, 0], pots, LogSemiring).logsumexp(-1).sum()
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    for a, b in zip(
+        torch.autograd.grad(ours, [unary, trans]),
+        torch.autograd.grad(ref, [unary, trans]),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_posterior_weights_are_responsibilities(blobs):

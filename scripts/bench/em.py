@@ -1,0 +1,355 @@
+"""Benchmark: jointkl's EM against scikit-learn, pomegranate, hmmlearn and Pyro's tutorial
+recipe, same data, same initial parameters, one process.
+
+Cases (one JSON object each on stdout):
+
+- ``gmm``: Gaussian mixture, full covariances, N=200,000 points, D=4, K=8 overlapping
+  clusters. Every EM runs the same number of iterations from the same start (k-means++ seeds,
+  equal weights, the data covariance): the count scikit-learn needs at tol=1e-3, at least 30.
+  All reach the same final log-likelihood (the figure ``loglik_per_point`` checks it).
+- ``gmm-pyro``: Pyro's tutorial approach (TraceEnum_ELBO + AutoDelta + Adam(lr=0.1,
+  betas=(0.8, 0.99)), the weak-prior zoo GMM) from the same start, until its marginal
+  log-likelihood comes within 1e-3 nats/point of EM's, or a time budget runs out.
+- ``hmm``: Gaussian HMM (diagonal), 100 sequences x 500 steps, 6 states, against hmmlearn's
+  GaussianHMM, same start and iteration count.
+- ``scaling``: jointkl EM seconds per iteration (compile excluded) for N = 10^4 .. 10^6.
+
+Times are wall-clock and this process's CPU seconds; ``ratio`` = jointkl / other (below 1:
+jointkl is faster). Each contender first runs once on a small problem (imports, lazy
+initialisation), so what is timed is fitting. torch and NumPy use their default threads.
+
+    python scripts/bench/em.py                   # every case
+    python scripts/bench/em.py --cases gmm,hmm --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from jointkl.inference import EM
+from jointkl.inference.em_factors import FactorModel
+from jointkl.inference.em_mstep import m_step, plan_updates
+from jointkl.models import HMM, GaussianMixture
+
+warnings.filterwarnings("ignore")
+
+
+def clock(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# --------------------------------------------------------------------------- data
+def gmm_data(n: int, d: int, k: int, seed: int) -> np.ndarray:
+    """Overlapping clusters: centres N(0, 1.5^2 I), random covariances around I."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.5, (k, d))
+    z = rng.integers(k, size=n)
+    a = rng.normal(0, 0.4, (k, d, d)) + np.eye(d)
+    return centres[z] + np.einsum("nij,nj->ni", a[z], rng.normal(size=(n, d)))
+
+
+def gmm_start(x: np.ndarray, k: int, seed: int):
+    from sklearn.cluster import kmeans_plusplus
+
+    means, _ = kmeans_plusplus(x, k, random_state=seed)
+    cov = np.cov(x.T)
+    return np.full(k, 1.0 / k), means, np.stack([cov] * k)
+
+
+def gmm_loglik(x: torch.Tensor, w, m, tril) -> float:
+    d = torch.distributions.MultivariateNormal(m, scale_tril=tril)
+    return float(torch.logsumexp(d.log_prob(x.unsqueeze(-2)) + w.log(), -1).sum())
+
+
+# --------------------------------------------------------------------------- contenders
+def run_sklearn_gmm(x, w0, m0, c0, iters, tol=0.0):
+    from sklearn.mixture import GaussianMixture as SK
+
+    sk = SK(
+        len(w0),
+        covariance_type="full",
+        max_iter=iters,
+        tol=tol,
+        reg_covar=0.0,
+        weights_init=w0,
+        means_init=m0,
+        precisions_init=np.linalg.inv(c0),
+    )
+    sk.fit(x)
+    return sk
+
+
+def run_jointkl_gmm(x, w0, m0, c0, iters):
+    init = {
+        "weights": torch.tensor(w0),
+        "locs": torch.tensor(m0),
+        "scale_tril": torch.linalg.cholesky(torch.tensor(c0)),
+    }
+    em = EM(max_iter=iters, tol=0.0, init=lambda x, seed: init, progress=False)
+    return em.fit(GaussianMixture(len(w0), "full", priors=None), torch.as_tensor(x))
+
+
+def run_pomegranate_gmm(x, w0, m0, c0, iters):
+    from pomegranate.distributions import Normal
+    from pomegranate.gmm import GeneralMixtureModel
+
+    dists = [
+        Normal(means=torch.tensor(m0[j]), covs=torch.tensor(c0[j]), covariance_type="full")
+        for j in range(len(w0))
+    ]
+    model = GeneralMixtureModel(
+        dists, priors=torch.tensor(w0), max_iter=iters, tol=-math.inf, verbose=False
+    )
+    model.fit(torch.as_tensor(x))
+    return model
+
+
+def case_gmm(args) -> dict:
+    n, d, k = (20_000 if args.quick else 200_000), 4, 8
+    x = gmm_data(n, d, k, args.seed)
+    w0, m0, c0 = gmm_start(x, k, args.seed)
+    sk_tol = run_sklearn_gmm(x, w0, m0, c0, 1000, tol=1e-3)
+    iters = max(30, int(sk_tol.n_iter_))
+    # warm-up: imports and lazy initialisation of every contender
+    small = x[:2000]
+    run_sklearn_gmm(small, w0, m0, c0, 2)
+    run_jointkl_gmm(small, w0, m0, c0, 2)
+    have_pom = True
+    try:
+        run_pomegranate_gmm(small, w0, m0, c0, 2)
+    except ImportError:
+        have_pom = False
+    times, cpu, ll = {}, {}, {}
+    sk, times["sklearn"], cpu["sklearn"] = clock(lambda: run_sklearn_gmm(x, w0, m0, c0, iters))
+    ll["sklearn"] = float(sk.score(x))
+    fit, times["jointkl"], cpu["jointkl"] = clock(lambda: run_jointkl_gmm(x, w0, m0, c0, iters))
+    ll["jointkl"] = fit.history[-1] / n
+    if have_pom:
+        pom, times["pomegranate"], cpu["pomegranate"] = clock(
+            lambda: run_pomegranate_gmm(x, w0, m0, c0, iters)
+        )
+        ll["pomegranate"] = float(pom.log_probability(torch.as_tensor(x)).sum()) / n
+    return {
+        "case": "gmm",
+        "n": n,
+        "d": d,
+        "k": k,
+        "iterations": iters,
+        "sklearn_iterations_at_tol_1e-3": int(sk_tol.n_iter_),
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "ratio": {o: times["jointkl"] / times[o] for o in times if o != "jointkl"},
+        "cpu_ratio": {o: cpu["jointkl"] / cpu[o] for o in cpu if o != "jointkl"},
+        "loglik_per_point": ll,
+        "jointkl_compile_seconds": fit.info.get("compile_seconds"),
+    }
+
+
+def case_gmm_pyro(args) -> dict:
+    """Pyro's tutorial recipe to EM's log-likelihood (±1e-3 nats/point), or the budget."""
+    import pyro
+    import pyro.poutine as poutine
+    from pyro.infer import SVI, TraceEnum_ELBO
+    from pyro.infer.autoguide import AutoDelta, init_to_value
+    from pyro.optim import Adam
+
+    n, d, k = (20_000 if args.quick else 200_000), 4, 8
+    x_np = gmm_data(n, d, k, args.seed)
+    w0, m0, c0 = gmm_start(x_np, k, args.seed)
+    sk = run_sklearn_gmm(x_np, w0, m0, c0, 1000, tol=1e-3)
+    iters = max(30, int(sk.n_iter_))
+    fit, em_wall, em_cpu = clock(lambda: run_jointkl_gmm(x_np, w0, m0, c0, iters))
+    target = fit.history[-1] - 1e-3 * n
+    x = torch.as_tensor(x_np)
+    model = GaussianMixture(k, "full", priors="weak")
+    sd0 = torch.tensor(np.sqrt(np.diagonal(c0, axis1=1, axis2=2)))
+    corr0 = torch.linalg.cholesky(torch.tensor(c0) / (sd0.unsqueeze(-1) * sd0.unsqueeze(-2)))
+    start = {
+        "weights": torch.tensor(w0),
+        "locs": torch.tensor(m0),
+        "scales": sd0,
+        "corr_chol": corr0,
+    }
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    guide = AutoDelta(
+        poutine.block(model.model, hide=["assignment", "obs"]),
+        init_loc_fn=init_to_value(values=start),
+    )
+    svi = SVI(
+        model.model,
+        guide,
+        Adam({"lr": 0.1, "betas": (0.8, 0.99)}),
+        TraceEnum_ELBO(max_plate_nesting=1),
+    )
+    budget = min(args.pyro_budget, max(20.0, 25 * em_wall))
+    spent, spent_cpu, steps, best = 0.0, 0.0, 0, -math.inf
+    reached = None
+    while spent < budget:
+        _, w, c = clock(lambda: [svi.step(x) for _ in range(10)])
+        spent, spent_cpu, steps = spent + w, spent_cpu + c, steps + 10
+        with torch.no_grad():
+            med = guide.median(x)
+            tril = med["scales"].unsqueeze(-1) * med["corr_chol"]
+            ll = gmm_loglik(x, med["weights"], med["locs"], tril)
+        best = max(best, ll)
+        if ll >= target:
+            reached = spent
+            break
+    return {
+        "case": "gmm-pyro",
+        "n": n,
+        "d": d,
+        "k": k,
+        "em_seconds": em_wall,
+        "em_cpu_seconds": em_cpu,
+        "em_iterations": iters,
+        "pyro_steps": steps,
+        "pyro_seconds": spent,
+        "pyro_cpu_seconds": spent_cpu,
+        "reached_em_loglik": reached is not None,
+        "pyro_best_loglik_per_point": best / n,
+        "em_loglik_per_point": fit.history[-1] / n,
+        "speedup_lower_bound" if reached is None else "speedup": spent / em_wall,
+        "budget_seconds": budget,
+    }
+
+
+def hmm_sample(S, T, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    trans = torch.full((K, K), 0.1 / (K - 1)) + 0.9 * torch.eye(K) - 0.1 / (K - 1) * torch.eye(K)
+    means = torch.linspace(-3, 3, K)
+    states = torch.empty(S, T, dtype=torch.long)
+    states[:, 0] = torch.randint(K, (S,), generator=g)
+    for t in range(1, T):
+        states[:, t] = torch.multinomial(trans[states[:, t - 1]], 1, generator=g).squeeze(-1)
+    x = means[states] + 0.8 * torch.randn(S, T, generator=g)
+    return x.unsqueeze(-1).double()
+
+
+def case_hmm(args) -> dict:
+    from hmmlearn.hmm import GaussianHMM
+
+    S, T, K = (20 if args.quick else 100), 500, 6
+    x = hmm_sample(S, T, K, args.seed)
+    flat = x.reshape(-1, 1).numpy()
+    iters = 30
+    q = np.quantile(flat[:, 0], np.linspace(0.1, 0.9, K))
+    init = {
+        "init": torch.full((K,), 1.0 / K, dtype=torch.float64),
+        "trans": torch.full((K, K), 0.5 / K, dtype=torch.float64)
+        + 0.5 * torch.eye(K, dtype=torch.float64),
+        "locs": torch.tensor(q).unsqueeze(-1),
+        "scales": torch.full((K, 1), float(flat.std()), dtype=torch.float64),
+    }
+
+    def hmmlearn_fit(data, lengths, n_iter):
+        h = GaussianHMM(
+            K,
+            "diag",
+            n_iter=n_iter,
+            tol=-math.inf,
+            init_params="",
+            params="stmc",
+            min_covar=0.0,
+            implementation="scaling",
+        )
+        h.startprob_, h.transmat_ = init["init"].numpy(), init["trans"].numpy()
+        h.means_, h.covars_ = init["locs"].numpy(), init["scales"].numpy() ** 2
+        return h.fit(data, lengths)
+
+    def jointkl_fit(data, n_iter):
+        return EM(max_iter=n_iter, tol=0.0, init=lambda x, seed: init, progress=False).fit(
+            HMM(K), data
+        )
+
+    hmmlearn_fit(flat[: 5 * T], [T] * 5, 2)  # warm-up
+    jointkl_fit(x[:5], 2)
+    times, cpu = {}, {}
+    h, times["hmmlearn"], cpu["hmmlearn"] = clock(lambda: hmmlearn_fit(flat, [T] * S, iters))
+    fit, times["jointkl"], cpu["jointkl"] = clock(lambda: jointkl_fit(x, iters))
+    return {
+        "case": "hmm",
+        "sequences": S,
+        "steps": T,
+        "states": K,
+        "iterations": iters,
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "ratio": {"hmmlearn": times["jointkl"] / times["hmmlearn"]},
+        "cpu_ratio": {"hmmlearn": cpu["jointkl"] / cpu["hmmlearn"]},
+        "loglik_per_step": {
+            "jointkl": fit.history[-1] / (S * T),
+            "hmmlearn": float(h.score(flat, [T] * S)) / (S * T),
+        },
+        "jointkl_compile_seconds": fit.info.get("compile_seconds"),
+    }
+
+
+def case_scaling(args) -> list[dict]:
+    sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    out = []
+    for n in sizes:
+        x = torch.as_tensor(gmm_data(n, 4, 8, args.seed))
+        fm, _, _ = clock(
+            lambda: FactorModel(
+                GaussianMixture(8, "full", priors=None).model, (x,), {}, dtype=torch.float64
+            )
+        )
+        closed, grad = plan_updates(fm)
+        theta = fm.init
+        reps = 5
+
+        def iterate(theta=theta):
+            for _ in range(reps):
+                _, W = fm.e_step(theta)
+                theta = m_step(fm, theta, W, closed, grad)
+
+        _, w, c = clock(iterate)
+        out.append(
+            {
+                "case": "scaling",
+                "n": n,
+                "seconds_per_iteration": w / reps,
+                "cpu_seconds_per_iteration": c / reps,
+                "microseconds_per_point_iteration": 1e6 * w / reps / n,
+            }
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="gmm,gmm-pyro,hmm,scaling")
+    p.add_argument("--quick", action="store_true", help="smaller problems (a smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pyro-budget", type=float, default=600.0, help="most seconds for the Pyro tutorial recipe"
+    )
+    args = p.parse_args(argv)
+    cases = {"gmm": case_gmm, "gmm-pyro": case_gmm_pyro, "hmm": case_hmm, "scaling": case_scaling}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
+    for name in args.cases.split(","):
+        if name not in cases:
+            p.error(f"unknown case {name!r}; cases: {', '.join(cases)}")
+        res = cases[name](args)
+        for r in res if isinstance(res, list) else [res]:
+            emit({**r, **meta})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
