@@ -46,6 +46,9 @@ from jointkl.optim import OPTIMIZERS, pyro_optim
 from jointkl.pair import as_pair
 from jointkl.runs import atomic_save_tensors, load_tensors
 
+from .fused_optim import FusedPyroOptim
+from .reparam_elbo import ReparamELBO
+
 __all__ = ["SVI", "SVIState"]
 
 LOSSES = ("trace", "meanfield", "enum", "renyi")
@@ -117,7 +120,8 @@ class SVI(Engine):
         ``"enum"`` (TraceEnum_ELBO: enumerated discrete latents summed out), ``"renyi"``
         (Rényi α-divergence, α=0.5), or a callable ``loss(model, guide, *args, **kwargs)``
         returning a differentiable scalar tensor (a plugged-in objective). ``None`` picks
-        ``"enum"`` when the model enumerates, else ``"trace"``.
+        the pair's ``default_loss`` callable if it has one, else ``"enum"`` when the model
+        enumerates, else ``"trace"``.
     :param guide: ``"delta"`` (MAP), ``"normal"`` (mean-field Gaussian), ``"lowrank"``
         (low-rank multivariate normal), a callable guide, or ``None`` for the pair's guide,
         else the pair's ``default_guide`` attribute, else ``"normal"``.
@@ -243,6 +247,10 @@ class SVI(Engine):
             n for n, s in sample_sites.items() if not s["is_observed"] and n not in enumerated
         ]
         loss = cfg["loss"] or ("enum" if enumerated else "trace")
+        loss_fn = self._loss_fn
+        if cfg["loss"] is None and callable(getattr(pair, "default_loss", None)):
+            # A pair whose objective is not an ELBO (e.g. InfoMax) names it, like default_guide.
+            loss, loss_fn = "callable", pair.default_loss
         if enumerated and loss not in ("enum", "callable"):
             raise InputError(
                 f"SVI: the model enumerates site(s) {enumerated}; use loss='enum' (or None)"
@@ -285,7 +293,11 @@ class SVI(Engine):
         if cfg["vectorize_particles"] or loss == "enum":
             common["max_plate_nesting"] = nesting
         if loss == "callable":
-            elbo = _CallableLoss(self._loss_fn)
+            elbo = _CallableLoss(loss_fn)
+        elif loss in ("trace", "meanfield") and cfg["num_particles"] == 1:
+            # The same estimator without the general bookkeeping when the guide is fully
+            # reparameterised (it hands any other step to Pyro's class itself).
+            elbo = ReparamELBO(analytic_kl=loss == "meanfield")
         elif loss == "trace":
             elbo = Trace_ELBO(**common)
         elif loss == "meanfield":
@@ -306,7 +318,9 @@ class SVI(Engine):
         if name not in TORCH_OPTIMS:
             # jointkl.optim integrators: lr is their step size ε (docs/optim.md)
             return pyro_optim(name, step_size=lr)
-        return pyro.optim.PyroOptim(cls, {"lr": lr})
+        # One torch optimiser for all params: per-param optimisers cost more than the maths
+        # on networks with many weight tensors (inference/fused_optim.py).
+        return FusedPyroOptim(cls, {"lr": lr})
 
     def _lr_factor(self, step: int) -> float:
         sched, total = self.config["lr_schedule"], self.config["steps"]
@@ -437,7 +451,7 @@ class SVI(Engine):
         loss = float(loss)
         bad = not math.isfinite(loss)
         if not bad:
-            bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+            bad = not _grads_finite([p.grad for p in params if p.grad is not None])
         if bad:
             pyro.infer.util.zero_grads(set(params))
             what = "loss" if not math.isfinite(loss) else "gradient"
@@ -453,8 +467,11 @@ class SVI(Engine):
                     key = "lr" if "lr" in group else "step_size"  # jointkl.optim: step size ε
                     group.setdefault("initial_lr", group[key])
                     group[key] = group["initial_lr"] * lr_factor
-        optim(set(params))
-        pyro.infer.util.zero_grads(set(params))
+        optim(params)
+        for p in params:
+            # None, not zeros: the next backward assigns instead of allocating and adding
+            # (torch's zero_grad(set_to_none=True)); optimisers skip None-grad params.
+            p.grad = None
         return loss
 
     def _make_fit(
@@ -562,6 +579,19 @@ def _check_positive(name: str, value: Any, kind: type) -> None:
         ok = ok and float(value).is_integer()
     if not ok or not value > 0:
         raise InputError(f"SVI: {name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _grads_finite(grads: list[torch.Tensor]) -> bool:
+    """All gradient entries finite? One fused reduction and one host sync, not one per param:
+    the per-tensor norms are finite iff every entry is (or none is so large its square
+    overflows, which is divergence all the same)."""
+    if not grads:
+        return True
+    try:
+        norms = torch._foreach_norm(grads)
+    except (RuntimeError, TypeError):  # e.g. sparse gradients
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+    return bool(torch.isfinite(torch.stack([n.to(norms[0]) for n in norms])).all())
 
 
 def _optim_class(name: str):
