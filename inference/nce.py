@@ -400,6 +400,8 @@ class NCE(Engine):
     :param clip_norm: clip the global gradient norm (``None``: no clipping).
     :param int seed: the one seed for parameter initialisation, noise and batch order.
     :param bool progress: show a tqdm bar with the running loss.
+    :param on_step: called as ``on_step(step, loss)`` after every step (L-BFGS: every
+        evaluation); raising ``KeyboardInterrupt`` there ends the fit early, keeping it.
     """
 
     name = "nce"
@@ -418,6 +420,7 @@ class NCE(Engine):
         clip_norm: float | None = None,
         seed: int = 0,
         progress: bool = True,
+        on_step: Callable[[int, float], None] | None = None,
     ):
         if variant not in VARIANTS:
             raise InputError(f"NCE: variant must be one of {VARIANTS}, got {variant!r}")
@@ -464,6 +467,7 @@ class NCE(Engine):
         )
         self._noise_spec = noise
         self.progress = progress
+        self.on_step = on_step
 
     # ------------------------------------------------------------------ fitting
     def fit(self, pair: Any, *args: Any, **kwargs: Any) -> Fit:
@@ -575,10 +579,10 @@ class NCE(Engine):
 
     def _run_stochastic(self, params, batch_terms, objective, n, batch_gen):
         cfg = self.config
-        opt = optim_class(cfg["optim"])(params, lr=cfg["lr"])
+        opt = _Stepper(cfg["optim"], cfg["lr"], params)
         bsz = cfg["batch_size"]
         history: list[float] = []
-        perm, pos, step = None, 0, 0
+        perm, pos = None, 0
         reason = "max steps"
         bar = tqdm(range(cfg["steps"]), disable=not self.progress, desc="nce")
         smooth = None
@@ -592,32 +596,36 @@ class NCE(Engine):
                     idx, pos = perm[pos : pos + bsz], pos + bsz
                 loss = objective(batch_terms(idx))
                 value = float(loss.detach())
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 if math.isfinite(value):
                     loss.backward()
-                bad = not math.isfinite(value) or any(
-                    p.grad is not None and not torch.isfinite(p.grad).all() for p in params
-                )
-                if bad:
-                    opt.zero_grad(set_to_none=True)
+                # One reduction per gradient: any NaN/inf entry makes the norm non-finite.
+                norm = _grad_norm(params)
+                if not (math.isfinite(value) and math.isfinite(norm)):
+                    opt.zero_grad()
                     raise FitDivergedError(
-                        f"NCE: non-finite loss or gradient at step {step} (loss={value}); "
-                        f"parameters kept at the last good step; lower lr or set clip_norm"
+                        f"NCE: non-finite loss or gradient at step {step} (loss={value}); no "
+                        f"update was applied (parameters as after step {step - 1}); lower lr "
+                        "or set clip_norm"
                     )
                 if cfg["clip_norm"] is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg["clip_norm"])
+                    norm = _grad_norm(params, exact=True)
+                if cfg["clip_norm"] is not None and norm > cfg["clip_norm"]:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(cfg["clip_norm"] / norm)
                 opt.step()
                 history.append(value)
                 smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
                 if self.progress and step % 10 == 0:
                     bar.set_postfix(loss=f"{smooth:.4g}")
-            else:
-                step = cfg["steps"]
+                if self.on_step is not None:
+                    self.on_step(step, value)
         except KeyboardInterrupt:
-            reason = f"interrupted at step {step}"
+            reason = f"interrupted after {len(history)} steps"
         finally:
             bar.close()
-        return history, step, False, reason
+        return history, len(history), False, reason
 
     def _run_lbfgs(self, params, batch_terms, objective):
         cfg = self.config
@@ -638,7 +646,7 @@ class NCE(Engine):
         )
         history: list[float] = []
         good = [p.detach().clone() for p in params]
-        bar = tqdm(total=cfg["steps"], disable=not self.progress, desc="nce (lbfgs)")
+        bar = tqdm(disable=not self.progress, desc="nce (lbfgs evaluations)")
 
         def closure():
             opt.zero_grad(set_to_none=True)
@@ -653,7 +661,11 @@ class NCE(Engine):
             for g, p in zip(good, params, strict=True):
                 g.copy_(p.detach())
             history.append(value)
-            bar.update(0)
+            bar.update(1)
+            if self.progress:
+                bar.set_postfix(loss=f"{value:.6g}")
+            if self.on_step is not None:
+                self.on_step(len(history) - 1, value)
             return loss
 
         reason = "converged"
@@ -694,6 +706,105 @@ class NCE(Engine):
 
 
 # ---------------------------------------------------------------------- helpers
+class _Stepper:
+    """The optimiser(s) of a stochastic fit, built at the first step once gradients exist.
+
+    Parameters whose gradients arrive sparse (embedding rows looked up with ``sparse=True``,
+    as in a large-vocabulary model) are stepped row-wise: ``sgd`` and ``adagrad`` take sparse
+    gradients natively; ``adam``/``adamw`` hand them to :class:`LazyAdam` (Adam on the rows a
+    batch touched). A dense step would cost O(V·d) per step and
+    undo what NCE saves by never touching the other V − ν rows.
+    """
+
+    SPARSE_OK = ("sgd", "adagrad")
+
+    def __init__(self, name: str, lr: float, params: list[torch.Tensor]):
+        self.name, self.lr, self.params = name, lr, params
+        self.optims: list[torch.optim.Optimizer] | None = None
+
+    def _build(self) -> None:
+        sparse = [p for p in self.params if p.grad is not None and p.grad.is_sparse]
+        dense = [p for p in self.params if not (p.grad is not None and p.grad.is_sparse)]
+        cls = optim_class(self.name)
+        if not sparse or self.name in self.SPARSE_OK:
+            self.optims = [cls(self.params, lr=self.lr)]
+            return
+        if self.name not in ("adam", "adamw"):
+            raise InputError(
+                f"NCE: optim={self.name!r} cannot step the sparse gradients of this model's "
+                "embeddings; use adam, sgd or adagrad"
+            )
+        self.optims = [LazyAdam(sparse, lr=self.lr)]
+        if dense:
+            self.optims.append(cls(dense, lr=self.lr))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        if self.optims is None:
+            self._build()
+        for o in self.optims:
+            o.step()
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Adam on the rows a sparse gradient touches: torch's ``SparseAdam`` update, with one
+    coalesce per parameter and row gathers/scatters instead of sparse-dense arithmetic.
+
+    For the touched rows r, with t the step count: m_r ← β₁ m_r + (1 − β₁) g_r,
+    v_r ← β₂ v_r + (1 − β₂) g_r², θ_r ← θ_r − lr · (m_r / (1 − β₁ᵗ)) / (√(v_r / (1 − β₂ᵗ)) + ε).
+    Rows a step does not touch keep their moments and values ("lazy" Adam).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
+                rows, vals = g._indices()[0], g._values()
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                m = st["exp_avg"].index_select(0, rows).lerp_(vals, 1 - b1)
+                v = (
+                    st["exp_avg_sq"]
+                    .index_select(0, rows)
+                    .mul_(b2)
+                    .addcmul_(vals, vals, value=1 - b2)
+                )
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                t = st["step"]
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.index_add_(0, rows, m.div_(denom), alpha=-group["lr"] / (1 - b1**t))
+
+
+def _grad_norm(params: list[torch.Tensor], exact: bool = False) -> float:
+    """The global L2 norm of the gradients. A sparse gradient's stored values may repeat a row
+    (uncoalesced): their norm is finite exactly when the true one is, which is all the
+    divergence check needs; ``exact=True`` coalesces first (for clipping)."""
+    total = 0.0
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()._values() if exact else g._values()
+        total += float(torch.linalg.vector_norm(g)) ** 2
+    return math.sqrt(total)
+
+
 def optim_class(name: str) -> type[torch.optim.Optimizer]:
     """The torch optimiser class for an engine's ``optim`` name."""
     if name == "lbfgs":

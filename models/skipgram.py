@@ -27,11 +27,13 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from pyro.distributions import constraints
 
 from jointkl.errors import InputError
 from jointkl.zoo import register_model
 
-__all__ = ["SkipGram", "WordPairs", "word_pairs", "build_vocabulary"]
+__all__ = ["SkipGram", "FullSoftmax", "WordPairs", "word_pairs", "build_vocabulary"]
 
 UNK = "<unk>"
 MODES = ("skipgram", "lm")
@@ -106,6 +108,46 @@ def word_pairs(
     return WordPairs(torch.from_numpy(target), torch.from_numpy(context), vocab)
 
 
+class FullSoftmax(dist.TorchDistribution):
+    """Categorical(logits = h Uᵀ + b) over V words, evaluated lazily and in row chunks.
+
+    The (N, V) logits are never held at once: ``log_prob`` computes them ``chunk`` rows at a
+    time, so tracing the model on a whole corpus (N ≈ 10⁶, V = 5·10⁴) costs no memory until a
+    log-density is asked for, and then only ``chunk × V`` at a time without autograd.
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+    has_enumerate_support = False
+
+    def __init__(self, hidden: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, chunk=4096):
+        self.hidden, self.out, self.bias, self.chunk = hidden, out, bias, chunk
+        super().__init__(batch_shape=hidden.shape[:1], validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.integer_interval(0, self.out.shape[0] - 1)
+
+    def _logits(self, lo: int, hi: int) -> torch.Tensor:
+        return self.hidden[lo:hi] @ self.out.T + self.bias
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for lo in range(0, len(self.hidden), self.chunk):
+            logits = self._logits(lo, lo + self.chunk)
+            v = value[lo : lo + self.chunk].unsqueeze(-1)
+            rows.append(logits.gather(-1, v).squeeze(-1) - logits.logsumexp(-1))
+        return torch.cat(rows) if rows else self.hidden.new_zeros(0)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        with torch.no_grad():
+            n = int(torch.Size(sample_shape).numel())
+            draws = [
+                dist.Categorical(logits=self._logits(lo, lo + self.chunk)).sample((n,))
+                for lo in range(0, len(self.hidden), self.chunk)
+            ]
+            return torch.cat(draws, -1).reshape(*sample_shape, len(self.hidden))
+
+
 @register_model
 class SkipGram:
     """p(word | context) over a vocabulary of V words, with embeddings of size ``dim``.
@@ -173,23 +215,30 @@ class SkipGram:
             "context_embed", lambda: (torch.rand(V, d, dtype=dtype, device=device) - 0.5) / d
         )
         out = pyro.param("target_embed", lambda: torch.zeros(V, d, dtype=dtype, device=device))
-        bias = pyro.param("target_bias", lambda: torch.zeros(V, dtype=dtype, device=device))
+        # (V, 1), not (V,): an embedding table of width one, so its lookup can be sparse.
+        bias = pyro.param("target_bias", lambda: torch.zeros(V, 1, dtype=dtype, device=device))
         return ctx, out, bias
 
-    def _hidden(self, ctx_embed: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = ctx_embed[context]
+    def _hidden(
+        self, ctx_embed: torch.Tensor, context: torch.Tensor, sparse: bool = False
+    ) -> torch.Tensor:
+        h = F.embedding(context, ctx_embed, sparse=sparse)
         return h.mean(-2) if context.dim() == 2 else h
 
     def model(self, target: torch.Tensor, context: torch.Tensor) -> None:
         self._check(target, context)
         ctx, out, bias = self._params(target.device)
-        h = self._hidden(ctx, context)
         with pyro.plate("data", len(target)):
             if self.normalised:
-                pyro.sample("target", dist.Categorical(logits=h @ out.T + bias), obs=target)
+                h = self._hidden(ctx, context)
+                pyro.sample("target", FullSoftmax(h, out, bias[:, 0]), obs=target)
             else:
-                # Only the datum's own word is scored: O(d) per datum, whatever V is.
-                pyro.factor("score", (h * out[target]).sum(-1) + bias[target])
+                # Only the datum's own word is scored: O(d) per datum, whatever V is; sparse
+                # lookups give gradients on the touched rows alone (see the NCE engine).
+                h = self._hidden(ctx, context, sparse=True)
+                u = F.embedding(target, out, sparse=True)
+                b = F.embedding(target, bias, sparse=True)[:, 0]
+                pyro.factor("score", (h * u).sum(-1) + b)
 
     guide = None  # no latents
 
@@ -202,7 +251,7 @@ class SkipGram:
         store = pyro.get_param_store()
         with torch.no_grad():
             h = self._hidden(store["context_embed"], context)
-            return h @ store["target_embed"].T + store["target_bias"]
+            return h @ store["target_embed"].T + store["target_bias"][:, 0]
 
     def log_prob(
         self, fit: Any, target: torch.Tensor, context: torch.Tensor, chunk: int = 4096
@@ -217,15 +266,10 @@ class SkipGram:
 
         engine_class(fit.engine).activate(fit)
         store = pyro.get_param_store()
-        ctx, out, bias = store["context_embed"], store["target_embed"], store["target_bias"]
-        rows = []
         with torch.no_grad():
-            for lo in range(0, len(target), chunk):
-                h = self._hidden(ctx, context[lo : lo + chunk])
-                logits = h @ out.T + bias
-                t = target[lo : lo + chunk]
-                rows.append(logits.gather(-1, t[:, None]).squeeze(-1) - logits.logsumexp(-1))
-        return torch.cat(rows)
+            h = self._hidden(store["context_embed"], context)
+            full = FullSoftmax(h, store["target_embed"], store["target_bias"][:, 0], chunk=chunk)
+            return full.log_prob(target)
 
     def perplexity(self, fit: Any, target: torch.Tensor, context: torch.Tensor) -> float:
         """exp of the mean negative full-softmax log-likelihood of the pairs."""

@@ -16,7 +16,7 @@ from jointkl.models.energy import energy_data
 from jointkl.models.skipgram import word_pairs
 from pyro.distributions import constraints
 
-from jointkl.errors import InputError
+from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 
 
@@ -255,6 +255,29 @@ def test_energy_model_fit_saves_and_reloads(tmp_path):
     assert torch.isfinite(log_p).all()
     with torch.no_grad():
         assert torch.allclose(loaded.pair.energy_of(x[:10]), before)
+
+
+def test_user_energy_module_restarts_from_its_initial_state_in_every_fit():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = EnergyModel(energy=net)
+    x = energy_data("moons", 1000, seed=2)
+    engine = NCE(nu=5, steps=20, lr=0.05, progress=False)
+    first, second = engine.fit(model, x), engine.fit(model, x)
+    assert first.history == second.history
+    assert model.spec() is None  # a user's module cannot be rebuilt from JSON
+
+
+def test_non_finite_loss_stops_the_fit_with_a_clear_error():
+    def log_energy(x):
+        scale = pyro.param("scale", torch.tensor(1.0))
+        with pyro.plate("data", len(x)):
+            # log(scale) is NaN once a large step takes scale below zero
+            pyro.factor("energy", -((x / scale) ** 2) - scale.log())
+
+    x = 0.1 * torch.randn(500)
+    with pytest.raises(FitDivergedError, match="non-finite loss"):
+        NCE(optim="sgd", lr=100.0, steps=50, progress=False).fit(log_energy, x)
+    assert torch.isfinite(pyro.param("scale"))
 
 
 def test_word_pairs_are_within_sentence_neighbours():
