@@ -116,6 +116,17 @@ def test_fit_round_trip_restores_encoder_and_critics(tmp_path):
     assert [p.name for p in paths] == ["latent.png"]
 
 
+def test_svi_without_a_loss_uses_the_pairs_objective():
+    x = digits("train")[0][:128]
+    runs = []
+    for loss in (None, "plugged"):
+        im = InfoMax(4, **SMALL)
+        engine = SVI(loss=im.loss if loss else None, steps=3, batch_size=64, progress=False)
+        runs.append(engine.fit(im, x))
+    assert runs[0].config["resolved_loss"] == "callable"
+    assert runs[0].history == runs[1].history  # the same objective, the same numbers
+
+
 def test_vector_inputs_use_the_global_term_only():
     im = InfoMax(2, image_shape=None, **SMALL)
     x = torch.randn(32, 5)
