@@ -775,12 +775,17 @@ class FactorModel:
         fns = [s["fn"] for s in per_trace]
         plain = info["plain"]
 
-        # fixed: the distribution is the same at every probe.
+        # fixed: the distribution is the same at every probe. With the same value in every
+        # trace (data, enumerated values) that is the same log-density; a MAP global's value
+        # moves with θ, so its prior is scored at one value under each trace's distribution.
         v0 = site["value"]
-        try:
-            same = all(_is_close(fns[0].log_prob(v0), f.log_prob(v0)) for f in fns[1:])
-        except Exception:  # noqa: BLE001 (a distribution that cannot score another's value)
-            same = False
+        if value != "free":
+            same = all(_is_close(info["lps"][0], lp) for lp in info["lps"][1:])
+        else:
+            try:
+                same = all(_is_close(fns[0].log_prob(v0), f.log_prob(v0)) for f in fns[1:])
+            except Exception:  # noqa: BLE001 (a distribution that cannot score that value)
+                same = False
         if same and plain:
             if value == "free":
                 return Group(
@@ -825,14 +830,17 @@ class FactorModel:
         g = Group(kind="recipe", family=family, slots=slots, n_event=r, depends=depends, **base)
         # The recipe must give the log-densities Pyro computed (a last check, e.g. that the
         # value is scored as the family's own log_prob would).
-        if not self._rows_match(g, [info])[0]:
+        if not self._rows_match(g, [info], traces=(0,))[0]:
             return Group(kind="traced", family=None, **base)
         return g
 
-    def _rows_match(self, g: Group, infos: list[Mapping[str, Any]]) -> list[bool]:
-        """Per row: does the recipe reproduce the site's log-density in every trace?"""
+    def _rows_match(
+        self, g: Group, infos: list[Mapping[str, Any]], traces: tuple[int, ...] = (0, 1)
+    ) -> list[bool]:
+        """Per row: does the recipe reproduce the site's log-density in the given traces?"""
         ok = torch.ones(g.rows, dtype=torch.bool)
-        for k, theta in enumerate(self._thetas):
+        for k in traces:
+            theta = self._thetas[k]
             with torch.no_grad():
                 tab = self._recipe_table(g, theta)
             ref = torch.cat([info["lps"][k] for info in infos])

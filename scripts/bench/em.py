@@ -16,7 +16,8 @@ Cases (one JSON object each on stdout):
 
 Times are wall-clock and this process's CPU seconds; ``ratio`` = jointkl / other (below 1:
 jointkl is faster). Each contender first runs once on a small problem (imports, lazy
-initialisation), so what is timed is fitting. torch and NumPy use their default threads.
+initialisation), so what is timed is fitting. One thread for torch and NumPy (``--threads``
+changes torch's).
 
     python scripts/bench/em.py                   # every case
     python scripts/bench/em.py --cases gmm,hmm --quick
@@ -27,9 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
+
+# One thread for every library (set before NumPy loads its BLAS): on a shared machine,
+# multi-threaded kernels mostly measure contention. --threads N changes torch's count only.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import numpy as np
 import torch
