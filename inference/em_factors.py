@@ -369,15 +369,19 @@ class SharedChainLogPartition(torch.autograd.Function):
         m = U.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         E = (U - m).exp()
-        a = torch.empty_like(E)
-        c = E.new_empty(E.shape[:-1])
-        x = E[:, 0]
-        for t in range(T):
-            if t:
-                x = (a[:, t - 1] @ P) * E[:, t]
-            s = x.sum(-1)
-            a[:, t] = x / s.unsqueeze(-1)
-            c[:, t] = s
+        # Per step: one matrix product, a product with the emissions, the normaliser; the
+        # loop is Python-level (T small ops), so it keeps to four in-place-friendly ops.
+        es = E.unbind(1)
+        x = es[0].clone()
+        c = x.sum(-1, keepdim=True)
+        alphas, cs = [x.div_(c)], [c]
+        for e in es[1:]:
+            x = torch.mm(alphas[-1], P).mul_(e)
+            c = x.sum(-1, keepdim=True)
+            alphas.append(x.div_(c))
+            cs.append(c)
+        a = torch.stack(alphas, 1)
+        c = torch.cat(cs, -1)
         logz = c.log().sum(-1) + m.squeeze(-1).sum(-1)
         ctx.save_for_backward(a, c, E, P)
         ctx.batch = batch
@@ -388,12 +392,20 @@ class SharedChainLogPartition(torch.autograd.Function):
         a, c, E, P = ctx.saved_tensors
         T, K = a.shape[-2:]
         g = grad.reshape(-1)
-        b = torch.empty_like(a)
-        b[:, -1] = 1.0
-        for t in range(T - 2, -1, -1):
-            b[:, t] = ((E[:, t + 1] * b[:, t + 1]) @ P.T) / c[:, t + 1].unsqueeze(-1)
-        g_unary = a * b * g[:, None, None]
-        right = (E[:, 1:] * b[:, 1:]) / c[:, 1:].unsqueeze(-1)
+        # right[t] = E_{t+1} beta_{t+1} / c_{t+1}: the backward message into step t.
+        es, cs = E.unbind(1), c.unbind(1)
+        b = torch.ones_like(a[:, 0])
+        rights = []
+        PT = P.T
+        for t in range(T - 1, 0, -1):
+            r = (es[t] * b).div_(cs[t].unsqueeze(-1))
+            rights.append(r)
+            b = torch.mm(r, PT)
+        rights.reverse()
+        right = torch.stack(rights, 1) if rights else a[:, :0]
+        # beta_t = right_t @ P^T for t < T-1 and beta_{T-1} = 1.
+        beta = torch.cat([right @ PT, torch.ones_like(a[:, :1])], 1)
+        g_unary = a * beta * g[:, None, None]
         left = a[:, :-1] * g[:, None, None]
         g_trans = P * (left.reshape(-1, K).T @ right.reshape(-1, K))
         return g_unary.reshape(ctx.batch + (T, K)), g_trans
