@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         c: [s / t for s, t in zip(per_round.get("softmax", []), per_round[c], strict=False)]
         for c in cases
     }
+    # Reference: the context-free unigram model (add-one smoothed training counts).
+    counts = torch.bincount(train[0], minlength=a.vocab).double() + 1.0
+    log_unigram = (counts / counts.sum()).log()
+    row = {"case": "unigram", "held_out_perplexity": math.exp(-float(log_unigram[test[0]].mean()))}
+    print(json.dumps({**row, **common}), flush=True)
     for case in cases:
         variant, _, nu = case.partition(":")
         budget = Clock(budget=a.budget)
