@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jointkl fit gmm --engine svi --set guide=normal --set lr=0.05 --out runs/demo-gmm
+	$(BIN)/jointkl fit gmm --engine em --out runs/demo-gmm
 	$(BIN)/jointkl diagnose runs/demo-gmm
 
 test: $(STAMP)
