@@ -132,8 +132,7 @@ def pointwise_log_density(
             "in the energy, or fit with SVI/EM"
         )
     tr.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
-    first = next(iter(tr.nodes.values()))
-    ref = args[0] if args else first["value"]
+    ref = args[0] if args and isinstance(args[0], torch.Tensor) else torch.zeros(())
     g = torch.zeros(size, dtype=_float_dtype(ref), device=ref.device)
     global_term = g.new_zeros(())
     found = False
@@ -513,7 +512,17 @@ class NCE(Engine):
         # log Z ≈ log mean_j e^{G(y_j) − log q(y_j)}, y_j ~ q: near the optimum from step 0.
         first_idx = None if cfg["batch_size"] is None else torch.arange(min(n, cfg["batch_size"]))
         with torch.no_grad():
-            _, g_n, _, logq_n, _, _ = batch_terms(first_idx)
+            try:
+                _, g_n, _, logq_n, _, _ = batch_terms(first_idx)
+            except ValueError as e:
+                if isinstance(e, InputError):
+                    raise
+                # Pyro's validation: a site of the model refused the data or the noise.
+                raise InputError(
+                    f"NCE: the model cannot score the data or the {noise.description!r} noise "
+                    f"(the noise must lie inside the model's support): "
+                    + " ".join(str(e).splitlines()[:2])
+                ) from e
             w = (g_n - logq_n).reshape(-1)
             log_z0 = float(torch.logsumexp(w, 0) - math.log(w.numel()))
         if not math.isfinite(log_z0):

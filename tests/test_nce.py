@@ -363,6 +363,17 @@ def test_bad_settings_are_refused_at_construction(kwargs, message):
         NCE(**kwargs)
 
 
+def test_noise_outside_the_models_support_is_refused():
+    def exponential(x):
+        rate = pyro.param("rate", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Exponential(rate), obs=x)
+
+    # Gaussian noise has negative draws, where the model's density is undefined.
+    with pytest.raises(InputError, match="inside the model's support.*site 'x'"):
+        NCE(progress=False).fit(exponential, torch.rand(100) + 0.1)
+
+
 def test_model_without_data_plate_is_refused():
     def no_plate(x):
         mu = pyro.param("mu", torch.zeros(()))
