@@ -24,7 +24,7 @@ import pyro
 import torch
 from torch import nn
 
-from jointkl.data.cws import PAD, CharVocab, encode_texts, words_from_tags
+from jointkl.data.cws import PAD, CharVocab, bigram_ids, encode_texts, words_from_tags
 from jointkl.distributions import LinearChainCRF, bmes_constraints
 from jointkl.errors import InputError
 from jointkl.zoo import register_model
@@ -67,20 +67,32 @@ class TaggerNet(nn.Module):
         num_layers: int,
         kernel_size: int,
         dropout: float,
+        bigram_keys: Sequence[int] = (),
+        bigram_dim: int = 0,
     ):
         super().__init__()
         self.encoder = encoder
+        self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=PAD)
+        # Bigram (c_t, c_{t+1}) embeddings, looked up by sorted id-pair keys (a buffer, not a
+        # parameter: it is part of the settings, not of the fit).
+        self.register_buffer(
+            "bigram_keys", torch.tensor(list(bigram_keys), dtype=torch.long), persistent=False
+        )
+        self.bigram_embed = (
+            nn.Embedding(len(bigram_keys) + 2, bigram_dim, padding_idx=PAD) if bigram_dim else None
+        )
         self.drop = nn.Dropout(dropout)
+        in_dim = embedding_dim + bigram_dim
         if encoder == "conv":
-            dims = [embedding_dim] + [hidden_dim] * num_layers
+            dims = [in_dim] + [hidden_dim] * num_layers
             self.convs = nn.ModuleList(
                 WindowLinear(a, b, kernel_size) for a, b in zip(dims, dims[1:], strict=False)
             )
             out = hidden_dim
         else:
             self.lstm = nn.LSTM(
-                embedding_dim,
+                in_dim,
                 hidden_dim // 2,
                 num_layers=num_layers,
                 bidirectional=True,
@@ -96,7 +108,11 @@ class TaggerNet(nn.Module):
 
     def forward(self, chars: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = (torch.arange(chars.shape[1], device=chars.device) < lengths[:, None]).unsqueeze(-1)
-        x = self.drop(self.embed(chars)) * mask  # (N, T, E); whatever ids pad the rows
+        x = self.embed(chars)  # (N, T, E)
+        if self.bigram_embed is not None:
+            bigrams = bigram_ids(chars * mask.squeeze(-1), self.bigram_keys, self.vocab_size)
+            x = torch.cat([x, self.bigram_embed(bigrams)], dim=-1)
+        x = self.drop(x) * mask  # whatever ids pad the rows
         if self.encoder == "conv":
             for conv in self.convs:
                 # Zero the padding after every layer, so a row's scores do not depend on how
@@ -115,19 +131,23 @@ class TaggerNet(nn.Module):
         return self.emit(x)
 
 
-@lru_cache(maxsize=1)
-def _default_vocab() -> str:
-    from jointkl.data.cws import cws_dataset
-
-    return cws_dataset().vocab.chars
+BIGRAM_MIN_COUNT = 3  # bigrams rarer than this in the training split share the UNK embedding
+DEFAULT_BIGRAM_DIM = 64
 
 
 @lru_cache(maxsize=1)
-def _default_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _default_dataset():
     from jointkl.data.cws import cws_dataset
 
-    d = cws_dataset()
-    return d.train_chars, d.train_lengths, d.train_tags
+    return cws_dataset()
+
+
+@lru_cache(maxsize=1)
+def _default_bigram_keys() -> tuple[int, ...]:
+    from jointkl.data.cws import bigram_keys
+
+    d = _default_dataset()
+    return tuple(bigram_keys(d.train_sentences, d.vocab, BIGRAM_MIN_COUNT))
 
 
 @register_model
@@ -147,12 +167,22 @@ class CRFTagger:
         order; constrains the CRF) or ``None`` (any tag may follow any other).
     :param vocab: the characters in id order (:class:`jointkl.data.cws.CharVocab` ``.chars``);
         needed by :meth:`segment` and recorded in :meth:`settings`.
+    :param bigram_dim: size of an extra embedding of the pair ``(c_t, c_{t+1})`` at each
+        position, concatenated to the character embedding (0: none; ``None``: 64 with the
+        default People's Daily vocabulary, else 0).
+    :param bigram_keys: the known pairs (:func:`jointkl.data.cws.bigram_keys`); with neither
+        ``vocab`` nor ``bigram_keys``, those of the People's Daily training split.
     """
 
     name: ClassVar[str] = "crf-seg"
     description: ClassVar[str] = (
         "neural CRF tagger: Chinese word segmentation, People's Daily (BMES, max. likelihood)"
     )
+    # The engine settings of the measured run (scripts/cws.py, docs/models/crf.md): 6 epochs
+    # of 64-row mini-batches. A full-batch step would cost a whole epoch.
+    engine_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "svi": {"batch_size": 64, "lr": 0.005, "lr_schedule": "cosine", "steps": 1576}
+    }
 
     def __init__(
         self,
@@ -163,12 +193,28 @@ class CRFTagger:
         hidden_dim: int = 128,
         num_layers: int = 3,
         kernel_size: int = 3,
-        dropout: float = 0.0,
+        dropout: float = 0.1,
         tag_scheme: str | None = "bmes",
         vocab: str | None = None,
+        bigram_dim: int | None = None,
+        bigram_keys: Sequence[int] | None = None,
     ):
-        if vocab is None and vocab_size is None:
-            vocab = _default_vocab()
+        default_corpus = vocab is None and vocab_size is None
+        if default_corpus:
+            vocab = _default_dataset().vocab.chars
+        if bigram_dim is None:  # the measured People's Daily set-up; plain otherwise
+            bigram_dim = DEFAULT_BIGRAM_DIM if default_corpus else 0
+        if not isinstance(bigram_dim, int) or bigram_dim < 0:
+            raise InputError(f"CRFTagger: bigram_dim must be an int >= 0, got {bigram_dim!r}")
+        if bigram_dim and bigram_keys is None:
+            if not default_corpus:
+                raise InputError(
+                    "CRFTagger: bigram_dim > 0 needs bigram_keys (jointkl.data.cws.bigram_keys "
+                    "of the training sentences; CRFTagger.for_dataset builds them)"
+                )
+            bigram_keys = _default_bigram_keys()
+        self.bigram_dim = bigram_dim
+        self.bigram_keys = [int(k) for k in bigram_keys] if bigram_dim else []
         self.vocab = CharVocab(vocab) if vocab is not None else None
         if vocab_size is None:
             vocab_size = len(self.vocab)
@@ -207,7 +253,29 @@ class CRFTagger:
         self.dropout = float(dropout)
         self.tag_scheme = tag_scheme
         self.allowed = bmes_constraints() if tag_scheme == "bmes" else None
+        keys = self.bigram_keys
+        if any(b <= a for a, b in zip(keys, keys[1:], strict=False)) or (
+            keys and not 0 <= keys[0] <= keys[-1] < vocab_size**2
+        ):
+            raise InputError(
+                "CRFTagger: bigram_keys must be strictly increasing ints in 0..vocab_size^2-1"
+            )
         self.net = self._build()
+
+    @classmethod
+    def for_dataset(
+        cls, data: Any, bigram_min_count: int = BIGRAM_MIN_COUNT, **settings: Any
+    ) -> CRFTagger:
+        """A segmenter for a :class:`jointkl.data.cws.CWSDataset`: its character vocabulary and,
+        when ``bigram_dim > 0``, the bigrams seen ``bigram_min_count`` times in its training
+        sentences."""
+        from jointkl.data.cws import bigram_keys
+
+        if settings.get("bigram_dim"):
+            settings.setdefault(
+                "bigram_keys", bigram_keys(data.train_sentences, data.vocab, bigram_min_count)
+            )
+        return cls(vocab=data.vocab.chars, **settings)
 
     def _build(self) -> TaggerNet:
         return TaggerNet(
@@ -219,6 +287,8 @@ class CRFTagger:
             self.num_layers,
             self.kernel_size,
             self.dropout,
+            self.bigram_keys,
+            self.bigram_dim,
         )
 
     # -------------------------------------------------------------- zoo hooks
@@ -234,6 +304,8 @@ class CRFTagger:
             "dropout": self.dropout,
             "tag_scheme": self.tag_scheme,
             "vocab": self.vocab.chars if self.vocab is not None else None,
+            "bigram_dim": self.bigram_dim,
+            "bigram_keys": self.bigram_keys if self.bigram_dim else None,
         }
 
     def spec(self) -> dict[str, Any]:
@@ -244,7 +316,8 @@ class CRFTagger:
         """People's Daily training split packed into rows of <= 100 characters:
         ``(chars (N, T), lengths (N,), tags (N, T))`` (:func:`jointkl.data.cws.cws_dataset`;
         the split is fixed, ``seed`` unused)."""
-        return _default_tensors(), {}
+        d = _default_dataset()
+        return (d.train_chars, d.train_lengths, d.train_tags), {}
 
     # -------------------------------------------------------------- the model
     def _check(self, chars, lengths, tags) -> None:

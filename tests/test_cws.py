@@ -13,6 +13,8 @@ from jointkl.data.cws import (
     PAD,
     UNK,
     CharVocab,
+    bigram_ids,
+    bigram_keys,
     bmes_tags,
     cws_dataset,
     encode_rows,
@@ -66,10 +68,28 @@ def test_encode_rows_pads_with_pad_and_tag_zero():
     assert lengths.tolist() == [3, 1] and tags.tolist() == [[0, 2, 3], [3, 0, 0]]
 
 
+def test_bigram_ids_look_up_adjacent_pairs():
+    vocab = CharVocab("abcd")  # ids a=2, b=3, c=4, d=5
+    keys = bigram_keys([["ab", "c"], ["abc"], ["dd"]], vocab, min_count=2)
+    v = len(vocab)
+    assert keys == [2 * v + 3, 3 * v + 4]  # "ab" and "bc" twice; "dd" once
+    chars = torch.tensor([[2, 3, 4, 5], [3, 4, PAD, PAD]])
+    ids = bigram_ids(chars, torch.tensor(keys), v)
+    # ab -> 2, bc -> 3, cd unknown, last position meets padding; bc -> 3, then padding.
+    assert ids.tolist() == [[2, 3, UNK, UNK], [3, UNK, UNK, UNK]]
+
+
 @pytest.mark.parametrize("encoder", ["conv", "bilstm"])
 def test_emissions_do_not_depend_on_padding(encoder):
     torch.manual_seed(0)
-    tagger = CRFTagger(vocab="abcdef", encoder=encoder, embedding_dim=8, hidden_dim=8)
+    tagger = CRFTagger(
+        vocab="abcdef",
+        encoder=encoder,
+        embedding_dim=8,
+        hidden_dim=8,
+        bigram_dim=4,
+        bigram_keys=[2 * 8 + 3, 3 * 8 + 4, 4 * 8 + 5],
+    )
     chars = torch.tensor([[2, 3, 4, 5, 6, 7]])
     lengths = torch.tensor([3])
     tagger.net.eval()
@@ -85,6 +105,10 @@ def test_tagger_settings_are_validated():
         CRFTagger(vocab="ab", num_tags=5)
     with pytest.raises(InputError, match="vocab_size"):
         CRFTagger(vocab="ab", vocab_size=7)
+    with pytest.raises(InputError, match="needs bigram_keys"):
+        CRFTagger(vocab="ab", bigram_dim=8)
+    with pytest.raises(InputError, match="strictly increasing"):
+        CRFTagger(vocab="ab", bigram_dim=8, bigram_keys=[9, 5])
     generic = CRFTagger(vocab_size=10, num_tags=6, tag_scheme=None)
     with pytest.raises(InputError, match="segment needs a vocab"):
         generic.segment("ab")
@@ -94,7 +118,9 @@ def test_tagger_settings_are_validated():
 @pytest.fixture(scope="module")
 def small_fit(tmp_path_factory):
     data = cws_dataset(limit=60, max_len=40)
-    tagger = CRFTagger(vocab=data.vocab.chars, embedding_dim=16, hidden_dim=16, num_layers=2)
+    tagger = CRFTagger.for_dataset(
+        data, embedding_dim=16, hidden_dim=16, num_layers=2, bigram_dim=8, bigram_min_count=2
+    )
     args = (data.train_chars, data.train_lengths, data.train_tags)
     fit = SVI(steps=30, batch_size=16, lr=0.03, progress=False, seed=1).fit(tagger, *args)
     path = tmp_path_factory.mktemp("crf") / "run"

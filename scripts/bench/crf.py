@@ -8,8 +8,9 @@ sequence full) it times, on the same emissions, tags and parameters:
 
 Each figure is the median over ``--repeat`` timed calls after ``--warmup`` untimed ones, the
 two libraries' calls interleaved; one CPU thread unless ``--threads`` says otherwise.
-One JSON object per case and task on stdout: both timings (seconds), and ``speedup`` =
-pytorch-crf time / jointkl time.
+One JSON object per case and task on stdout: both wall-clock timings (seconds) and
+``speedup`` = pytorch-crf time / jointkl time, and the same for this process's CPU time
+(``*_cpu_s``, ``cpu_speedup``).
 
     python scripts/bench/crf.py                      # default cases
     python scripts/bench/crf.py --case 64,100,4 --repeat 20
@@ -30,19 +31,21 @@ from jointkl.distributions import LinearChainCRF
 DEFAULT_CASES = [(64, 100, 4), (16, 1000, 4), (256, 50, 4), (32, 100, 20)]
 
 
-def _median_times(fns, warmup: int, repeat: int) -> list[float]:
-    """Median seconds per call of each fn, interleaving the calls so that a busy machine
-    slows all contenders alike (the ratio is what we report)."""
+def _median_times(fns, warmup: int, repeat: int) -> list[tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each fn, interleaving the calls so that a busy
+    machine slows all contenders alike (the ratio is what we report). CPU time (this
+    process's) is the steadier figure on a shared machine when one thread is used."""
     for _ in range(warmup):
         for fn in fns:
             fn()
-    times = [[] for _ in fns]
+    times = [([], []) for _ in fns]
     for _ in range(repeat):
-        for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
+        for fn, (wall, cpu) in zip(fns, times, strict=True):
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - w)
+    return [(statistics.median(w), statistics.median(c)) for w, c in times]
 
 
 def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> list[dict]:
@@ -91,14 +94,17 @@ def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> lis
         ("loglik+backward", ours_loglik, theirs_loglik),
         ("decode", ours_decode, theirs_decode),
     ):
-        t_ours, t_theirs = _median_times([ours, theirs], warmup, repeat)
+        (w_ours, c_ours), (w_theirs, c_theirs) = _median_times([ours, theirs], warmup, repeat)
         out.append(
             {
                 "case": {"B": B, "T": T, "C": C},
                 "task": task,
-                "jointkl_s": round(t_ours, 6),
-                "pytorch_crf_s": round(t_theirs, 6),
-                "speedup": round(t_theirs / t_ours, 2),
+                "jointkl_s": round(w_ours, 6),
+                "pytorch_crf_s": round(w_theirs, 6),
+                "speedup": round(w_theirs / w_ours, 2),
+                "jointkl_cpu_s": round(c_ours, 6),
+                "pytorch_crf_cpu_s": round(c_theirs, 6),
+                "cpu_speedup": round(c_theirs / c_ours, 2),
                 "threads": torch.get_num_threads(),
                 "device": "cpu",
             }

@@ -27,6 +27,8 @@ __all__ = [
     "bmes_tags",
     "words_from_tags",
     "CharVocab",
+    "bigram_keys",
+    "bigram_ids",
     "pack_rows",
     "encode_rows",
     "encode_texts",
@@ -101,6 +103,37 @@ class CharVocab:
 
     def encode(self, text: str) -> list[int]:
         return [self.index.get(ch, UNK) for ch in text]
+
+
+def bigram_keys(
+    sentences: Iterable[Sequence[str]], vocab: CharVocab, min_count: int = 3
+) -> list[int]:
+    """Sorted keys ``a * len(vocab) + b`` of the adjacent token-id pairs ``(a, b)`` seen at
+    least ``min_count`` times (within a sentence) — the vocabulary of :func:`bigram_ids`.
+
+    Character bigrams carry most of a word boundary's evidence (is "ab" a frequent pair?);
+    keying them on token ids lets the model look them up with tensor operations alone.
+    """
+    if min_count < 1:
+        raise InputError(f"min_count must be >= 1, got {min_count}")
+    v = len(vocab)
+    counts: Counter[int] = Counter()
+    for words in sentences:
+        ids = vocab.encode("".join(words))
+        counts.update(a * v + b for a, b in zip(ids, ids[1:], strict=False))
+    return sorted(k for k, n in counts.items() if n >= min_count)
+
+
+def bigram_ids(chars: torch.Tensor, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bigram token ids ``(N, T)`` for char ids ``(N, T)``: position ``t`` gets the pair
+    ``(chars[t], chars[t+1])``, as ``2 + its index in keys``, or :data:`UNK` when the pair is
+    not in ``keys`` (or ``t`` is the last position: the pair then meets padding)."""
+    nxt = torch.nn.functional.pad(chars[:, 1:], (0, 1), value=PAD)
+    q = chars * vocab_size + nxt
+    if keys.numel() == 0:
+        return torch.full_like(chars, UNK)
+    idx = torch.searchsorted(keys, q).clamp(max=keys.numel() - 1)
+    return torch.where(keys[idx] == q, idx + 2, torch.full_like(idx, UNK))
 
 
 def pack_rows(sentences: Iterable[Sequence[str]], max_len: int) -> list[list[str]]:
