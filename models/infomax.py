@@ -29,7 +29,7 @@ Both discriminators are separable, T(f, z) = ⟨φ(f), ψ(z)⟩ / √h (Deep Inf
   (5x5 receptive fields), φ = 1x1 convolutions: z must carry what all patches share.
 
 Measured on the digits (8-dim z, linear probe on μ; scripts/vae_digits.py, docs/models/vae.md):
-a global critic on the encoder's own features with one shuffled negative reached 0.80, the
+a global critic on the encoder's own features with one shuffled negative reached 0.79, the
 pixel critic 0.88 with one negative and 0.90 with all pairs; an untrained encoder gives 0.58.
 Reference weights (Deep InfoMax): α = 0.5, β = 1.5, γ = 0.01.
 """

@@ -8,11 +8,15 @@ learning rate. The hand-written loop is what a PyTorch user would write:
     loss = N/B · Σ_b [BCE(logits, x_b) + KL_b]; zero_grad; backward; step
 
 with KL_b in closed form for ``meanfield`` and the single-sample log q(z|x) − log p(z) for
-``trace`` (the estimator Trace_ELBO uses). Per-step wall time is taken from consecutive step
-ends (the engine's ``on_step`` callback; the same clock in the loop), the first ``warmup``
-steps dropped; the two sides alternate ``repeat`` times in one process and the median over
-all kept steps is reported, as wall time and as this process's CPU time (``process_time``,
-the steadier figure on a machine shared with other jobs). One JSON object per case on stdout.
+``trace`` (the estimator Trace_ELBO uses). A third side is Pyro's own loop as its SVI
+tutorial writes it (``pyro.infer.SVI`` + ``pyro.optim.Adam``, the batch scaled with
+``poutine.scale``): what jointkl's engine adds or saves over plain Pyro.
+
+Per-step time is taken from consecutive step ends (the engine's ``on_step`` callback; the
+same clock in the loops), the first ``warmup`` steps dropped; the sides alternate ``repeat``
+times in one process and the median over all kept steps is reported, as wall time and as
+this process's CPU time (``process_time``, the steadier figure on a machine shared with other
+jobs). One JSON object per case on stdout.
 
     python scripts/bench/svi_overhead.py [--steps 200] [--repeat 3] [--threads 1]
 """
@@ -22,18 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import time
 
+import pyro
+import pyro.optim
 import torch
 from jointkl.inference import SVI
 from jointkl.models import VAE
 
 from jointkl.data.digits import digits
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 def _clock() -> tuple[float, float]:
@@ -56,6 +59,25 @@ def svi_step_times(vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float) 
         on_step=lambda step, value: stamps.append(_clock()),
     )
     engine.fit(vae, x)
+    return _deltas(stamps)
+
+
+def pyro_step_times(vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float) -> list:
+    """Pyro's own loop (the SVI tutorial's): pyro.infer.SVI, pyro.optim.Adam, poutine.scale."""
+    pyro.clear_param_store()
+    elbo = pyro.infer.TraceMeanField_ELBO() if loss == "meanfield" else pyro.infer.Trace_ELBO()
+    n, b = x.shape[0], 128
+    scale = pyro.poutine.scale(scale=n / b)
+    svi = pyro.infer.SVI(scale(vae.model), scale(vae.guide), pyro.optim.Adam({"lr": lr}), elbo)
+    gen = torch.Generator().manual_seed(1)
+    perm, pos = None, 0
+    stamps: list[tuple[float, float]] = []
+    for _ in range(steps):
+        if perm is None or pos >= n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        svi.step(x[perm[pos : pos + b]])
+        pos += b
+        stamps.append(_clock())
     return _deltas(stamps)
 
 
@@ -86,7 +108,7 @@ def hand_step_times(vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float)
         opt.zero_grad()
         total.backward()
         opt.step()
-        float(total)  # the engine reads the loss back every step too
+        float(total.detach())  # the engine reads the loss back every step too
         stamps.append(_clock())
     return _deltas(stamps)
 
@@ -104,33 +126,33 @@ def main() -> None:
     torch.manual_seed(0)
     template = VAE(8, likelihood="bernoulli", input_dim=64)
     for loss in args.cases.split(","):
-        svi_t: list[tuple[float, float]] = []
-        hand_t: list[tuple[float, float]] = []
+        sides = {"jointkl": svi_step_times, "pyro": pyro_step_times, "hand": hand_step_times}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
         for _ in range(args.repeat):
-            # Fresh copies of the same initial weights for each side and repeat.
-            svi_t += svi_step_times(copy.deepcopy(template), x, loss, args.steps, 1e-3)[
-                args.warmup :
-            ]
-            hand_t += hand_step_times(copy.deepcopy(template), x, loss, args.steps, 1e-3)[
-                args.warmup :
-            ]
-        svi_ms = statistics.median(t[0] for t in svi_t) * 1e3
-        hand_ms = statistics.median(t[0] for t in hand_t) * 1e3
-        svi_cpu = statistics.median(t[1] for t in svi_t) * 1e3
-        hand_cpu = statistics.median(t[1] for t in hand_t) * 1e3
+            for name, run in sides.items():
+                # Fresh copies of the same initial weights for each side and repeat.
+                times[name] += run(copy.deepcopy(template), x, loss, args.steps, 1e-3)[
+                    args.warmup :
+                ]
+        wall = {k: statistics.median(t[0] for t in v) * 1e3 for k, v in times.items()}
+        cpu = {k: statistics.median(t[1] for t in v) * 1e3 for k, v in times.items()}
         print(
             json.dumps(
                 {
                     "case": f"vae-step-{loss}",
                     "batch_size": 128,
                     "network": "MLP 64-256-256-(8+8) / 8-256-256-64, Bernoulli",
-                    "jointkl_svi_ms": round(svi_ms, 3),
-                    "hand_pytorch_ms": round(hand_ms, 3),
-                    "ratio": round(svi_ms / hand_ms, 3),
-                    "jointkl_svi_cpu_ms": round(svi_cpu, 3),
-                    "hand_pytorch_cpu_ms": round(hand_cpu, 3),
-                    "cpu_time_ratio": round(svi_cpu / hand_cpu, 3),
-                    "steps_timed": len(svi_t),
+                    "jointkl_svi_ms": round(wall["jointkl"], 3),
+                    "pyro_svi_ms": round(wall["pyro"], 3),
+                    "hand_pytorch_ms": round(wall["hand"], 3),
+                    "ratio": round(wall["jointkl"] / wall["hand"], 3),
+                    "pyro_ratio": round(wall["pyro"] / wall["hand"], 3),
+                    "jointkl_svi_cpu_ms": round(cpu["jointkl"], 3),
+                    "pyro_svi_cpu_ms": round(cpu["pyro"], 3),
+                    "hand_pytorch_cpu_ms": round(cpu["hand"], 3),
+                    "cpu_time_ratio": round(cpu["jointkl"] / cpu["hand"], 3),
+                    "pyro_cpu_time_ratio": round(cpu["pyro"] / cpu["hand"], 3),
+                    "steps_timed": len(times["jointkl"]),
                     "threads": args.threads,
                     "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(),
