@@ -7,9 +7,10 @@ Cases (one JSON object each on stdout):
   clusters. Every EM runs the same number of iterations from the same start (k-means++ seeds,
   equal weights, the data covariance): the count scikit-learn needs at tol=1e-3, at least 30.
   All reach the same final log-likelihood (the figure ``loglik_per_point`` checks it).
-- ``gmm-pyro``: Pyro's tutorial approach (TraceEnum_ELBO + AutoDelta + Adam(lr=0.1,
+- ``gmm-pyro``: time to the maximum-likelihood fit (EM run to tol 1e-7 per point): EM's, read
+  off its history, against Pyro's tutorial approach (TraceEnum_ELBO + AutoDelta + Adam(lr=0.1,
   betas=(0.8, 0.99)), the weak-prior zoo GMM) from the same start, until its marginal
-  log-likelihood comes within 1e-3 nats/point of EM's, or a time budget runs out.
+  log-likelihood comes within 1e-3 nats/point of that fit, or a time budget runs out.
 - ``hmm``: Gaussian HMM (diagonal), 100 sequences x 500 steps, 6 states, against hmmlearn's
   GaussianHMM, same start and iteration count.
 - ``scaling``: jointkl EM seconds per iteration (compile excluded) for N = 10^4 .. 10^6.
@@ -26,6 +27,7 @@ changes torch's).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -62,6 +64,7 @@ def interleaved(contenders: dict, repeat: int):
     results = {}
     for _ in range(repeat):
         for name, fn in contenders.items():
+            gc.collect()
             results[name], w, c = clock(fn)
             walls[name].append(w)
             cpus[name].append(c)
@@ -191,7 +194,9 @@ def case_gmm(args) -> dict:
 
 
 def case_gmm_pyro(args) -> dict:
-    """Pyro's tutorial recipe to EM's log-likelihood (±1e-3 nats/point), or the budget."""
+    """Time to the maximum-likelihood fit: EM and Pyro's tutorial recipe, from one start,
+    until each comes within 1e-3 nats/point of the log-likelihood EM converges to (tol 1e-7
+    per point), or the recipe's time budget runs out."""
     import pyro
     import pyro.poutine as poutine
     from pyro.infer import SVI, TraceEnum_ELBO
@@ -201,10 +206,18 @@ def case_gmm_pyro(args) -> dict:
     n, d, k = (20_000 if args.quick else 200_000), 4, 8
     x_np = gmm_data(n, d, k, args.seed)
     w0, m0, c0 = gmm_start(x_np, k, args.seed)
-    sk = run_sklearn_gmm(x_np, w0, m0, c0, 1000, tol=1e-3)
-    iters = max(30, int(sk.n_iter_))
-    fit, em_wall, em_cpu = clock(lambda: run_jointkl_gmm(x_np, w0, m0, c0, iters))
+    init = {
+        "weights": torch.tensor(w0),
+        "locs": torch.tensor(m0),
+        "scale_tril": torch.linalg.cholesky(torch.tensor(c0)),
+    }
+    em = EM(max_iter=3000, tol=1e-7, init=lambda x, seed: init, progress=False)
+    x = torch.as_tensor(x_np)
+    fit, em_wall, em_cpu = clock(lambda: em.fit(GaussianMixture(k, "full", priors=None), x))
     target = fit.history[-1] - 1e-3 * n
+    first = next(i for i, h in enumerate(fit.history) if h >= target)
+    per_iter = (em_wall - fit.info["compile_seconds"]) / max(fit.n_iter, 1)
+    em_to_target = fit.info["compile_seconds"] + first * per_iter
     x = torch.as_tensor(x_np)
     model = GaussianMixture(k, "full", priors="weak")
     sd0 = torch.tensor(np.sqrt(np.diagonal(c0, axis1=1, axis2=2)))
@@ -227,13 +240,12 @@ def case_gmm_pyro(args) -> dict:
         Adam({"lr": 0.1, "betas": (0.8, 0.99)}),
         TraceEnum_ELBO(max_plate_nesting=1),
     )
-    budget = min(args.pyro_budget, max(20.0, 25 * em_wall))
-    spent, spent_cpu, steps, best = 0.0, 0.0, 0, -math.inf
-    reached = None
+    budget = args.pyro_budget
+    spent, spent_cpu, steps, best, reached = 0.0, 0.0, 0, -math.inf, None
     while spent < budget:
         _, w, c = clock(lambda: [svi.step(x) for _ in range(10)])
         spent, spent_cpu, steps = spent + w, spent_cpu + c, steps + 10
-        with torch.no_grad():
+        with torch.no_grad():  # evaluated off the clock
             med = guide.median(x)
             tril = med["scales"].unsqueeze(-1) * med["corr_chol"]
             ll = gmm_loglik(x, med["weights"], med["locs"], tril)
@@ -246,16 +258,17 @@ def case_gmm_pyro(args) -> dict:
         "n": n,
         "d": d,
         "k": k,
-        "em_seconds": em_wall,
-        "em_cpu_seconds": em_cpu,
-        "em_iterations": iters,
+        "em_iterations_to_converge": fit.n_iter,
+        "em_iterations_to_target": first,
+        "em_seconds_to_target": em_to_target,
+        "em_seconds_to_converge": em_wall,
+        "em_loglik_per_point": fit.history[-1] / n,
         "pyro_steps": steps,
         "pyro_seconds": spent,
         "pyro_cpu_seconds": spent_cpu,
-        "reached_em_loglik": reached is not None,
+        "reached_target": reached is not None,
         "pyro_best_loglik_per_point": best / n,
-        "em_loglik_per_point": fit.history[-1] / n,
-        "speedup_lower_bound" if reached is None else "speedup": spent / em_wall,
+        ("speedup" if reached is not None else "speedup_at_least"): spent / em_to_target,
         "budget_seconds": budget,
     }
 
