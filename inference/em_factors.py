@@ -634,7 +634,6 @@ class FactorModel:
                 if c.kind == "traced":
                     c.depends = dep_probe[c.sites[0]]
         self.groups = self._stack(candidates, order)
-        self.has_traced = any(g.kind == "traced" for g in self.groups)
         self.chain = self._chain_plan()
         self.chain_method = "auto"
         self._symbols()
