@@ -194,3 +194,17 @@ def test_svi_runs_jointkl_integrators_and_refuses_heun():
     assert fit.params["w"] == pytest.approx(2.0, abs=0.3)
     with pytest.raises(InputError, match="closure"):
         SVI(optim="heun")
+
+
+def test_objective_only_model_converts_to_arviz_without_likelihood_groups():
+    def model():
+        pyro.param("a", torch.tensor(0.0))
+
+    def loss(model, guide):
+        model()
+        return (pyro.param("a") - 3.0) ** 2
+
+    fit = SVI(loss=loss, steps=200, lr=0.1, progress=False).fit(Pair(model))
+    assert float(fit.params["a"]) == pytest.approx(3.0, abs=0.05)
+    idata = fit.to_arviz(num_samples=3)
+    assert "sample_stats" in idata.groups() and "log_likelihood" not in idata.groups()

@@ -204,7 +204,9 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
     base = trace_model(model, args, kwargs)
     observed = [n for n, s in base.nodes.items() if s["type"] == "sample" and s["is_observed"]]
     if not observed:
-        raise InputError("the model has no observed sample site: nothing to compare with data")
+        # An objective-only model (e.g. InfoMax): no likelihood to compare with data, so only
+        # the posterior draws (if any) and the objective trace.
+        return _without_observations(fit, draws)
     nesting = max_plate_nesting(base)
     chains, ndraw = next(iter(draws.values())).shape[:2] if draws else (1, num_samples)
 
@@ -241,6 +243,23 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
             observed_data=observed_data,
             dims=dims,
         )
+    if fit.history:
+        stats = xr.Dataset({fit.objective: (("step",), np.asarray(fit.history, dtype=float))})
+        idata.add_groups(sample_stats=stats)
+    return idata
+
+
+def _without_observations(fit, draws: Mapping[str, torch.Tensor]):
+    import arviz as az
+    import xarray as xr
+
+    posterior = {
+        k: v.detach().cpu().double().numpy()
+        if v.dtype.is_floating_point
+        else v.detach().cpu().numpy()
+        for k, v in draws.items()
+    }
+    idata = az.from_dict(posterior=posterior) if posterior else az.InferenceData()
     if fit.history:
         stats = xr.Dataset({fit.objective: (("step",), np.asarray(fit.history, dtype=float))})
         idata.add_groups(sample_stats=stats)
