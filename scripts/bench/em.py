@@ -62,9 +62,12 @@ def interleaved(contenders: dict, repeat: int):
     walls = {k: [] for k in contenders}
     cpus = {k: [] for k in contenders}
     results = {}
+    threads = torch.get_num_threads()
     for _ in range(repeat):
         for name, fn in contenders.items():
             gc.collect()
+            # pomegranate sets torch's thread count when it fits: put ours back every time.
+            torch.set_num_threads(threads)
             results[name], w, c = clock(fn)
             walls[name].append(w)
             cpus[name].append(c)
