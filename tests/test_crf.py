@@ -325,6 +325,8 @@ def test_bad_input_raises_input_error_naming_the_argument():
         crf.log_prob(torch.tensor([[0, 1, 2, 3, 0], [0, 0, 0, 0, 0]]))
     with pytest.raises(InputError, match="tags must have shape"):
         crf.log_prob(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(InputError, match="do not broadcast"):
+        crf.log_prob(torch.zeros(3, 5, dtype=torch.long))
     # Padding tags are ignored, even out-of-range ones (e.g. an ignore index).
     assert torch.isfinite(
         crf.log_prob(torch.tensor([[0, 1, 2, 0, 0], [1, 1, -100, -100, 7]]))

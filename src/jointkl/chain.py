@@ -27,7 +27,8 @@ Two evaluation orders give the same numbers:
 
 ``method="auto"`` picks the scan when its largest intermediate (``T/2 * C^3`` per sequence)
 stays under a memory budget (:data:`SCAN_BUDGET`) and, on CPU, when one step's matrix work
-(``batch * C^3``) is small (:data:`CPU_SCAN_WORK`): for the small ``C`` of tagging problems a
+(``batch * C^3``) is small (:data:`CPU_SCAN_WORK`, or :data:`CPU_SCAN_WORK_MAX` for the
+cheaper max semiring): for the small ``C`` of tagging problems a
 step costs mostly fixed per-operation overhead, which the scan pays ``log T`` times instead of
 ``T`` times; for large ``C`` its extra factor ``C`` of arithmetic dominates.
 
@@ -50,6 +51,7 @@ __all__ = [
     "Method",
     "SCAN_BUDGET",
     "CPU_SCAN_WORK",
+    "CPU_SCAN_WORK_MAX",
     "mask_potentials",
     "chain_contract",
     "chain_forward",
@@ -65,16 +67,32 @@ Method = Literal["auto", "sequential", "scan"]
 SCAN_BUDGET = 2**24
 # On CPU the scan does C times the arithmetic of the sequential recursion in log T instead of
 # T steps; it wins while one step's matrix work (batch * C^3 elements) is small next to the
-# fixed per-operation cost. Measured crossover (log-likelihood + backward, one thread): between
-# 2^15 and 2^17, e.g. scan 1.2x faster at B=64, C=8 and 2.3x slower at B=16, C=20.
-CPU_SCAN_WORK = 2**15
+# fixed per-operation cost of a step. Measured crossovers (one thread, scripts/bench/crf.py
+# shapes): log semiring with backward between 2^12 and 2^14; max semiring (decoding, whose
+# steps are a single reduction) between 2^10 and 2^12.
+CPU_SCAN_WORK = 2**13
+CPU_SCAN_WORK_MAX = 2**11
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` without its per-call overhead (it goes through the Python
+    reference implementation, ~0.2 ms, several times per CRF call); RuntimeError on mismatch."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        for i, d in enumerate(s, start=ndim - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return torch.Size(out)
 
 
 def _batch_shape(init: torch.Tensor, potentials: torch.Tensor, lengths: torch.Tensor | None):
     shapes = [init.shape[:-1], potentials.shape[:-3]]
     if lengths is not None:
         shapes.append(lengths.shape)
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def _check(init: torch.Tensor, potentials: torch.Tensor, lengths: torch.Tensor | None) -> None:
@@ -98,7 +116,7 @@ def _check(init: torch.Tensor, potentials: torch.Tensor, lengths: torch.Tensor |
 
 
 def _pick(
-    method: Method, batch_numel: int, n: int, c: int, device: torch.device
+    method: Method, batch_numel: int, n: int, c: int, device: torch.device, semiring
 ) -> Literal["sequential", "scan"]:
     if method not in ("auto", "sequential", "scan"):
         raise InputError(f"method must be 'auto', 'sequential' or 'scan', got {method!r}")
@@ -107,7 +125,8 @@ def _pick(
     # Below 4 transfer matrices the two orders take about the same number of steps.
     if n < 4 or batch_numel * ((n + 1) // 2) * c**3 > SCAN_BUDGET:
         return "sequential"
-    if device.type == "cpu" and batch_numel * c**3 > CPU_SCAN_WORK:
+    limit = CPU_SCAN_WORK_MAX if issubclass(semiring, MaxSemiring) else CPU_SCAN_WORK
+    if device.type == "cpu" and batch_numel * c**3 > limit:
         return "sequential"
     return "scan"
 
@@ -190,8 +209,10 @@ def _down_sweep(
 
 def _sequential(init, pot, semiring, keep_all: bool) -> torch.Tensor:
     alphas = [init]
-    for t in range(pot.shape[2]):
-        alphas.append(_vecmat(semiring, alphas[-1], pot[:, :, t]))
+    # unbind once: indexing pot[:, :, t] in the loop would make each step's backward write a
+    # zero-filled gradient of the whole (C, C, N, B) tensor, O(T^2) work in all.
+    for m in pot.unbind(2):
+        alphas.append(_vecmat(semiring, alphas[-1], m))
     return torch.stack(alphas, dim=1) if keep_all else alphas[-1]
 
 
@@ -224,7 +245,7 @@ def chain_contract(
     if n == 0:
         return init.expand(*batch, c)
     init_s, pot, batch = _state_major(init, potentials, lengths, semiring)
-    if _pick(method, batch.numel(), n, c, init.device) == "sequential":
+    if _pick(method, batch.numel(), n, c, init.device, semiring) == "sequential":
         alpha = _sequential(init_s, pot, semiring, keep_all=False)
     else:
         alpha = _vecmat(semiring, init_s, _up_sweep(pot, semiring)[-1][:, :, 0])
@@ -239,7 +260,7 @@ def _forward_state_major(init, potentials, semiring, lengths, method):
     init_s, pot, batch = _state_major(init, potentials, lengths, semiring)
     if n == 0:
         alphas = init_s.unsqueeze(1)
-    elif _pick(method, batch.numel(), n, c, init.device) == "sequential":
+    elif _pick(method, batch.numel(), n, c, init.device, semiring) == "sequential":
         alphas = _sequential(init_s, pot, semiring, keep_all=True)
     else:
         levels = _up_sweep(pot, semiring)
@@ -285,7 +306,7 @@ def chain_backtrack(
     """
     n, s = pointers.shape[-2], pointers.shape[-1]
     shapes = [pointers.shape[:-2], last.shape] + ([lengths.shape] if lengths is not None else [])
-    batch = torch.broadcast_shapes(*shapes)
+    batch = broadcast_shapes(*shapes)
     pointers = pointers.expand(*batch, n, s)
     last = last.expand(batch)
     if lengths is not None and n > 0:

@@ -24,6 +24,7 @@ from torch.distributions import constraints
 
 from jointkl.chain import (
     Method,
+    broadcast_shapes,
     chain_contract,
     chain_kbest,
     chain_sample,
@@ -280,12 +281,23 @@ class LinearChainCRF(TorchDistribution):
             raise InputError(
                 f"tags must have shape (..., {self.event_shape[0]}), got {tuple(value.shape)}"
             )
+        self._tags_shape(value)
         if value.dtype.is_floating_point and not torch.equal(value, value.round()):
             raise InputError("tags must be integer tag indices")
         valid = self._valid_mask()
         bad = ((value < 0) | (value >= self.num_tags)) & valid
         if bad.any():
             raise InputError(f"tags must lie in 0..{self.num_tags - 1} at non-padding positions")
+
+    def _tags_shape(self, tags: torch.Tensor) -> torch.Size:
+        """``tags.shape`` broadcast with ``batch_shape + event_shape``."""
+        try:
+            return broadcast_shapes(tags.shape, self.batch_shape + self.event_shape)
+        except RuntimeError as e:
+            raise InputError(
+                f"tags of shape {tuple(tags.shape)} do not broadcast with the batch and event "
+                f"shape {tuple(self.batch_shape + self.event_shape)}"
+            ) from e
 
     def _valid_mask(self) -> torch.Tensor:
         T = self.event_shape[0]
@@ -300,7 +312,7 @@ class LinearChainCRF(TorchDistribution):
         trans, start, end = self._scores()
         valid = self._valid_mask()
         tags = tags.long()
-        shape = torch.broadcast_shapes(tags.shape, valid.shape)
+        shape = self._tags_shape(tags)
         tags = tags.expand(shape)
         valid = valid.expand(shape)
         y = tags.masked_fill(~valid, 0)  # any in-range index; its terms are masked below
