@@ -26,6 +26,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.util import site_is_factor
 
 from jointkl.errors import InputError
 from jointkl.minibatch import DATA_PLATE
@@ -211,19 +212,24 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
     chains, ndraw = next(iter(draws.values())).shape[:2] if draws else (1, num_samples)
 
     flat = [{k: v[c, d] for k, v in draws.items()} for c in range(chains) for d in range(ndraw)]
+    # pyro.factor sites are observed but carry no value: no predictive draws, no data.
+    valued = [n for n in observed if not site_is_factor(base.nodes[n])]
     ll_rows, pp_rows = [], []
     uncond = poutine.uncondition(model)
     for draw in flat:
         ll_rows.append(_pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting))
         with torch.no_grad():
             tr = poutine.trace(poutine.condition(uncond, data=draw)).get_trace(*args, **kwargs)
-        pp_rows.append({n: tr.nodes[n]["value"] for n in observed})
+        pp_rows.append({n: tr.nodes[n]["value"] for n in valued})
 
     dims: dict[str, list[str]] = {}
     for n, s in base.nodes.items():
         if s["type"] == "sample" and (n in draws or n in observed):
             dims[n] = _site_dims(s, n)
     ll = _stack(ll_rows, chains)
+    if fit.engine == "nce" and "log_Z" in fit.params:
+        # an energy model's density is e^{G - log Z}; NCE learned log Z
+        ll = {k: v - float(fit.params["log_Z"]) for k, v in ll.items()}
     for k, v in ll.items():
         if k not in dims:
             dims[k] = [DATA_PLATE] if v.ndim == 3 else [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
@@ -233,14 +239,14 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
         else v.detach().cpu().numpy()
         for k, v in draws.items()
     }
-    observed_data = {n: base.nodes[n]["value"].detach().cpu().numpy() for n in observed}
+    observed_data = {n: base.nodes[n]["value"].detach().cpu().numpy() for n in valued}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         idata = az.from_dict(
             posterior=posterior or None,
-            posterior_predictive=_stack(pp_rows, chains),
+            posterior_predictive=_stack(pp_rows, chains) if valued else None,
             log_likelihood=ll,
-            observed_data=observed_data,
+            observed_data=observed_data or None,
             dims=dims,
         )
     if fit.history:
