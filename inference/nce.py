@@ -42,6 +42,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
+from jointkl.inference.svi import TORCH_OPTIMS  # one table of optimiser names
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
@@ -54,13 +55,6 @@ from jointkl.pair import as_pair
 __all__ = ["NCE", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
 
 VARIANTS = ("binary", "ranking", "negative-sampling")
-TORCH_OPTIMS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
 _UNIGRAM = re.compile(r"^unigram(?:\^(\d+(?:\.\d*)?|\.\d+))?$")
 _CHUNK = 1 << 16  # rows per pass when checking the noise against the whole data set
 
