@@ -40,7 +40,8 @@ class WindowLinear(nn.Module):
     concatenated window ``[x_{t-k//2}, ..., x_{t+k//2}]`` (zero outside the sequence).
 
     Same function as ``nn.Conv1d(D, H, k, padding=k // 2)``, but one large matrix product in
-    each direction: on CPU its backward pass is 2-3x faster than Conv1d's at tagging sizes.
+    each direction: on CPU, forward + backward ran about 2x faster than Conv1d's at tagging
+    sizes (64 rows x 100 characters x 128 channels).
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int):
