@@ -56,13 +56,12 @@ def clock(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def interleaved(contenders: dict, repeat: int):
+def interleaved(contenders: dict, repeat: int, threads: int):
     """Run each contender ``repeat`` times, alternating, and keep the median wall and CPU
     seconds (a busy machine slows every contender alike; the ratio is what is compared)."""
     walls = {k: [] for k in contenders}
     cpus = {k: [] for k in contenders}
     results = {}
-    threads = torch.get_num_threads()
     for _ in range(repeat):
         for name, fn in contenders.items():
             gc.collect()
@@ -169,7 +168,7 @@ def case_gmm(args) -> dict:
     }
     if have_pom:
         contenders["pomegranate"] = lambda: run_pomegranate_gmm(x, w0, m0, c0, iters)
-    res, times, cpu = interleaved(contenders, args.repeat)
+    res, times, cpu = interleaved(contenders, args.repeat, args.threads)
     fit = res["jointkl"]
     ll = {"sklearn": float(res["sklearn"].score(x)), "jointkl": fit.history[-1] / n}
     if have_pom:
@@ -335,6 +334,7 @@ def case_hmm(args) -> dict:
             "jointkl": lambda: jointkl_fit(x, iters),
         },
         args.repeat,
+        args.threads,
     )
     h, fit = res["hmmlearn"], res["jointkl"]
     return {
