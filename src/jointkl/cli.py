@@ -98,6 +98,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     engine_cls = engine_class(args.engine)
     target, model_spec, model_cls = _resolve_model(args.model, None)
     model_kw, engine_kw = route_settings(settings, model_cls, engine_cls)
+    # A zoo model may carry measured engine settings (e.g. batch size); --set overrides them.
+    defaults = getattr(model_cls, "engine_defaults", {}).get(args.engine, {})
+    engine_kw = {**defaults, **engine_kw}
     if model_cls is not None:
         try:
             pair = model_cls(**model_kw)
