@@ -36,6 +36,7 @@ import torch
 from jointkl.inference.em_factors import (
     FactorModel,
     broadcast_shape,
+    data_moments,
     index_part,
     mvn_tril,
     transform_for,
@@ -452,12 +453,7 @@ def _scatter(
         target[a] != 1 or mu.shape[a] == 1 for a in range(nb)
     )
     if mean_per_cell:
-        cache = fm.__dict__.setdefault("_scatter_cache", {})
-        if gi not in cache:
-            c = x.reshape(-1, x.shape[-1]).mean(0)
-            xc = x - c
-            cache[gi] = (c, xc, xc.unsqueeze(-1) * xc.unsqueeze(-2))
-        c, xc, outer = cache[gi]
+        c, xc, outer, _ = data_moments(fm.groups[gi], x)
         m2 = wsum(target, w, outer)
         m1 = wsum(target[:-1], W.unsqueeze(-1), xc).unsqueeze(-1)  # (.., D, 1)
         s0 = wsum(target[:-2], W).unsqueeze(-1).unsqueeze(-1)

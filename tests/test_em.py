@@ -208,6 +208,25 @@ def test_posterior_weights_are_responsibilities(blobs):
     torch.testing.assert_close(r, lp.softmax(-1).T)
 
 
+@pytest.mark.parametrize("offset, sd", [(0.0, 1.0), (1e4, 1e-3)])
+def test_gaussian_log_densities_are_exact_far_from_the_origin(offset, sd):
+    """The E-step's Mahalanobis shortcut (cached outer products) must agree with the direct
+    form, and step aside where it would cancel digits (data far away, tight components)."""
+    g = torch.Generator().manual_seed(0)
+    x = offset + sd * torch.randn(300, 3, generator=g, dtype=F64)
+    m = GaussianMixture(2, "full", priors=None)
+    fm = FactorModel(m.model, (x,), {}, dtype=F64)
+    theta = dict(fm.init)
+    theta["locs"] = x[:2].clone()
+    theta["scale_tril"] = sd * torch.linalg.cholesky(
+        torch.tensor([[1.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 1.0]], dtype=F64)
+    ).expand(2, 3, 3)
+    ll, _ = fm.e_step(theta)
+    d = dist.MultivariateNormal(theta["locs"], scale_tril=theta["scale_tril"])
+    ref = torch.logsumexp(d.log_prob(x.unsqueeze(-2)) + theta["weights"].log(), -1).sum()
+    assert ll == pytest.approx(float(ref), rel=1e-10)
+
+
 # --------------------------------------------------------------------------- the M-step
 @pytest.mark.parametrize(
     "name", ["gmm-full", "gmm-diag", "bmm-weak", "hmm-categorical-weak", "poisson"]
