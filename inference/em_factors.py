@@ -1530,7 +1530,7 @@ def _quadratic_form(g: Group, x, mu, L, n_r: int, plates: slice):
     cells = L.shape[1 : 1 + n_r]
     eye = torch.eye(D, dtype=L.dtype, device=L.device)
     Linv = torch.linalg.solve_triangular(L.reshape(-1, D, D), eye, upper=False)  # (C, D, D)
-    if spread * float(Linv.square().sum((-1, -2)).max()) > 1e8:
+    if spread * float(Linv.detach().square().sum((-1, -2)).max()) > 1e8:
         return None
     P = Linv.transpose(-1, -2) @ Linv
     mc = mu.reshape(-1, D).expand(P.shape[0], D) - c  # (C, D)
