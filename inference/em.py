@@ -375,12 +375,7 @@ def _laplace_factor(fm, names, ts, theta, us, mean, sizes) -> torch.Tensor:
             start += size
         return fm.log_partition(fm.tables(th), twice_differentiable=True)
 
-    v0 = mean[idx].clone()
-    with torch.enable_grad():
-        try:
-            H = torch.autograd.functional.hessian(f, v0, vectorize=True)
-        except RuntimeError:
-            H = torch.autograd.functional.hessian(f, v0)
+    H = _hessian(f, mean[idx].clone())
     P = -(H + H.T) / 2
     lam, V = torch.linalg.eigh(P)
     floor = lam.abs().max().clamp_min(1.0) * 1e-8
@@ -388,6 +383,33 @@ def _laplace_factor(fm, names, ts, theta, us, mean, sizes) -> torch.Tensor:
     factor = torch.zeros(mean.numel(), idx.numel(), dtype=mean.dtype)
     factor[idx] = V / lam.sqrt()
     return factor
+
+
+HESSIAN_CHUNK = 16
+
+
+def _hessian(f, v0: torch.Tensor) -> torch.Tensor:
+    """Hessian of a scalar function by Hessian-vector products, ``HESSIAN_CHUNK`` rows at a
+    time (a fully vectorised Hessian holds one copy of the graph per row: gigabytes for a
+    digits mixture's 649 parameters)."""
+    n = v0.numel()
+    with torch.enable_grad():
+        v = v0.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(v), v, create_graph=True)
+        eye = torch.eye(n, dtype=v.dtype, device=v.device)
+        rows = []
+        for s in range(0, n, HESSIAN_CHUNK):
+            basis = eye[s : s + HESSIAN_CHUNK]
+            try:
+                (h,) = torch.autograd.grad(
+                    g, v, grad_outputs=basis, retain_graph=True, is_grads_batched=True
+                )
+            except RuntimeError:  # an op without a batching rule: one row at a time
+                h = torch.stack(
+                    [torch.autograd.grad(g, v, grad_outputs=b, retain_graph=True)[0] for b in basis]
+                )
+            rows.append(h.detach())
+    return torch.cat(rows)
 
 
 # --------------------------------------------------------------------------- information criteria
