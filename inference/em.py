@@ -29,14 +29,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from jointkl.inference.em_factors import FactorModel, transform_for
 from jointkl.inference.em_mstep import SingularCovariance, m_step, plan_updates
 from pyro.distributions import constraints
 from tqdm.auto import tqdm
 
-from jointkl.engine import Engine, register_engine
+from jointkl.engine import Engine, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.pair import as_pair
@@ -290,11 +289,7 @@ class EM(Engine):
     @classmethod
     def activate(cls, fit: Fit) -> None:
         """Put the fitted ``pyro.param`` values into Pyro's param store."""
-        pyro.clear_param_store()
-        rng = torch.get_rng_state()
-        with torch.no_grad(), poutine.block():
-            poutine.trace(fit.pair.model).get_trace(*fit.args, **fit.kwargs)
-        torch.set_rng_state(rng)
+        recreate_params(fit.pair.model, args=fit.args, kwargs=fit.kwargs)
         store = pyro.get_param_store()
         kinds = fit.info.get("free", {})
         for k, v in fit.params.items():

@@ -46,7 +46,7 @@ from jointkl.inference.svi import TORCH_OPTIMS  # one table of optimiser names
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from jointkl.engine import Engine, register_engine
+from jointkl.engine import Engine, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.inferencedata import DATA_PLATE
@@ -693,11 +693,7 @@ class NCE(Engine):
     @classmethod
     def activate(cls, fit: Fit) -> None:
         """Recreate the fit's parameters in Pyro's param store (γ is not a model param)."""
-        pyro.clear_param_store()
-        rng = torch.get_rng_state()
-        with torch.no_grad(), poutine.block():
-            poutine.trace(fit.pair.model).get_trace(*fit.args, **fit.kwargs)
-        torch.set_rng_state(rng)
+        recreate_params(fit.pair.model, args=fit.args, kwargs=fit.kwargs)
         saved = {k.removeprefix("param:"): v for k, v in fit.state.items()}
         current = dict(pyro.get_param_store().named_parameters())
         missing = sorted(set(saved) - set(current))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from jointkl.fit import Fit
 
-__all__ = ["Engine", "ENGINES", "register_engine", "engine_class"]
+__all__ = ["Engine", "ENGINES", "register_engine", "engine_class", "recreate_params"]
 
 ENGINES: dict[str, type[Engine]] = {}
 
@@ -72,3 +72,21 @@ class Engine:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
+
+
+def recreate_params(*fns: Any, args: tuple = (), kwargs: dict | None = None) -> None:
+    """Empty Pyro's param store, then run each of ``fns`` once on the data so that every
+    ``pyro.param``/``pyro.module`` exists again (values are then poured in by the engine).
+
+    Runs without gradients or side effects, and leaves torch's RNG state as it found it.
+    """
+    import pyro
+    import pyro.poutine as poutine
+    import torch
+
+    pyro.clear_param_store()
+    rng = torch.get_rng_state()
+    with torch.no_grad(), poutine.block():
+        for fn in fns:
+            poutine.trace(fn).get_trace(*args, **(kwargs or {}))
+    torch.set_rng_state(rng)
