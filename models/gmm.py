@@ -134,20 +134,26 @@ class GaussianMixture:
         K, D = self.n_components, x.shape[1]
         opts = dict(dtype=x.dtype, device=x.device)
         if self.priors is None:
-            init = self.init_values(x)
-            weights = pyro.param(
-                "weights", init["weights"].to(**opts), constraint=constraints.simplex
-            )
-            locs = pyro.param("locs", init["locs"].to(**opts))
+            # Lazy initial values: the k-means++ seeding runs once, when the param store first
+            # meets these names, not on every call of the model.
+            cache: dict[str, dict[str, torch.Tensor]] = {}
+
+            def init(name: str) -> torch.Tensor:
+                if not cache:
+                    cache["v"] = self.init_values(x)
+                return cache["v"][name].to(**opts)
+
+            weights = pyro.param("weights", lambda: init("weights"), constraint=constraints.simplex)
+            locs = pyro.param("locs", lambda: init("locs"))
             if self.covariance == "full":
                 tril = pyro.param(
                     "scale_tril",
-                    torch.diag_embed(init["scales"]).to(**opts),
+                    lambda: torch.diag_embed(init("scales")),
                     constraint=constraints.lower_cholesky,
                 )
             else:
                 scales = pyro.param(
-                    "scales", init["scales"].to(**opts), constraint=constraints.positive
+                    "scales", lambda: init("scales"), constraint=constraints.positive
                 )
                 tril = _tril(scales, D, self.covariance)
             return weights, locs, tril

@@ -15,6 +15,7 @@ Dimensions are named from plates (``data``, ``components``); event dimensions ge
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -107,9 +108,30 @@ def by_dim_size(site: Mapping[str, Any], dim: int) -> int:
     return -1
 
 
-def _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting):
+def _at_draw(model, draw: Mapping[str, torch.Tensor], params: frozenset):
+    """``model`` with one posterior draw fixed: sample sites conditioned on it, and
+    ``pyro.param`` sites (EM's Laplace draws of maximum-likelihood parameters) substituted,
+    so each draw, not the point estimate, reaches the likelihood."""
+    fixed = {k: v for k, v in draw.items() if k in params}
+    cond = poutine.condition(model, data={k: v for k, v in draw.items() if k not in params})
+    return poutine.substitute(cond, data=fixed) if fixed else cond
+
+
+def _joint_name(names: list[str]) -> str:
+    """One variable name for observed sites that share enumerated latents: the common stem
+    of ``obs_0 … obs_499`` (a ``pyro.markov`` chain) is ``obs``; unrelated names are joined
+    with ``__`` when there are few of them."""
+    if len(names) == 1:
+        return names[0]
+    stems = {re.sub(r"[_\[\]\d]+$", "", n) for n in names}
+    if len(stems) == 1 and next(iter(stems)):
+        return next(iter(stems))
+    return "__".join(names) if len(names) <= 4 else "joint"
+
+
+def _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting, params=frozenset()):
     """{var name: tensor of shape (n_points...)} for one posterior draw."""
-    cond = poutine.condition(model, data=draw)
+    cond = _at_draw(model, draw, params)
     enum = poutine.enum(cond, first_available_dim=-nesting - 1)
     with torch.no_grad():
         tr = poutine.trace(enum).get_trace(*args, **kwargs)
@@ -163,7 +185,7 @@ def _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting):
                 "pointwise log-likelihood needs every enumerated site inside the 'data' plate; "
                 f"global enumerated sites: {sorted(set(enum_sites) - set(local_enum))}"
             )
-        out["__".join(in_data)] = contract(in_data + local_enum)
+        out[_joint_name(in_data)] = contract(in_data + local_enum)
     else:
         for n in in_data:
             out[n] = contract([n])
@@ -216,10 +238,13 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
     valued = [n for n in observed if not site_is_factor(base.nodes[n])]
     ll_rows, pp_rows = [], []
     uncond = poutine.uncondition(model)
+    params = frozenset(n for n, s in base.nodes.items() if s["type"] == "param")
     for draw in flat:
-        ll_rows.append(_pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting))
+        ll_rows.append(
+            _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting, params)
+        )
         with torch.no_grad():
-            tr = poutine.trace(poutine.condition(uncond, data=draw)).get_trace(*args, **kwargs)
+            tr = poutine.trace(_at_draw(uncond, draw, params)).get_trace(*args, **kwargs)
         pp_rows.append({n: tr.nodes[n]["value"] for n in valued})
 
     dims: dict[str, list[str]] = {}
