@@ -30,9 +30,28 @@ def test_fit_then_diagnose_end_to_end(tmp_path, small_csv):
     import arviz as az
 
     out = tmp_path / "run"
-    r = run("fit", "gmm", "--engine", "svi", "--data", str(small_csv), "--out", str(out),
-            "--set", "n_components=2", "--set", "covariance=diag", "--set", "steps=60",
-            "--set", "guide=normal", "--set", "progress=false", "--draws", "40")
+    r = run(
+        "fit",
+        "gmm",
+        "--engine",
+        "svi",
+        "--data",
+        str(small_csv),
+        "--out",
+        str(out),
+        "--set",
+        "n_components=2",
+        "--set",
+        "covariance=diag",
+        "--set",
+        "steps=60",
+        "--set",
+        "guide=normal",
+        "--set",
+        "progress=false",
+        "--draws",
+        "40",
+    )
     assert r.returncode == 0, r.stderr
     assert str(out) in r.stdout
     for name in ("config.json", "metrics.jsonl", "fit.json", "tensors.pt", "inference_data.nc"):
@@ -44,8 +63,13 @@ def test_fit_then_diagnose_end_to_end(tmp_path, small_csv):
     for png in ("objective.png", "trace.png", "ppc.png"):
         assert (out / "plots" / png).stat().st_size > 1000, png
     idata = az.from_netcdf(str(out / "inference_data.nc"))
-    assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data",
-            "sample_stats"} <= set(idata.groups())
+    assert {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "sample_stats",
+    } <= set(idata.groups())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loo = az.loo(idata)
@@ -54,7 +78,7 @@ def test_fit_then_diagnose_end_to_end(tmp_path, small_csv):
     assert len(metrics) == 60
 
 
-USER_MODEL = '''
+USER_MODEL = """
 import pyro
 import pyro.distributions as dist
 
@@ -64,7 +88,7 @@ def model(x, y):
     noise = pyro.sample("noise", dist.HalfNormal(5.0))
     with pyro.plate("data", len(x)):
         pyro.sample("y", dist.Normal(slope * x, noise), obs=y)
-'''
+"""
 
 
 def test_user_model_file_fits_through_the_cli(tmp_path):
@@ -73,9 +97,26 @@ def test_user_model_file_fits_through_the_cli(tmp_path):
     x = rng.normal(size=80)
     np.savez(tmp_path / "xy.npz", x=x, y=3.0 * x + 0.1 * rng.normal(size=80))
     out = tmp_path / "run"
-    code = main(["fit", f"{tmp_path / 'mymodel.py'}:model", "--engine", "svi",
-                 "--data", str(tmp_path / "xy.npz"), "--out", str(out), "--draws", "20",
-                 "--set", "steps=400", "--set", "lr=0.05", "--set", "progress=false"])
+    code = main(
+        [
+            "fit",
+            f"{tmp_path / 'mymodel.py'}:model",
+            "--engine",
+            "svi",
+            "--data",
+            str(tmp_path / "xy.npz"),
+            "--out",
+            str(out),
+            "--draws",
+            "20",
+            "--set",
+            "steps=400",
+            "--set",
+            "lr=0.05",
+            "--set",
+            "progress=false",
+        ]
+    )
     assert code == 0
     from jointkl import Fit
 
@@ -108,8 +149,12 @@ def test_nan_and_ragged_csv_exit_2(tmp_path, capsys):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("1.0,2.0\n3.0\n5.0,6.0\n")
     for path, needle in ((nan, "NaN"), (ragged, "line 2 has 1 columns, expected 2")):
-        assert main(["fit", "gmm", "--engine", "svi", "--data", str(path),
-                     "--out", str(tmp_path / "r")]) == 2
+        assert (
+            main(
+                ["fit", "gmm", "--engine", "svi", "--data", str(path), "--out", str(tmp_path / "r")]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
 
@@ -123,3 +168,41 @@ def test_console_script_exit_status_for_bad_input(tmp_path):
 def test_models_and_engines_are_listed(capsys):
     assert main(["models"]) == 0 and "gmm" in capsys.readouterr().out
     assert main(["engines"]) == 0 and "svi" in capsys.readouterr().out
+
+
+def test_hmm_em_run_with_many_observed_sites_plots_a_few(tmp_path):
+    """A pyro.markov chain has one observed site per step; the run still gets one
+    log-likelihood variable and a posterior predictive plot of a few of them."""
+    import arviz as az
+
+    out = tmp_path / "hmm"
+    code = main(
+        [
+            "fit",
+            "hmm",
+            "--engine",
+            "em",
+            "--out",
+            str(out),
+            "--draws",
+            "10",
+            "--threads",
+            "1",
+            "--set",
+            "n_states=2",
+            "--set",
+            "max_iter=5",
+            "--set",
+            "progress=false",
+        ]
+    )
+    assert code == 0
+    idata = az.from_netcdf(str(out / "inference_data.nc"))
+    assert list(idata.log_likelihood.data_vars) == ["obs"]
+    assert (out / "plots" / "ppc.png").stat().st_size > 1000
+
+
+def test_threads_must_be_a_positive_whole_number():
+    r = run("fit", "gmm", "--engine", "em", "--threads", "0")
+    assert r.returncode == 2
+    assert "--threads" in r.stderr and "expected a whole number >= 1" in r.stderr

@@ -62,3 +62,18 @@ def test_gmm_param_initialisation_runs_once(monkeypatch):
     for _ in range(3):
         pyro.poutine.trace(pyro.infer.config_enumerate(model.model)).get_trace(x)
     assert len(calls) == 1
+
+
+def test_markov_chain_sites_become_one_variable_with_a_step_dimension():
+    model = HMM(2, priors=None)
+    (x,), _ = model.default_data()
+    x = x[:5, :12].to(F64)
+    fit = EM(max_iter=3, progress=False).fit(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = fit.to_arviz(num_samples=4, seed=0)
+    obs = idata.observed_data["obs"]
+    assert obs.dims == ("data", "obs_step", "obs_dim_2")
+    np.testing.assert_allclose(obs.values, x.numpy())
+    assert idata.posterior_predictive["obs"].shape == (1, 4, 5, 12, 1)
+    assert list(idata.observed_data.data_vars) == ["obs"]

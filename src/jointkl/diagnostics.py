@@ -23,6 +23,7 @@ from jointkl.runs import atomic_write_bytes  # noqa: E402
 __all__ = ["summary_table", "write_plots", "small_posterior_vars", "loo_report"]
 
 MAX_SUMMARY_SIZE = 64  # posterior variables with more elements per draw are not tabulated
+MAX_PPC_VARS = 6  # observed variables shown in the posterior predictive check
 
 
 def small_posterior_vars(idata, limit: int = MAX_SUMMARY_SIZE) -> list[str]:
@@ -101,9 +102,14 @@ def write_plots(fit, idata, out_dir: str | Path) -> list[Path]:
             axes = az.plot_posterior(idata, var_names=names[:4])
             written.append(_save(np.ravel(axes)[0].figure, out / "posterior.png"))
         if "posterior_predictive" in idata.groups():
+            # One panel per observed variable: a pyro.markov chain has one per time step, so
+            # show the first few rather than hundreds of panels.
+            pp_vars = list(idata.posterior_predictive.data_vars)[:MAX_PPC_VARS]
             try:
                 axes = az.plot_ppc(
-                    idata, num_pp_samples=min(50, idata.posterior_predictive.sizes["draw"])
+                    idata,
+                    var_names=pp_vars,
+                    num_pp_samples=min(50, idata.posterior_predictive.sizes["draw"]),
                 )
                 written.append(_save(np.ravel(axes)[0].figure, out / "ppc.png"))
             except (ValueError, TypeError, KeyError) as e:  # e.g. a discrete, high-dim site

@@ -195,6 +195,32 @@ def _pointwise_log_likelihood(model, args, kwargs, draw, observed, nesting, para
     return out
 
 
+def _indexed_site_groups(
+    names: list[str], dims: Mapping[str, list[str]]
+) -> dict[str, tuple[list[str], int, list[str]]]:
+    """Observed sites named ``<stem>_0 … <stem>_{n-1}`` (n >= 2, same dims, no site called
+    ``<stem>``): {stem: (names in index order, axis of the new step dimension, the stem's
+    dims)}. The step axis goes after the sites' plate dimensions."""
+    groups: dict[str, dict[int, str]] = {}
+    for n in names:
+        m = re.fullmatch(r"(.+)_(\d+)", n)
+        if m:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = n
+    out = {}
+    for stem, by_index in groups.items():
+        ordered = [by_index.get(i) for i in range(len(by_index))]
+        if len(ordered) < 2 or None in ordered or stem in names:
+            continue
+        own = [d for d in dims[ordered[0]] if not d.startswith(f"{ordered[0]}_dim_")]
+        if any(len(dims[n]) != len(dims[ordered[0]]) for n in ordered):
+            continue
+        axis = len(own)
+        rest = len(dims[ordered[0]]) - axis
+        stem_dims = [*own, f"{stem}_step", *(f"{stem}_dim_{axis + 1 + i}" for i in range(rest))]
+        out[stem] = (ordered, axis, stem_dims)
+    return out
+
+
 def _stack(rows: list[Mapping[str, torch.Tensor]], chains: int) -> dict[str, np.ndarray]:
     out = {}
     for k in rows[0]:
@@ -265,11 +291,20 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
         for k, v in draws.items()
     }
     observed_data = {n: base.nodes[n]["value"].detach().cpu().numpy() for n in valued}
+    predictive = _stack(pp_rows, chains) if valued else {}
+    for stem, (names, axis, stem_dims) in _indexed_site_groups(valued, dims).items():
+        # obs_0 … obs_{T-1} of a pyro.markov chain become one variable ``obs`` with a step
+        # dimension, as the data were before the model split them per step.
+        observed_data[stem] = np.stack([observed_data.pop(n) for n in names], axis=axis)
+        predictive[stem] = np.stack([predictive.pop(n) for n in names], axis=axis + 2)
+        for n in names:
+            dims.pop(n)
+        dims[stem] = stem_dims
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         idata = az.from_dict(
             posterior=posterior or None,
-            posterior_predictive=_stack(pp_rows, chains) if valued else None,
+            posterior_predictive=predictive or None,
             log_likelihood=ll,
             observed_data=observed_data or None,
             dims=dims,
