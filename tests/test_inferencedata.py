@@ -38,14 +38,18 @@ def test_pointwise_log_likelihood_follows_each_parameter_draw():
     assert per_draw.mean() > fit.history[-1] - 50.0
 
 
-def test_markov_chain_log_likelihood_is_one_variable_named_for_its_sites():
+def _hmm_run(sequences: int, steps: int, draws: int):
     model = HMM(2, priors=None)
     (x,), _ = model.default_data()
-    x = x[:6, :20].to(F64)
+    x = x[:sequences, :steps].to(F64)
     fit = EM(max_iter=5, progress=False).fit(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        idata = fit.to_arviz(num_samples=3, seed=0)
+        return x, fit, fit.to_arviz(num_samples=draws, seed=0)
+
+
+def test_markov_chain_log_likelihood_is_one_variable_named_for_its_sites():
+    x, fit, idata = _hmm_run(6, 20, 3)
     assert list(idata.log_likelihood.data_vars) == ["obs"]
     assert idata.log_likelihood["obs"].shape == (1, 3, 6)
     total = idata.log_likelihood["obs"].values.sum(-1)
@@ -65,13 +69,7 @@ def test_gmm_param_initialisation_runs_once(monkeypatch):
 
 
 def test_markov_chain_sites_become_one_variable_with_a_step_dimension():
-    model = HMM(2, priors=None)
-    (x,), _ = model.default_data()
-    x = x[:5, :12].to(F64)
-    fit = EM(max_iter=3, progress=False).fit(model, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        idata = fit.to_arviz(num_samples=4, seed=0)
+    x, _, idata = _hmm_run(5, 12, 4)
     obs = idata.observed_data["obs"]
     assert obs.dims == ("data", "obs_step", "obs_dim_2")
     np.testing.assert_allclose(obs.values, x.numpy())

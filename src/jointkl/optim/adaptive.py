@@ -20,10 +20,11 @@ geometry. With the bias correction of both averages (they start at zero, so divi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from jointkl.optim.discretisation import Discretisation, check_range
 
@@ -70,39 +71,32 @@ class AdaptiveFlow(Discretisation):
         check_range(name, "momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range(name, "eps", group["eps"], 0.0, float("inf"), high_open=True)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self.evaluate(closure)
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if not params:
-                continue
-            beta, beta1 = group["smoothing"], group["momentum"]
-            sq_avg = self.state_tensors(params, "sq_avg")
-            # s ← β s + (1 − β) g²: the running scale of each coordinate's gradient.
-            torch._foreach_mul_(sq_avg, beta)
-            torch._foreach_addcmul_(sq_avg, grads, grads, value=1.0 - beta)
-            if beta1 > 0:
-                force = self.state_tensors(params, "avg")
-                # m ← m + (1 − β₁)(g − m): the filtered force (Euler on ṁ = κ(g − m)).
-                torch._foreach_lerp_(force, grads, 1.0 - beta1)
-            else:
-                force = grads
+    def update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        beta, beta1 = group["smoothing"], group["momentum"]
+        sq_avg = self.state_tensors(params, "sq_avg")
+        # s ← β s + (1 − β) g²: the running scale of each coordinate's gradient.
+        torch._foreach_mul_(sq_avg, beta)
+        torch._foreach_addcmul_(sq_avg, grads, grads, value=1.0 - beta)
+        if beta1 > 0:
+            force = self.state_tensors(params, "avg")
+            # m ← m + (1 − β₁)(g − m): the filtered force (Euler on ṁ = κ(g − m)).
+            torch._foreach_lerp_(force, grads, 1.0 - beta1)
+        else:
+            force = grads
 
-            # Steps taken per parameter (a parameter may have skipped steps with no gradient).
-            counts = []
-            for p in params:
-                state = self.state[p]
-                state["steps"] = state.get("steps", 0) + 1
-                counts.append(state["steps"])
+        # Steps taken per parameter (a parameter may have skipped steps with no gradient).
+        counts = []
+        for p in params:
+            state = self.state[p]
+            state["steps"] = state.get("steps", 0) + 1
+            counts.append(state["steps"])
 
-            denom = torch._foreach_sqrt(sq_avg)
-            if group["debias"]:
-                torch._foreach_div_(denom, [(1.0 - beta**n) ** 0.5 for n in counts])
-                scale = [-group["step_size"] / (1.0 - beta1**n) for n in counts]
-            else:
-                scale = [-group["step_size"]] * len(params)
-            torch._foreach_add_(denom, group["eps"])
-            # θ ← θ − ε m̂ / (√ŝ + δ)
-            torch._foreach_addcdiv_(params, force, denom, scale)
-        return loss
+        denom = torch._foreach_sqrt(sq_avg)
+        if group["debias"]:
+            torch._foreach_div_(denom, [(1.0 - beta**n) ** 0.5 for n in counts])
+            scale = [-group["step_size"] / (1.0 - beta1**n) for n in counts]
+        else:
+            scale = [-group["step_size"]] * len(params)
+        torch._foreach_add_(denom, group["eps"])
+        # θ ← θ − ε m̂ / (√ŝ + δ)
+        torch._foreach_addcdiv_(params, force, denom, scale)

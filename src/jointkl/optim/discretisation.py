@@ -49,7 +49,8 @@ class Discretisation(torch.optim.Optimizer):
 
     Subclasses pass their defaults (always including ``step_size``) and implement
     :meth:`check_group`, which raises :class:`~jointkl.errors.InputError` for a setting outside
-    the range where the discretisation means what its docstring says.
+    the range where the discretisation means what its docstring says, and :meth:`update`, one
+    solver step for one parameter group.
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]):
@@ -90,6 +91,20 @@ class Discretisation(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(state[key])
         return out
+
+    def update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """One step of the solver for ``group``: ``params`` (those with a gradient) and their
+        ``grads``, updated in place."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = self.evaluate(closure)
+        for group in self.param_groups:
+            params, grads = self.params_with_grad(group)
+            if params:
+                self.update(group, params, grads)
+        return loss
 
     @staticmethod
     def evaluate(closure: Callable[[], Any] | None) -> Any:

@@ -12,10 +12,11 @@ curvature is multiplied by |1 − ελ_max| > 1 each step and the iterates blow 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from jointkl.optim.discretisation import Discretisation
 
@@ -32,11 +33,5 @@ class GradientFlow(Discretisation):
     def __init__(self, params: Iterable[Any], step_size: float = 1e-3):
         super().__init__(params, {"step_size": step_size})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self.evaluate(closure)
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if params:
-                torch._foreach_add_(params, grads, alpha=-group["step_size"])
-        return loss
+    def update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        torch._foreach_add_(params, grads, alpha=-group["step_size"])

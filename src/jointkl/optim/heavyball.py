@@ -23,10 +23,11 @@ momentum in [0, 1]: 0 ≤ λ ≤ 1/ε (λ = 0 is the undamped ball, which orbits
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from jointkl.optim.discretisation import Discretisation, check_positive, check_range
 
@@ -71,18 +72,11 @@ class HeavyBall(Discretisation):
     def check_group(self, group: dict[str, Any]) -> None:
         check_friction(type(self).__name__, group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self.evaluate(closure)
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if not params:
-                continue
-            eps, lam = group["step_size"], group["friction"]
-            velocity = self.state_tensors(params, "velocity")
-            # v ← (1 − ελ) v − ε g: friction and force over one time step.
-            torch._foreach_mul_(velocity, 1.0 - eps * lam)
-            torch._foreach_add_(velocity, grads, alpha=-eps)
-            # θ ← θ + ε v, with the *new* velocity (symplectic Euler).
-            torch._foreach_add_(params, velocity, alpha=eps)
-        return loss
+    def update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        eps, lam = group["step_size"], group["friction"]
+        velocity = self.state_tensors(params, "velocity")
+        # v ← (1 − ελ) v − ε g: friction and force over one time step.
+        torch._foreach_mul_(velocity, 1.0 - eps * lam)
+        torch._foreach_add_(velocity, grads, alpha=-eps)
+        # θ ← θ + ε v, with the *new* velocity (symplectic Euler).
+        torch._foreach_add_(params, velocity, alpha=eps)

@@ -21,18 +21,17 @@ than the heavy ball at the same λ.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from jointkl.optim.discretisation import Discretisation
-from jointkl.optim.heavyball import check_friction
+from jointkl.optim.heavyball import HeavyBall
 
 __all__ = ["Nesterov"]
 
 
-class Nesterov(Discretisation):
+class Nesterov(HeavyBall):
     """Heavy ball with the force evaluated at the look-ahead point (Nesterov momentum).
 
     :param params: the parameters (an iterable of tensors or of parameter-group dicts).
@@ -43,26 +42,13 @@ class Nesterov(Discretisation):
     hold the look-ahead point; the velocity is ``state[p]["velocity"]``, starting at rest.
     """
 
-    def __init__(self, params: Iterable[Any], step_size: float = 0.1, friction: float = 1.0):
-        super().__init__(params, {"step_size": step_size, "friction": friction})
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        check_friction(type(self).__name__, group)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self.evaluate(closure)
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if not params:
-                continue
-            eps = group["step_size"]
-            mu = 1.0 - eps * group["friction"]
-            velocity = self.state_tensors(params, "velocity")
-            # v ← μ v − ε g, with g taken at the look-ahead point φ (the stored parameters).
-            torch._foreach_mul_(velocity, mu)
-            torch._foreach_add_(velocity, grads, alpha=-eps)
-            # φ ← φ − ε² g + εμ v: the next look-ahead point.
-            torch._foreach_add_(params, grads, alpha=-eps * eps)
-            torch._foreach_add_(params, velocity, alpha=eps * mu)
-        return loss
+    def update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        eps = group["step_size"]
+        mu = 1.0 - eps * group["friction"]
+        velocity = self.state_tensors(params, "velocity")
+        # v ← μ v − ε g, with g taken at the look-ahead point φ (the stored parameters).
+        torch._foreach_mul_(velocity, mu)
+        torch._foreach_add_(velocity, grads, alpha=-eps)
+        # φ ← φ − ε² g + εμ v: the next look-ahead point.
+        torch._foreach_add_(params, grads, alpha=-eps * eps)
+        torch._foreach_add_(params, velocity, alpha=eps * mu)
