@@ -27,6 +27,17 @@ after the first is the datum's context; noise for a datum is drawn for its own c
 callable noise returns the per-context distribution) and the model scores the noise with the
 context repeated. Data and noise go through the model in one vectorised pass over its
 ``"data"`` plate: the first argument becomes [x_batch; noise] of size B(1 + ν).
+
+When the noise does not depend on the context (unigram^0.75) the ν draws can be shared by
+every context of a mini-batch (TensorFlow's ``sampled_softmax_loss``/``nce_loss``): each
+context is still contrasted with ν independent draws from q, so every per-datum loss keeps
+its expectation, and a pair that can score all (context, candidate) pairs at once
+(``pair.candidate_scores``) turns the noise scores into one (B, d) @ (d, ν) product that
+touches ν + B output rows instead of B(1 + ν).
+
+The whole progress of a stochastic fit is one :class:`NCEState` (params and γ, optimiser
+state, torch's RNG, step, history), saved as a checkpoint and poured back in to resume
+exactly; the batch order is a function of (seed, step) alone.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -42,7 +55,12 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
-from jointkl.inference.svi import TORCH_OPTIMS  # one table of optimiser names
+from jointkl.inference.svi import (  # one optimiser table, one checkpoint format
+    TORCH_OPTIMS,
+    SVIState,
+    _latest_checkpoint,
+    _load_params,
+)
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
@@ -52,7 +70,7 @@ from jointkl.fit import Fit
 from jointkl.inferencedata import DATA_PLATE
 from jointkl.pair import as_pair
 
-__all__ = ["NCE", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
+__all__ = ["NCE", "NCEState", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
 
 VARIANTS = ("binary", "ranking", "negative-sampling")
 _UNIGRAM = re.compile(r"^unigram(?:\^(\d+(?:\.\d*)?|\.\d+))?$")
@@ -73,7 +91,8 @@ def nce_loss(
     :param g_data: unnormalised log-density G at the data, ``(B,)``.
     :param g_noise: G at each datum's ν noise samples, ``(B, ν)``.
     :param logq_data: noise log-density at the data, ``(B,)``.
-    :param logq_noise: noise log-density at the noise samples, ``(B, ν)``.
+    :param logq_noise: noise log-density at the noise samples, ``(B, ν)``, or ``(ν,)`` when
+        the batch shares one set of draws (it broadcasts over the contexts).
     :param variant: ``"binary"``, ``"ranking"`` or ``"negative-sampling"``.
     :param log_z: γ, the estimate of log Z (binary only).
     """
@@ -192,6 +211,20 @@ class NoiseModel:
             return y.movedim(0, 1), d.log_prob(y).movedim(0, 1)
         y = d.sample((batch, nu))
         return y, d.log_prob(y)
+
+    def sample_shared(self, nu: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ν draws for a whole batch to share, ``(ν, *event)``, and their log q, ``(ν,)``.
+
+        Only for noise that ignores the context: every datum then meets ν independent draws
+        from its own q, as in :meth:`sample`, only not independent of its neighbours'.
+        """
+        if self.conditional:
+            raise InputError(
+                f"NCE: the per-context noise {self.description!r} cannot be shared across a "
+                "batch's contexts; use shared_noise=False"
+            )
+        y = self.source.sample((nu,))
+        return y, self.source.log_prob(y)
 
     def log_prob(
         self, x: torch.Tensor, ctx_args: tuple = (), ctx_kwargs: Mapping | None = None
@@ -365,6 +398,29 @@ def _with_noise(args, kwargs, per_args, per_kwargs, y):
     return (x_all, *rest), {k: (extend(a) if k in per_kwargs else a) for k, a in kwargs.items()}
 
 
+# ---------------------------------------------------------------------- the state
+@dataclass
+class NCEState(SVIState):
+    """Everything a stochastic NCE fit needs to continue exactly: one value, one checkpoint.
+
+    The fields (and ``save``/``load``) are :class:`~jointkl.inference.svi.SVIState`'s:
+    ``step`` (updates applied), ``params`` (unconstrained, by param-store name, plus γ under
+    ``"log_Z"`` when it is learned), ``optim`` (the optimisers' state dicts, sparse-row Adam
+    included), ``rng`` (torch's global RNG, which draws the noise) and ``history``. The batch
+    order needs no state: it is a function of (seed, step).
+    """
+
+
+def _batch_rows(step: int, n: int, size: int, seed: int, cache: dict) -> torch.Tensor:
+    """The data rows of step ``step``: epochs of seeded permutations, the last partial batch
+    of each epoch dropped (so every step has ``size`` rows)."""
+    epoch, j = divmod(step, n // size)
+    if cache.get("epoch") != epoch:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 1 + epoch)
+        cache.update(epoch=epoch, perm=torch.randperm(n, generator=gen))
+    return cache["perm"][j * size : (j + 1) * size]
+
+
 # ---------------------------------------------------------------------- the engine
 @register_engine
 class NCE(Engine):
@@ -390,8 +446,21 @@ class NCE(Engine):
     :param lr: step size; ``None`` gives 1.0 for L-BFGS and 0.01 otherwise.
     :param int steps: gradient steps (L-BFGS: the iteration limit).
     :param batch_size: data per step (each with ν noise samples); ``None`` for full batch.
+    :param shared_noise: ``True``: one set of ν draws per step, shared by every datum of the
+        batch (context-independent noise only); ``False``: ν draws per datum; ``None``
+        (default): shared when the noise ignores the context and the pair offers
+        ``candidate_scores(candidates, *context, **kwargs) -> (B, K)`` — G for every
+        (context, candidate) pair, which scores the shared noise in one matrix product.
+        Without that hook, shared noise is scored by the model on the B·ν (context, draw)
+        rows, as per-datum noise is.
     :param clip_norm: clip the global gradient norm (``None``: no clipping).
     :param int seed: the one seed for parameter initialisation, noise and batch order.
+    :param checkpoint_every: save an :class:`NCEState` every N steps into ``checkpoint_dir``
+        (stochastic optimisers; an L-BFGS solve writes none).
+    :param checkpoint_dir: folder for ``step-XXXXXXXX.pt`` checkpoints; the state is also
+        saved when the fit ends, is interrupted, or stops on a NaN/inf (the last good state).
+    :param bool resume: continue from the latest checkpoint in ``checkpoint_dir`` if any; the
+        numbers are those of a fit that never stopped.
     :param bool progress: show a tqdm bar with the running loss.
     :param on_step: called as ``on_step(step, loss)`` after every step (L-BFGS: every
         evaluation); raising ``KeyboardInterrupt`` there ends the fit early, keeping it.
@@ -410,8 +479,12 @@ class NCE(Engine):
         lr: float | None = None,
         steps: int = 1000,
         batch_size: int | None = None,
+        shared_noise: bool | None = None,
         clip_norm: float | None = None,
         seed: int = 0,
+        checkpoint_every: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
         progress: bool = True,
         on_step: Callable[[int, float], None] | None = None,
     ):
@@ -438,6 +511,19 @@ class NCE(Engine):
             _check_positive("batch_size", batch_size, int)
         if clip_norm is not None:
             _check_positive("clip_norm", clip_norm, float)
+        if shared_noise not in (None, True, False):
+            raise InputError(f"NCE: shared_noise must be True, False or None, got {shared_noise!r}")
+        if checkpoint_every is not None:
+            _check_positive("checkpoint_every", checkpoint_every, int)
+            if checkpoint_dir is None:
+                raise InputError("NCE: checkpoint_every needs checkpoint_dir")
+        if resume and checkpoint_dir is None:
+            raise InputError("NCE: resume=True needs checkpoint_dir")
+        if resume and optim == "lbfgs":
+            raise InputError(
+                "NCE: resume needs a stochastic optimiser; an L-BFGS solve is one call with no "
+                "checkpoints"
+            )
         if not (log_z == "learn" or _is_number(log_z)):
             raise InputError(f"NCE: log_z must be 'learn' or a number, got {log_z!r}")
         optim_class(optim)  # validate the name now, not at the first step
@@ -455,8 +541,12 @@ class NCE(Engine):
             lr=float(lr) if lr is not None else (1.0 if optim == "lbfgs" else 0.01),
             steps=int(steps),
             batch_size=int(batch_size) if batch_size is not None else None,
+            shared_noise=shared_noise,
             clip_norm=clip_norm,
             seed=int(seed),
+            checkpoint_every=int(checkpoint_every) if checkpoint_every is not None else None,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
+            resume=bool(resume),
         )
         self._noise_spec = noise
         self.progress = progress
@@ -476,10 +566,20 @@ class NCE(Engine):
         if spec is None:
             spec = "gaussian" if x.dtype.is_floating_point else "unigram^0.75"
         noise = resolve_noise(spec, x, *ctx)
+        hook = getattr(pair, "candidate_scores", None)
+        shared = cfg["shared_noise"]
+        if shared is None:
+            shared = hook is not None and not noise.conditional
+        elif shared and noise.conditional:
+            raise InputError(
+                f"NCE: shared_noise=True needs noise that ignores the context; the noise "
+                f"{noise.description!r} is per context (use shared_noise=False)"
+            )
+        if not shared:
+            hook = None  # per-datum draws are scored by the model, row by row
 
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg["seed"])
-        batch_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         model = pair.model
 
         def batch_terms(idx, drawn=None):
@@ -490,15 +590,24 @@ class NCE(Engine):
             b_args, b_kwargs = (
                 (args, kwargs) if idx is None else _take(args, kwargs, per_args, per_kwargs, idx)
             )
+            b = len(b_args[0])
             if drawn is None:
                 # the context alone feeds per-context noise
                 c_args, c_kwargs = ctx if idx is None else _take(*ctx, *ctx_per, idx)
                 with torch.no_grad():
-                    y, logq_n = noise.sample(len(b_args[0]), nu, c_args, c_kwargs)
+                    if shared:
+                        y, logq_n = noise.sample_shared(nu)  # (ν, ...), (ν,)
+                    else:
+                        y, logq_n = noise.sample(b, nu, c_args, c_kwargs)  # (B, ν, ...)
                     drawn = (y, logq_n, noise.log_prob(b_args[0], c_args, c_kwargs))
             y, logq_n, logq_d = drawn
-            j_args, j_kwargs = _with_noise(b_args, b_kwargs, per_args, per_kwargs, y)
-            b = len(b_args[0])
+            if hook is not None:
+                # Shared draws, scored for every context at once: (B, ν), ν + B rows touched.
+                g_d, global_term = pointwise_log_density(model, b_args, b_kwargs, b)
+                g_n = hook(y.to(x.dtype), *b_args[1:], **b_kwargs)
+                return g_d, g_n, logq_d, logq_n, global_term, drawn
+            rows = y.expand(b, *y.shape) if shared else y  # shared: every datum sees all ν
+            j_args, j_kwargs = _with_noise(b_args, b_kwargs, per_args, per_kwargs, rows)
             g, global_term = pointwise_log_density(model, j_args, j_kwargs, b * (1 + nu))
             return g[:b], g[b:].reshape(b, nu), logq_d, logq_n, global_term, drawn
 
@@ -519,6 +628,8 @@ class NCE(Engine):
                 ) from e
             w = (g_n - logq_n).reshape(-1)
             log_z0 = float(torch.logsumexp(w, 0) - math.log(w.numel()))
+            if hook is not None:
+                _check_candidate_scores(hook, model, args, kwargs, per_args, per_kwargs)
         if not math.isfinite(log_z0):
             log_z0 = 0.0
         learn_z = cfg["variant"] == "binary" and cfg["log_z"] == "learn"
@@ -547,7 +658,7 @@ class NCE(Engine):
                 history, n_iter, converged, reason = self._run_lbfgs(params, batch_terms, objective)
             else:
                 history, n_iter, converged, reason = self._run_stochastic(
-                    params, batch_terms, objective, n, batch_gen
+                    params, gamma if learn_z else None, batch_terms, objective, n
                 )
         elapsed = time.perf_counter() - t0
 
@@ -557,6 +668,8 @@ class NCE(Engine):
             "seconds": elapsed,
             "data_size": n,
             "noise": noise.description,
+            "shared_noise": bool(shared),
+            "noise_scores": "candidate_scores" if hook is not None else "model",
         }
         if learn_z:
             out["log_Z"] = gamma.detach().clone()
@@ -580,23 +693,57 @@ class NCE(Engine):
             kwargs=kwargs,
         )
 
-    def _run_stochastic(self, params, batch_terms, objective, n, batch_gen):
+    def _run_stochastic(self, params, gamma, batch_terms, objective, n):
+        """The step loop; its whole progress is one :class:`NCEState`, checkpointed and
+        resumed when ``checkpoint_dir`` is set. ``gamma``: the learned γ, or ``None``."""
         cfg = self.config
+        store = pyro.get_param_store()
         opt = _Stepper(cfg["optim"], cfg["lr"], params)
         bsz = cfg["batch_size"]
-        history: list[float] = []
-        perm, pos = None, 0
+        ckdir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else None
+        state = NCEState(0, {}, {}, torch.get_rng_state(), [])
+        latest = _latest_checkpoint(ckdir) if cfg["resume"] and ckdir else None
+        if latest is not None:
+            state = NCEState.load(latest)
+            saved = dict(state.params)
+            log_z = saved.pop("log_Z", None)
+            if (log_z is None) != (gamma is None):
+                raise InputError(
+                    f"NCE: checkpoint {latest} was written by a fit that "
+                    f"{'did not learn' if log_z is None else 'learned'} log Z; this one "
+                    f"{'does' if log_z is None else 'does not'}: resume with the same settings"
+                )
+            _load_params(store, saved)
+            if gamma is not None:
+                with torch.no_grad():
+                    gamma.copy_(log_z)
+            opt.load_state_dict(state.optim)
+            torch.set_rng_state(state.rng)
+        history = state.history
+
+        def checkpoint(completed: int) -> None:
+            values = {k: v.detach().clone() for k, v in store.get_state()["params"].items()}
+            if gamma is not None:
+                values["log_Z"] = gamma.detach().clone()
+            snapshot = NCEState(completed, values, opt.state_dict(), torch.get_rng_state(), history)
+            snapshot.save(ckdir / f"step-{completed:08d}.pt")
+
         reason = "max steps"
-        bar = tqdm(range(cfg["steps"]), disable=not self.progress, desc="nce")
+        bar = tqdm(
+            range(state.step, cfg["steps"]),
+            disable=not self.progress,
+            desc="nce",
+            initial=state.step,
+            total=cfg["steps"],
+        )
         smooth = None
+        completed = state.step  # steps whose update has been applied
+        rows: dict = {}  # the current epoch's permutation
         try:
             for step in bar:
                 idx = None
                 if bsz is not None and bsz < n:
-                    # Epochs of a dedicated generator's permutations: batch order is seeded.
-                    if perm is None or pos + bsz > n:
-                        perm, pos = torch.randperm(n, generator=batch_gen), 0
-                    idx, pos = perm[pos : pos + bsz], pos + bsz
+                    idx = _batch_rows(step, n, bsz, cfg["seed"], rows)
                 loss = objective(batch_terms(idx))
                 value = float(loss.detach())
                 opt.zero_grad()
@@ -619,16 +766,26 @@ class NCE(Engine):
                             p.grad.mul_(cfg["clip_norm"] / norm)
                 opt.step()
                 history.append(value)
+                completed = step + 1
                 smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
                 if self.progress and step % 10 == 0:
-                    bar.set_postfix(loss=f"{smooth:.4g}")
+                    bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
+                if ckdir is not None and cfg["checkpoint_every"]:
+                    if completed % cfg["checkpoint_every"] == 0:
+                        checkpoint(completed)
                 if self.on_step is not None:
                     self.on_step(step, value)
         except KeyboardInterrupt:
-            reason = f"interrupted after {len(history)} steps"
+            reason = f"interrupted after step {completed}"
+        except FitDivergedError:
+            if ckdir is not None and completed > 0:
+                checkpoint(completed)  # the last good state: the bad step applied nothing
+            raise
         finally:
             bar.close()
-        return history, len(history), False, reason
+        if ckdir is not None:
+            checkpoint(completed)
+        return history, completed, False, reason
 
     def _run_lbfgs(self, params, batch_terms, objective):
         cfg = self.config
@@ -705,6 +862,35 @@ class NCE(Engine):
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_candidate_scores(hook, model, args, kwargs, per_args, per_kwargs, rows: int = 16):
+    """Refuse a ``candidate_scores`` hook that does not agree with the model: scoring the
+    first rows' own data as candidates must give the model's G on its diagonal."""
+    idx = torch.arange(min(rows, len(args[0])))
+    b_args, b_kwargs = _take(args, kwargs, per_args, per_kwargs, idx)
+    g_model, _ = pointwise_log_density(model, b_args, b_kwargs, len(idx))
+    try:
+        g_hook = hook(b_args[0], *b_args[1:], **b_kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise InputError(
+            f"NCE: pair.candidate_scores(candidates, *context) failed on the data: "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    expected = (len(idx), len(idx))
+    if not isinstance(g_hook, torch.Tensor) or tuple(g_hook.shape) != expected:
+        got = tuple(g_hook.shape) if isinstance(g_hook, torch.Tensor) else type(g_hook).__name__
+        raise InputError(
+            f"NCE: pair.candidate_scores must return G for every (context, candidate) pair, "
+            f"shape {expected} here; got {got}"
+        )
+    diag = g_hook.diagonal().to(g_model.dtype)
+    if not torch.allclose(diag, g_model, rtol=1e-4, atol=1e-4):
+        worst = float((diag - g_model).abs().max())
+        raise InputError(
+            f"NCE: pair.candidate_scores disagrees with the model's log-density at the data "
+            f"(largest difference {worst:.3g}); fix the hook or pass shared_noise=False"
+        )
+
+
 class _Stepper:
     """The optimiser(s) of a stochastic fit, built at the first step once gradients exist.
 
@@ -720,6 +906,7 @@ class _Stepper:
     def __init__(self, name: str, lr: float, params: list[torch.Tensor]):
         self.name, self.lr, self.params = name, lr, params
         self.optims: list[torch.optim.Optimizer] | None = None
+        self.pending: dict[str, Any] | None = None  # state to load once the optims exist
 
     def _build(self) -> None:
         sparse = [p for p in self.params if p.grad is not None and p.grad.is_sparse]
@@ -744,8 +931,24 @@ class _Stepper:
     def step(self) -> None:
         if self.optims is None:
             self._build()
+            if self.pending:  # a resumed fit: the optimisers exist only now
+                for o, sd in zip(self.optims, self.pending["optims"], strict=True):
+                    o.load_state_dict(sd)
+            self.pending = None
         for o in self.optims:
             o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimisers' state dicts (empty before the first step)."""
+        if self.optims is None:
+            return dict(self.pending or {})
+        return {"optims": [o.state_dict() for o in self.optims]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Pour in :meth:`state_dict`'s value; applied when the optimisers are built."""
+        if self.optims is not None:
+            raise RuntimeError("_Stepper.load_state_dict must come before the first step")
+        self.pending = dict(state) if state else None
 
 
 class LazyAdam(torch.optim.Optimizer):

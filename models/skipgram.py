@@ -242,6 +242,23 @@ class SkipGram:
 
     guide = None  # no latents
 
+    def candidate_scores(self, candidates: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """G(w_k, c_b) for every context b and every candidate word k, ``(B, K)``.
+
+        One (B, d) @ (d, K) product that touches only the K candidates' output rows: the hook
+        that lets the NCE engine share one noise sample across a mini-batch (its
+        ``shared_noise``), so a step touches ν + B output rows instead of B(1 + ν).
+        ``normalised=True`` subtracts each context's log Σ_w e^{G(w, c)} (O(V), as the model).
+        """
+        ctx, out, bias = self._params(candidates.device)
+        h = self._hidden(ctx, context, sparse=not self.normalised)
+        u = F.embedding(candidates, out, sparse=not self.normalised)
+        b = F.embedding(candidates, bias, sparse=not self.normalised)[:, 0]
+        g = h @ u.T + b
+        if self.normalised:
+            g = g - (h @ out.T + bias[:, 0]).logsumexp(-1, keepdim=True)
+        return g
+
     # -------------------------------------------------------------- evaluation
     def scores(self, fit: Any, context: torch.Tensor) -> torch.Tensor:
         """G(w, c) for every word w: ``(N, V)`` at the fit's parameters."""
