@@ -43,6 +43,10 @@ from jointkl.pair import as_pair
 __all__ = ["EM", "bic", "aic", "n_parameters"]
 
 INITS = ("kmeans++", "random")
+ACCELERATORS = (None, "squarem")
+# SQUAREM's step length |α| is capped (the scheme's own safeguard against a near-zero
+# second difference, which would throw the point arbitrarily far).
+SQUAREM_MAX_STEP = 64.0
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # Initial responsibilities mix the k-means labels with a little uniform mass, so that no
 # discrete emission probability starts at an exact (and, under EM, absorbing) zero.
@@ -70,6 +74,14 @@ class EM(Engine):
         (scikit-learn's ``reg_covar``); 0 is exact EM.
     :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
     :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    :param accelerate: ``None`` (default: plain EM, iteration for iteration what
+        scikit-learn and hmmlearn compute) or ``"squarem"`` (SQUAREM, Varadhan & Roland
+        2008: two EM steps θ1 = M(θ0), θ2 = M(θ1), then the point
+        θ0 - 2α r + α² v with r = θ1 - θ0, v = θ2 - 2θ1 + θ0, α = -‖r‖/‖v‖, in
+        unconstrained coordinates; kept only when its log-likelihood is at least θ1's, else
+        θ2 is). The log-likelihood still never decreases; slow, nearly linear EM (overlapping
+        clusters) typically needs several times fewer iterations. ``max_iter`` then counts
+        log-likelihood evaluations, and only plain EM steps are tested against ``tol``.
     """
 
     name = "em"
@@ -87,6 +99,7 @@ class EM(Engine):
         reg_covar: float = 0.0,
         mstep_iter: int = 20,
         kmeans_iter: int = 10,
+        accelerate: str | None = None,
     ):
         _check_int("max_iter", max_iter, 0)
         _check_int("n_init", n_init, 1)
@@ -97,6 +110,8 @@ class EM(Engine):
             raise InputError(f"EM: tol must be a number >= 0, got {tol!r}")
         if not _is_number(reg_covar) or reg_covar < 0:
             raise InputError(f"EM: reg_covar must be a number >= 0, got {reg_covar!r}")
+        if accelerate not in ACCELERATORS:
+            raise InputError(f"EM: accelerate must be one of {ACCELERATORS}, got {accelerate!r}")
         if not callable(init) and init not in INITS:
             raise InputError(f"EM: init must be one of {INITS} or a callable, got {init!r}")
         if isinstance(dtype, str):
@@ -118,6 +133,7 @@ class EM(Engine):
             reg_covar=float(reg_covar),
             mstep_iter=int(mstep_iter),
             kmeans_iter=int(kmeans_iter),
+            accelerate=accelerate,
         )
 
     # ------------------------------------------------------------------ fitting
@@ -158,56 +174,103 @@ class EM(Engine):
         return fit
 
     def _run(self, fm, theta, closed, gradient, restart: int) -> dict[str, Any]:
+        """EM iterations from ``theta`` (SQUAREM cycles when ``accelerate="squarem"``).
+
+        Every entry of the history is the log-likelihood of a point the fit visited, and
+        each is at least the one before: an EM step cannot lower it (Dempster et al. 1977),
+        and an extrapolated point is kept only when it is no worse than the EM step it
+        extrapolates from.
+        """
         cfg = self.config
         history: list[float] = []
-        converged, reason, decreases = False, "max_iter", 0
+        state = {"converged": False, "reason": "max_iter", "decreases": 0}
         bar = tqdm(
             total=cfg["max_iter"],
             disable=not self.progress,
             desc=f"em[{restart}]" if cfg["n_init"] > 1 else "em",
         )
+
+        def evaluate(th, it, strict=True):
+            """E-step at ``th``: (log-likelihood, weights); a non-finite value stops the fit
+            (``strict``) or returns ``None`` (a rejected extrapolation)."""
+            ll, W = fm.e_step(th)
+            if math.isfinite(ll):
+                return ll, W
+            if not strict:
+                return None
+            err = FitDivergedError(
+                f"EM: the log-likelihood became {ll} at iteration {it}; the last good "
+                f"state (iteration {it - 1}) is in this error's .state; check the data "
+                "or set reg_covar > 0"
+            )
+            err.state = {"theta": theta, "history": history}
+            raise err
+
+        def maximise(th, W, it):
+            try:
+                return m_step(fm, th, W, closed, gradient, cfg["reg_covar"], cfg["mstep_iter"])
+            except SingularCovariance as e:
+                err = FitDivergedError(f"EM: at iteration {it}: {e}")
+                err.state = {"theta": theta, "history": history}
+                raise err from e
+
+        def record(ll, em_step):
+            """Append a log-likelihood; True when the fit should stop. Only a plain EM step's
+            change is a convergence test (an extrapolation's gain says nothing of it)."""
+            change = ll - history[-1]
+            if change < -1e-9 * max(1.0, abs(history[-1])):
+                state["decreases"] += 1
+            history.append(ll)
+            bar.update(1)
+            bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
+            if em_step and abs(change) <= cfg["tol"] * fm.n_points:
+                state["converged"], state["reason"] = True, "tol"
+                return True
+            return len(history) - 1 >= cfg["max_iter"]
+
         try:
-            for it in range(cfg["max_iter"] + 1):
-                ll, W = fm.e_step(theta)
-                if not math.isfinite(ll):
-                    err = FitDivergedError(
-                        f"EM: the log-likelihood became {ll} at iteration {it}; the last good "
-                        f"state (iteration {it - 1}) is in this error's .state; check the data "
-                        "or set reg_covar > 0"
-                    )
-                    err.state = {"theta": theta, "history": history}
-                    raise err
-                history.append(ll)
-                if it > 0:
-                    change = ll - history[-2]
-                    if change < -1e-9 * max(1.0, abs(history[-2])):
-                        decreases += 1
-                    bar.update(1)
-                    bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
-                    if abs(change) <= cfg["tol"] * fm.n_points:
-                        converged, reason = True, "tol"
-                        break
-                if it == cfg["max_iter"]:
-                    break
-                try:
-                    theta = m_step(
-                        fm, theta, W, closed, gradient, cfg["reg_covar"], cfg["mstep_iter"]
-                    )
-                except SingularCovariance as e:
-                    err = FitDivergedError(f"EM: at iteration {it + 1}: {e}")
-                    err.state = {"theta": theta, "history": history}
-                    raise err from e
+            ll, W = evaluate(theta, 0)
+            history.append(ll)
+            done = cfg["max_iter"] == 0
+            while not done:
+                it = len(history)
+                theta1 = maximise(theta, W, it)
+                ll1, W1 = evaluate(theta1, it)
+                theta0, theta = theta, theta1
+                done = record(ll1, True)
+                if done or cfg["accelerate"] is None:
+                    W = W1
+                    continue
+                # SQUAREM (Varadhan & Roland 2008, scheme S3): a second EM step, then a
+                # squared extrapolation of the two; kept only if the log-likelihood there is
+                # at least the first step's, else the plain second step is taken.
+                theta2 = maximise(theta1, W1, it + 1)
+                jump = squarem_point(fm, theta0, theta1, theta2)
+                tried = None
+                if jump is not None:
+                    try:
+                        tried = evaluate(jump, it + 1, strict=False)
+                    except (RuntimeError, ValueError):  # e.g. a Cholesky factor that fails
+                        tried = None
+                if tried is not None and tried[0] >= ll1:
+                    theta, (ll, W) = jump, tried
+                    state["accepted"] = state.get("accepted", 0) + 1
+                else:
+                    theta = theta2
+                    ll, W = evaluate(theta2, it + 1)
+                done = record(ll, tried is None or tried[0] < ll1)
         except KeyboardInterrupt:
-            reason = f"interrupted after {len(history) - 1} iterations"
+            state["reason"] = f"interrupted after {len(history) - 1} iterations"
         finally:
             bar.close()
         return {
             "theta": theta,
             "history": history,
-            "converged": converged,
-            "reason": reason,
+            "converged": state["converged"],
+            "reason": state["reason"],
             "n_iter": len(history) - 1,
-            "decreases": decreases,
+            "decreases": state["decreases"],
+            "extrapolations": state.get("accepted", 0),
         }
 
     # ------------------------------------------------------------------ initialisation
@@ -264,6 +327,7 @@ class EM(Engine):
             "aic": -2 * ll + 2 * k,
             "restarts": restarts,
             "decreases": run["decreases"],
+            "extrapolations": run["extrapolations"],
             "free": {name: f.kind for name, f in fm.free.items()},
             "closed_form": [name for up in closed for name in up.names],
             "gradient": list(gradient),
@@ -314,6 +378,39 @@ class EM(Engine):
             t = transform_for(lap["constraints"][name])
             out[name] = t(uu).unsqueeze(0)
         return out
+
+
+# --------------------------------------------------------------------------- SQUAREM
+def squarem_point(
+    fm: FactorModel,
+    theta0: Mapping[str, torch.Tensor],
+    theta1: Mapping[str, torch.Tensor],
+    theta2: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor] | None:
+    """SQUAREM's extrapolation θ0 - 2α r + α² v (scheme S3, α = -‖r‖/‖v‖ clamped to
+    [-SQUAREM_MAX_STEP, -1]; α = -1 gives θ2) of three successive EM iterates, taken in
+    unconstrained coordinates so that the point satisfies every constraint. ``None`` when
+    there is nothing to extrapolate (a fixed point, or a value on its constraint's boundary,
+    e.g. an exact zero probability, whose unconstrained coordinate is infinite)."""
+    names = list(theta0)
+    ts = {n: transform_for(fm.free[n].constraint) for n in names}
+    us = [{n: ts[n].inv(th[n]) for n in names} for th in (theta0, theta1, theta2)]
+    if not all(bool(torch.isfinite(u[n]).all()) for u in us for n in names):
+        return None
+    r = {n: us[1][n] - us[0][n] for n in names}
+    v = {n: us[2][n] - 2 * us[1][n] + us[0][n] for n in names}
+    rr = sum(float(t.square().sum()) for t in r.values())
+    vv = sum(float(t.square().sum()) for t in v.values())
+    if vv == 0.0 or rr == 0.0:
+        return None
+    alpha = max(-math.sqrt(rr / vv), -SQUAREM_MAX_STEP)
+    if alpha >= -1.0:
+        return None  # the plain second step: nothing gained by a third evaluation
+    out = {}
+    for n in names:
+        u = us[0][n] - 2 * alpha * r[n] + alpha**2 * v[n]
+        out[n] = ts[n](u)
+    return out
 
 
 # --------------------------------------------------------------------------- Laplace
