@@ -66,8 +66,15 @@ class FusedPyroOptim(pyro.optim.PyroOptim):
                 p.grad = g
 
     def _add(self, p: torch.Tensor) -> None:
+        args = self.pt_optim_args
+        if args.get("fused") and not _fused_kernel_fits(p):
+            # torch's fused kernels cover float tensors on some devices only: the loop then.
+            args = {**args, "fused": False}
+            self.pt_optim_args = args
+            if self._optim is not None:
+                self._optim.param_groups[0]["fused"] = False
         if self._optim is None:
-            self._optim = self.pt_optim_constructor([p], **self.pt_optim_args)
+            self._optim = self.pt_optim_constructor([p], **args)
         else:
             self._optim.param_groups[0]["params"].append(p)
         # lr schedules walk optim_objs' param groups: every entry is the one optimiser.
@@ -77,7 +84,7 @@ class FusedPyroOptim(pyro.optim.PyroOptim):
         saved = self._state_waiting_to_be_consumed.pop(name, None)
         if saved is not None:
             # torch's loader casts the saved moments to the parameter's device and dtype.
-            single = self.pt_optim_constructor([p], **self.pt_optim_args)
+            single = self.pt_optim_constructor([p], **args)
             single.load_state_dict(saved)
             if p in single.state:
                 self._optim.state[p] = single.state[p]
@@ -98,3 +105,14 @@ class FusedPyroOptim(pyro.optim.PyroOptim):
                 "param_groups": [{**group, "params": [0]}],
             }
         return out
+
+
+def _fused_kernel_fits(p: torch.Tensor) -> bool:
+    """Can torch's fused optimiser kernels update ``p`` (a float tensor on a device they cover)?"""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: be conservative if it moves
+        devices = ["cpu", "cuda"]
+    return p.is_floating_point() and p.device.type in devices

@@ -30,6 +30,8 @@ from pyro.infer.autoguide import (
     init_to_median,
     init_to_value,
 )
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, register_engine
@@ -61,6 +63,9 @@ TORCH_OPTIMS = {
     "adagrad": torch.optim.Adagrad,
 }
 SCHEDULES = ("constant", "exponential", "cosine")
+# torch optimisers whose fused kernel the engine uses: Adam and AdamW refuse sparse gradients
+# anyway, so fusing them never turns a working run into an error (SGD and Adagrad would).
+FUSED_KERNELS = ("adam", "adamw")
 
 
 @dataclass
@@ -232,11 +237,15 @@ class SVI(Engine):
         self.on_step = on_step
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self, pair, args, kwargs):
-        """Resolve the loss and guide for this model; returns (model, guide, elbo, info)."""
+    def _setup(self, pair, args, kwargs, probe_args, probe_kwargs, data_size):
+        """Resolve the loss and guide for this model; returns (guide, elbo, info).
+
+        The model's structure is read from one trace on ``probe_args`` (the first mini-batch
+        when batching, the data otherwise); ``data_size`` is N when already known.
+        """
         cfg = self.config
         model = pair.model
-        tr = trace_model(model, args, kwargs)
+        tr = trace_model(model, probe_args, probe_kwargs)
         sample_sites = {n: s for n, s in tr.nodes.items() if s["type"] == "sample"}
         enumerated = [
             n
@@ -266,16 +275,12 @@ class SVI(Engine):
                 guide, guide_kind = _empty_guide, "none"
             else:
                 guide = _autoguide(guide_kind, pair, model, args, kwargs, cfg["seed"])
-        data_size = None
-        for s in sample_sites.values():
-            for f in s["cond_indep_stack"]:
-                if f.name == DATA_PLATE:
-                    data_size = f.size
+        if data_size is None:
+            for s in sample_sites.values():
+                for f in s["cond_indep_stack"]:
+                    if f.name == DATA_PLATE:
+                        data_size = f.size
         if cfg["batch_size"] is not None:
-            if data_size is None:
-                raise InputError(
-                    f"SVI: batch_size needs a pyro.plate({DATA_PLATE!r}, N) in the model"
-                )
             local = [
                 n
                 for n in latent
@@ -319,8 +324,10 @@ class SVI(Engine):
             # jointkl.optim integrators: lr is their step size ε (docs/optim.md)
             return pyro_optim(name, step_size=lr)
         # One torch optimiser for all params: per-param optimisers cost more than the maths
-        # on networks with many weight tensors (inference/fused_optim.py).
-        return FusedPyroOptim(cls, {"lr": lr})
+        # on networks with many weight tensors (inference/fused_optim.py); Adam's fused
+        # kernel where the device has one (the same update, to rounding).
+        kernel = {"fused": True} if name in FUSED_KERNELS else {}
+        return FusedPyroOptim(cls, {"lr": lr, **kernel})
 
     def _lr_factor(self, step: int) -> float:
         sched, total = self.config["lr_schedule"], self.config["steps"]
@@ -339,15 +346,30 @@ class SVI(Engine):
         check_finite_data(args, kwargs)
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg["seed"])
-        guide, elbo, info = self._setup(pair, args, kwargs)
-        model = pair.model
+        model, B = pair.model, cfg["batch_size"]
+        batches = None
+        if B is None:
+            guide, elbo, info = self._setup(pair, args, kwargs, args, kwargs, None)
+            init_model, init_guide, init_args, init_kwargs = model, guide, args, kwargs
+        else:
+            # Everything before the first step sees one mini-batch, never the full data: a
+            # conditional model over a large output (a full softmax over 50k words) would
+            # otherwise pay a full-data pass just to create its parameters, whose shapes do
+            # not depend on the batch for a model written with the "data" plate.
+            N = data_plate_size(model, args, kwargs)
+            if N is None:
+                raise InputError(
+                    f"SVI: batch_size needs a pyro.plate({DATA_PLATE!r}, N) in the model"
+                )
+            batches = _Batches(N, B, cfg["seed"], sliceable_arguments(args, kwargs, N))
+            init_args, init_kwargs, scale = batches.arguments(0, args, kwargs)
+            guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, N)
+            init_model, init_guide = ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
         ckdir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else None
-        N, B = info["data_size"], cfg["batch_size"]
-        sliced = sliceable_arguments(args, kwargs, N) if B is not None else None
 
         # Create every param (model and guide) once, so a checkpoint can be poured in.
         with torch.no_grad(), poutine.block():
-            elbo.loss(model, guide, *args, **kwargs)
+            elbo.loss(init_model, init_guide, *init_args, **init_kwargs)
         optim = self._make_optim()
         store = pyro.get_param_store()
         state = SVIState(0, {}, {}, torch.get_rng_state(), [])
@@ -372,7 +394,6 @@ class SVI(Engine):
             smooth = h if smooth is None else 0.9 * smooth + 0.1 * h
             smoothed.append(smooth)
         converged, stop_reason = False, "max steps"
-        epoch_perm: tuple[int, torch.Tensor] | None = None
         completed = state.step  # steps whose update has been applied
         bar = tqdm(
             range(state.step, cfg["steps"]),
@@ -385,17 +406,8 @@ class SVI(Engine):
         t0 = time.perf_counter()
         try:
             for step in bar:
-                if B is not None:
-                    # The batch order is a function of (seed, step) alone, so a resumed run
-                    # draws the same batches as one that never stopped.
-                    nb = -(-N // B)
-                    epoch, j = divmod(step, nb)
-                    if epoch_perm is None or epoch_perm[0] != epoch:
-                        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
-                        epoch_perm = (epoch, torch.randperm(N, generator=gen))
-                    idx = epoch_perm[1][j * B : (j + 1) * B]
-                    b_args, b_kwargs = slice_arguments(args, kwargs, sliced, idx)
-                    scale = N / len(idx)
+                if batches is not None:
+                    b_args, b_kwargs, scale = batches.arguments(step, args, kwargs)
                     m = ScaleDataPlate(scale)(model)
                     g = ScaleDataPlate(scale)(guide)
                 else:
@@ -573,6 +585,55 @@ class SVI(Engine):
 
 
 # ---------------------------------------------------------------------- helpers
+class _Batches:
+    """The mini-batch of each step: a function of (seed, step) alone, so a resumed run draws
+    the same batches as one that never stopped (one permutation of the N points per epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, sliced):
+        self.n, self.batch_size, self.seed, self.sliced = n, batch_size, seed, sliced
+        self._epoch: tuple[int, torch.Tensor] | None = None
+
+    def arguments(self, step: int, args: tuple, kwargs: Mapping) -> tuple[tuple, dict, float]:
+        """The step's batch of the per-point arguments, and its N/B scale."""
+        epoch, j = divmod(step, -(-self.n // self.batch_size))
+        if self._epoch is None or self._epoch[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch = (epoch, torch.randperm(self.n, generator=gen))
+        idx = self._epoch[1][j * self.batch_size : (j + 1) * self.batch_size]
+        b_args, b_kwargs = slice_arguments(args, kwargs, self.sliced, idx)
+        return b_args, b_kwargs, self.n / len(idx)
+
+
+class _PlateFound(Exception):
+    pass
+
+
+class _DataPlateSize(Messenger):
+    """Stops the model at the creation of its ``"data"`` plate, keeping the plate's size."""
+
+    size: int | None = None
+
+    def _process_message(self, msg):
+        if msg["name"] == DATA_PLATE and isinstance(msg["fn"], _Subsample):
+            self.size = msg["fn"].size
+            raise _PlateFound
+
+
+def data_plate_size(model, args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """N of the model's ``pyro.plate("data", N)``, or ``None`` if it has none.
+
+    The model runs only up to the plate's creation, so nothing inside the plate (where a
+    model's per-point work is) is computed on the full data.
+    """
+    finder = _DataPlateSize()
+    try:
+        with torch.no_grad(), poutine.block(), finder:
+            model(*args, **kwargs)
+    except _PlateFound:
+        pass
+    return finder.size
+
+
 def _check_positive(name: str, value: Any, kind: type) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:

@@ -208,3 +208,27 @@ def test_objective_only_model_converts_to_arviz_without_likelihood_groups():
     assert float(fit.params["a"]) == pytest.approx(3.0, abs=0.05)
     idata = fit.to_arviz(num_samples=3)
     assert "sample_stats" in idata.groups() and "log_likelihood" not in idata.groups()
+
+
+def test_minibatch_fit_never_runs_the_model_on_the_full_data():
+    """Parameters are created from one mini-batch: a large conditional model (a full softmax
+    over a big vocabulary) must not pay a full-data pass before its first step."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v, b = 300, 3, 7, 16
+    x = torch.randn(n, d, generator=g)
+    y = torch.distributions.Categorical(logits=x @ torch.randn(d, v, generator=g)).sample()
+    seen = []
+
+    def softmax_model(x, y):
+        w = pyro.param("w", torch.zeros(d, v))
+        with pyro.plate("data", len(x)):
+            seen.append(len(x))  # the per-point work happens here
+            pyro.sample("y", dist.Categorical(logits=x @ w), obs=y)
+
+    fit = SVI(steps=60, lr=0.1, batch_size=b, progress=False, seed=0).fit(softmax_model, x, y)
+    assert max(seen) == b
+    assert fit.params["w"].shape == (d, v)
+    assert sum(fit.history[-10:]) < sum(fit.history[:10])
+    seen.clear()
+    SVI(steps=2, lr=0.1, progress=False).fit(softmax_model, x, y)
+    assert max(seen) == n  # full batch does see all of it (the check above can fail)
