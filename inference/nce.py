@@ -450,7 +450,8 @@ class NCE(Engine):
         batch (context-independent noise only); ``False``: ν draws per datum; ``None``
         (default): shared when the noise ignores the context and the pair offers
         ``candidate_scores(candidates, *context, **kwargs) -> (B, K)`` — G for every
-        (context, candidate) pair, which scores the shared noise in one matrix product.
+        (context, candidate) pair, which scores the shared noise in one matrix product — and
+        the optimiser is stochastic (L-BFGS draws its noise once for the whole fit).
         Without that hook, shared noise is scored by the model on the B·ν (context, draw)
         rows, as per-datum noise is.
     :param clip_norm: clip the global gradient norm (``None``: no clipping).
@@ -519,6 +520,11 @@ class NCE(Engine):
                 raise InputError("NCE: checkpoint_every needs checkpoint_dir")
         if resume and checkpoint_dir is None:
             raise InputError("NCE: resume=True needs checkpoint_dir")
+        if shared_noise and optim == "lbfgs":
+            raise InputError(
+                "NCE: shared_noise=True with optim='lbfgs' would draw only ν noise points for "
+                "the whole fit (L-BFGS draws its noise once); use a stochastic optimiser"
+            )
         if resume and optim == "lbfgs":
             raise InputError(
                 "NCE: resume needs a stochastic optimiser; an L-BFGS solve is one call with no "
@@ -569,7 +575,8 @@ class NCE(Engine):
         hook = getattr(pair, "candidate_scores", None)
         shared = cfg["shared_noise"]
         if shared is None:
-            shared = hook is not None and not noise.conditional
+            # L-BFGS draws its noise once for the whole fit: sharing would leave ν draws in all.
+            shared = hook is not None and not noise.conditional and cfg["optim"] != "lbfgs"
         elif shared and noise.conditional:
             raise InputError(
                 f"NCE: shared_noise=True needs noise that ignores the context; the noise "
