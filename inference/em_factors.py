@@ -65,6 +65,8 @@ __all__ = [
     "index_part",
     "transform_for",
     "mvn_tril",
+    "data_moments",
+    "weighted_moments",
 ]
 
 # --------------------------------------------------------------------------- families
@@ -279,15 +281,31 @@ def _is_close(a: torch.Tensor, b: torch.Tensor) -> bool:
             bd = d - lead
             if bd >= 0 and b.shape[bd] > 1:
                 first = b.narrow(bd, 0, 1)
-                same = first == b if not b.dtype.is_floating_point else torch.isclose(first, b)
-                if b.stride(bd) != 0 and not bool(same.all()):
+                if b.dtype.is_floating_point:
+                    same = all_close(first.expand_as(b), b, rtol=1e-5, atol=1e-8)
+                else:
+                    same = bool((first == b).all())
+                if b.stride(bd) != 0 and not same:
                     return False
                 b = first
     b = b.to(a.dtype).expand_as(a)
     if a.dtype.is_floating_point:
         tol = 1e-9 if a.dtype == torch.float64 else 1e-4
-        return bool(torch.isclose(a, b, rtol=tol, atol=tol * 1e-2).all())
+        return all_close(a, b, rtol=tol, atol=tol * 1e-2)
     return bool((a == b).all())
+
+
+def all_close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
+    """``torch.isclose(a, b, rtol, atol).all()`` in three passes instead of isclose's dozen
+    (compiling a model compares tables of every point): |a - b| <= atol + rtol |b|, and
+    isclose itself only when that fails, where equal infinities (inf - inf = nan) may match."""
+    with torch.no_grad():
+        diff = (a - b).abs_()
+        if bool((diff <= b.abs().mul_(rtol).add_(atol)).all()):
+            return True
+        if not bool(diff.isnan().any()):
+            return False  # finite differences too big: a real mismatch
+        return bool(torch.isclose(a, b, rtol=rtol, atol=atol).all())
 
 
 def canonical(
@@ -445,6 +463,10 @@ class ChainLogPartition(torch.autograd.Function):
         lz = lz.unsqueeze(-1).unsqueeze(-1)
         g_pots = (alphas[..., :-1, :, None] + pots + betas[..., 1:, None, :] - lz).exp()
         return g_init, g_pots * grad[..., None, None, None], None
+
+
+# Points per block of a mixture's E-step: (block x K) doubles stay in a core's L2 cache.
+MIXTURE_BLOCK = 4096
 
 
 # --------------------------------------------------------------------------- the model
@@ -863,6 +885,8 @@ class FactorModel:
             ref = torch.cat([info["lps"][k] for info in infos])
             tab = tab.expand(ref.shape) if tab.dim() == ref.dim() else tab
             tol = 1e-8 if ref.dtype == torch.float64 else 1e-3
+            if all_close(tab.expand(ref.shape), ref, rtol=tol, atol=tol):
+                continue  # every row matches (the usual case), in three passes
             close = torch.isclose(tab, ref, rtol=tol, atol=tol)
             ok &= close.reshape(g.rows, -1).all(-1)
         return ok.tolist()
@@ -1353,6 +1377,8 @@ class FactorModel:
         """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table."""
         with torch.no_grad():
             tabs = self.tables(theta)
+        if self._is_mixture():
+            return self._mixture_e_step(tabs)
         leaves = {i: t.detach().requires_grad_() for i, t in tabs.items()}
         with torch.enable_grad():
             logz = self.log_partition(leaves)
@@ -1362,6 +1388,75 @@ class FactorModel:
             for i, g in zip(leaves, grads, strict=True)
         }
         return float(logz.detach()), weights
+
+    def _is_mixture(self) -> bool:
+        """One enumerated variable per element of its plates and every table over it alone
+        (or over nothing), in those plates only: a mixture, whose posterior is a softmax."""
+        plan = self.chain
+        if plan is None or plan["T"] != 1:
+            return False
+        for info, g in zip(plan["groups"], self.groups, strict=True):
+            if info["kind"] != "const" and (g.rows != 1 or info["extra"]):
+                return False
+        return True
+
+    def _mixture_e_step(
+        self, tabs: Mapping[int, torch.Tensor]
+    ) -> tuple[float, dict[int, torch.Tensor]]:
+        """The E-step of a mixture without autograd: the responsibilities are the softmax of
+        the summed unary tables over the K values, computed in place a block of
+        ``MIXTURE_BLOCK`` points at a time (the block stays in cache across the five passes
+        of a stable softmax), and log Z = Σ_n (m_n + log Σ_k exp(L_nk - m_n))."""
+        plan = self.chain
+        K = plan["K"]
+        psizes = tuple(self.plate_sizes[p] for p in plan["plates"])
+        P = math.prod(psizes)
+        total = 0.0
+        weights: dict[int, torch.Tensor] = {}
+        unary = []
+        for i, t in tabs.items():
+            g = self.groups[i]
+            if plan["groups"][i]["kind"] == "const":
+                full = (g.rows,) + g.shape
+                total = total + float(t.expand(full).sum())
+                # ∂/∂t of Σ expand(t): how many cells each entry of t stands for.
+                weights[i] = t.new_ones(full).sum_to_size(t.shape)
+                continue
+            # (1, K, plates...) -> (points, K): a view (tables computed point-major stay so).
+            unary.append(t[0].expand((K,) + psizes).reshape(K, P).T)
+        some = next(iter(tabs.values()))
+        R = torch.empty((P, K), dtype=some.dtype, device=some.device)
+        logz = torch.zeros((), dtype=some.dtype, device=some.device)
+        counts = torch.zeros(K, dtype=some.dtype, device=some.device)
+        lowest = torch.finfo(some.dtype).min
+        for s in range(0, P, MIXTURE_BLOCK):
+            rows = slice(s, s + MIXTURE_BLOCK)
+            block = R[rows]
+            if len(unary) == 1:
+                block.copy_(unary[0][rows])
+            else:
+                torch.add(unary[0][rows], unary[1][rows], out=block)
+            for u in unary[2:]:
+                block.add_(u[rows])
+            # A point no value can explain (-inf everywhere) gives log Z = -inf, which stops
+            # the fit; the clamp only keeps -inf - -inf = nan out of the max shift.
+            m = block.amax(-1, keepdim=True).clamp_(min=lowest)
+            block.sub_(m).exp_()
+            z = block.sum(-1, keepdim=True)
+            block.div_(z)
+            logz += z.log_().add_(m).sum()
+            counts += block.sum(0)
+        W = R.T.reshape((1, K) + psizes)  # canonical layout, a view of the point-major R
+        for i, t in tabs.items():
+            if i in weights:
+                continue
+            if tuple(t.shape) == tuple(W.shape):
+                weights[i] = W
+            elif all(n == 1 for n in t.shape[2:]):  # one table for every point (the weights)
+                weights[i] = counts.reshape((1, K) + (1,) * len(psizes)).sum_to_size(t.shape)
+            else:
+                weights[i] = W.sum_to_size(t.shape)
+        return float(logz) + total, weights
 
     def expected_log_joint(
         self,
@@ -1480,10 +1575,12 @@ def _mvn_lp(sv, x, g):
         and all(n == 1 for n in L.shape[plates])
         and all(n == 1 for n in mu.shape[plates])
     )
-    maha = None
     if fast and g.value == "data" and x is g.data:
-        maha = _quadratic_form(g, x, mu, L, n_r, plates)
-    if maha is None and fast:
+        lp = _quadratic_log_density(g, x, mu, L, n_r, plates)
+        if lp is not None:
+            return lp
+    maha = None
+    if fast:
         # One (points x D) @ (D x D) product per cell, as scikit-learn does with precision
         # Cholesky factors: no per-point triangular solves.
         eye = torch.eye(D, dtype=L.dtype, device=L.device)
@@ -1503,44 +1600,78 @@ def _mvn_lp(sv, x, g):
 
 
 def data_moments(g: Group, x: torch.Tensor):
-    """Centre, centred data and their flattened outer products, cached on the group (the
-    observed values never change during a fit)."""
+    """Centre ``c`` and the features Φ = [vec((x-c)(x-c)^T), x-c, 1] of every point,
+    ``(points, D*D + D + 1)``, cached on the group (the observed values never change during a
+    fit), and the largest squared distance from the centre. A Gaussian log-density is linear
+    in Φ, and so are the sufficient statistics of its M-step: one matrix product each."""
     key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device)
     cached = g.__dict__.get("_moments")
     if cached is None or cached[0] != key:  # a group's data are replaced while stacking
         D = x.shape[-1]
-        c = x.reshape(-1, D).mean(0)
-        xc = x - c
-        outer = xc.unsqueeze(-1) * xc.unsqueeze(-2)
-        cached = (key, (c, xc, outer, float(xc.square().sum(-1).max())))
+        flat = x.reshape(-1, D)
+        c = flat.mean(0)
+        xc = flat - c
+        phi = torch.cat(
+            [
+                (xc.unsqueeze(-1) * xc.unsqueeze(-2)).reshape(-1, D * D),
+                xc,
+                torch.ones_like(xc[:, :1]),
+            ],
+            -1,
+        )
+        cached = (key, (c, phi, float(xc.square().sum(-1).max())))
         g.__dict__["_moments"] = cached
     return cached[1]
 
 
-def _quadratic_form(g: Group, x, mu, L, n_r: int, plates: slice):
-    """Mahalanobis distances from the cached outer products of the centred data:
-    (x-mu)^T P (x-mu) = <x x^T, P> - 2 x^T P mu + mu^T P mu, two small matrix products
+def _quadratic_log_density(g: Group, x, mu, L, n_r: int, plates: slice):
+    """Gaussian log-densities of every point under every cell as one matrix product with the
+    cached features Φ (see :func:`data_moments`):
+
+        log N(x | mu, L L^T) = <(x-c)(x-c)^T, -P/2> + (x-c)^T P m - m^T P m / 2
+                               - log|L| - D/2 log 2π,      P = (L L^T)^-1, m = mu - c,
+
     instead of passes over (cells x points x D) differences. Used only while the data's
     spread over the tightest component is below 1e8 (cancellation then costs < 1e-8 of a
     distance of order one); ``None`` otherwise."""
     D = x.shape[-1]
-    c, xc, outer, spread = data_moments(g, x)
     if x.shape[0] != 1 or not torch.is_floating_point(x) or x.dtype != torch.float64:
         return None
+    c, phi, spread = data_moments(g, x)
     cells = L.shape[1 : 1 + n_r]
     eye = torch.eye(D, dtype=L.dtype, device=L.device)
-    Linv = torch.linalg.solve_triangular(L.reshape(-1, D, D), eye, upper=False)  # (C, D, D)
+    Lf = L.reshape(-1, D, D)
+    Linv = torch.linalg.solve_triangular(Lf, eye, upper=False)  # (C, D, D)
     if spread * float(Linv.detach().square().sum((-1, -2)).max()) > 1e8:
         return None
     P = Linv.transpose(-1, -2) @ Linv
     mc = mu.reshape(-1, D).expand(P.shape[0], D) - c  # (C, D)
     Pm = (P @ mc.unsqueeze(-1)).squeeze(-1)
-    flat = outer.reshape(-1, D * D)  # (points, D*D)
-    maha = flat @ P.reshape(-1, D * D).T - 2 * (xc.reshape(-1, D) @ Pm.T)
-    maha = maha + (mc * Pm).sum(-1)  # (points, C)
-    pshape = x.shape[plates]
-    maha = maha.T.reshape(cells + pshape)
-    return maha.unsqueeze(0)
+    logdet = Lf.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    const = -0.5 * (mc * Pm).sum(-1) - logdet - 0.5 * D * LOG_2PI
+    coef = torch.cat([-0.5 * P.reshape(-1, D * D), Pm, const.unsqueeze(-1)], -1)  # (C, F)
+    lp = phi @ coef.T  # (points, C): the layout a mixture's E-step normalises in
+    return lp.T.reshape(cells + x.shape[plates]).unsqueeze(0)
+
+
+def weighted_moments(g: Group, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
+    """Σ_n W[cell, n] Φ_n per cell, ``(cells, D*D + D + 1)``: the scatter, first moment and
+    mass of every cell about the data's centre in one pass over the weights (the M-step's
+    Gaussian updates all read it). Memoised for the weights tensor ``W``; ``None`` unless
+    ``W`` is ``(1, *cells, points)`` over one plate of observations ``(1, 1.., points, D)``."""
+    if len(g.plates) != 1 or x.dim() != W.dim() + 1 or W.shape[0] != 1 or x.shape[0] != 1:
+        return None
+    if W.shape[-1] != x.shape[-2] or any(n != 1 for n in x.shape[1:-2]):
+        return None
+    memo = g.__dict__.get("_weighted")
+    if memo is not None and memo[0] is W:
+        return memo[1]
+    _, phi, _ = data_moments(g, x)
+    cells = W.shape[1:-1]
+    S = W.reshape(-1, W.shape[-1]) @ phi
+    S = S.reshape(cells + (phi.shape[-1],))
+    g.__dict__["_weighted"] = (W, S)
+    return S
 
 
 FAMILY_LOG_PROB = {

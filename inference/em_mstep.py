@@ -41,6 +41,7 @@ from jointkl.inference.em_factors import (
     mvn_tril,
     transform_for,
     unwrap,
+    weighted_moments,
 )
 
 __all__ = ["Update", "plan_updates", "m_step", "gradient_step", "SingularCovariance", "wsum"]
@@ -358,8 +359,16 @@ def _mvn_loc(fm, theta, W, up: Update):
     D = x.shape[-1]
     w = _weights(W[gi], 1)
     target = _target(fm, gi, slot, which, theta)  # (1, cells.., D)
-    s0 = wsum(target[:-1] + (1,), w)
-    s1 = wsum(target, w, x)
+    S = None
+    if tuple(target[:-1]) == tuple(W[gi].shape[:-1]) + (1,):  # cells, the plate summed
+        S = weighted_moments(fm.groups[gi], x, W[gi])
+    if S is not None:  # the statistics _mvn_scale reads too, in the same pass over W
+        c = data_moments(fm.groups[gi], x)[0]
+        s0 = S[..., -1:].reshape(target[:-1] + (1,))
+        s1 = (S[..., D * D : D * D + D] + S[..., -1:] * c).reshape(target)
+    else:
+        s0 = wsum(target[:-1] + (1,), w)
+        s1 = wsum(target, w, x)
     if up.prior is None:
         S0 = _to_param(fm, gi, slot, which, old.shape, s0.expand(target))
         S1 = _to_param(fm, gi, slot, which, old.shape, s1)
@@ -453,10 +462,22 @@ def _scatter(
         target[a] != 1 or mu.shape[a] == 1 for a in range(nb)
     )
     if mean_per_cell:
-        c, xc, outer, _ = data_moments(fm.groups[gi], x)
-        m2 = wsum(target, w, outer)
-        m1 = wsum(target[:-1], W.unsqueeze(-1), xc).unsqueeze(-1)  # (.., D, 1)
-        s0 = wsum(target[:-2], W).unsqueeze(-1).unsqueeze(-1)
+        g = fm.groups[gi]
+        D = x.shape[-1]
+        c, phi, _ = data_moments(g, x)
+        S = None
+        if tuple(target[:-2]) == tuple(W.shape[:-1]) + (1,):  # cells, the plate summed
+            S = weighted_moments(g, x, W)
+        if S is not None:
+            m2 = S[..., : D * D].reshape(target)
+            m1 = S[..., D * D : D * D + D].reshape(target[:-1]).unsqueeze(-1)  # (.., D, 1)
+            s0 = S[..., -1].reshape(target[:-2] + (1, 1))
+        else:
+            outer = phi[:, : D * D].reshape(x.shape[:-1] + (D, D))
+            xc = phi[:, D * D : D * D + D].reshape(x.shape)
+            m2 = wsum(target, w, outer)
+            m1 = wsum(target[:-1], W.unsqueeze(-1), xc).unsqueeze(-1)  # (.., D, 1)
+            s0 = wsum(target[:-2], W).unsqueeze(-1).unsqueeze(-1)
         mc = (mu - c).unsqueeze(-1)
         s2 = (
             m2
