@@ -32,17 +32,51 @@ import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["ReparamELBO"]
 
 
-def _sample_sites(trace) -> dict[str, dict]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    }
+class _SitePass(Messenger):
+    """``poutine.trace`` (sample sites only), ``poutine.replay`` and a param capture, as one
+    handler: every message of the model and guide passes through each handler on the stack,
+    and on a small network those visits cost as much as the arithmetic.
+
+    It keeps the sample messages themselves (Pyro makes a new one per call) by name, the
+    unconstrained params by name, and, given ``replay`` (the guide's sites), gives each
+    latent site of the model the guide's value. Anything outside the plain case (a repeated
+    site name, a model latent the guide observed) sets :attr:`invalid`, and the step is
+    redone by Pyro's own classes, whose messages say what is wrong.
+    """
+
+    def __init__(self, replay: dict | None = None):
+        super().__init__()
+        self.replay = replay
+        self.sites: dict[str, Any] = {}
+        self.params: dict[str, torch.Tensor] = {}
+        self.invalid = False
+
+    def _pyro_sample(self, msg) -> None:
+        if self.replay is None or msg["is_observed"]:
+            return
+        g = self.replay.get(msg["name"])
+        if g is not None:
+            if g["is_observed"]:
+                self.invalid = True
+            msg["value"] = g["value"]
+            msg["infer"] = g["infer"]
+            msg["done"] = True
+
+    def _pyro_post_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            return
+        if msg["name"] in self.sites:
+            self.invalid = True
+        self.sites[msg["name"]] = msg
+
+    def _pyro_post_param(self, msg) -> None:
+        self.params[msg["name"]] = msg["value"].unconstrained()
 
 
 def _rng_state() -> tuple:
@@ -74,6 +108,7 @@ class ReparamELBO:
         self._no_kl: set[tuple[type, type]] = set()
         self._calls = 0
         self.reparameterised = True  # False once a step needed the general estimator
+        self.last_params: list[torch.Tensor] = []
 
     def _negative_elbo(self, model, guide, args, kwargs) -> torch.Tensor | None:
         """−ELBO from one guide draw, or None (RNG rewound) when the general class must run."""
@@ -81,17 +116,25 @@ class ReparamELBO:
         if self._calls == 1 or not self.reparameterised:
             return None
         rng = _rng_state()
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-        guide_sites = _sample_sites(guide_tr)
-        if not all(g["fn"].has_rsample for g in guide_sites.values()):
-            # A score-function term is needed: from now on the general class, and this step
-            # redrawn from the same random state, so the numbers are the general class's.
+        with _SitePass() as guide_pass:
+            guide(*args, **kwargs)
+        with _SitePass(replay=guide_pass.sites) as model_pass:
+            model(*args, **kwargs)
+        guide_sites = dict(guide_pass.sites)
+        if (
+            guide_pass.invalid
+            or model_pass.invalid
+            or not all(g["fn"].has_rsample for g in guide_sites.values())
+        ):
+            # A score-function term is needed (or the traces need Pyro's own checks): from
+            # now on the general class, and this step redrawn from the same random state, so
+            # the numbers, and any error message, are the general class's.
             self.reparameterised = False
             _set_rng_state(rng)
             return None
+        self.last_params = list({**guide_pass.params, **model_pass.params}.values())
         elbo: Any = 0.0
-        for name, site in _sample_sites(model_tr).items():
+        for name, site in model_pass.sites.items():
             g = guide_sites.pop(name, None)
             if site["is_observed"] or g is None:
                 # Observed, or (Trace_ELBO only) sampled from the model's own prior.
@@ -134,10 +177,14 @@ class ReparamELBO:
         return float(value)
 
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
-        """−ELBO, one sample, with its gradient accumulated into the parameters' ``.grad``."""
+        """−ELBO, one sample, with its gradient accumulated into the parameters' ``.grad``;
+        the unconstrained parameters it touched are left in :attr:`last_params`."""
         value = self._negative_elbo(model, guide, args, kwargs)
         if value is None:
-            return self.general.loss_and_grads(model, guide, *args, **kwargs)
+            with poutine.trace(param_only=True) as capture:
+                loss = self.general.loss_and_grads(model, guide, *args, **kwargs)
+            self.last_params = [s["value"].unconstrained() for s in capture.trace.nodes.values()]
+            return loss
         if value.requires_grad:
             value.backward()
         return float(value.detach())

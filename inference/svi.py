@@ -448,8 +448,13 @@ class SVI(Engine):
 
     def _step(self, elbo, model, guide, optim, lr_factor, args, kwargs, step) -> float:
         try:
-            with poutine.trace(param_only=True) as capture:
+            if isinstance(elbo, ReparamELBO):  # it notes the params it touched itself
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+                params = elbo.last_params
+            else:
+                with poutine.trace(param_only=True) as capture:
+                    loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+                params = [s["value"].unconstrained() for s in capture.trace.nodes.values()]
         except ValueError as e:
             # Pyro's argument validation meets the NaN first when a parameter has gone bad.
             if step > 0 and "invalid values" in str(e):
@@ -459,7 +464,6 @@ class SVI(Engine):
                     f"({str(e).splitlines()[0][:160]})"
                 ) from e
             raise
-        params = [s["value"].unconstrained() for s in capture.trace.nodes.values()]
         loss = float(loss)
         bad = not math.isfinite(loss)
         if not bad:
