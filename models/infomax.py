@@ -15,6 +15,9 @@ Hjelm et al. 2019, Deep InfoMax), maximised jointly over T and the encoder:
     I_JS = E_{p(x,z)}[log σ(T(x, z))] + E_{p(x)p(z)}[log(1 − σ(T(x, z')))]
          = −E_joint softplus(−T) − E_product softplus(T).
 
+``estimator="nce"`` uses InfoNCE instead (Oord et al. 2018), the log-loss of picking the
+true z_i among the batch's codes: I_NCE = E[T(x_i, z_i) − log mean_j exp T(x_i, z_j)].
+
 Samples of the product of marginals come from the batch itself: x_i paired with the z_j of
 another image. ``negatives="all"`` scores every pair i ≠ j (B − 1 negatives per image, for
 the price of one matrix product); ``"shuffle"`` pairs each x_i with one z_perm(i).
@@ -36,6 +39,7 @@ Reference weights (Deep InfoMax): α = 0.5, β = 1.5, γ = 0.01.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -50,11 +54,26 @@ from torch.nn.functional import softplus
 from jointkl.errors import InputError
 from jointkl.zoo import register_model
 
-from .vae import hidden_sizes, mlp, register_module
+from .networks import (
+    GaussianEncoder,
+    data_rows,
+    hidden_sizes,
+    mlp,
+    positive_int,
+    register_module,
+    standard_normal_prior,
+)
 
-__all__ = ["InfoMax", "ConvFeatures", "SeparableCritic", "js_mutual_information"]
+__all__ = [
+    "InfoMax",
+    "ConvFeatures",
+    "SeparableCritic",
+    "js_mutual_information",
+    "nce_mutual_information",
+]
 
 NEGATIVES = ("all", "shuffle")
+ESTIMATORS = ("js", "nce")
 
 
 def js_mutual_information(joint: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
@@ -69,6 +88,31 @@ def js_mutual_information(joint: torch.Tensor, product: torch.Tensor) -> torch.T
     """
     n = joint.shape[0]
     return -softplus(-joint).reshape(n, -1).mean(-1) - softplus(product).reshape(n, -1).mean(-1)
+
+
+def nce_mutual_information(joint: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """The InfoNCE MI lower bound from critic scores, per data point (Oord et al. 2018).
+
+        I_NCE = E[T(x_i, z_i) − log (1/(K+1)) Σ_{j ∈ {i} ∪ negatives} exp T(x_i, z_j)] ≤ I(x; z)
+
+    the log-loss of picking the true z_i among K + 1 candidates, plus log(K + 1); it is
+    bounded above by log(K + 1), so it needs many negatives (all pairs of the batch) to be a
+    useful bound, and in exchange has far lower variance than the JS or NWJ bounds.
+
+    :param joint: T on the true pairs, shape ``(N, ...)``.
+    :param product: T on the negatives, ``(N, ...)`` for one per point or ``(N, K, ...)``.
+    :returns: ``(N,)``, averaged over any trailing (position) dims.
+    """
+    n = joint.shape[0]
+    if product.dim() == joint.dim():
+        product = product.unsqueeze(1)
+    scores = torch.cat([joint.unsqueeze(1), product], dim=1)  # (N, K+1, ...), true pair first
+    k1 = scores.shape[1]
+    nce = joint - torch.logsumexp(scores, dim=1) + math.log(k1)
+    return nce.reshape(n, -1).mean(-1)
+
+
+MI_BOUNDS = {"js": js_mutual_information, "nce": nce_mutual_information}
 
 
 class ConvFeatures(nn.Module):
@@ -122,15 +166,15 @@ class _Encoder(nn.Module):
             self.features = nn.Sequential(
                 nn.Linear(input_dim, width), nn.ReLU(), nn.LayerNorm(width)
             )
-        self.head = mlp([width, *hidden, 2 * latent_dim])
+        self.head = GaussianEncoder(width, hidden, latent_dim)  # the VAE's, on the features
 
     def forward(self, x):
         if isinstance(self.features, ConvFeatures):
             local, flat = self.features(x)
         else:
             local, flat = None, self.features(x)
-        loc, raw = self.head(flat).split(self.latent_dim, dim=-1)
-        return loc, softplus(raw) + 1e-4, local
+        loc, scale = self.head(flat)
+        return loc, scale, local
 
 
 class SeparableCritic(nn.Module):
@@ -197,6 +241,8 @@ class InfoMax:
     :param float prior_weight: γ, weight of E_x KL(p(z|x) ‖ N(0, I)).
     :param str negatives: ``"all"`` (every other image of the batch) or ``"shuffle"`` (one,
         by a random permutation).
+    :param str estimator: the MI lower bound each critic feeds: ``"js"`` (Jensen–Shannon,
+        :func:`js_mutual_information`) or ``"nce"`` (InfoNCE, :func:`nce_mutual_information`).
     :param input_dim: D; ``None`` takes it from the data at the first call (the networks are
         then initialised from torch's RNG there, i.e. from the engine's seed).
 
@@ -223,10 +269,11 @@ class InfoMax:
         local_weight: float = 1.5,
         prior_weight: float = 0.01,
         negatives: str = "all",
+        estimator: str = "js",
         input_dim: int | None = None,
     ):
-        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
-            raise InputError(f"InfoMax: latent_dim must be an int >= 1, got {latent_dim!r}")
+        positive_int(latent_dim, "latent_dim", "InfoMax")
+        positive_int(input_dim, "input_dim", "InfoMax", optional=True)
         channels = tuple(channels)
         if len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels):
             raise InputError(f"InfoMax: channels must be two positive ints, got {channels!r}")
@@ -244,8 +291,8 @@ class InfoMax:
             raise InputError("InfoMax: every MI weight is 0: nothing would make z informative")
         if negatives not in NEGATIVES:
             raise InputError(f"InfoMax: negatives must be one of {NEGATIVES}, got {negatives!r}")
-        if input_dim is not None and (not isinstance(input_dim, int) or input_dim < 1):
-            raise InputError(f"InfoMax: input_dim must be an int >= 1 or None, got {input_dim!r}")
+        if estimator not in ESTIMATORS:
+            raise InputError(f"InfoMax: estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.latent_dim = latent_dim
         self.hidden = hidden_sizes(hidden, "InfoMax")
         self.critic_hidden = hidden_sizes(critic_hidden, "InfoMax")[0]
@@ -255,6 +302,7 @@ class InfoMax:
         self.local_weight = float(local_weight) if image_shape is not None else 0.0
         self.prior_weight = float(prior_weight)
         self.negatives = negatives
+        self.estimator = estimator
         self.input_dim = input_dim
         self.encoder: _Encoder | None = None
         self.global_critic: SeparableCritic | None = None
@@ -275,6 +323,7 @@ class InfoMax:
             "local_weight": self.local_weight,
             "prior_weight": self.prior_weight,
             "negatives": self.negatives,
+            "estimator": self.estimator,
             "input_dim": self.input_dim,
         }
 
@@ -300,22 +349,13 @@ class InfoMax:
             self.local_critic = SeparableCritic(self.channels[1], self.latent_dim, h, local=True)
 
     def _check(self, x: Any) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise InputError(f"InfoMax: x must be a float tensor, got {type(x).__name__}")
-        if x.dim() == 3:
-            x = x.reshape(x.shape[0], -1)
-        if x.dim() != 2 or x.shape[0] == 0:
-            raise InputError(
-                f"InfoMax: x must be (N, D) or (N, H, W) with N >= 1, got {tuple(x.shape)}"
-            )
+        x = data_rows(x, "InfoMax", self.input_dim)
         d = x.shape[1]
         if self.image_shape is not None and d != self.image_shape[0] * self.image_shape[1]:
             raise InputError(
                 f"InfoMax: x has {d} features but image_shape={self.image_shape} needs "
                 f"{self.image_shape[0] * self.image_shape[1]}; set image_shape=None for vectors"
             )
-        if self.input_dim is not None and d != self.input_dim:
-            raise InputError(f"InfoMax: x has {d} features, the networks expect {self.input_dim}")
         if self.encoder is None:
             self._build(d)
         return x
@@ -324,10 +364,8 @@ class InfoMax:
     def model(self, x: torch.Tensor) -> None:
         """The generative side that is left: only the prior q(z) = N(0, I)."""
         x = self._check(x)
-        L = self.latent_dim
-        prior = dist.Normal(x.new_zeros(L), x.new_ones(L), validate_args=False).to_event(1)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", prior)
+            pyro.sample("z", standard_normal_prior(x, self.latent_dim))
 
     def guide(self, x: torch.Tensor):
         """The encoder p(z|x); returns the local feature map the local critic reads.
@@ -371,12 +409,11 @@ class InfoMax:
         return q["scale"] * per_point.sum()
 
     def _mutual_information(self, x, z, local, negatives) -> torch.Tensor:
-        """α·I_global(x; z) + β·I_local(x; z) per image (JS bounds)."""
-        mi = self.global_weight * js_mutual_information(*self.global_critic(x, z, negatives))
+        """α·I_global(x; z) + β·I_local(x; z) per image (the chosen bound)."""
+        bound = MI_BOUNDS[self.estimator]
+        mi = self.global_weight * bound(*self.global_critic(x, z, negatives))
         if self.local_critic is not None:
-            mi = mi + self.local_weight * js_mutual_information(
-                *self.local_critic(local, z, negatives)
-            )
+            mi = mi + self.local_weight * bound(*self.local_critic(local, z, negatives))
         return mi
 
     @property

@@ -28,43 +28,25 @@ from typing import Any, ClassVar
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from jointkl.errors import InputError
 from jointkl.zoo import register_model
 
-__all__ = ["VAE", "GaussianEncoder", "LearnedScale", "mlp", "register_module"]
+from .networks import (
+    GaussianEncoder,
+    data_rows,
+    hidden_sizes,
+    mlp,
+    positive_int,
+    register_module,
+    standard_normal_prior,
+)
+
+__all__ = ["VAE", "LearnedScale"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned-scale")
 SCALE_SHARING = ("shared", "pixel")
-
-
-def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between them."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-class GaussianEncoder(nn.Module):
-    """x (..., D) -> (μ, σ) of a diagonal Gaussian over z (..., L).
-
-    σ = softplus(·) + 1e-4: positive without exp's overflow, and bounded away from 0 so
-    log σ² in the KL stays finite.
-    """
-
-    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.net = mlp([input_dim, *hidden, 2 * latent_dim])
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw = self.net(x).split(self.latent_dim, dim=-1)
-        return loc, nn.functional.softplus(raw) + 1e-4
 
 
 class LearnedScale(nn.Module):
@@ -86,32 +68,6 @@ class LearnedScale(nn.Module):
     def forward(self) -> torch.Tensor:
         scale = self.min_scale + nn.functional.softplus(self.rho)
         return scale if scale.numel() > 1 else scale.squeeze(0)
-
-
-def register_module(name: str, module: nn.Module, cache: dict) -> None:
-    """``pyro.module(name, module)`` for a module whose set of parameters does not change.
-
-    Every call must still pass each parameter through ``pyro.param`` (that is how the engine
-    finds what to optimise), but walking the module tree to list them is done once and kept
-    in ``cache`` (rebuilt if a different module is registered under ``name``).
-    """
-    entry = cache.get(name)
-    if entry is None or entry[0] is not module:
-        pairs = [
-            (param_with_module_name(name, n), p)
-            for n, p in module.named_parameters()
-            if p.requires_grad
-        ]
-        entry = cache[name] = (module, pairs)
-    for full_name, p in entry[1]:
-        pyro.param(full_name, p)
-
-
-def hidden_sizes(hidden: int | Sequence[int], who: str) -> tuple[int, ...]:
-    sizes = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
-        raise InputError(f"{who}: hidden must be a positive int or a list of them, got {hidden!r}")
-    return sizes
 
 
 @register_model
@@ -155,8 +111,8 @@ class VAE:
         input_dim: int | None = None,
         image_shape: Sequence[int] | None = None,
     ):
-        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
-            raise InputError(f"VAE: latent_dim must be an int >= 1, got {latent_dim!r}")
+        positive_int(latent_dim, "latent_dim", "VAE")
+        positive_int(input_dim, "input_dim", "VAE", optional=True)
         if likelihood not in LIKELIHOODS:
             raise InputError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if learned_scale not in SCALE_SHARING:
@@ -170,8 +126,6 @@ class VAE:
                 )
         if not float(scale) > 0 or not float(min_scale) > 0:
             raise InputError(f"VAE: scale and min_scale must be > 0, got {scale!r}, {min_scale!r}")
-        if input_dim is not None and (not isinstance(input_dim, int) or input_dim < 1):
-            raise InputError(f"VAE: input_dim must be an int >= 1 or None, got {input_dim!r}")
         if image_shape is not None:
             image_shape = tuple(int(s) for s in image_shape)
             if len(image_shape) != 2:
@@ -234,20 +188,9 @@ class VAE:
     def _check(self, x: Any, values: bool = True) -> torch.Tensor:
         """x as (N, D), validated; ``values=False`` skips the O(N·D) look at the values (the
         guide and the model see the same x, and the model looks)."""
-        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise InputError(f"VAE: x must be a float tensor, got {type(x).__name__}")
-        if x.dim() == 3:  # (N, H, W) images: the pixels are the event
-            if self.image_shape is None:
-                self.image_shape = tuple(x.shape[1:])
-            x = x.reshape(x.shape[0], -1)
-        if x.dim() != 2 or x.shape[0] == 0:
-            raise InputError(
-                f"VAE: x must be (N, D) or (N, H, W) with N >= 1, got {tuple(x.shape)}"
-            )
-        if self.input_dim is not None and x.shape[1] != self.input_dim:
-            raise InputError(
-                f"VAE: x has {x.shape[1]} features, the networks expect {self.input_dim}"
-            )
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and self.image_shape is None:
+            self.image_shape = tuple(x.shape[1:])  # for plotting
+        x = data_rows(x, "VAE", self.input_dim)
         if values and self.likelihood == "bernoulli" and bool((x * (1 - x) != 0).any()):
             raise InputError(
                 "VAE: likelihood='bernoulli' needs binary x (0/1); binarise the data "
@@ -278,10 +221,8 @@ class VAE:
         register_module("decoder", self.decoder, self._registry)
         if self.obs_scale is not None:
             register_module("x_scale", self.obs_scale, self._registry)
-        L = self.latent_dim
-        prior = dist.Normal(x.new_zeros(L), x.new_ones(L), validate_args=False).to_event(1)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", prior)
+            z = pyro.sample("z", standard_normal_prior(x, self.latent_dim))
             pyro.sample("x", self.likelihood_dist(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:

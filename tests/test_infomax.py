@@ -10,7 +10,11 @@ import pytest
 import torch
 from jointkl.inference import SVI
 from jointkl.models import InfoMax
-from jointkl.models.infomax import SeparableCritic, js_mutual_information
+from jointkl.models.infomax import (
+    SeparableCritic,
+    js_mutual_information,
+    nce_mutual_information,
+)
 
 from jointkl import Fit, InputError
 from jointkl.data.digits import digits
@@ -27,6 +31,25 @@ def test_js_bound_is_minus_log4_at_chance_and_zero_when_separated():
     # Local scores (N, H, W) are averaged over positions, one value per data point.
     local = js_mutual_information(torch.zeros(3, 4, 4), torch.randn(3, 4, 4))
     assert local.shape == (3,)
+
+
+def test_infonce_bound_is_zero_at_chance_and_log_candidates_when_separated():
+    k = 7  # negatives per point: 8 candidates
+    zeros = nce_mutual_information(torch.zeros(5), torch.zeros(5, k))
+    torch.testing.assert_close(zeros, torch.zeros(5))
+    sure = nce_mutual_information(torch.full((5,), 40.0), torch.full((5, k), -40.0))
+    torch.testing.assert_close(sure, torch.full((5,), math.log(k + 1)))
+    # By definition: log-softmax of the true pair among the candidates, plus log(K + 1).
+    torch.manual_seed(0)
+    scores = torch.randn(6, 6, 3, 3)  # scores[i, j] = T(x_i, z_j) at 3x3 positions
+    off = ~torch.eye(6, dtype=torch.bool)
+    joint = scores[range(6), range(6)]
+    by_hand = (joint - torch.logsumexp(scores, dim=1) + math.log(6)).reshape(6, -1).mean(-1)
+    got = nce_mutual_information(joint, scores[off].reshape(6, 5, 3, 3))
+    torch.testing.assert_close(got, by_hand)
+    # One negative per point, (N, ...) shaped like the joint scores.
+    one = nce_mutual_information(torch.zeros(4), torch.full((4,), -50.0))
+    torch.testing.assert_close(one, torch.full((4,), math.log(2)))
 
 
 @pytest.mark.parametrize("local", [False, True])
@@ -136,6 +159,12 @@ def test_vector_inputs_use_the_global_term_only():
 
 
 def test_bad_input_is_named():
+    with pytest.raises(InputError, match="estimator"):
+        InfoMax(2, estimator="dv")
+    with pytest.raises(InputError, match="latent_dim"):
+        InfoMax(0)
+    with pytest.raises(InputError, match="float tensor"):
+        InfoMax(2).model(torch.ones(4, 64, dtype=torch.long))
     with pytest.raises(InputError, match="image_shape"):
         InfoMax(2).model(torch.rand(4, 10))
     with pytest.raises(InputError, match="MI weight"):
