@@ -8,15 +8,19 @@ seed 0), Adam at the same learning rate, mini-batches of B pairs:
   hand-written PyTorch loop (the anchor a user would write: jointkl's SVI first evaluates
   the ELBO on the whole corpus to create its params, which at N ≈ 10⁶, V = 5·10⁴ costs
   more than the budget itself);
-* ``nce-binary`` at ν = 20 and 100, ``ranking`` and ``negative-sampling`` at ν = 20: the
-  NCE engine on ``SkipGram(normalised=False)``, unigram^0.75 noise.
+* ``binary`` at ν = 20, 50 and 100, ``ranking`` at ν = 20 and 100, ``negative-sampling`` at
+  ν = 20: the NCE engine on ``SkipGram(normalised=False)``, unigram^0.75 noise, with its
+  default shared noise (ν draws per mini-batch, scored by ``SkipGram.candidate_scores`` in one
+  matrix product); a case ``variant:ν:per-datum`` draws ν noise words per datum instead
+  (``shared_noise=False``, B(1 + ν) rows through the model: the engine before sharing).
 
 Per-step time: the median interval between consecutive step ends over ``--timing-steps``
 steps after 5 warm-up steps, the cases alternating over ``--rounds`` rounds (median of the
-rounds; the speed-up is the median of the per-round ratios). Quality: every case then trains for the same wall-clock
-``--budget`` (seconds, set-up included) and is scored by the held-out perplexity of the
-full softmax of its scores (exact normalisation over V, whatever the training loss), on
-``--held-out`` pairs from the last 10 % of lines. One JSON object per case on stdout.
+rounds; the speed-up is the median of the per-round ratios). Quality: every case of
+``--quality-cases`` then trains for the same wall-clock ``--budget`` (seconds, set-up
+included) and is scored by the held-out perplexity of the full softmax of its scores (exact
+normalisation over V, whatever the training loss), on ``--held-out`` pairs from the last 10 %
+of lines. One JSON object per case on stdout (timing-only cases have no perplexity).
 
     python scripts/bench/nce.py [--vocab 50000] [--dim 64] [--batch 512] [--budget 120]
 """
@@ -120,11 +124,12 @@ def softmax_run(data, vocab: int, dim: int, batch: int, lr: float, clock: Clock,
     return {k: v.detach() for k, v in params.items()}, steps
 
 
-def nce_run(data, vocab, dim, batch, lr, clock, seed, variant, nu):
+def nce_run(data, vocab, dim, batch, lr, clock, seed, variant, nu, shared=None):
     engine = NCE(
         noise="unigram^0.75",
         nu=nu,
         variant=variant,
+        shared_noise=shared,
         lr=lr,
         steps=10**9,
         batch_size=batch,
@@ -149,7 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--cases", default="softmax,binary:20,binary:100,ranking:20,negative-sampling:20"
+        "--cases",
+        default="softmax,binary:20,binary:50,binary:100,ranking:20,ranking:100,"
+        "negative-sampling:20,binary:20:per-datum,binary:100:per-datum",
+        help="cases timed per step",
+    )
+    ap.add_argument(
+        "--quality-cases",
+        default="softmax,binary:20,binary:100,ranking:20,negative-sampling:20",
+        help="cases that also train for --budget seconds and are scored on held-out pairs",
     )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -167,11 +180,19 @@ def main(argv: list[str] | None = None) -> None:
     }
     cases = a.cases.split(",")
 
+    def parse(case: str) -> tuple[str, int | None, bool | None]:
+        variant, nu, noise = [*case.split(":"), None, None][:3]
+        if noise not in (None, "per-datum"):
+            raise SystemExit(f"case {case!r}: the third field may only be 'per-datum'")
+        return variant, int(nu) if nu else None, False if noise else None
+
     def run(case: str, clock: Clock):
-        variant, _, nu = case.partition(":")
+        variant, nu, shared = parse(case)
         if variant == "softmax":
             return softmax_run(train, a.vocab, a.dim, a.batch, a.lr, clock, a.seed)
-        return nce_run(train, a.vocab, a.dim, a.batch, a.lr, clock, a.seed, variant, int(nu))
+        return nce_run(
+            train, a.vocab, a.dim, a.batch, a.lr, clock, a.seed, variant, nu, shared=shared
+        )
 
     # Step times: the cases alternate over --rounds rounds, so load drift on a shared machine
     # hits them alike; a case's figure is the median of its per-round medians.
@@ -190,24 +211,32 @@ def main(argv: list[str] | None = None) -> None:
     log_unigram = (counts / counts.sum()).log()
     row = {"case": "unigram", "held_out_perplexity": math.exp(-float(log_unigram[test[0]].mean()))}
     print(json.dumps({**row, **common}), flush=True)
-    for case in cases:
-        variant, _, nu = case.partition(":")
-        budget = Clock(budget=a.budget)
-        params, steps = run(case, budget)
-        seconds = time.perf_counter() - budget.start
+    quality = a.quality_cases.split(",") if a.quality_cases else []
+    for case in [*cases, *(c for c in quality if c not in cases)]:
+        variant, nu, shared = parse(case)
         row = {
             "case": case,
             "variant": variant,
-            "nu": int(nu) if nu else None,
-            "step_ms": 1000 * statistics.median(per_round[case]),
-            "step_ms_rounds": [round(1000 * t, 1) for t in per_round[case]],
-            "speedup_per_step": statistics.median(ratios[case]) if ratios[case] else None,
+            "nu": nu,
+            "noise_draws": None
+            if variant == "softmax"
+            else ("per-datum" if shared is False else "shared"),
+            "step_ms": 1000 * statistics.median(per_round[case]) if case in per_round else None,
+            "step_ms_rounds": [round(1000 * t, 1) for t in per_round.get(case, [])],
+            "speedup_per_step": statistics.median(ratios[case]) if ratios.get(case) else None,
+            **common,
+        }
+        if case not in quality:
+            print(json.dumps(row), flush=True)
+            continue
+        budget = Clock(budget=a.budget)
+        params, steps = run(case, budget)
+        row |= {
             "budget_s": a.budget,
-            "seconds": seconds,
+            "seconds": time.perf_counter() - budget.start,
             "steps": steps,
             "epochs": steps * a.batch / len(train[0]),
             "held_out_perplexity": perplexity(params, *test),
-            **common,
         }
         if "log_Z" in params:
             row["log_Z"] = float(params["log_Z"])
