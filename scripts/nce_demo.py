@@ -77,6 +77,7 @@ def words_part(vocab: int, budget: float, seed: int) -> None:
             "--held-out=10000",
             f"--seed={seed}",
             "--cases=softmax,binary:20,ranking:20",
+            "--quality-cases=softmax,binary:20,ranking:20",
         ]
     )
 
