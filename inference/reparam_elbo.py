@@ -91,7 +91,13 @@ def _set_rng_state(state: tuple) -> None:
 
 
 def _weighted(log_density: torch.Tensor, site: dict) -> torch.Tensor:
-    return scale_and_mask(log_density, site["scale"], site["mask"]).sum()
+    """Σ s·mask·log-density of a site."""
+    scale, mask = site["scale"], site["mask"]
+    if mask is None and not torch.is_tensor(scale):
+        # A number: scale the sum, not every element (one scalar op, forward and backward).
+        total = log_density.sum()
+        return total if scale == 1.0 else total * scale
+    return scale_and_mask(log_density, scale, mask).sum()
 
 
 class ReparamELBO:
