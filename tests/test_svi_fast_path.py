@@ -62,6 +62,9 @@ def test_reparam_elbo_equals_pyro_elbo_and_its_gradient(case, analytic_kl):
         pyro.set_rng_seed(seed)
         got = fast.loss_and_grads(model, guide, *args)
         assert fast.reparameterised
+        # what the engine steps: every param the two programs touched, once
+        touched = [id(p) for p in fast.last_params]
+        assert sorted(touched) == sorted(id(p.unconstrained()) for p in params)
         assert got == pytest.approx(want, rel=1e-6)
         for p, g in zip(params, want_grads, strict=True):
             torch.testing.assert_close(p.unconstrained().grad, g, rtol=1e-5, atol=1e-6)
@@ -156,3 +159,27 @@ def test_fused_adam_kernel_follows_per_param_adam_to_rounding():
     for p, q, p0 in zip(a, b, start, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
         assert (p - p0).abs().min() > 0.01  # every entry moved: the comparison can fail
+
+
+def test_a_repeated_site_after_the_first_step_gets_pyros_own_error():
+    """The one-handler pass does not check the traces itself: anything outside the plain
+    case goes to Pyro's class, whose message names the mistake."""
+    calls = []
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        calls.append(1)
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("z", dist.Normal(loc, 1.0))
+        if len(calls) > 1:  # the structure changes after the first (validated) call
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    fast = ReparamELBO()
+    fast.loss_and_grads(model, guide)
+    assert fast.last_params == [pyro.param("loc").unconstrained()]
+    with pytest.raises(RuntimeError, match="Multiple sample sites named 'z'"):
+        fast.loss_and_grads(model, guide)
+    assert not fast.reparameterised
