@@ -66,6 +66,7 @@ __all__ = [
     "transform_for",
     "mvn_tril",
     "data_moments",
+    "moment_parts",
     "weighted_moments",
 ]
 
@@ -1374,11 +1375,14 @@ class FactorModel:
         return out.sum()
 
     def e_step(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, dict[int, torch.Tensor]]:
-        """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table."""
+        """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table.
+
+        A mixture's weights are valid until the next E-step of this model, which reuses
+        their memory (copy them to keep them longer)."""
+        if self._is_mixture():
+            return self._mixture_e_step(theta)
         with torch.no_grad():
             tabs = self.tables(theta)
-        if self._is_mixture():
-            return self._mixture_e_step(tabs)
         leaves = {i: t.detach().requires_grad_() for i, t in tabs.items()}
         with torch.enable_grad():
             logz = self.log_partition(leaves)
@@ -1401,16 +1405,28 @@ class FactorModel:
         return True
 
     def _mixture_e_step(
-        self, tabs: Mapping[int, torch.Tensor]
+        self, theta: Mapping[str, torch.Tensor]
     ) -> tuple[float, dict[int, torch.Tensor]]:
-        """The E-step of a mixture without autograd: the responsibilities are the softmax of
-        the summed unary tables over the K values, computed in place a block of
-        ``MIXTURE_BLOCK`` points at a time (the block stays in cache across the five passes
-        of a stable softmax), and log Z = Σ_n (m_n + log Σ_k exp(L_nk - m_n))."""
+        """The E-step of a mixture without autograd: the responsibilities are the softmax
+        over the K values of the summed unary tables, and log Z = Σ_n (m_n + log Σ_k
+        exp(L_nk - m_n)). It runs a block of ``MIXTURE_BLOCK`` points at a time, so the block
+        stays in cache across the passes of a stable softmax; a Gaussian table that is linear
+        in cached features (:func:`linear_log_density`) is evaluated block by block too, and
+        never written out whole. The responsibilities live in one buffer per model, which the
+        next E-step overwrites (EM needs the weights of one E-step only)."""
         plan = self.chain
         K = plan["K"]
         psizes = tuple(self.plate_sizes[p] for p in plan["plates"])
         P = math.prod(psizes)
+        with torch.no_grad():
+            linear = {}
+            for i in range(len(self.groups)):
+                form = linear_log_density(self, i, theta)
+                if form is not None:
+                    linear[i] = form
+            rest = [i for i in range(len(self.groups)) if i not in linear]
+            tabs = self.tables(theta, rest)
+        some = next(iter(theta.values())) if theta else next(iter(tabs.values()))
         total = 0.0
         weights: dict[int, torch.Tensor] = {}
         unary = []
@@ -1424,19 +1440,20 @@ class FactorModel:
                 continue
             # (1, K, plates...) -> (points, K): a view (tables computed point-major stay so).
             unary.append(t[0].expand((K,) + psizes).reshape(K, P).T)
-        some = next(iter(tabs.values()))
-        R = torch.empty((P, K), dtype=some.dtype, device=some.device)
+        R = self.__dict__.get("_responsibilities")
+        if R is None or R.shape != (P, K) or R.dtype != some.dtype or R.device != some.device:
+            R = torch.empty((P, K), dtype=some.dtype, device=some.device)
+            self._responsibilities = R
         logz = torch.zeros((), dtype=some.dtype, device=some.device)
         counts = torch.zeros(K, dtype=some.dtype, device=some.device)
         lowest = torch.finfo(some.dtype).min
         for s in range(0, P, MIXTURE_BLOCK):
             rows = slice(s, s + MIXTURE_BLOCK)
             block = R[rows]
-            if len(unary) == 1:
-                block.copy_(unary[0][rows])
-            else:
-                torch.add(unary[0][rows], unary[1][rows], out=block)
-            for u in unary[2:]:
+            block.zero_()
+            for phi, coef in linear.values():
+                block.addmm_(phi[rows], coef.T)
+            for u in unary:
                 block.add_(u[rows])
             # A point no value can explain (-inf everywhere) gives log Z = -inf, which stops
             # the fit; the clamp only keeps -inf - -inf = nan out of the max shift.
@@ -1447,6 +1464,8 @@ class FactorModel:
             logz += z.log_().add_(m).sum()
             counts += block.sum(0)
         W = R.T.reshape((1, K) + psizes)  # canonical layout, a view of the point-major R
+        for i in linear:
+            weights[i] = W
         for i, t in tabs.items():
             if i in weights:
                 continue
@@ -1568,17 +1587,13 @@ def _mvn_lp(sv, x, g):
     logdet = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     n_r, n_p = len(g.cards), len(g.plates)
     plates = slice(1 + n_r, 1 + n_r + n_p)
-    fast = (
-        g.n_event == 0
-        and L.shape[0] == 1
-        and mu.shape[0] == 1
-        and all(n == 1 for n in L.shape[plates])
-        and all(n == 1 for n in mu.shape[plates])
-    )
+    fast = _per_cell(g, mu, L)
     if fast and g.value == "data" and x is g.data:
-        lp = _quadratic_log_density(g, x, mu, L, n_r, plates)
-        if lp is not None:
-            return lp
+        form = _quadratic_log_density(g, x, mu, L, n_r)
+        if form is not None:
+            phi, coef = form
+            lp = phi @ coef.T  # (points, cells): the layout a mixture's E-step normalises in
+            return lp.T.reshape(L.shape[1 : 1 + n_r] + x.shape[plates]).unsqueeze(0)
     maha = None
     if fast:
         # One (points x D) @ (D x D) product per cell, as scikit-learn does with precision
@@ -1600,10 +1615,11 @@ def _mvn_lp(sv, x, g):
 
 
 def data_moments(g: Group, x: torch.Tensor):
-    """Centre ``c`` and the features Φ = [vec((x-c)(x-c)^T), x-c, 1] of every point,
-    ``(points, D*D + D + 1)``, cached on the group (the observed values never change during a
-    fit), and the largest squared distance from the centre. A Gaussian log-density is linear
-    in Φ, and so are the sufficient statistics of its M-step: one matrix product each."""
+    """Centre ``c`` and the features Φ = [(x_i - c_i)(x_j - c_j) for i <= j, x - c, 1] of
+    every point, ``(points, D(D+1)/2 + D + 1)``, cached on the group (the observed values never
+    change during a fit), and the largest squared distance from the centre. A Gaussian
+    log-density is linear in Φ, and so are the sufficient statistics of its M-step: one matrix
+    product each (the upper triangle only: the products are symmetric)."""
     key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device)
     cached = g.__dict__.get("_moments")
     if cached is None or cached[0] != key:  # a group's data are replaced while stacking
@@ -1611,22 +1627,59 @@ def data_moments(g: Group, x: torch.Tensor):
         flat = x.reshape(-1, D)
         c = flat.mean(0)
         xc = flat - c
-        phi = torch.cat(
-            [
-                (xc.unsqueeze(-1) * xc.unsqueeze(-2)).reshape(-1, D * D),
-                xc,
-                torch.ones_like(xc[:, :1]),
-            ],
-            -1,
-        )
+        i, j = torch.triu_indices(D, D)
+        phi = torch.cat([xc[:, i] * xc[:, j], xc, torch.ones_like(xc[:, :1])], -1)
         cached = (key, (c, phi, float(xc.square().sum(-1).max())))
         g.__dict__["_moments"] = cached
     return cached[1]
 
 
-def _quadratic_log_density(g: Group, x, mu, L, n_r: int, plates: slice):
+def moment_parts(S: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split statistics Σ w Φ ``(..., F)`` into the scatter ``(..., D, D)``, the first moment
+    ``(..., D)`` (both about the data's centre) and the mass ``(...)``."""
+    n_u = D * (D + 1) // 2
+    i, j = torch.triu_indices(D, D)
+    m2 = S.new_zeros(S.shape[:-1] + (D, D))
+    m2[..., i, j] = S[..., :n_u]
+    m2[..., j, i] = S[..., :n_u]
+    return m2, S[..., n_u : n_u + D], S[..., -1]
+
+
+def _per_cell(g: Group, mu: torch.Tensor, L: torch.Tensor) -> bool:
+    """A mean and a Cholesky factor per cell of the roles, the same for every row and point."""
+    n_r, n_p = len(g.cards), len(g.plates)
+    plates = slice(1 + n_r, 1 + n_r + n_p)
+    return (
+        g.n_event == 0
+        and L.shape[0] == 1
+        and mu.shape[0] == 1
+        and all(n == 1 for n in L.shape[plates])
+        and all(n == 1 for n in mu.shape[plates])
+    )
+
+
+def linear_log_density(fm: FactorModel, i: int, theta) -> tuple | None:
+    """``(Φ, coef)`` with group ``i``'s table = Φ @ coef^T laid out ``(points, cells)``, for a
+    full-covariance Gaussian of observed data with parameters per cell (a mixture's
+    components); ``None`` for any other group. Lets a mixture's E-step evaluate its table a
+    block of points at a time instead of writing the whole table out."""
+    g = fm.groups[i]
+    if g.kind != "recipe" or g.family != "mvn" or g.value != "data" or g.n_event:
+        return None
+    sv = {k: fm.slot_inputs(g, k, theta) for k in g.slots}
+    view, ins = sv["scale_tril"]
+    if view in ("diag", "spherical", "const") or sv["loc"][0] == "const":
+        return None
+    mu, L = sv["loc"][1][0], mvn_tril(view, ins)
+    cells = slice(1, 1 + len(g.cards))
+    if not _per_cell(g, mu, L) or L.shape[cells] != g.cards or mu.shape[cells] != g.cards:
+        return None
+    return _quadratic_log_density(g, g.data, mu, L, len(g.cards))
+
+
+def _quadratic_log_density(g: Group, x, mu, L, n_r: int):
     """Gaussian log-densities of every point under every cell as one matrix product with the
-    cached features Φ (see :func:`data_moments`):
+    cached features Φ (see :func:`data_moments`), returned as ``(Φ, coef)``:
 
         log N(x | mu, L L^T) = <(x-c)(x-c)^T, -P/2> + (x-c)^T P m - m^T P m / 2
                                - log|L| - D/2 log 2π,      P = (L L^T)^-1, m = mu - c,
@@ -1638,7 +1691,6 @@ def _quadratic_log_density(g: Group, x, mu, L, n_r: int, plates: slice):
     if x.shape[0] != 1 or not torch.is_floating_point(x) or x.dtype != torch.float64:
         return None
     c, phi, spread = data_moments(g, x)
-    cells = L.shape[1 : 1 + n_r]
     eye = torch.eye(D, dtype=L.dtype, device=L.device)
     Lf = L.reshape(-1, D, D)
     Linv = torch.linalg.solve_triangular(Lf, eye, upper=False)  # (C, D, D)
@@ -1649,13 +1701,15 @@ def _quadratic_log_density(g: Group, x, mu, L, n_r: int, plates: slice):
     Pm = (P @ mc.unsqueeze(-1)).squeeze(-1)
     logdet = Lf.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     const = -0.5 * (mc * Pm).sum(-1) - logdet - 0.5 * D * LOG_2PI
-    coef = torch.cat([-0.5 * P.reshape(-1, D * D), Pm, const.unsqueeze(-1)], -1)  # (C, F)
-    lp = phi @ coef.T  # (points, C): the layout a mixture's E-step normalises in
-    return lp.T.reshape(cells + x.shape[plates]).unsqueeze(0)
+    i, j = torch.triu_indices(D, D)
+    # <outer, -P/2> over the upper triangle: off-diagonal products stand for two entries.
+    quad = -0.5 * P[:, i, j] * torch.where(i == j, 1.0, 2.0).to(P.dtype)
+    coef = torch.cat([quad, Pm, const.unsqueeze(-1)], -1)  # (C, F)
+    return phi, coef
 
 
 def weighted_moments(g: Group, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
-    """Σ_n W[cell, n] Φ_n per cell, ``(cells, D*D + D + 1)``: the scatter, first moment and
+    """Σ_n W[cell, n] Φ_n per cell, ``(cells, F)``: the scatter, first moment and
     mass of every cell about the data's centre in one pass over the weights (the M-step's
     Gaussian updates all read it). Memoised for the weights tensor ``W``; ``None`` unless
     ``W`` is ``(1, *cells, points)`` over one plate of observations ``(1, 1.., points, D)``."""

@@ -38,6 +38,7 @@ from jointkl.inference.em_factors import (
     broadcast_shape,
     data_moments,
     index_part,
+    moment_parts,
     mvn_tril,
     transform_for,
     unwrap,
@@ -364,8 +365,9 @@ def _mvn_loc(fm, theta, W, up: Update):
         S = weighted_moments(fm.groups[gi], x, W[gi])
     if S is not None:  # the statistics _mvn_scale reads too, in the same pass over W
         c = data_moments(fm.groups[gi], x)[0]
-        s0 = S[..., -1:].reshape(target[:-1] + (1,))
-        s1 = (S[..., D * D : D * D + D] + S[..., -1:] * c).reshape(target)
+        _, m1, n = moment_parts(S, D)
+        s0 = n.reshape(target[:-1] + (1,))
+        s1 = (m1 + n.unsqueeze(-1) * c).reshape(target)
     else:
         s0 = wsum(target[:-1] + (1,), w)
         s1 = wsum(target, w, x)
@@ -469,12 +471,14 @@ def _scatter(
         if tuple(target[:-2]) == tuple(W.shape[:-1]) + (1,):  # cells, the plate summed
             S = weighted_moments(g, x, W)
         if S is not None:
-            m2 = S[..., : D * D].reshape(target)
-            m1 = S[..., D * D : D * D + D].reshape(target[:-1]).unsqueeze(-1)  # (.., D, 1)
-            s0 = S[..., -1].reshape(target[:-2] + (1, 1))
+            m2, m1, n = moment_parts(S, D)
+            m2 = m2.reshape(target)
+            m1 = m1.reshape(target[:-1]).unsqueeze(-1)  # (.., D, 1)
+            s0 = n.reshape(target[:-2] + (1, 1))
         else:
-            outer = phi[:, : D * D].reshape(x.shape[:-1] + (D, D))
-            xc = phi[:, D * D : D * D + D].reshape(x.shape)
+            n_u = D * (D + 1) // 2
+            xc = phi[:, n_u : n_u + D].reshape(x.shape)
+            outer = xc.unsqueeze(-1) * xc.unsqueeze(-2)
             m2 = wsum(target, w, outer)
             m1 = wsum(target[:-1], W.unsqueeze(-1), xc).unsqueeze(-1)  # (.., D, 1)
             s0 = wsum(target[:-2], W).unsqueeze(-1).unsqueeze(-1)
