@@ -564,7 +564,10 @@ def initial_labels(fm, how: str, gen, dtype, iters: int) -> dict[str, torch.Tens
             if g.family == "categorical" or not x.is_floating_point():
                 x = torch.nn.functional.one_hot(x.long(), int(x.max()) + 1)
             pts = x.reshape(x.shape[0] * math.prod(sizes), -1).to(dtype)
-            lab = _kmeans(pts, var.card, gen, iters)
+            live = None
+            if g.mask is not None:  # padding (masked observations) places no centre
+                live = g.mask[:, 0].expand((x.shape[0],) + sizes).reshape(-1)
+            lab = _kmeans(pts, var.card, gen, iters, live)
             if lab is None:
                 continue
             lab = lab.reshape((len(vs),) + sizes + (var.card,))
@@ -578,7 +581,10 @@ def initial_labels(fm, how: str, gen, dtype, iters: int) -> dict[str, torch.Tens
     return labels
 
 
-def _kmeans(x: torch.Tensor, k: int, gen, iters: int) -> torch.Tensor | None:
+def _kmeans(x: torch.Tensor, k: int, gen, iters: int, live=None) -> torch.Tensor | None:
+    """Soft labels of every row of ``x`` from k-means++ and Lloyd steps on the ``live`` rows."""
+    every = x
+    x = x if live is None else x[live]
     n = x.shape[0]
     if n < k:
         return None
@@ -599,7 +605,7 @@ def _kmeans(x: torch.Tensor, k: int, gen, iters: int) -> torch.Tensor | None:
         if torch.equal(new, centres):
             break
         centres = new
-    assign = torch.cdist(x, centres).argmin(-1)
+    assign = torch.cdist(every, centres).argmin(-1)
     onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
     return (1 - LABEL_SMOOTHING) * onehot + LABEL_SMOOTHING / k
 

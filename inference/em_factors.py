@@ -230,6 +230,7 @@ class Group:
     fn: Distribution | None = None  # fixed prior evaluated at the free value
     depends: frozenset[str] = frozenset()  # free variables the table depends on
     dims: Any = None  # (dim -> symbol, symbol -> axis) to lay out a fixed prior's log-density
+    mask: torch.Tensor | None = None  # (rows, axes..) bool: poutine.mask / Pyro's site mask
 
     @property
     def rows(self) -> int:
@@ -744,10 +745,19 @@ class FactorModel:
         if value == "data":  # observed values in canonical layout
             n_ev = len(site["fn"].event_shape)
             data = canonical(site["value"], n_ev, d2s, axes[0], n_axes, name).detach()
-        plain = site["mask"] is None and (
+        # A boolean mask tensor (poutine.mask: padding of unequal sequences, say) is kept in
+        # canonical layout and applied to the table; a scale is not supported (traced).
+        mask = site["mask"]
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            try:
+                mask = canonical(mask.detach(), 0, d2s, axes[0], n_axes, name)
+            except InputError:
+                mask = False
+        plain = (mask is None or isinstance(mask, torch.Tensor)) and (
             site["scale"] is None
             or (not isinstance(site["scale"], torch.Tensor) and site["scale"] == 1.0)
         )
+        mask = mask if isinstance(mask, torch.Tensor) else None
         chain, fn = [], site["fn"]
         while True:
             chain.append(type(fn).__name__)
@@ -775,6 +785,7 @@ class FactorModel:
             tuple(chain),
             slot_shapes,
             plain,
+            None if mask is None else tuple(mask.shape),
         )
         return {
             "roles": roles,
@@ -788,12 +799,14 @@ class FactorModel:
             "free": free,
             "data": data,
             "plain": plain,
+            "mask": mask,
             "signature": signature,
         }
 
     def _base(self, name: str, info: Mapping[str, Any]) -> dict[str, Any]:
         return dict(
             data=info["data"],
+            mask=info["mask"],
             sites=[name],
             roles=[info["roles"]],
             cards=info["cards"],
@@ -903,6 +916,8 @@ class FactorModel:
             g.table = torch.cat([infos[n]["lps"][0] for n in rows])
             if g.data is not None:
                 g.data = torch.cat([infos[n]["data"] for n in rows])
+            if g.mask is not None:
+                g.mask = torch.cat([infos[n]["mask"] for n in rows])
             return g, [n for n in names if n not in set(fits)]
         consts = {k: s for k, s in first.slots.items() if s.const is not None}
         cand = []
@@ -934,6 +949,8 @@ class FactorModel:
         if g.data is not None:
             data = torch.cat([infos[n]["data"] for n in g.sites])
             g.data = data.long() if g.family == "categorical" else data
+        if g.mask is not None:
+            g.mask = torch.cat([infos[n]["mask"] for n in g.sites])
         for k in consts:
             g.slots[k].const = torch.cat([c[k] for _, c in rows])
         ok = self._rows_match(g, [infos[n] for n in g.sites])
@@ -945,6 +962,8 @@ class FactorModel:
             g.sites, g.roles = keep, [infos[n]["roles"] for n in keep]
             if g.data is not None:
                 g.data = g.data[idx]
+            if g.mask is not None:
+                g.mask = g.mask[idx]
             for k in consts:
                 g.slots[k].const = g.slots[k].const[idx]
         return g, [n for n in names if n not in set(g.sites)]
@@ -1079,6 +1098,7 @@ class FactorModel:
                 c.n_event,
                 tuple((k, s.key()) for k, s in sorted(c.slots.items())),
                 None if c.data is None else (tuple(c.data.shape), c.data.dtype),
+                None if c.mask is None else tuple(c.mask.shape),
             )
             if key not in index:
                 index[key] = len(out)
@@ -1100,6 +1120,8 @@ class FactorModel:
             g.roles = [roles[j] for j in perm]
             if g.data is not None:
                 g.data = torch.cat([p.data for p in ps])[idx]
+            if g.mask is not None:
+                g.mask = torch.cat([p.mask for p in ps])[idx]
             for k, s in g.slots.items():
                 if s.const is not None:
                     s.const = torch.cat([p.slots[k].const for p in ps])[idx]
@@ -1271,6 +1293,8 @@ class FactorModel:
         lp = FAMILY_LOG_PROB[g.family](sv, x, g)
         if g.n_event:
             lp = lp.sum(tuple(range(-g.n_event, 0)))
+        if g.mask is not None:  # Pyro's semantics: a masked-out entry scores 0
+            lp = torch.where(g.mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
         return lp
 
     # ------------------------------------------------------------------ E-step
@@ -1380,7 +1404,8 @@ class FactorModel:
         A mixture's weights are valid until the next E-step of this model, which reuses
         their memory (copy them to keep them longer)."""
         if self._is_mixture():
-            return self._mixture_e_step(theta)
+            ll, weights = self._mixture_e_step(theta)
+            return ll, self.masked(weights)
         with torch.no_grad():
             tabs = self.tables(theta)
         leaves = {i: t.detach().requires_grad_() for i, t in tabs.items()}
@@ -1391,7 +1416,16 @@ class FactorModel:
             i: (g if g is not None else torch.zeros_like(leaves[i]))
             for i, g in zip(leaves, grads, strict=True)
         }
-        return float(logz.detach()), weights
+        return float(logz.detach()), self.masked(weights)
+
+    def masked(self, weights: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Weights of masked tables times their masks: a masked-out entry is a constant 0 in
+        the table, so the M-step must not count it (the padded steps of a short sequence)."""
+        out = dict(weights)
+        for i, g in enumerate(self.groups):
+            if g.mask is not None and i in out:
+                out[i] = out[i] * g.mask
+        return out
 
     def _is_mixture(self) -> bool:
         """One enumerated variable per element of its plates and every table over it alone
@@ -1526,7 +1560,7 @@ class FactorModel:
             if w is None:
                 w = torch.ones((1,) * len(full), dtype=next(iter(labels.values())).dtype)
             out[gi] = w.expand(full)
-        return out
+        return self.masked(out)
 
 
 # --------------------------------------------------------------------------- log-densities
@@ -1665,6 +1699,8 @@ def linear_log_density(fm: FactorModel, i: int, theta) -> tuple | None:
     block of points at a time instead of writing the whole table out."""
     g = fm.groups[i]
     if g.kind != "recipe" or g.family != "mvn" or g.value != "data" or g.n_event:
+        return None
+    if g.mask is not None:
         return None
     sv = {k: fm.slot_inputs(g, k, theta) for k in g.slots}
     view, ins = sv["scale_tril"]

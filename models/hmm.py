@@ -10,15 +10,25 @@ emissions.
 
 Time is a ``pyro.markov`` loop, so Pyro's TraceEnum_ELBO (SVI) sums the states out by
 variable elimination, and EM recognises the chain and runs one forward recursion over all
-sequences at once (forward-backward by autograd). Sequences share one length T.
+sequences at once (forward-backward by autograd).
+
+Sequences of different lengths (hmmlearn's ``lengths``) are padded to the longest, T, and
+``lengths`` (S,) gives each one's own. Steps t >= length are masked (``poutine.mask``): their
+observations and transitions score 0, so the M-step does not count them; each padded state
+then still takes its K values freely, a factor K that the site ``"padding"``
+(-log K per padded step) cancels, so the log-likelihood is exactly that of the unpadded
+sequences.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 
@@ -131,10 +141,16 @@ class HMM:
         x = (means[states] + sds[states] * noise).unsqueeze(-1)
         return (x.to(torch.get_default_dtype()),), {}
 
-    def init_values(self, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    def init_values(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Uniform start and transition probabilities; means at spread-out observations;
-        scales at the data's; emission probabilities near the symbol frequencies."""
+        scales at the data's; emission probabilities near the symbol frequencies (padding
+        beyond ``lengths`` left out)."""
         x = self._check(x)
+        lengths = self._check_lengths(lengths, x)
+        if lengths is not None:
+            x = x[torch.arange(x.shape[1]) < lengths.unsqueeze(-1)].unsqueeze(0)
         g = torch.Generator().manual_seed(seed)
         K = self.n_states
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
@@ -191,12 +207,31 @@ class HMM:
             x = x.to(torch.get_default_dtype())
         return x
 
-    def _globals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _check_lengths(self, lengths: Any, x: torch.Tensor) -> torch.Tensor | None:
+        if lengths is None:
+            return None
+        S, T = x.shape[:2]
+        lengths = torch.as_tensor(lengths)
+        if lengths.is_floating_point() and bool((lengths == lengths.round()).all()):
+            lengths = lengths.long()
+        if lengths.shape != (S,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise InputError(
+                f"HMM: lengths must be {S} integers (one per sequence), got "
+                f"{lengths.dtype} of shape {tuple(lengths.shape)}"
+            )
+        if int(lengths.min()) < 1 or int(lengths.max()) > T:
+            raise InputError(
+                f"HMM: lengths must lie in 1..{T} (the padded length), got "
+                f"{int(lengths.min())}..{int(lengths.max())}"
+            )
+        return lengths.to(x.device)
+
+    def _globals(self, x: torch.Tensor, lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
         K = self.n_states
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         opts = dict(dtype=dtype, device=x.device)
         if self.priors is None:
-            init = self.init_values(x)
+            init = self.init_values(x, lengths)
             out = {
                 "init": pyro.param("init", init["init"].to(**opts), constraint=constraints.simplex),
                 "trans": pyro.param(
@@ -253,17 +288,26 @@ class HMM:
             return dist.MultivariateNormal(g["locs"][s], scale_tril=g["scale_tril"][s])
         return dist.Normal(g["locs"][s], g["scales"][s]).to_event(1)
 
-    def model(self, x: torch.Tensor) -> None:
+    def model(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """``x``: (S, T[, D]) sequences; ``lengths``: (S,) their lengths when they differ
+        (``None``: all T)."""
         x = self._check(x)
-        g = self._globals(x)
+        lengths = self._check_lengths(lengths, x)
+        g = self._globals(x, lengths)
         S, T = x.shape[:2]
         with pyro.plate("data", S, dim=-1):
             s = None
             for t in pyro.markov(range(T)):
-                probs = g["init"] if t == 0 else g["trans"][s]
-                s = pyro.sample(
-                    f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
-                )
-                pyro.sample(f"obs_{t}", self._emission(g, s), obs=x[:, t])
+                live = nullcontext() if lengths is None else poutine.mask(mask=t < lengths)
+                with live:
+                    probs = g["init"] if t == 0 else g["trans"][s]
+                    s = pyro.sample(
+                        f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
+                    )
+                    pyro.sample(f"obs_{t}", self._emission(g, s), obs=x[:, t])
+            if lengths is not None:
+                # Each masked state sums to K over its values: cancel it (see the module doc).
+                padded = (T - lengths).to(x.dtype if x.is_floating_point() else torch.float64)
+                pyro.factor("padding", -padded * math.log(self.n_states))
 
     guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM
