@@ -696,7 +696,11 @@ class FactorModel:
     def _axes(self, site, roles, plates, sym_to_var) -> dict[str, int]:
         """symbol -> canonical axis, for one site."""
         d2s = site["infer"]["_dim_to_symbol"]
-        var_sym = {v: s for s, v in sym_to_var.items()}
+        # The inverse map, once per trace (a 500-step chain asks for it 1,000 times).
+        cache = self.__dict__.setdefault("_var_symbols", {})
+        if id(sym_to_var) not in cache or cache[id(sym_to_var)][0] is not sym_to_var:
+            cache[id(sym_to_var)] = (sym_to_var, {v: s for s, v in sym_to_var.items()})
+        var_sym = cache[id(sym_to_var)][1]
         out = {var_sym[r]: i for i, r in enumerate(roles)}
         for j, p in enumerate(plates):
             out[d2s[self.plate_dims[p]]] = len(roles) + j
