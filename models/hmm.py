@@ -43,7 +43,8 @@ COVARIANCES = ("diag", "full")
 
 @register_model
 class HMM:
-    """K-state hidden Markov model over equal-length sequences.
+    """K-state hidden Markov model over sequences padded to one length T (``lengths`` gives
+    each sequence's own; see the module docstring).
 
     :param int n_states: number of hidden states K.
     :param str emission: ``"gaussian"`` (data ``(S, T)`` or ``(S, T, D)`` floats) or
