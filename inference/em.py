@@ -607,6 +607,8 @@ def _kmeans(x: torch.Tensor, k: int, gen, iters: int, live=None) -> torch.Tensor
         centres = new
     assign = torch.cdist(every, centres).argmin(-1)
     onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
+    if live is not None:  # padding says nothing of its label
+        onehot = torch.where(live.unsqueeze(-1), onehot, 1.0 / k)
     return (1 - LABEL_SMOOTHING) * onehot + LABEL_SMOOTHING / k
 
 

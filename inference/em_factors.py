@@ -165,6 +165,15 @@ def apply_view(view: str, ts: tuple[torch.Tensor, ...], size: int | None = None)
     raise ValueError(view)
 
 
+def site_log_prob(site: Mapping[str, Any]) -> torch.Tensor:
+    """A site's factor as Pyro's TraceEnum_ELBO sees it: an enumerated latent's own
+    log-density is taken unscaled and unmasked (Pyro applies masks and scales to the factors
+    of observations and other sites only); every other site's is scaled and masked."""
+    if site["infer"].get("_enumerate_dim") is not None and not site["is_observed"]:
+        return site["unscaled_log_prob"]
+    return site["log_prob"]
+
+
 # --------------------------------------------------------------------------- structures
 @dataclass
 class Free:
@@ -689,7 +698,7 @@ class FactorModel:
             with torch.no_grad():
                 tr = self.trace(theta)
             for n in sites:
-                if not _is_close(t0.nodes[n]["log_prob"], tr.nodes[n]["log_prob"]):
+                if not _is_close(site_log_prob(t0.nodes[n]), site_log_prob(tr.nodes[n])):
                     deps[n].add(k)
         return {n: frozenset(v) for n, v in deps.items()}
 
@@ -710,7 +719,7 @@ class FactorModel:
         """A site's roles, plates, canonical log-density in each trace, value and signature."""
         site = traces[0].nodes[name]
         d2s = site["infer"]["_dim_to_symbol"]
-        lp = site["log_prob"]
+        lp = site_log_prob(site)
         order = {v: i for i, v in enumerate(self.vars)}
         deps = []
         for i, size in enumerate(lp.shape):
@@ -727,7 +736,7 @@ class FactorModel:
         ]
         lps = [
             canonical(
-                tr.nodes[name]["log_prob"],
+                site_log_prob(tr.nodes[name]),
                 0,
                 tr.nodes[name]["infer"]["_dim_to_symbol"],
                 ax,
@@ -752,13 +761,16 @@ class FactorModel:
         # A boolean mask tensor (poutine.mask: padding of unequal sequences, say) is kept in
         # canonical layout and applied to the table; a scale is not supported (traced).
         mask = site["mask"]
+        if name in self.vars:  # ignored for an enumerated latent's own factor, as by Pyro
+            mask = None
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             try:
                 mask = canonical(mask.detach(), 0, d2s, axes[0], n_axes, name)
             except InputError:
                 mask = False
         plain = (mask is None or isinstance(mask, torch.Tensor)) and (
-            site["scale"] is None
+            name in self.vars
+            or site["scale"] is None
             or (not isinstance(site["scale"], torch.Tensor) and site["scale"] == 1.0)
         )
         mask = mask if isinstance(mask, torch.Tensor) else None
@@ -1278,7 +1290,7 @@ class FactorModel:
                 site = tr.nodes[g.sites[0]]
                 axes = self._axes(site, g.roles[0], g.plates, sym_to_var)
                 out[i] = canonical(
-                    site["log_prob"],
+                    site_log_prob(site),
                     0,
                     site["infer"]["_dim_to_symbol"],
                     axes,

@@ -13,16 +13,17 @@ variable elimination, and EM recognises the chain and runs one forward recursion
 sequences at once (forward-backward by autograd).
 
 Sequences of different lengths (hmmlearn's ``lengths``) are padded to the longest, T, and
-``lengths`` (S,) gives each one's own. Steps t >= length are masked (``poutine.mask``): their
-observations and transitions score 0, so the M-step does not count them; each padded state
-then still takes its K values freely, a factor K that the site ``"padding"``
-(-log K per padded step) cancels, so the log-likelihood is exactly that of the unpadded
-sequences.
+``lengths`` (S,) gives each one's own. The observations of steps t >= length are masked
+(``poutine.mask``: they score 0); the states there still follow the transitions, which sum to
+one over each padded step, so the log-likelihood is exactly that of the unpadded sequences.
+(Masking the states would change nothing: Pyro's TraceEnum_ELBO, and EM with it, score an
+enumerated latent's own factor unmasked.) EM then also counts the padded transitions in its
+M-step, whose posterior is the transition matrix itself: a valid EM for this model, with the
+same fixed points as hmmlearn's, reached in a few more iterations when much is padding.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Any, ClassVar
 
@@ -299,16 +300,12 @@ class HMM:
         with pyro.plate("data", S, dim=-1):
             s = None
             for t in pyro.markov(range(T)):
+                probs = g["init"] if t == 0 else g["trans"][s]
+                s = pyro.sample(
+                    f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
+                )
                 live = nullcontext() if lengths is None else poutine.mask(mask=t < lengths)
                 with live:
-                    probs = g["init"] if t == 0 else g["trans"][s]
-                    s = pyro.sample(
-                        f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
-                    )
                     pyro.sample(f"obs_{t}", self._emission(g, s), obs=x[:, t])
-            if lengths is not None:
-                # Each masked state sums to K over its values: cancel it (see the module doc).
-                padded = (T - lengths).to(x.dtype if x.is_floating_point() else torch.float64)
-                pyro.factor("padding", -padded * math.log(self.n_states))
 
     guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM
