@@ -403,21 +403,21 @@ class SharedChainLogPartition(torch.autograd.Function):
         P = trans.exp()
         m = U.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        E = (U - m).exp()
-        # Per step: one matrix product, a product with the emissions, the normaliser; the
-        # loop is Python-level (T small ops), so it keeps to four in-place-friendly ops.
-        es = E.unbind(1)
-        x = es[0].clone()
-        c = x.sum(-1, keepdim=True)
-        alphas, cs = [x.div_(c)], [c]
-        for e in es[1:]:
-            x = torch.mm(alphas[-1], P).mul_(e)
-            c = x.sum(-1, keepdim=True)
-            alphas.append(x.div_(c))
-            cs.append(c)
-        a = torch.stack(alphas, 1)
-        c = torch.cat(cs, -1)
-        logz = c.log().sum(-1) + m.squeeze(-1).sum(-1)
+        # Time-major (T, B, K), so that each step reads and writes contiguous (B, K) slices
+        # in place: four kernels per step and no allocation (the loop is Python-level).
+        E = (U - m).exp_().transpose(0, 1).contiguous()
+        a = torch.empty_like(E)
+        c = E.new_empty(E.shape[:-1] + (1,))
+        es, avs, cs = E.unbind(0), a.unbind(0), c.unbind(0)
+        avs[0].copy_(es[0])
+        torch.sum(avs[0], -1, keepdim=True, out=cs[0])
+        avs[0].div_(cs[0])
+        for t in range(1, T):
+            torch.mm(avs[t - 1], P, out=avs[t])
+            avs[t].mul_(es[t])
+            torch.sum(avs[t], -1, keepdim=True, out=cs[t])
+            avs[t].div_(cs[t])
+        logz = c.log().sum(0).squeeze(-1) + m.squeeze(-1).sum(-1)
         ctx.save_for_backward(a, c, E, P)
         ctx.batch = batch
         return logz.reshape(batch)
@@ -425,23 +425,21 @@ class SharedChainLogPartition(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, c, E, P = ctx.saved_tensors
-        T, K = a.shape[-2:]
-        g = grad.reshape(-1)
-        # right[t] = E_{t+1} beta_{t+1} / c_{t+1}: the backward message into step t.
-        es, cs = E.unbind(1), c.unbind(1)
-        b = torch.ones_like(a[:, 0])
-        rights = []
+        T, B, K = a.shape
+        g = grad.reshape(1, -1, 1)
         PT = P.T
+        # right[t] = E_{t+1} beta_{t+1} / c_{t+1}: the backward message into step t, written
+        # in place; beta_{t} = right[t] @ P^T, kept in one scratch buffer.
+        Ec = E / c
+        right = a.new_empty((max(T - 1, 0), B, K))
+        rs, ecs = right.unbind(0), Ec.unbind(0)
+        b = a.new_ones((B, K))
         for t in range(T - 1, 0, -1):
-            r = (es[t] * b).div_(cs[t].unsqueeze(-1))
-            rights.append(r)
-            b = torch.mm(r, PT)
-        rights.reverse()
-        right = torch.stack(rights, 1) if rights else a[:, :0]
-        # beta_t = right_t @ P^T for t < T-1 and beta_{T-1} = 1.
-        beta = torch.cat([right @ PT, torch.ones_like(a[:, :1])], 1)
-        g_unary = a * beta * g[:, None, None]
-        left = a[:, :-1] * g[:, None, None]
+            torch.mul(ecs[t], b, out=rs[t - 1])
+            torch.mm(rs[t - 1], PT, out=b)
+        beta = torch.cat([right @ PT, a.new_ones((1, B, K))], 0)
+        g_unary = (a * beta).mul_(g).transpose(0, 1)
+        left = a[:-1] * g
         g_trans = P * (left.reshape(-1, K).T @ right.reshape(-1, K))
         return g_unary.reshape(ctx.batch + (T, K)), g_trans
 
