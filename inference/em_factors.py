@@ -1675,7 +1675,7 @@ def data_moments(g: Group, x: torch.Tensor):
         flat = x.reshape(-1, D)
         c = flat.mean(0)
         xc = flat - c
-        i, j = torch.triu_indices(D, D)
+        i, j = torch.triu_indices(D, D, device=x.device)
         phi = torch.cat([xc[:, i] * xc[:, j], xc, torch.ones_like(xc[:, :1])], -1)
         cached = (key, (c, phi, float(xc.square().sum(-1).max())))
         g.__dict__["_moments"] = cached
@@ -1686,7 +1686,7 @@ def moment_parts(S: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor, t
     """Split statistics Σ w Φ ``(..., F)`` into the scatter ``(..., D, D)``, the first moment
     ``(..., D)`` (both about the data's centre) and the mass ``(...)``."""
     n_u = D * (D + 1) // 2
-    i, j = torch.triu_indices(D, D)
+    i, j = torch.triu_indices(D, D, device=S.device)
     m2 = S.new_zeros(S.shape[:-1] + (D, D))
     m2[..., i, j] = S[..., :n_u]
     m2[..., j, i] = S[..., :n_u]
@@ -1751,7 +1751,7 @@ def _quadratic_log_density(g: Group, x, mu, L, n_r: int):
     Pm = (P @ mc.unsqueeze(-1)).squeeze(-1)
     logdet = Lf.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     const = -0.5 * (mc * Pm).sum(-1) - logdet - 0.5 * D * LOG_2PI
-    i, j = torch.triu_indices(D, D)
+    i, j = torch.triu_indices(D, D, device=P.device)
     # <outer, -P/2> over the upper triangle: off-diagonal products stand for two entries.
     quad = -0.5 * P[:, i, j] * torch.where(i == j, 1.0, 2.0).to(P.dtype)
     coef = torch.cat([quad, Pm, const.unsqueeze(-1)], -1)  # (C, F)
