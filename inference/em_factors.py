@@ -1474,7 +1474,8 @@ class FactorModel:
                     linear[i] = form
             rest = [i for i in range(len(self.groups)) if i not in linear]
             tabs = self.tables(theta, rest)
-        some = next(iter(theta.values())) if theta else next(iter(tabs.values()))
+        # The tables' dtype and device (a Gaussian's features, when every table is one).
+        some = next(iter(tabs.values())) if tabs else next(iter(linear.values()))[0]
         total = 0.0
         weights: dict[int, torch.Tensor] = {}
         unary = []
