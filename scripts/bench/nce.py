@@ -8,8 +8,8 @@ seed 0), Adam at the same learning rate, mini-batches of B pairs:
   hand-written PyTorch loop (the anchor a user would write: jointkl's SVI first evaluates
   the ELBO on the whole corpus to create its params, which at N ≈ 10⁶, V = 5·10⁴ costs
   more than the budget itself);
-* ``binary`` at ν = 20, 50 and 100, ``ranking`` at ν = 20 and 100, ``negative-sampling`` at
-  ν = 20: the NCE engine on ``SkipGram(normalised=False)``, unigram^0.75 noise, with its
+* ``binary`` at ν = 20, 50, 100 and 500, ``ranking`` at ν = 20 and 100,
+  ``negative-sampling`` at ν = 20: the NCE engine on ``SkipGram(normalised=False)``, unigram^0.75 noise, with its
   default shared noise (ν draws per mini-batch, scored by ``SkipGram.candidate_scores`` in one
   matrix product); a case ``variant:ν:per-datum`` draws ν noise words per datum instead
   (``shared_noise=False``, B(1 + ν) rows through the model: the engine before sharing).
@@ -155,13 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--cases",
-        default="softmax,binary:20,binary:50,binary:100,ranking:20,ranking:100,"
+        default="softmax,binary:20,binary:50,binary:100,binary:500,ranking:20,ranking:100,"
         "negative-sampling:20,binary:20:per-datum,binary:100:per-datum",
         help="cases timed per step",
     )
     ap.add_argument(
         "--quality-cases",
-        default="softmax,binary:20,binary:100,ranking:20,negative-sampling:20",
+        default="softmax,binary:20,binary:100,binary:500,ranking:100,negative-sampling:20,"
+        "binary:20:per-datum",
         help="cases that also train for --budget seconds and are scored on held-out pairs",
     )
     a = ap.parse_args(argv)
