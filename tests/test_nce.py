@@ -381,3 +381,11 @@ def test_model_without_data_plate_is_refused():
 
     with pytest.raises(InputError, match="inside pyro.plate"):
         NCE(progress=False).fit(no_plate, torch.randn(30))
+
+
+def test_skipgram_engine_defaults_are_nce_settings_with_mini_batches():
+    # What `jointkl fit skipgram --engine nce` starts from: valid settings, and mini-batches
+    # (a full batch scores all 27k default pairs at every step).
+    engine = NCE(progress=False, **SkipGram.engine_defaults["nce"])
+    (target, _), _ = SkipGram.default_data()
+    assert engine.config["batch_size"] < len(target)
