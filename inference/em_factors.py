@@ -397,15 +397,19 @@ class SharedChainLogPartition(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, unary, trans):
+    def forward(ctx, unary, trans, first=None):
         batch, (T, K) = unary.shape[:-2], unary.shape[-2:]
         U = unary.reshape(-1, T, K)
         P = trans.exp()
-        m = U.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         # Time-major (T, B, K), so that each step reads and writes contiguous (B, K) slices
         # in place: four kernels per step and no allocation (the loop is Python-level).
-        E = (U - m).exp_().transpose(0, 1).contiguous()
+        E = U.new_empty((T, U.shape[0], K))
+        E.copy_(U.transpose(0, 1))
+        if first is not None:  # the initial-state table, added at t = 0 (no index_add)
+            E[0] += first.reshape(-1, K)
+        m = E.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        E.sub_(m).exp_()
         a = torch.empty_like(E)
         c = E.new_empty(E.shape[:-1] + (1,))
         es, avs, cs = E.unbind(0), a.unbind(0), c.unbind(0)
@@ -417,9 +421,10 @@ class SharedChainLogPartition(torch.autograd.Function):
             avs[t].mul_(es[t])
             torch.sum(avs[t], -1, keepdim=True, out=cs[t])
             avs[t].div_(cs[t])
-        logz = c.log().sum(0).squeeze(-1) + m.squeeze(-1).sum(-1)
+        logz = c.log().sum(0).squeeze(-1) + m.squeeze(-1).sum(0)
         ctx.save_for_backward(a, c, E, P)
         ctx.batch = batch
+        ctx.first = None if first is None else first.shape
         return logz.reshape(batch)
 
     @staticmethod
@@ -441,7 +446,8 @@ class SharedChainLogPartition(torch.autograd.Function):
         g_unary = (a * beta).mul_(g).transpose(0, 1)
         left = a[:-1] * g
         g_trans = P * (left.reshape(-1, K).T @ right.reshape(-1, K))
-        return g_unary.reshape(ctx.batch + (T, K)), g_trans
+        g_first = None if ctx.first is None else g_unary[:, 0].reshape(ctx.first)
+        return g_unary.reshape(ctx.batch + (T, K)), g_trans, g_first
 
 
 class ChainLogPartition(torch.autograd.Function):
@@ -1339,7 +1345,7 @@ class FactorModel:
         n_p = len(psizes)
         total = 0.0
         some = next(iter(tabs.values()))
-        unary = None
+        unary, first = None, None
         pair, shared = None, None
         for i, t in tabs.items():
             info, g = plan["groups"][i], self.groups[i]
@@ -1364,6 +1370,10 @@ class FactorModel:
             if info["kind"] == "unary":
                 if info["in_order"] and unary is None:
                     unary = t
+                elif t.shape[n_p] == 1 and not bool(info["pos"].any()):
+                    # The initial state's table: kept apart, added at t = 0 by the recursion
+                    # (an index_add would copy every step's table).
+                    first = t[..., 0, :] if first is None else first + t[..., 0, :]
                 else:
                     if unary is None:
                         unary = some.new_zeros(psizes + (T, K))
@@ -1376,13 +1386,16 @@ class FactorModel:
                 pair = pair.index_add(n_p, info["pos"], t)
         if unary is None:
             unary = some.new_zeros(psizes + (T, K))
-        if T == 1:
-            return total + torch.logsumexp(unary[..., 0, :], -1).sum()
-        if shared is not None and pair is None and not twice_differentiable:
-            logz = SharedChainLogPartition.apply(unary, shared)
+        if shared is not None and pair is None and not twice_differentiable and T > 1:
+            logz = SharedChainLogPartition.apply(unary, shared, first)
             if bool(torch.isfinite(logz).all()):
                 return total + logz.sum()
             # Scaling underflowed (a state path below e^-700 of the best): exact log space.
+        if first is not None:
+            zero = torch.zeros(1, dtype=torch.long, device=unary.device)
+            unary = unary.index_add(n_p, zero, first.unsqueeze(n_p))
+        if T == 1:
+            return total + torch.logsumexp(unary[..., 0, :], -1).sum()
         if shared is not None:
             pair = shared.expand(psizes + (T - 1, K, K)) if pair is None else pair + shared
         init = unary[..., 0, :]
