@@ -724,7 +724,9 @@ class FactorModel:
         site = traces[0].nodes[name]
         d2s = site["infer"]["_dim_to_symbol"]
         lp = site_log_prob(site)
-        order = {v: i for i, v in enumerate(self.vars)}
+        if len(self.__dict__.get("_var_order", ())) != len(self.vars):  # once, not per site
+            self._var_order = {v: i for i, v in enumerate(self.vars)}
+        order = self._var_order
         deps = []
         for i, size in enumerate(lp.shape):
             v = self._sym_to_var[0].get(d2s.get(i - lp.dim()))
