@@ -33,7 +33,9 @@ Both discriminators are separable, T(f, z) = ⟨φ(f), ψ(z)⟩ / √h (Deep Inf
 
 Measured on the digits (8-dim z, linear probe on μ; scripts/vae_digits.py, docs/models/vae.md):
 a global critic on the encoder's own features with one shuffled negative reached 0.79, the
-pixel critic 0.88 with one negative and 0.90 with all pairs; an untrained encoder gives 0.58.
+pixel critic 0.88 with one negative and 0.90 with all pairs; an untrained encoder gives 0.58
+(exploratory runs on the test split; later choices, the JS vs InfoNCE estimator among them,
+were made on a validation split: docs/models/vae.md).
 Reference weights (Deep InfoMax): α = 0.5, β = 1.5, γ = 0.01.
 """
 
