@@ -434,7 +434,7 @@ class NCE(Engine):
         ids), ``"gaussian"``, ``"unigram"``/``"unigram^α"``, a torch/Pyro distribution over
         one datum, or a callable ``noise(*context, **kwargs) -> Distribution`` with batch
         shape ``(B,)`` (per-context noise).
-    :param int nu: ν, noise samples per datum.
+    :param int nu: ν, noise samples per datum (with shared noise: per step, met by every datum).
     :param variant: ``"binary"`` (NCE, learns γ = log Z), ``"ranking"`` (sampled softmax,
         Z cancels) or ``"negative-sampling"`` (word2vec: γ = 0, no log(ν q) term).
     :param log_z: ``"learn"`` (γ is a parameter, recorded as ``log_Z``), or a number to fix γ
