@@ -521,8 +521,10 @@ class FactorModel:
         # other parameter values, and Pyro's argument checks would be a third of their time.
         with pyro.validation_enabled(False):
             tr = poutine.trace(m).get_trace(*self.args, **self.kwargs)
-        tr = prune_subsample_sites(tr)
-        tr.compute_log_prob()
+            tr = prune_subsample_sites(tr)
+            # Log-densities without Pyro's per-site nan/inf warnings (checked by the caller:
+            # a non-finite log-likelihood stops the fit).
+            tr.compute_log_prob()
         tr.symbolize_dims()
         return tr
 
