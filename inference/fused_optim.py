@@ -5,7 +5,11 @@
 hooks, profiler ranges, group bookkeeping) costs more than Adam's arithmetic: on the digits
 VAE (12 tensors, B = 128, one CPU thread) it was about a quarter of an SVI step
 (scripts/bench/svi_overhead.py). :class:`FusedPyroOptim` keeps every parameter in one param
-group of one optimiser, so Adam loops over the tensors inside a single call.
+group of one optimiser, so Adam loops over the tensors inside a single call. Given
+``fused=True`` in ``optim_args`` (the SVI engine passes it for Adam and AdamW), torch's fused
+kernel does that loop in C++. On the same 12 tensors it took 0.33 ms against 1.53 ms for the
+loop; it makes the same update to rounding. A tensor the kernel cannot take (not float, or
+on a device without it) turns the kernel off for the whole group.
 
 It keeps PyroOptim's contract: parameters join when first seen (Pyro creates them lazily),
 only the parameters passed to ``__call__`` move, and ``get_state``/``set_state`` use
