@@ -25,3 +25,15 @@ def blobs():
     centres = torch.tensor([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
     x = torch.cat([c + 0.5 * torch.randn(60, 2, generator=g) for c in centres])
     return x, centres
+
+
+@pytest.fixture
+def float64_one_thread():
+    """float64 default dtype and one thread for the test, restored after: statistical
+    tolerances and round-off trajectory comparisons want float64; tiny fits, one thread."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)

@@ -19,18 +19,7 @@ from pyro.distributions import constraints
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_float64():
-    # One thread: these small vectorised fits are dominated by per-op overhead, which extra
-    # threads on a shared machine only add to. float64: the 0.05 tolerances are statistical,
-    # not round-off.
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 # ---------------------------------------------------------------------- known normalisers

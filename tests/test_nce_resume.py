@@ -13,15 +13,7 @@ from jointkl.models import EnergyModel, SkipGram
 
 from jointkl.errors import FitDivergedError, InputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_float64():
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def _skipgram_case():

@@ -16,16 +16,7 @@ from jointkl.models import SkipGram
 
 from jointkl.errors import InputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_float64():
-    # float64: the trajectory comparisons are to round-off; one thread: tiny fits.
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def cooccurrence(n_words: int, n_contexts: int, n: int, seed: int):
