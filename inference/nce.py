@@ -60,6 +60,7 @@ from jointkl.inference.svi import (  # one optimiser table, one checkpoint forma
     SVIState,
     _latest_checkpoint,
     _load_params,
+    check_checkpointing,
 )
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
@@ -514,12 +515,7 @@ class NCE(Engine):
             _check_positive("clip_norm", clip_norm, float)
         if shared_noise not in (None, True, False):
             raise InputError(f"NCE: shared_noise must be True, False or None, got {shared_noise!r}")
-        if checkpoint_every is not None:
-            _check_positive("checkpoint_every", checkpoint_every, int)
-            if checkpoint_dir is None:
-                raise InputError("NCE: checkpoint_every needs checkpoint_dir")
-        if resume and checkpoint_dir is None:
-            raise InputError("NCE: resume=True needs checkpoint_dir")
+        check_checkpointing("NCE", checkpoint_every, checkpoint_dir, resume)
         if shared_noise and optim == "lbfgs":
             raise InputError(
                 "NCE: shared_noise=True with optim='lbfgs' would draw only ν noise points for "

@@ -206,12 +206,7 @@ class SVI(Engine):
                 "tol": float(early_stopping["tol"]),
                 "window": int(early_stopping.get("window", 50)),
             }
-        if checkpoint_every is not None:
-            _check_positive("checkpoint_every", checkpoint_every, int)
-            if checkpoint_dir is None:
-                raise InputError("SVI: checkpoint_every needs checkpoint_dir")
-        if resume and checkpoint_dir is None:
-            raise InputError("SVI: resume=True needs checkpoint_dir")
+        check_checkpointing("SVI", checkpoint_every, checkpoint_dir, resume)
         self._loss_fn = loss if callable(loss) else None
         super().__init__(
             loss=loss if not callable(loss) else "callable",
@@ -636,6 +631,27 @@ def data_plate_size(model, args: tuple, kwargs: Mapping[str, Any]) -> int | None
     except _PlateFound:
         pass
     return finder.size
+
+
+def check_checkpointing(
+    owner: str, checkpoint_every: Any, checkpoint_dir: Any, resume: bool
+) -> None:
+    """The checkpoint settings SVI and NCE share: a positive whole ``checkpoint_every``, and a
+    ``checkpoint_dir`` whenever checkpoints are written or read."""
+    if checkpoint_every is not None:
+        if (
+            not isinstance(checkpoint_every, (int, float))
+            or isinstance(checkpoint_every, bool)
+            or not float(checkpoint_every).is_integer()
+            or checkpoint_every <= 0
+        ):
+            raise InputError(
+                f"{owner}: checkpoint_every must be a positive int, got {checkpoint_every!r}"
+            )
+        if checkpoint_dir is None:
+            raise InputError(f"{owner}: checkpoint_every needs checkpoint_dir")
+    if resume and checkpoint_dir is None:
+        raise InputError(f"{owner}: resume=True needs checkpoint_dir")
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:

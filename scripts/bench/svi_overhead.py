@@ -46,6 +46,18 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def _batches(x: torch.Tensor, b: int, steps: int):
+    """``steps`` mini-batches of ``b`` rows, epoch after epoch of a seeded permutation (the
+    same order for every contender)."""
+    gen = torch.Generator().manual_seed(1)
+    perm, pos = None, 0
+    for _ in range(steps):
+        if perm is None or pos >= len(x):
+            perm, pos = torch.randperm(len(x), generator=gen), 0
+        yield x[perm[pos : pos + b]]
+        pos += b
+
+
 def _deltas(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
 
@@ -72,14 +84,9 @@ def pyro_step_times(vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float)
     n, b = x.shape[0], 128
     scale = pyro.poutine.scale(scale=n / b)
     svi = pyro.infer.SVI(scale(vae.model), scale(vae.guide), pyro.optim.Adam({"lr": lr}), elbo)
-    gen = torch.Generator().manual_seed(1)
-    perm, pos = None, 0
     stamps: list[tuple[float, float]] = []
-    for _ in range(steps):
-        if perm is None or pos >= n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        svi.step(x[perm[pos : pos + b]])
-        pos += b
+    for xb in _batches(x, b, steps):
+        svi.step(xb)
         stamps.append(_clock())
     return _deltas(stamps)
 
@@ -90,14 +97,8 @@ def hand_step_times(
     enc, dec = vae.encoder, vae.decoder
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr, fused=fused)
     n, b = x.shape[0], 128
-    gen = torch.Generator().manual_seed(1)
-    perm, pos = None, 0
     stamps: list[tuple[float, float]] = []
-    for _ in range(steps):
-        if perm is None or pos >= n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        xb = x[perm[pos : pos + b]]
-        pos += b
+    for xb in _batches(x, b, steps):
         loc, scale = enc(xb)
         eps = torch.randn_like(loc)
         z = loc + scale * eps
