@@ -52,8 +52,8 @@ from torch.distributions import Distribution, biject_to, constraints
 
 from jointkl.chain import chain_contract, chain_forward
 from jointkl.errors import InputError
-from jointkl.inferencedata import DATA_PLATE, max_plate_nesting
 from jointkl.semiring import LogSemiring
+from jointkl.sites import DATA_PLATE, max_plate_nesting
 
 __all__ = [
     "Free",

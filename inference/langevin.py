@@ -56,7 +56,6 @@ from tqdm.auto import tqdm
 from jointkl.engine import Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
-from jointkl.inferencedata import DATA_PLATE, trace_model
 from jointkl.minibatch import (
     ScaleDataPlate,
     check_finite_data,
@@ -65,6 +64,7 @@ from jointkl.minibatch import (
 )
 from jointkl.optim import AdaptiveFlow
 from jointkl.pair import as_pair
+from jointkl.sites import DATA_PLATE, trace_model
 
 __all__ = ["Langevin", "LogJoint"]
 

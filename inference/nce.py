@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 from jointkl.engine import Engine, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
-from jointkl.inferencedata import DATA_PLATE
 from jointkl.pair import as_pair
+from jointkl.sites import DATA_PLATE
 
 __all__ = ["NCE", "NCEState", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
 
@@ -862,6 +862,11 @@ class NCE(Engine):
         with torch.no_grad():
             for k, v in saved.items():
                 current[k].copy_(v.to(current[k]))  # in place: nn.Module params stay linked
+
+    @classmethod
+    def log_density_offset(cls, fit: Fit) -> float:
+        """−γ: the model's density is e^{G − log Z} and the binary variant learned γ ≈ log Z."""
+        return -float(fit.params["log_Z"]) if "log_Z" in fit.params else 0.0
 
 
 # ---------------------------------------------------------------------- helpers

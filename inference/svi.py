@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from jointkl.engine import Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
-from jointkl.inferencedata import DATA_PLATE, max_plate_nesting, trace_model
 from jointkl.minibatch import (
     ScaleDataPlate,
     check_finite_data,
@@ -47,6 +46,7 @@ from jointkl.minibatch import (
 from jointkl.optim import OPTIMIZERS, pyro_optim
 from jointkl.pair import as_pair
 from jointkl.runs import atomic_save_tensors, load_tensors
+from jointkl.sites import DATA_PLATE, max_plate_nesting, trace_model
 
 from .fused_optim import FusedPyroOptim
 from .reparam_elbo import ReparamELBO

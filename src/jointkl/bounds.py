@@ -27,7 +27,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.poutine.util import site_is_subsample
 
 from jointkl.errors import InputError
-from jointkl.inferencedata import DATA_PLATE, max_plate_nesting, trace_model
+from jointkl.sites import DATA_PLATE, max_plate_nesting, trace_model
 
 __all__ = ["log_importance_weights", "elbo_per_datum", "iwae_per_datum"]
 

@@ -1,56 +1,163 @@
-"""The engine base class and the registry of engines by name.
+"""The engine skeleton: every engine's ``fit`` is the same template.
 
 An engine is configured in its constructor, is stateless between fits, and exposes
-``fit(pair, *args, **kwargs) -> Fit``. Engines register a short name (``"svi"``, ``"em"``) so a
-saved :class:`~jointkl.fit.Fit` can find, on load, the code that draws from its posterior.
+``fit(pair, *args, **kwargs) -> Fit``. :meth:`Engine.fit` is a template method (the habit of
+scikit-learn's ``BaseMixture.fit``) whose steps are the same for every engine:
+
+1. wrap the pair (:func:`~jointkl.pair.as_pair`) and check it (:meth:`Engine.check_pair`);
+2. check and bind the data (:meth:`Engine.bind_data`: NaN/inf refused, dtypes cast);
+3. seed (:meth:`Engine.seed`: one seed for everything random);
+4. run the engine's loop (:meth:`Engine.run`, the one method an engine must write), which
+   returns a :class:`Result`;
+5. build the :class:`~jointkl.fit.Fit` (:meth:`Engine.build_fit`).
+
+Settings are a frozen dataclass per engine (``Engine.Settings``, a subclass of
+:class:`~jointkl.settings.Settings`), checked at construction. After a fit, the posterior
+hooks (:meth:`Engine.activate`, :meth:`Engine.posterior_draws`,
+:meth:`Engine.log_density_offset`) tell the ArviZ converter what the fit means, so the
+converter never tests an engine's name.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    import torch
+import pyro
+import torch
 
-    from jointkl.fit import Fit
+from jointkl.errors import InputError
+from jointkl.fit import Fit, point_draws, stored_draws
+from jointkl.minibatch import check_finite_data
+from jointkl.pair import as_pair
+from jointkl.registry import ENGINES, engine_class, register_engine
+from jointkl.settings import Settings
 
-__all__ = ["Engine", "ENGINES", "register_engine", "engine_class", "recreate_params"]
-
-ENGINES: dict[str, type[Engine]] = {}
-
-
-def register_engine(cls: type[Engine]) -> type[Engine]:
-    """Class decorator: make an engine findable by its ``name``."""
-    ENGINES[cls.name] = cls
-    return cls
+__all__ = ["Engine", "Result", "ENGINES", "register_engine", "engine_class", "recreate_params"]
 
 
-def engine_class(name: str) -> type[Engine]:
-    from jointkl.errors import InputError
+@dataclass
+class Result:
+    """What an engine's loop returns; :meth:`Engine.build_fit` adds what every fit has (the
+    engine's name and settings, the model's spec, the pair and the data).
 
-    if name not in ENGINES:
-        import jointkl.inference  # noqa: F401  (engines register on import)
-    if name not in ENGINES:
-        raise InputError(f"unknown engine {name!r}; known engines: {', '.join(sorted(ENGINES))}")
-    return ENGINES[name]
+    :param params: constrained parameter tensors by param or site name.
+    :param history: the objective per step or iteration.
+    :param objective: the objective's name (``"loss"``: lower is better; ``"log_likelihood"``:
+        higher is better; ``"potential"``).
+    :param converged: whether the engine's convergence test passed.
+    :param n_iter: steps or iterations taken.
+    :param state: tensors needed to restore the fit (e.g. unconstrained params).
+    :param samples: stored posterior draws by site, each ``(chain, draw, *site_shape)``.
+    :param info: extra JSON facts (stop reason, timings, data size).
+    :param config: settings resolved during the fit (e.g. the loss SVI chose), added to the
+        recorded config.
+    :param guide: the fitted guide, in memory (a callable cannot be saved).
+    """
+
+    params: dict[str, torch.Tensor]
+    history: list[float]
+    objective: str = "loss"
+    converged: bool = False
+    n_iter: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    guide: Any = None
 
 
 class Engine:
     """Base class of the fitting engines.
 
-    Subclasses set ``name`` and ``description``, keep their settings in ``self.config`` (plain,
-    JSON-serialisable values), and implement :meth:`fit` and :meth:`posterior_draws`.
+    Subclasses set ``name``, ``description`` and ``Settings`` (a frozen dataclass whose fields
+    are the constructor's keyword arguments) and implement :meth:`run`. The settings are
+    ``self.settings``; ``self.config`` is their JSON form, as a :class:`Fit` records it.
     """
 
     name: ClassVar[str] = "engine"
     description: ClassVar[str] = ""
+    Settings: ClassVar[type[Settings]] = Settings
 
-    def __init__(self, **config: Any):
-        self.config = dict(config)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Settings" in cls.__dict__:
+            # help(EngineClass) and the CLI see the settings as the constructor's arguments.
+            sig = inspect.signature(cls.Settings)
+            cls.__signature__ = sig.replace(return_annotation=inspect.Signature.empty)
 
+    def __init__(self, **settings: Any):
+        if self.Settings is Settings:
+            # An engine not yet on the skeleton: its settings stay a plain dict.
+            self._config = dict(settings)
+            return
+        known = self.Settings.names()
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise InputError(
+                f"{type(self).__name__}: unknown setting(s) {unknown}; settings: {', '.join(known)}"
+            )
+        self.settings = self.Settings(**settings)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings as JSON values (what a Fit and a run directory record)."""
+        if self.Settings is Settings:
+            return self._config
+        return self.settings.to_json()
+
+    # ------------------------------------------------------------------ the template
     def fit(self, pair: Any, *args: Any, **kwargs: Any) -> Fit:
-        raise NotImplementedError
+        """Fit ``pair`` to the data ``model(*args, **kwargs)``."""
+        pair = as_pair(pair)
+        self.check_pair(pair)
+        args, kwargs = self.bind_data(pair, args, kwargs)
+        self.seed()
+        t0 = time.perf_counter()
+        result = self.run(pair, args, kwargs)
+        result.info.setdefault("seconds", time.perf_counter() - t0)
+        return self.build_fit(pair, args, kwargs, result)
 
+    def check_pair(self, pair: Any) -> None:
+        """Refuse a pair this engine cannot fit, naming the missing requirement. Default:
+        any pair (engines that need a model structure check it when they trace it)."""
+
+    def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """Check the data (NaN/inf refused) and return them as the loop will use them."""
+        check_finite_data(args, kwargs)
+        return args, dict(kwargs)
+
+    def seed(self) -> None:
+        """Seed torch's and Pyro's global RNG from the one ``seed`` setting."""
+        pyro.set_rng_seed(getattr(self.settings, "seed", 0))
+
+    def run(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> Result:
+        """The engine's own loop: fit ``pair`` to the bound data."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+    def build_fit(self, pair: Any, args: tuple, kwargs: dict[str, Any], result: Result) -> Fit:
+        spec = getattr(pair, "spec", None)
+        return Fit(
+            engine=self.name,
+            config={**self.config, **result.config},
+            params=result.params,
+            history=result.history,
+            objective=result.objective,
+            converged=result.converged,
+            n_iter=result.n_iter,
+            state=result.state,
+            samples=result.samples,
+            info=result.info,
+            model_spec=spec() if callable(spec) else None,
+            pair=pair,
+            args=args,
+            kwargs=kwargs,
+            guide=result.guide,
+        )
+
+    # ------------------------------------------------------------------ posterior hooks
     @classmethod
     def activate(cls, fit: Fit) -> None:
         """Put ``fit``'s learned parameters where the model reads them (e.g. Pyro's param
@@ -58,16 +165,20 @@ class Engine:
 
     @classmethod
     def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """Draws of every latent/global site, each of shape ``(num_samples, *site_shape)``.
+        """Draws of every latent/global site, each of shape ``(chain, draw, *site_shape)``.
 
         The default uses draws the engine stored in ``fit.samples`` (MCMC-like engines), and
         otherwise repeats the point estimate in ``fit.params`` for the model's latent sites.
         """
-        from jointkl.fit import point_draws, stored_draws
-
         if fit.samples:
             return stored_draws(fit, num_samples, seed)
         return point_draws(fit, num_samples)
+
+    @classmethod
+    def log_density_offset(cls, fit: Fit) -> float:
+        """A constant added to every pointwise log-likelihood (e.g. −log Z for a model whose
+        density the engine knows only up to a normaliser it estimated). Default: 0."""
+        return 0.0
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -80,9 +191,7 @@ def recreate_params(*fns: Any, args: tuple = (), kwargs: dict | None = None) -> 
 
     Runs without gradients or side effects, and leaves torch's RNG state as it found it.
     """
-    import pyro
     import pyro.poutine as poutine
-    import torch
 
     pyro.clear_param_store()
     rng = torch.get_rng_state()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from jointkl.errors import InputError
+from jointkl.registry import engine_class
 from jointkl.runs import atomic_save_tensors, atomic_write_text
 
 __all__ = ["Fit", "point_draws", "stored_draws"]
@@ -42,6 +43,8 @@ class Fit:
     :param model_spec: how to rebuild the pair on load (``{"zoo": name, "settings": {...}}``
         or ``{"file": path, "name": attr}``); ``None`` when the pair must be passed to ``load``.
     :param pair: the fitted model/guide pair (in memory only).
+    :param guide: the fitted guide, when the engine has one (in memory only; engines rebuild
+        it from ``config`` and ``state`` after :meth:`load`).
     :param args, kwargs: the data the fit saw, passed to the model as ``model(*args, **kwargs)``.
     """
 
@@ -57,6 +60,7 @@ class Fit:
     info: dict[str, Any] = field(default_factory=dict)
     model_spec: dict[str, Any] | None = None
     pair: Any = field(default=None, repr=False)
+    guide: Any = field(default=None, repr=False)
     args: tuple[Any, ...] = field(default=(), repr=False)
     kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -75,18 +79,32 @@ class Fit:
     def to_arviz(self, num_samples: int = 500, seed: int = 0):
         """An ``arviz.InferenceData`` with posterior, posterior_predictive, log_likelihood,
         observed_data and sample_stats (see :func:`jointkl.inferencedata.to_inference_data`)."""
+        import pyro
+
         from jointkl.inferencedata import to_inference_data
 
         if self.pair is None:
             raise InputError(
                 "this Fit has no model attached; load it with Fit.load(dir, pair=...) first"
             )
-        return to_inference_data(self, num_samples=num_samples, seed=seed)
+        if num_samples < 1:
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        engine = engine_class(self.engine)
+        engine.activate(self)
+        pyro.set_rng_seed(seed)
+        return to_inference_data(
+            self.pair.model,
+            self.args,
+            self.kwargs,
+            engine.posterior_draws(self, num_samples, seed),
+            history=self.history,
+            objective=self.objective,
+            log_density_offset=engine.log_density_offset(self),
+            num_samples=num_samples,
+        )
 
     def posterior_draws(self, num_samples: int = 500, seed: int = 0) -> dict[str, torch.Tensor]:
         """Posterior draws of every latent/global site, each ``(chain, draw, *shape)``."""
-        from jointkl.engine import engine_class
-
         return engine_class(self.engine).posterior_draws(self, num_samples, seed)
 
     # ------------------------------------------------------------------ persistence
@@ -209,7 +227,7 @@ def stored_draws(fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tenso
 def point_draws(fit: Fit, num_samples: int) -> dict[str, torch.Tensor]:
     """A point estimate as a one-chain 'posterior': every latent site repeated ``num_samples``
     times (zero posterior spread). Sites are found by name in ``fit.params``."""
-    from jointkl.inferencedata import latent_site_names
+    from jointkl.sites import latent_site_names
 
     names = latent_site_names(fit.pair.model, fit.args, fit.kwargs)
     return {

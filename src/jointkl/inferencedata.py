@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.ops import packed
@@ -30,59 +29,9 @@ from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_factor
 
 from jointkl.errors import InputError
-from jointkl.minibatch import DATA_PLATE
+from jointkl.sites import DATA_PLATE, max_plate_nesting, trace_model
 
-__all__ = [
-    "to_inference_data",
-    "trace_model",
-    "latent_site_names",
-    "observed_site_names",
-    "max_plate_nesting",
-    "DATA_PLATE",
-]
-
-
-def trace_model(model, args: tuple, kwargs: Mapping[str, Any], data: Mapping | None = None):
-    """One trace of ``model`` (optionally conditioned on ``data``), with no side effects on
-    the param store's gradients and no enumeration."""
-    m = poutine.condition(model, data=dict(data)) if data else model
-    with torch.no_grad():
-        return poutine.trace(m).get_trace(*args, **kwargs)
-
-
-def _is_enumerated(site: Mapping[str, Any]) -> bool:
-    return site["infer"].get("enumerate") == "parallel" or (
-        site["infer"].get("_enumerate_dim") is not None
-    )
-
-
-def latent_site_names(model, args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
-    """Unobserved sample sites that are not enumerated (the ones a posterior describes)."""
-    tr = trace_model(model, args, kwargs)
-    return [
-        name
-        for name, s in tr.nodes.items()
-        if s["type"] == "sample"
-        and not s["is_observed"]
-        and not _is_enumerated(s)
-        and not name.startswith("_")
-    ]
-
-
-def observed_site_names(model, args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
-    tr = trace_model(model, args, kwargs)
-    return [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]]
-
-
-def max_plate_nesting(trace) -> int:
-    dims = [
-        -f.dim
-        for s in trace.nodes.values()
-        if s["type"] == "sample"
-        for f in s["cond_indep_stack"]
-        if f.vectorized and f.dim is not None
-    ]
-    return max(dims, default=0)
+__all__ = ["to_inference_data"]
 
 
 def _site_dims(site: Mapping[str, Any], name: str) -> list[str]:
@@ -236,26 +185,34 @@ def _stack(rows: list[Mapping[str, torch.Tensor]], chains: int) -> dict[str, np.
     return out
 
 
-def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
-    """Build the InferenceData for ``fit`` (see the module docstring)."""
+def to_inference_data(
+    model,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    draws: Mapping[str, torch.Tensor],
+    *,
+    history: list[float] | tuple = (),
+    objective: str = "loss",
+    log_density_offset: float = 0.0,
+    num_samples: int = 500,
+):
+    """Build the InferenceData of ``model`` on its data (see the module docstring).
+
+    :param draws: posterior draws of the latent and global sites, each ``(chain, draw,
+        *site_shape)``, from whatever engine made them (``Engine.posterior_draws``).
+    :param history: the objective per step, for ``sample_stats``; ``objective`` names it.
+    :param log_density_offset: a constant added to every pointwise log-likelihood (e.g.
+        −log Z, when the model's density is known up to an estimated normaliser).
+    :param num_samples: draws per chain when ``draws`` is empty (a model with no latents).
+    """
     import arviz as az
-    import xarray as xr
 
-    from jointkl.engine import engine_class
-
-    if num_samples < 1:
-        raise InputError(f"num_samples must be >= 1, got {num_samples}")
-    engine = engine_class(fit.engine)
-    engine.activate(fit)
-    model, args, kwargs = fit.pair.model, fit.args, fit.kwargs
-    pyro.set_rng_seed(seed)
-    draws = engine.posterior_draws(fit, num_samples, seed)
     base = trace_model(model, args, kwargs)
     observed = [n for n, s in base.nodes.items() if s["type"] == "sample" and s["is_observed"]]
     if not observed:
         # An objective-only model (e.g. InfoMax): no likelihood to compare with data, so only
         # the posterior draws (if any) and the objective trace.
-        return _without_observations(fit, draws)
+        return _without_observations(draws, history, objective)
     nesting = max_plate_nesting(base)
     chains, ndraw = next(iter(draws.values())).shape[:2] if draws else (1, num_samples)
 
@@ -278,9 +235,8 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
         if s["type"] == "sample" and (n in draws or n in observed):
             dims[n] = _site_dims(s, n)
     ll = _stack(ll_rows, chains)
-    if fit.engine == "nce" and "log_Z" in fit.params:
-        # an energy model's density is e^{G - log Z}; NCE learned log Z
-        ll = {k: v - float(fit.params["log_Z"]) for k, v in ll.items()}
+    if log_density_offset:
+        ll = {k: v + log_density_offset for k, v in ll.items()}
     for k, v in ll.items():
         if k not in dims:
             dims[k] = [DATA_PLATE] if v.ndim == 3 else [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
@@ -309,15 +265,20 @@ def to_inference_data(fit, num_samples: int = 500, seed: int = 0):
             observed_data=observed_data or None,
             dims=dims,
         )
-    if fit.history:
-        stats = xr.Dataset({fit.objective: (("step",), np.asarray(fit.history, dtype=float))})
-        idata.add_groups(sample_stats=stats)
+    _add_history(idata, history, objective)
     return idata
 
 
-def _without_observations(fit, draws: Mapping[str, torch.Tensor]):
-    import arviz as az
+def _add_history(idata, history, objective: str) -> None:
     import xarray as xr
+
+    if len(history):
+        stats = xr.Dataset({objective: (("step",), np.asarray(history, dtype=float))})
+        idata.add_groups(sample_stats=stats)
+
+
+def _without_observations(draws: Mapping[str, torch.Tensor], history, objective: str):
+    import arviz as az
 
     posterior = {
         k: v.detach().cpu().double().numpy()
@@ -326,7 +287,5 @@ def _without_observations(fit, draws: Mapping[str, torch.Tensor]):
         for k, v in draws.items()
     }
     idata = az.from_dict(posterior=posterior) if posterior else az.InferenceData()
-    if fit.history:
-        stats = xr.Dataset({fit.objective: (("step",), np.asarray(fit.history, dtype=float))})
-        idata.add_groups(sample_stats=stats)
+    _add_history(idata, history, objective)
     return idata

@@ -15,16 +15,15 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from jointkl.errors import InputError
+from jointkl.sites import DATA_PLATE
 
 __all__ = [
-    "DATA_PLATE",
+    "BatchOrder",
     "ScaleDataPlate",
     "check_finite_data",
     "sliceable_arguments",
     "slice_arguments",
 ]
-
-DATA_PLATE = "data"
 
 
 class ScaleDataPlate(Messenger):
@@ -77,3 +76,40 @@ def slice_arguments(args: tuple, kwargs: Mapping[str, Any], which, idx: torch.Te
         tuple(a[idx] if i in ai else a for i, a in enumerate(args)),
         {k: (a[idx] if k in ki else a) for k, a in kwargs.items()},
     )
+
+
+class BatchOrder:
+    """The rows of each step's mini-batch, a function of (seed, step) alone: epochs of seeded
+    permutations of the N rows. A resumed run draws the same batches as one that never
+    stopped, with no state to save.
+
+    :param int n: rows in the data (the ``"data"`` plate's size).
+    :param int batch_size: rows per step.
+    :param int seed: the fit's seed.
+    :param bool drop_last: drop each epoch's last partial batch (every step then has exactly
+        ``batch_size`` rows) instead of keeping it as a smaller batch.
+    :param int stream: offsets the seed, so that several orders from one seed (an engine's
+        chains, or two engines in one process) are independent.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, drop_last: bool = False, stream: int = 0
+    ):
+        if batch_size > n:
+            raise InputError(f"batch_size={batch_size} exceeds the data size {n}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.drop_last, self.stream = drop_last, stream
+        self.per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        self._epoch: tuple[int, torch.Tensor] | None = None
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The rows of step ``step`` (0-based), a LongTensor of at most ``batch_size``."""
+        epoch, j = divmod(step, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stream + epoch)
+            self._epoch = (epoch, torch.randperm(self.n, generator=gen))
+        return self._epoch[1][j * self.batch_size : (j + 1) * self.batch_size]
+
+    def scale(self, idx: torch.Tensor) -> float:
+        """N/B for the batch ``idx``: the factor that keeps the batch objective unbiased."""
+        return self.n / len(idx)

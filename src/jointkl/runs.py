@@ -22,8 +22,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_save_tensors",
     "load_tensors",
+    "latest_checkpoint",
     "RunDir",
 ]
+
+CHECKPOINT_PATTERN = "step-*.pt"
 
 
 def _atomic(path: Path, write) -> Path:
@@ -59,6 +62,18 @@ def atomic_save_tensors(obj: Any, path: str | Path) -> Path:
 def load_tensors(path: str | Path) -> Any:
     """Load a file written by :func:`atomic_save_tensors`, never unpickling arbitrary objects."""
     return torch.load(Path(path), weights_only=True, map_location="cpu")
+
+
+def latest_checkpoint(folder: str | Path | None) -> Path | None:
+    """The checkpoint (``step-XXXXXXXX.pt``) with the highest step in ``folder``, or
+    ``None`` when there is none."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob(CHECKPOINT_PATTERN))
+    return found[-1] if found else None
 
 
 class RunDir:
@@ -102,7 +117,4 @@ class RunDir:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.is_dir():
-            return None
-        ckpts = sorted(self.checkpoints.glob("step-*.pt"))
-        return ckpts[-1] if ckpts else None
+        return latest_checkpoint(self.checkpoints)

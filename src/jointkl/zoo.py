@@ -15,22 +15,9 @@ from typing import Any
 
 from jointkl.errors import InputError
 from jointkl.pair import as_pair
+from jointkl.registry import MODELS, model_class, register_model
 
 __all__ = ["MODELS", "register_model", "model_class", "load_user_object", "build_pair"]
-
-MODELS: dict[str, type] = {}
-
-
-def register_model(cls: type) -> type:
-    """Class decorator: make a zoo model findable by its ``name``."""
-    MODELS[cls.name] = cls
-    return cls
-
-
-def model_class(name: str) -> type:
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name]
 
 
 def load_user_object(spec: str) -> tuple[Any, dict[str, Any]]:

@@ -1,0 +1,135 @@
+"""One training-loop state, and the one checkpoint reader/writer.
+
+The iterative engines (SVI, NCE, Langevin) carry their whole progress as one value, a
+:class:`LoopState`: the parameters, the optimiser's state, the random-number state, the step
+and the objective history (NumPyro's ``SVIState`` habit). A checkpoint *is* that value on
+disk, so resuming from it continues exactly as a run that never stopped; the mini-batch order
+needs no state, being a function of (seed, step) (:class:`~jointkl.minibatch.BatchOrder`).
+
+Checkpoints are ``<folder>/step-XXXXXXXX.pt``, written atomically with ``torch.save`` of
+tensors and plain containers and read with ``torch.load(weights_only=True)``: loading one
+never unpickles an arbitrary object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jointkl.errors import InputError
+from jointkl.runs import atomic_save_tensors, latest_checkpoint, load_tensors
+
+__all__ = [
+    "LoopState",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_params",
+    "check_checkpointing",
+]
+
+
+@dataclass
+class LoopState:
+    """Everything an iterative fit needs to continue exactly: one value, one checkpoint.
+
+    :param step: updates applied so far.
+    :param params: the parameters being learned, by name (unconstrained values for Pyro's
+        param store; an engine's own tensors, e.g. NCE's γ or Langevin's chain positions).
+    :param optim: the optimiser's state (``state_dict`` values: tensors and plain containers).
+    :param rng: random-number states by name: ``"torch"`` (torch's global generator, which
+        Pyro samples from) and any generator the engine owns.
+    :param history: the objective per step so far.
+    :param extra: engine-specific tensors (e.g. a tuned step size or preconditioner).
+    """
+
+    step: int
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write this state as ``folder/step-XXXXXXXX.pt`` (atomically); returns the path."""
+        return atomic_save_tensors(
+            {
+                "step": int(self.step),
+                "params": {k: v.detach().clone() for k, v in self.params.items()},
+                "optim": self.optim,
+                "rng": dict(self.rng),
+                "history": torch.tensor(self.history, dtype=torch.float64),
+                "extra": self.extra,
+            },
+            checkpoint_path(folder, self.step),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> LoopState:
+        """Read a checkpoint written by :meth:`save` (no code is run or unpickled)."""
+        path = Path(path)
+        try:
+            d = load_tensors(path)
+        except Exception as e:  # a truncated or foreign file: say which, not a pickle trace
+            raise InputError(f"checkpoint {path} could not be read: {e}") from e
+        missing = {"step", "params", "optim", "rng", "history"} - set(d)
+        if missing:
+            raise InputError(f"checkpoint {path} lacks {sorted(missing)}: not a jointkl checkpoint")
+        rng = d["rng"]
+        if isinstance(rng, torch.Tensor):  # checkpoints written before rng became a dict
+            rng = {"torch": rng}
+        return cls(
+            step=int(d["step"]),
+            params=dict(d["params"]),
+            optim=d["optim"],
+            rng=dict(rng),
+            history=d["history"].tolist(),
+            extra=dict(d.get("extra", {})),
+        )
+
+    # ------------------------------------------------------------------ torch's RNG
+    @staticmethod
+    def torch_rng() -> dict[str, torch.Tensor]:
+        """The ``rng`` entry for torch's global generator, now."""
+        return {"torch": torch.get_rng_state()}
+
+    def restore_torch_rng(self) -> None:
+        """Put torch's global generator back where this state recorded it."""
+        if "torch" in self.rng:
+            torch.set_rng_state(self.rng["torch"])
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step-{int(step):08d}.pt"
+
+
+def load_params(store, params: Mapping[str, torch.Tensor]) -> None:
+    """Pour saved unconstrained values into Pyro's param store, in place (so ``nn.Module``
+    parameters registered with ``pyro.module`` stay linked to their modules)."""
+    current = store.get_state()["params"]
+    missing = sorted(set(params) - set(current))
+    if missing:
+        raise InputError(f"checkpoint has params the model/guide did not create: {missing}")
+    with torch.no_grad():
+        for k, v in params.items():
+            current[k].copy_(v.to(current[k]))
+
+
+def check_checkpointing(owner: str, every: Any, folder: Any, resume: bool) -> None:
+    """The checkpoint settings every iterative engine shares: a positive whole
+    ``checkpoint_every``, and a ``checkpoint_dir`` whenever checkpoints are written or read."""
+    if every is not None:
+        if (
+            not isinstance(every, (int, float))
+            or isinstance(every, bool)
+            or not float(every).is_integer()
+            or every <= 0
+        ):
+            raise InputError(f"{owner}: checkpoint_every must be a positive int, got {every!r}")
+        if folder is None:
+            raise InputError(f"{owner}: checkpoint_every needs checkpoint_dir")
+    if resume and folder is None:
+        raise InputError(f"{owner}: resume=True needs checkpoint_dir")
