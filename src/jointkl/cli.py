@@ -56,6 +56,17 @@ def _params_of(obj: Any) -> set[str]:
     return {n for n, p in sig.parameters.items() if n != "self" and p.kind != p.VAR_KEYWORD}
 
 
+def _planned_steps(engine_cls: type, engine_kw: dict[str, Any]) -> int:
+    """How many steps a run of ``engine_cls`` with ``engine_kw`` takes (for the default
+    checkpoint interval): ``steps``, or ``warmup + num_samples`` for a sampler."""
+    params = inspect.signature(engine_cls).parameters
+
+    def value(key: str) -> int:
+        return int(engine_kw.get(key, params[key].default if key in params else 0) or 0)
+
+    return max(1, value("steps") or value("warmup") + value("num_samples"))
+
+
 def route_settings(
     settings: dict[str, Any], model_cls: type | None, engine_cls: type
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -126,8 +137,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         engine_kw.setdefault("seed", args.seed)
     if "checkpoint_dir" in engine_params:
         engine_kw.setdefault("checkpoint_dir", str(run.checkpoints))
-        steps = engine_kw.get("steps") or inspect.signature(engine_cls).parameters["steps"].default
-        engine_kw.setdefault("checkpoint_every", max(1, int(steps) // 10))
+        engine_kw.setdefault(
+            "checkpoint_every", max(1, _planned_steps(engine_cls, engine_kw) // 10)
+        )
         engine_kw.setdefault("resume", bool(args.resume))
     elif args.resume:
         raise InputError(f"engine {args.engine!r} does not checkpoint; --resume is for svi")
