@@ -1,8 +1,9 @@
-"""The engines (import name ``jointkl.inference``)."""
+"""The engines (import name ``jointkl.inference``): EM, SVI, NCE and Langevin, each an
+:class:`~jointkl.engine.Engine` registered under its short name."""
 
-from jointkl.inference.em import EM  # noqa: F401
-from jointkl.inference.langevin import Langevin  # noqa: F401
-from jointkl.inference.nce import NCE  # noqa: F401
+from jointkl.inference.em import EM
+from jointkl.inference.langevin import Langevin
+from jointkl.inference.nce import NCE
 from jointkl.inference.svi import SVI
 
-__all__ = ["SVI"]
+__all__ = ["EM", "SVI", "NCE", "Langevin"]
