@@ -10,8 +10,9 @@ classification: each datum (label 1) meets ν samples of a noise q (label 0), an
 with γ a trainable estimate of log Z. The loss is −E_data log σ(·) − ν E_noise log(1 − σ(·));
 its optimum has e^{G−γ} = p̃, so γ → log Z and θ → the maximum-likelihood fit, with the
 efficiency of maximum likelihood approached as ν grows (Gutmann & Hyvärinen 2012). In the
-joint-KL picture of DESIGN.md this is maximum likelihood on the joint of (x, label) under the
-data+noise mixture, a proper KL with a normalised model even though G is not.
+joint-KL picture (fitting a model's joint to the data's by a KL) this is maximum likelihood
+on the joint of (x, label) under the data+noise mixture: a proper KL with a normalised model
+even though G is not.
 
 Two relatives share the machinery:
 
@@ -35,9 +36,9 @@ its expectation, and a pair that can score all (context, candidate) pairs at onc
 (``pair.candidate_scores``) turns the noise scores into one (B, d) @ (d, ν) product that
 touches ν + B output rows instead of B(1 + ν).
 
-The whole progress of a stochastic fit is one :class:`NCEState` (params and γ, optimiser
-state, torch's RNG, step, history), saved as a checkpoint and poured back in to resume
-exactly; the batch order is a function of (seed, step) alone.
+The whole progress of a stochastic fit is one :class:`~jointkl.checkpoint.LoopState` (params
+and γ, optimiser state, torch's RNG, step, history), saved as a checkpoint and poured back in
+to resume exactly; the batch order is a function of (seed, step) alone.
 """
 
 from __future__ import annotations
@@ -47,31 +48,42 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
-from jointkl.inference.svi import (  # one optimiser table, one checkpoint format
-    TORCH_OPTIMS,
-    SVIState,
-    _latest_checkpoint,
-    _load_params,
-    check_checkpointing,
-)
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from jointkl.engine import Engine, recreate_params, register_engine
+from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint, load_params
+from jointkl.engine import Engine, Result, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
-from jointkl.pair import as_pair
+from jointkl.minibatch import BatchOrder, slice_arguments, sliceable_arguments
+from jointkl.optim import optim_class
+from jointkl.optim.gradients import grad_norm, grads_finite
+from jointkl.optim.loop import StepLoop
+from jointkl.optim.sparse import SparseAwareOptimizer
+from jointkl.settings import (
+    Settings,
+    boolean,
+    function,
+    integer,
+    is_number,
+    one_of,
+    optional,
+    path_or_none,
+    positive_float,
+    positive_int,
+    setting,
+)
 from jointkl.sites import DATA_PLATE
+from jointkl.zoo import hook
 
-__all__ = ["NCE", "NCEState", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
+__all__ = ["NCE", "NCESettings", "NoiseModel", "nce_loss", "pointwise_log_density", "resolve_noise"]
 
 VARIANTS = ("binary", "ranking", "negative-sampling")
 _UNIGRAM = re.compile(r"^unigram(?:\^(\d+(?:\.\d*)?|\.\d+))?$")
@@ -324,11 +336,11 @@ def _check_support(
     noise: NoiseModel, x: torch.Tensor, ctx_args: tuple, ctx_kwargs: Mapping[str, Any]
 ) -> None:
     n = len(x)
-    per_args, per_kwargs = _per_datum(ctx_args, ctx_kwargs, n)
+    per_datum = sliceable_arguments(ctx_args, ctx_kwargs, n)
     with torch.no_grad():
         for lo in range(0, n, _CHUNK):
             idx = slice(lo, min(n, lo + _CHUNK))
-            a, k = _take(ctx_args, ctx_kwargs, per_args, per_kwargs, idx)
+            a, k = slice_arguments(ctx_args, ctx_kwargs, per_datum, idx)
             xb = x[idx]
             try:
                 d = noise._dist(a, k)
@@ -365,25 +377,6 @@ def _check_support(
 
 
 # ---------------------------------------------------------------------- batches
-def _per_datum(args: tuple, kwargs: Mapping[str, Any], n: int) -> tuple[set[int], set[str]]:
-    """Which arguments carry one row per datum (a tensor whose first dim is N)."""
-
-    def per_point(a: Any) -> bool:
-        return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
-
-    return (
-        {i for i, a in enumerate(args) if per_point(a)},
-        {k for k, a in kwargs.items() if per_point(a)},
-    )
-
-
-def _take(args, kwargs, per_args, per_kwargs, idx):
-    return (
-        tuple(a[idx] if i in per_args else a for i, a in enumerate(args)),
-        {k: (a[idx] if k in per_kwargs else a) for k, a in kwargs.items()},
-    )
-
-
 def _with_noise(args, kwargs, per_args, per_kwargs, y):
     """[x; noise] as the first argument, each context row repeated for its ν noise rows."""
     batch, nu = y.shape[:2]
@@ -399,27 +392,89 @@ def _with_noise(args, kwargs, per_args, per_kwargs, y):
     return (x_all, *rest), {k: (extend(a) if k in per_kwargs else a) for k, a in kwargs.items()}
 
 
-# ---------------------------------------------------------------------- the state
-@dataclass
-class NCEState(SVIState):
-    """Everything a stochastic NCE fit needs to continue exactly: one value, one checkpoint.
+# ---------------------------------------------------------------------- settings
+def _noise_setting(value: Any, where: str) -> Any:
+    """``None``, a noise name, a torch/Pyro distribution, or a per-context callable."""
+    if isinstance(value, str):
+        if value != "gaussian" and not _UNIGRAM.match(value):
+            raise InputError(
+                f"{where} must be 'gaussian', 'unigram', 'unigram^α', a distribution or a "
+                f"callable, got {value!r}"
+            )
+    elif value is not None and not (
+        isinstance(value, torch.distributions.Distribution) or callable(value)
+    ):
+        raise InputError(
+            f"{where} must be a name, a torch/Pyro distribution or a callable, got "
+            f"{type(value).__name__}"
+        )
+    return value
 
-    The fields (and ``save``/``load``) are :class:`~jointkl.inference.svi.SVIState`'s:
-    ``step`` (updates applied), ``params`` (unconstrained, by param-store name, plus γ under
-    ``"log_Z"`` when it is learned), ``optim`` (the optimisers' state dicts, sparse-row Adam
-    included), ``rng`` (torch's global RNG, which draws the noise) and ``history``. The batch
-    order needs no state: it is a function of (seed, step).
-    """
+
+def _log_z_setting(value: Any, where: str) -> str | float:
+    """``"learn"``, or a number (γ fixed there)."""
+    if value == "learn":
+        return value
+    if not is_number(value):
+        raise InputError(f"{where} must be 'learn' or a number, got {value!r}")
+    return float(value)
 
 
-def _batch_rows(step: int, n: int, size: int, seed: int, cache: dict) -> torch.Tensor:
-    """The data rows of step ``step``: epochs of seeded permutations, the last partial batch
-    of each epoch dropped (so every step has ``size`` rows)."""
-    epoch, j = divmod(step, n // size)
-    if cache.get("epoch") != epoch:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 1 + epoch)
-        cache.update(epoch=epoch, perm=torch.randperm(n, generator=gen))
-    return cache["perm"][j * size : (j + 1) * size]
+def _optim_setting(value: Any, where: str) -> str:
+    # L-BFGS runs its own loop, which passes step() a closure; the step loop passes none.
+    optim_class(value, "NCE", closure=value == "lbfgs")
+    return value
+
+
+@dataclass(frozen=True)
+class NCESettings(Settings):
+    """The settings of :class:`NCE` (see its docstring for each one)."""
+
+    owner: ClassVar[str] = "NCE"
+
+    noise: Any = setting(None, _noise_setting)
+    nu: int = setting(10, positive_int)
+    variant: str = setting("binary", one_of(*VARIANTS))
+    log_z: str | float = setting("learn", _log_z_setting)
+    optim: str = setting("adam", _optim_setting)
+    lr: float | None = setting(None, optional(positive_float))
+    steps: int = setting(1000, positive_int)
+    batch_size: int | None = setting(None, optional(positive_int))
+    shared_noise: bool | None = setting(None, optional(boolean))
+    clip_norm: float | None = setting(None, optional(positive_float))
+    seed: int = setting(0, integer)
+    checkpoint_every: int | None = setting(None, optional(positive_int))
+    checkpoint_dir: str | None = setting(None, path_or_none)
+    resume: bool = setting(False, boolean)
+    progress: bool = setting(True, boolean, json=False)
+    on_step: Callable[[int, float], None] | None = setting(None, optional(function), json=False)
+
+    def validate(self) -> None:
+        check_checkpointing(self.owner, self.checkpoint_every, self.checkpoint_dir, self.resume)
+        lbfgs = self.optim == "lbfgs"
+        if self.shared_noise and lbfgs:
+            self.fail(
+                "shared_noise=True with optim='lbfgs' would draw only ν noise points for the "
+                "whole fit (L-BFGS draws its noise once); use a stochastic optimiser"
+            )
+        if self.resume and lbfgs:
+            self.fail(
+                "resume needs a stochastic optimiser; an L-BFGS solve is one call with no "
+                "checkpoints"
+            )
+        if lbfgs and self.batch_size is not None:
+            self.fail(
+                "optim='lbfgs' works on the full batch with noise drawn once (a deterministic "
+                "objective); drop batch_size or pick a stochastic optimiser"
+            )
+        if self.lr is None:  # L-BFGS's line search starts from a unit step
+            object.__setattr__(self, "lr", 1.0 if lbfgs else 0.01)
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        if self.noise is not None and not isinstance(self.noise, str):
+            out["noise"] = _describe(self.noise)
+        return out
 
 
 # ---------------------------------------------------------------------- the engine
@@ -440,10 +495,11 @@ class NCE(Engine):
         Z cancels) or ``"negative-sampling"`` (word2vec: γ = 0, no log(ν q) term).
     :param log_z: ``"learn"`` (γ is a parameter, recorded as ``log_Z``), or a number to fix γ
         (0 gives the self-normalised NCE of Mnih & Teh 2012). Binary variant only.
-    :param optim: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``, a
-        :mod:`jointkl.optim` integrator name (fresh noise every step, mini-batches), or
-        ``"lbfgs"`` (full batch, noise drawn once: the deterministic objective of the
-        original NCE, solved to a tight optimum).
+    :param optim: an optimiser name of :data:`jointkl.optim.OPTIM_CLASSES` (``"adam"``,
+        ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``, ``"clippedadam"`` or a
+        :mod:`jointkl.optim` integrator, whose step size ε is ``lr``: fresh noise every step,
+        mini-batches), or ``"lbfgs"`` (full batch, noise drawn once: the deterministic
+        objective of the original NCE, solved to a tight optimum).
     :param lr: step size; ``None`` gives 1.0 for L-BFGS and 0.01 otherwise.
     :param int steps: gradient steps (L-BFGS: the iteration limit).
     :param batch_size: data per step (each with ν noise samples); ``None`` for full batch.
@@ -457,8 +513,8 @@ class NCE(Engine):
         rows, as per-datum noise is.
     :param clip_norm: clip the global gradient norm (``None``: no clipping).
     :param int seed: the one seed for parameter initialisation, noise and batch order.
-    :param checkpoint_every: save an :class:`NCEState` every N steps into ``checkpoint_dir``
-        (stochastic optimisers; an L-BFGS solve writes none).
+    :param checkpoint_every: save the :class:`~jointkl.checkpoint.LoopState` every N steps
+        into ``checkpoint_dir`` (stochastic optimisers; an L-BFGS solve writes none).
     :param checkpoint_dir: folder for ``step-XXXXXXXX.pt`` checkpoints; the state is also
         saved when the fit ends, is interrupted, or stops on a NaN/inf (the last good state).
     :param bool resume: continue from the latest checkpoint in ``checkpoint_dir`` if any; the
@@ -470,119 +526,51 @@ class NCE(Engine):
 
     name = "nce"
     description = "noise-contrastive estimation: unnormalised models, log Z learned (no latents)"
-
-    def __init__(
-        self,
-        noise: Any = None,
-        nu: int = 10,
-        variant: str = "binary",
-        log_z: str | float = "learn",
-        optim: str = "adam",
-        lr: float | None = None,
-        steps: int = 1000,
-        batch_size: int | None = None,
-        shared_noise: bool | None = None,
-        clip_norm: float | None = None,
-        seed: int = 0,
-        checkpoint_every: int | None = None,
-        checkpoint_dir: str | Path | None = None,
-        resume: bool = False,
-        progress: bool = True,
-        on_step: Callable[[int, float], None] | None = None,
-    ):
-        if variant not in VARIANTS:
-            raise InputError(f"NCE: variant must be one of {VARIANTS}, got {variant!r}")
-        if isinstance(noise, str):
-            if noise != "gaussian" and not _UNIGRAM.match(noise):
-                raise InputError(
-                    f"NCE: noise must be 'gaussian', 'unigram', 'unigram^α', a distribution or "
-                    f"a callable, got {noise!r}"
-                )
-        elif noise is not None and not (
-            isinstance(noise, torch.distributions.Distribution) or callable(noise)
-        ):
-            raise InputError(
-                f"NCE: noise must be a name, a torch/Pyro distribution or a callable, got "
-                f"{type(noise).__name__}"
-            )
-        _check_positive("nu", nu, int)
-        _check_positive("steps", steps, int)
-        if lr is not None:
-            _check_positive("lr", lr, float)
-        if batch_size is not None:
-            _check_positive("batch_size", batch_size, int)
-        if clip_norm is not None:
-            _check_positive("clip_norm", clip_norm, float)
-        if shared_noise not in (None, True, False):
-            raise InputError(f"NCE: shared_noise must be True, False or None, got {shared_noise!r}")
-        check_checkpointing("NCE", checkpoint_every, checkpoint_dir, resume)
-        if shared_noise and optim == "lbfgs":
-            raise InputError(
-                "NCE: shared_noise=True with optim='lbfgs' would draw only ν noise points for "
-                "the whole fit (L-BFGS draws its noise once); use a stochastic optimiser"
-            )
-        if resume and optim == "lbfgs":
-            raise InputError(
-                "NCE: resume needs a stochastic optimiser; an L-BFGS solve is one call with no "
-                "checkpoints"
-            )
-        if not (log_z == "learn" or _is_number(log_z)):
-            raise InputError(f"NCE: log_z must be 'learn' or a number, got {log_z!r}")
-        optim_class(optim)  # validate the name now, not at the first step
-        if optim == "lbfgs" and batch_size is not None:
-            raise InputError(
-                "NCE: optim='lbfgs' works on the full batch with noise drawn once (a "
-                "deterministic objective); drop batch_size or pick a stochastic optimiser"
-            )
-        super().__init__(
-            noise=noise if isinstance(noise, str) or noise is None else _describe(noise),
-            nu=int(nu),
-            variant=variant,
-            log_z=log_z if log_z == "learn" else float(log_z),
-            optim=optim,
-            lr=float(lr) if lr is not None else (1.0 if optim == "lbfgs" else 0.01),
-            steps=int(steps),
-            batch_size=int(batch_size) if batch_size is not None else None,
-            shared_noise=shared_noise,
-            clip_norm=clip_norm,
-            seed=int(seed),
-            checkpoint_every=int(checkpoint_every) if checkpoint_every is not None else None,
-            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
-            resume=bool(resume),
-        )
-        self._noise_spec = noise
-        self.progress = progress
-        self.on_step = on_step
+    Settings = NCESettings
+    settings: NCESettings
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, pair: Any, *args: Any, **kwargs: Any) -> Fit:
-        """Fit ``pair.model(x, *context, **kwargs)`` to the data; returns a :class:`Fit`."""
-        pair = as_pair(pair)
-        cfg = self.config
-        x = _check_data(args, kwargs)
-        n, nu = len(x), cfg["nu"]
-        per_args, per_kwargs = _per_datum(args, kwargs, n)
+    def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """The skeleton's checks, after NCE's own: the first argument is the data tensor,
+        with at least one row."""
+        if not args or not isinstance(args[0], torch.Tensor):
+            got = type(args[0]).__name__ if args else "nothing"
+            raise InputError(
+                f"NCE: the first model argument must be the data tensor (one row per datum), "
+                f"got {got}"
+            )
+        if args[0].dim() == 0 or len(args[0]) == 0:
+            raise InputError(
+                f"NCE: the data must have at least one row, got shape {tuple(args[0].shape)}"
+            )
+        return super().bind_data(pair, args, kwargs)
+
+    def run(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> Result:
+        """Fit ``pair.model(x, *context, **kwargs)`` to the bound data."""
+        s = self.settings
+        x = args[0]
+        n, nu = len(x), s.nu
+        per_args, per_kwargs = sliceable_arguments(args, kwargs, n)
         ctx = (args[1:], kwargs)
         ctx_per = ({i - 1 for i in per_args if i > 0}, per_kwargs)
-        spec = self._noise_spec
+        spec = s.noise
         if spec is None:
             spec = "gaussian" if x.dtype.is_floating_point else "unigram^0.75"
         noise = resolve_noise(spec, x, *ctx)
-        hook = getattr(pair, "candidate_scores", None)
-        shared = cfg["shared_noise"]
+        scores = hook(pair, "candidate_scores")
+        shared = s.shared_noise
         if shared is None:
             # L-BFGS draws its noise once for the whole fit: sharing would leave ν draws in all.
-            shared = hook is not None and not noise.conditional and cfg["optim"] != "lbfgs"
+            shared = scores is not None and not noise.conditional and s.optim != "lbfgs"
         elif shared and noise.conditional:
             raise InputError(
                 f"NCE: shared_noise=True needs noise that ignores the context; the noise "
                 f"{noise.description!r} is per context (use shared_noise=False)"
             )
         if not shared:
-            hook = None  # per-datum draws are scored by the model, row by row
+            scores = None  # per-datum draws are scored by the model, row by row
 
         pyro.clear_param_store()
-        pyro.set_rng_seed(cfg["seed"])
         model = pair.model
 
         def batch_terms(idx, drawn=None):
@@ -591,12 +579,14 @@ class NCE(Engine):
             ``drawn``: a fixed (y, log q(y), log q(x)) to reuse (L-BFGS), else fresh noise.
             """
             b_args, b_kwargs = (
-                (args, kwargs) if idx is None else _take(args, kwargs, per_args, per_kwargs, idx)
+                (args, kwargs)
+                if idx is None
+                else slice_arguments(args, kwargs, (per_args, per_kwargs), idx)
             )
             b = len(b_args[0])
             if drawn is None:
                 # the context alone feeds per-context noise
-                c_args, c_kwargs = ctx if idx is None else _take(*ctx, *ctx_per, idx)
+                c_args, c_kwargs = ctx if idx is None else slice_arguments(*ctx, ctx_per, idx)
                 with torch.no_grad():
                     if shared:
                         y, logq_n = noise.sample_shared(nu)  # (ν, ...), (ν,)
@@ -604,10 +594,10 @@ class NCE(Engine):
                         y, logq_n = noise.sample(b, nu, c_args, c_kwargs)  # (B, ν, ...)
                     drawn = (y, logq_n, noise.log_prob(b_args[0], c_args, c_kwargs))
             y, logq_n, logq_d = drawn
-            if hook is not None:
+            if scores is not None:
                 # Shared draws, scored for every context at once: (B, ν), ν + B rows touched.
                 g_d, global_term = pointwise_log_density(model, b_args, b_kwargs, b)
-                g_n = hook(y.to(x.dtype), *b_args[1:], **b_kwargs)
+                g_n = scores(y.to(x.dtype), *b_args[1:], **b_kwargs)
                 return g_d, g_n, logq_d, logq_n, global_term, drawn
             rows = y.expand(b, *y.shape) if shared else y  # shared: every datum sees all ν
             j_args, j_kwargs = _with_noise(b_args, b_kwargs, per_args, per_kwargs, rows)
@@ -616,7 +606,7 @@ class NCE(Engine):
 
         # One pass creates the model's params and seeds γ at the importance-sampling estimate
         # log Z ≈ log mean_j e^{G(y_j) − log q(y_j)}, y_j ~ q: near the optimum from step 0.
-        first_idx = None if cfg["batch_size"] is None else torch.arange(min(n, cfg["batch_size"]))
+        first_idx = None if s.batch_size is None else torch.arange(min(n, s.batch_size))
         with torch.no_grad():
             try:
                 _, g_n, _, logq_n, _, _ = batch_terms(first_idx)
@@ -631,12 +621,12 @@ class NCE(Engine):
                 ) from e
             w = (g_n - logq_n).reshape(-1)
             log_z0 = float(torch.logsumexp(w, 0) - math.log(w.numel()))
-            if hook is not None:
-                _check_candidate_scores(hook, model, args, kwargs, per_args, per_kwargs)
+            if scores is not None:
+                _check_candidate_scores(scores, model, args, kwargs, (per_args, per_kwargs))
         if not math.isfinite(log_z0):
             log_z0 = 0.0
-        learn_z = cfg["variant"] == "binary" and cfg["log_z"] == "learn"
-        fixed_z = cfg["log_z"] if _is_number(cfg["log_z"]) else 0.0
+        learn_z = s.variant == "binary" and s.log_z == "learn"
+        fixed_z = s.log_z if is_number(s.log_z) else 0.0
         gamma = torch.tensor(log_z0 if learn_z else fixed_z, dtype=_float_dtype(x))
         gamma.requires_grad_(learn_z)
         store = pyro.get_param_store()
@@ -648,7 +638,7 @@ class NCE(Engine):
 
         def objective(parts):
             g_d, g_n, lq_d, lq_n, global_term, _ = parts
-            per = nce_loss(g_d, g_n, lq_d, lq_n, cfg["variant"], gamma)
+            per = nce_loss(g_d, g_n, lq_d, lq_n, s.variant, gamma)
             # Sites outside the data plate (a prior on θ) enter once per data set: −log p(θ)/N
             # per datum, the MAP analogue of the NCE objective.
             return per.mean() - global_term / n
@@ -657,7 +647,7 @@ class NCE(Engine):
         # The first pass above ran with Pyro's validation (the model's sites checked the
         # data and the noise); the loop skips those per-step support checks.
         with pyro.validation_enabled(False):
-            if cfg["optim"] == "lbfgs":
+            if s.optim == "lbfgs":
                 history, n_iter, converged, reason = self._run_lbfgs(params, batch_terms, objective)
             else:
                 history, n_iter, converged, reason = self._run_stochastic(
@@ -672,17 +662,15 @@ class NCE(Engine):
             "data_size": n,
             "noise": noise.description,
             "shared_noise": bool(shared),
-            "noise_scores": "candidate_scores" if hook is not None else "model",
+            "noise_scores": "candidate_scores" if scores is not None else "model",
         }
         if learn_z:
             out["log_Z"] = gamma.detach().clone()
-        elif cfg["variant"] == "binary":
+        elif s.variant == "binary":
             info["log_Z"] = f"fixed at {fixed_z}"
         else:
-            info["log_Z"] = f"not estimated: the {cfg['variant']} loss does not identify it"
-        return Fit(
-            engine=self.name,
-            config=dict(cfg),
+            info["log_Z"] = f"not estimated: the {s.variant} loss does not identify it"
+        return Result(
             params=out,
             history=history,
             objective="loss",
@@ -690,24 +678,23 @@ class NCE(Engine):
             n_iter=n_iter,
             state={f"param:{k}": v.detach().clone() for k, v in store.named_parameters()},
             info=info,
-            model_spec=pair.spec() if hasattr(pair, "spec") else None,
-            pair=pair,
-            args=args,
-            kwargs=kwargs,
         )
 
     def _run_stochastic(self, params, gamma, batch_terms, objective, n):
-        """The step loop; its whole progress is one :class:`NCEState`, checkpointed and
-        resumed when ``checkpoint_dir`` is set. ``gamma``: the learned γ, or ``None``."""
-        cfg = self.config
+        """The step loop; its whole progress is one LoopState, checkpointed and resumed when
+        ``checkpoint_dir`` is set. ``gamma``: the learned γ, or ``None``."""
+        s = self.settings
         store = pyro.get_param_store()
-        opt = _Stepper(cfg["optim"], cfg["lr"], params)
-        bsz = cfg["batch_size"]
-        ckdir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else None
-        state = NCEState(0, {}, {}, torch.get_rng_state(), [])
-        latest = _latest_checkpoint(ckdir) if cfg["resume"] and ckdir else None
+        opt = SparseAwareOptimizer(s.optim, s.lr, params, owner="NCE")
+        # Every step has batch_size rows (the epoch's last partial batch is dropped); stream 1
+        # keeps the order apart from other users of the same seed.
+        order = None
+        if s.batch_size is not None and s.batch_size < n:
+            order = BatchOrder(n, s.batch_size, s.seed, drop_last=True, stream=1)
+        state = LoopState(0)
+        latest = latest_checkpoint(s.checkpoint_dir) if s.resume else None
         if latest is not None:
-            state = NCEState.load(latest)
+            state = LoopState.load(latest)
             saved = dict(state.params)
             log_z = saved.pop("log_Z", None)
             if (log_z is None) != (gamma is None):
@@ -716,90 +703,65 @@ class NCE(Engine):
                     f"{'did not learn' if log_z is None else 'learned'} log Z; this one "
                     f"{'does' if log_z is None else 'does not'}: resume with the same settings"
                 )
-            _load_params(store, saved)
+            load_params(store, saved)
             if gamma is not None:
                 with torch.no_grad():
                     gamma.copy_(log_z)
             opt.load_state_dict(state.optim)
-            torch.set_rng_state(state.rng)
-        history = state.history
+            state.restore_torch_rng()
+        # The live tensors the optimiser moves: the model's unconstrained params, and γ.
+        state.params = dict(store.named_parameters())
+        if gamma is not None:
+            state.params["log_Z"] = gamma
 
-        def checkpoint(completed: int) -> None:
-            values = {k: v.detach().clone() for k, v in store.get_state()["params"].items()}
-            if gamma is not None:
-                values["log_Z"] = gamma.detach().clone()
-            snapshot = NCEState(completed, values, opt.state_dict(), torch.get_rng_state(), history)
-            snapshot.save(ckdir / f"step-{completed:08d}.pt")
+        def save() -> None:
+            state.optim = opt.state_dict()
+            state.rng = LoopState.torch_rng()
+            state.save(s.checkpoint_dir)
 
-        reason = "max steps"
-        bar = tqdm(
-            range(state.step, cfg["steps"]),
-            disable=not self.progress,
-            desc="nce",
-            initial=state.step,
-            total=cfg["steps"],
-        )
-        smooth = None
-        completed = state.step  # steps whose update has been applied
-        rows: dict = {}  # the current epoch's permutation
-        try:
-            for step in bar:
-                idx = None
-                if bsz is not None and bsz < n:
-                    idx = _batch_rows(step, n, bsz, cfg["seed"], rows)
-                loss = objective(batch_terms(idx))
-                value = float(loss.detach())
+        def step(i: int) -> float:
+            loss = objective(batch_terms(None if order is None else order.indices(i)))
+            value = float(loss.detach())
+            opt.zero_grad()
+            if math.isfinite(value):
+                loss.backward()
+            if not (math.isfinite(value) and grads_finite(params)):
                 opt.zero_grad()
-                if math.isfinite(value):
-                    loss.backward()
-                # One reduction per gradient: any NaN/inf entry makes the norm non-finite.
-                norm = _grad_norm(params)
-                if not (math.isfinite(value) and math.isfinite(norm)):
-                    opt.zero_grad()
-                    raise FitDivergedError(
-                        f"NCE: non-finite loss or gradient at step {step} (loss={value}); no "
-                        f"update was applied (parameters as after step {step - 1}); lower lr "
-                        "or set clip_norm"
-                    )
-                if cfg["clip_norm"] is not None:
-                    norm = _grad_norm(params, exact=True)
-                if cfg["clip_norm"] is not None and norm > cfg["clip_norm"]:
+                raise FitDivergedError(
+                    f"NCE: non-finite loss or gradient at step {i} (loss={value}); no update "
+                    f"was applied (parameters as after step {i - 1}); lower lr or set clip_norm"
+                )
+            if s.clip_norm is not None:
+                norm = grad_norm(params)
+                if norm > s.clip_norm:
                     for p in params:
                         if p.grad is not None:
-                            p.grad.mul_(cfg["clip_norm"] / norm)
-                opt.step()
-                history.append(value)
-                completed = step + 1
-                smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-                if self.progress and step % 10 == 0:
-                    bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
-                if ckdir is not None and cfg["checkpoint_every"]:
-                    if completed % cfg["checkpoint_every"] == 0:
-                        checkpoint(completed)
-                if self.on_step is not None:
-                    self.on_step(step, value)
-        except KeyboardInterrupt:
-            reason = f"interrupted after step {completed}"
-        except FitDivergedError:
-            if ckdir is not None and completed > 0:
-                checkpoint(completed)  # the last good state: the bad step applied nothing
-            raise
-        finally:
-            bar.close()
-        if ckdir is not None:
-            checkpoint(completed)
-        return history, completed, False, reason
+                            p.grad.mul_(s.clip_norm / norm)
+            opt.step()
+            return value
+
+        loop = StepLoop(
+            steps=s.steps,
+            save=save if s.checkpoint_dir is not None else None,
+            checkpoint_every=s.checkpoint_every,
+            on_step=s.on_step,
+            progress=s.progress,
+            desc="nce",
+            smoothing=0.05,
+        )
+        converged, reason = loop.run(state, step)
+        return state.history, state.step, converged, reason
 
     def _run_lbfgs(self, params, batch_terms, objective):
-        cfg = self.config
+        s = self.settings
         with torch.no_grad():
             fixed = batch_terms(None)  # the noise sample of the whole fit: drawn once
         drawn = fixed[5]
         opt = torch.optim.LBFGS(
             params,
-            lr=cfg["lr"],
-            max_iter=cfg["steps"],
-            max_eval=cfg["steps"] * 5 // 4 + 10,
+            lr=s.lr,
+            max_iter=s.steps,
+            max_eval=s.steps * 5 // 4 + 10,
             # torch's defaults: stop when the gradient's largest entry or the change in
             # loss/parameters falls to round-off level for a loss of order one.
             tolerance_grad=1e-7,
@@ -809,7 +771,7 @@ class NCE(Engine):
         )
         history: list[float] = []
         good = [p.detach().clone() for p in params]
-        bar = tqdm(disable=not self.progress, desc="nce (lbfgs evaluations)")
+        bar = tqdm(disable=not s.progress, desc="nce (lbfgs evaluations)")
 
         def closure():
             opt.zero_grad(set_to_none=True)
@@ -825,10 +787,10 @@ class NCE(Engine):
                 g.copy_(p.detach())
             history.append(value)
             bar.update(1)
-            if self.progress:
+            if s.progress:
                 bar.set_postfix(loss=f"{value:.6g}")
-            if self.on_step is not None:
-                self.on_step(len(history) - 1, value)
+            if s.on_step is not None:
+                s.on_step(len(history) - 1, value)
             return loss
 
         reason = "converged"
@@ -844,7 +806,7 @@ class NCE(Engine):
         finally:
             bar.close()
         n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
-        converged = reason == "converged" and n_iter < cfg["steps"]
+        converged = reason == "converged" and n_iter < s.steps
         if reason == "converged" and not converged:
             reason = "max steps"
         return history, n_iter, converged, reason
@@ -855,13 +817,7 @@ class NCE(Engine):
         """Recreate the fit's parameters in Pyro's param store (γ is not a model param)."""
         recreate_params(fit.pair.model, args=fit.args, kwargs=fit.kwargs)
         saved = {k.removeprefix("param:"): v for k, v in fit.state.items()}
-        current = dict(pyro.get_param_store().named_parameters())
-        missing = sorted(set(saved) - set(current))
-        if missing:
-            raise InputError(f"NCE fit has params the model did not create: {missing}")
-        with torch.no_grad():
-            for k, v in saved.items():
-                current[k].copy_(v.to(current[k]))  # in place: nn.Module params stay linked
+        load_params(pyro.get_param_store(), saved)
 
     @classmethod
     def log_density_offset(cls, fit: Fit) -> float:
@@ -870,14 +826,14 @@ class NCE(Engine):
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_candidate_scores(hook, model, args, kwargs, per_args, per_kwargs, rows: int = 16):
+def _check_candidate_scores(scores, model, args, kwargs, per_datum, rows: int = 16):
     """Refuse a ``candidate_scores`` hook that does not agree with the model: scoring the
     first rows' own data as candidates must give the model's G on its diagonal."""
     idx = torch.arange(min(rows, len(args[0])))
-    b_args, b_kwargs = _take(args, kwargs, per_args, per_kwargs, idx)
+    b_args, b_kwargs = slice_arguments(args, kwargs, per_datum, idx)
     g_model, _ = pointwise_log_density(model, b_args, b_kwargs, len(idx))
     try:
-        g_hook = hook(b_args[0], *b_args[1:], **b_kwargs)
+        g_hook = scores(b_args[0], *b_args[1:], **b_kwargs)
     except (TypeError, ValueError, RuntimeError, IndexError) as e:
         raise InputError(
             f"NCE: pair.candidate_scores(candidates, *context) failed on the data: "
@@ -899,170 +855,7 @@ def _check_candidate_scores(hook, model, args, kwargs, per_args, per_kwargs, row
         )
 
 
-class _Stepper:
-    """The optimiser(s) of a stochastic fit, built at the first step once gradients exist.
-
-    Parameters whose gradients arrive sparse (embedding rows looked up with ``sparse=True``,
-    as in a large-vocabulary model) are stepped row-wise: ``sgd`` and ``adagrad`` take sparse
-    gradients natively; ``adam``/``adamw`` hand them to :class:`LazyAdam` (Adam on the rows a
-    batch touched). A dense step would cost O(V·d) per step and
-    undo what NCE saves by never touching the other V − ν rows.
-    """
-
-    SPARSE_OK = ("sgd", "adagrad")
-
-    def __init__(self, name: str, lr: float, params: list[torch.Tensor]):
-        self.name, self.lr, self.params = name, lr, params
-        self.optims: list[torch.optim.Optimizer] | None = None
-        self.pending: dict[str, Any] | None = None  # state to load once the optims exist
-
-    def _build(self) -> None:
-        sparse = [p for p in self.params if p.grad is not None and p.grad.is_sparse]
-        dense = [p for p in self.params if not (p.grad is not None and p.grad.is_sparse)]
-        cls = optim_class(self.name)
-        if not sparse or self.name in self.SPARSE_OK:
-            self.optims = [cls(self.params, lr=self.lr)]
-            return
-        if self.name not in ("adam", "adamw"):
-            raise InputError(
-                f"NCE: optim={self.name!r} cannot step the sparse gradients of this model's "
-                "embeddings; use adam, sgd or adagrad"
-            )
-        self.optims = [LazyAdam(sparse, lr=self.lr)]
-        if dense:
-            self.optims.append(cls(dense, lr=self.lr))
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        if self.optims is None:
-            self._build()
-            if self.pending:  # a resumed fit: the optimisers exist only now
-                for o, sd in zip(self.optims, self.pending["optims"], strict=True):
-                    o.load_state_dict(sd)
-            self.pending = None
-        for o in self.optims:
-            o.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimisers' state dicts (empty before the first step)."""
-        if self.optims is None:
-            return dict(self.pending or {})
-        return {"optims": [o.state_dict() for o in self.optims]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Pour in :meth:`state_dict`'s value; applied when the optimisers are built."""
-        if self.optims is not None:
-            raise RuntimeError("_Stepper.load_state_dict must come before the first step")
-        self.pending = dict(state) if state else None
-
-
-class LazyAdam(torch.optim.Optimizer):
-    """Adam on the rows a sparse gradient touches: torch's ``SparseAdam`` update, with one
-    coalesce per parameter and row gathers/scatters instead of sparse-dense arithmetic.
-
-    For the touched rows r, with t the step count: m_r ← β₁ m_r + (1 − β₁) g_r,
-    v_r ← β₂ v_r + (1 − β₂) g_r², θ_r ← θ_r − lr · (m_r / (1 − β₁ᵗ)) / (√(v_r / (1 − β₂ᵗ)) + ε).
-    Rows a step does not touch keep their moments and values ("lazy" Adam).
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.coalesce() if p.grad.is_sparse else p.grad.to_sparse(1).coalesce()
-                rows, vals = g._indices()[0], g._values()
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                m = st["exp_avg"].index_select(0, rows).lerp_(vals, 1 - b1)
-                v = (
-                    st["exp_avg_sq"]
-                    .index_select(0, rows)
-                    .mul_(b2)
-                    .addcmul_(vals, vals, value=1 - b2)
-                )
-                st["exp_avg"].index_copy_(0, rows, m)
-                st["exp_avg_sq"].index_copy_(0, rows, v)
-                t = st["step"]
-                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
-                p.index_add_(0, rows, m.div_(denom), alpha=-group["lr"] / (1 - b1**t))
-
-
-def _grad_norm(params: list[torch.Tensor], exact: bool = False) -> float:
-    """The global L2 norm of the gradients. A sparse gradient's stored values may repeat a row
-    (uncoalesced): their norm is finite exactly when the true one is, which is all the
-    divergence check needs; ``exact=True`` coalesces first (for clipping)."""
-    total = 0.0
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            g = g.coalesce()._values() if exact else g._values()
-        total += float(torch.linalg.vector_norm(g)) ** 2
-    return math.sqrt(total)
-
-
-def optim_class(name: str) -> type[torch.optim.Optimizer]:
-    """The torch optimiser class for an engine's ``optim`` name."""
-    if name == "lbfgs":
-        return torch.optim.LBFGS
-    if name in TORCH_OPTIMS:
-        return TORCH_OPTIMS[name]
-    try:
-        from jointkl.optim import OPTIMIZERS
-    except ImportError:
-        OPTIMIZERS = {}
-    if isinstance(name, str) and name in OPTIMIZERS:
-        return OPTIMIZERS[name]
-    known = sorted([*TORCH_OPTIMS, "lbfgs", *OPTIMIZERS])
-    raise InputError(f"NCE: unknown optim {name!r}; known: {', '.join(known)}")
-
-
-def _check_positive(name: str, value: Any, kind: type) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok or not value > 0:
-        raise InputError(f"NCE: {name} must be a positive {kind.__name__}, got {value!r}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _describe(noise: Any) -> str:
     if isinstance(noise, torch.distributions.Distribution):
         return type(noise).__name__
     return getattr(noise, "__name__", type(noise).__name__)
-
-
-def _check_data(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
-    if not args or not isinstance(args[0], torch.Tensor):
-        got = type(args[0]).__name__ if args else "nothing"
-        raise InputError(
-            f"NCE: the first model argument must be the data tensor (one row per datum), got {got}"
-        )
-    x = args[0]
-    if x.dim() == 0 or len(x) == 0:
-        raise InputError(f"NCE: the data must have at least one row, got shape {tuple(x.shape)}")
-    for where, a in [*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items()]:
-        if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
-            bad = ~torch.isfinite(a)
-            if bad.any():
-                raise InputError(
-                    f"NCE: data {where} has {int(bad.sum())} NaN/inf value(s); clean them first"
-                )
-    return x

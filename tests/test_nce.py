@@ -378,3 +378,14 @@ def test_skipgram_engine_defaults_are_nce_settings_with_mini_batches():
     engine = NCE(progress=False, **SkipGram.engine_defaults["nce"])
     (target, _), _ = SkipGram.default_data()
     assert engine.config["batch_size"] < len(target)
+
+
+def test_integrators_step_with_lr_as_their_step_size_and_closure_only_ones_are_refused():
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    fit = NCE(optim="heavyball", lr=0.05, steps=30, batch_size=100, progress=False).fit(
+        gaussian_energy, x
+    )
+    assert fit.config["optim"] == "heavyball" and fit.n_iter == 30
+    assert all(math.isfinite(h) for h in fit.history)
+    with pytest.raises(InputError, match="needs a closure"):
+        NCE(optim="heun")

@@ -1,4 +1,4 @@
-"""NCE checkpoints: the progress of a fit is one NCEState; an interrupted fit resumed from its
+"""NCE checkpoints: the progress of a fit is one LoopState; an interrupted fit resumed from its
 checkpoint gives the numbers of a fit that never stopped, and a NaN/inf keeps the last good
 state on disk."""
 
@@ -8,9 +8,9 @@ import pyro
 import pytest
 import torch
 from jointkl.inference import NCE
-from jointkl.inference.nce import NCEState
 from jointkl.models import EnergyModel, SkipGram
 
+from jointkl.checkpoint import LoopState
 from jointkl.errors import FitDivergedError, InputError
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
@@ -51,7 +51,7 @@ def test_interrupted_fit_resumes_exactly(tmp_path, case):
     whole = engine(tmp_path / "whole").fit(pair, *data)
     cut = engine(tmp_path / "cut", on_step=StopAt(16)).fit(pair, *data)
     assert cut.n_iter == 17 and "interrupted" in cut.info["stop_reason"]
-    saved = NCEState.load(tmp_path / "cut" / "step-00000017.pt")  # written on interruption
+    saved = LoopState.load(tmp_path / "cut" / "step-00000017.pt")  # written on interruption
     assert saved.step == 17 and saved.history == cut.history
     resumed = engine(tmp_path / "cut", resume=True).fit(pair, *data)
     assert resumed.n_iter == 30
@@ -60,9 +60,9 @@ def test_interrupted_fit_resumes_exactly(tmp_path, case):
     for k, v in whole.params.items():
         assert torch.equal(resumed.params[k], v), k
     # A fit that never stopped and one that did write the same final state.
-    a = NCEState.load(tmp_path / "whole" / "step-00000030.pt")
-    b = NCEState.load(tmp_path / "cut" / "step-00000030.pt")
-    assert a.history == b.history and torch.equal(a.rng, b.rng)
+    a = LoopState.load(tmp_path / "whole" / "step-00000030.pt")
+    b = LoopState.load(tmp_path / "cut" / "step-00000030.pt")
+    assert a.history == b.history and torch.equal(a.rng["torch"], b.rng["torch"])
 
 
 def test_non_finite_loss_keeps_the_last_good_state_on_disk(tmp_path):
@@ -79,7 +79,7 @@ def test_non_finite_loss_keeps_the_last_good_state_on_disk(tmp_path):
     )  # fmt: skip
     with pytest.raises(FitDivergedError, match="non-finite loss"):
         engine.fit(log_energy, x)
-    last = NCEState.load(sorted(tmp_path.glob("step-*.pt"))[-1])
+    last = LoopState.load(sorted(tmp_path.glob("step-*.pt"))[-1])
     assert last.step == 1 and len(last.history) == 1  # step 1 met the NaN
     # The bad step applied nothing: the store and the last checkpoint hold the same, finite θ.
     assert torch.isfinite(last.params["scale"]) and torch.isfinite(last.params["log_Z"])

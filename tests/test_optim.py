@@ -15,8 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jointkl.errors import InputError
+from jointkl.checkpoint import LoopState
+from jointkl.errors import FitDivergedError, InputError
 from jointkl.optim import (
+    OPTIM_CLASSES,
     OPTIMIZERS,
     AdaptiveFlow,
     GradientFlow,
@@ -24,9 +26,13 @@ from jointkl.optim import (
     Heun,
     Nesterov,
     heavyball_settings,
+    optim_class,
     pyro_optim,
     sgd_settings,
 )
+from jointkl.optim.gradients import grad_norm, grads_finite
+from jointkl.optim.loop import StepLoop
+from jointkl.optim.sparse import LazyAdam, SparseAwareOptimizer
 
 DIM = 10
 F64 = torch.float64
@@ -347,3 +353,91 @@ def test_pyro_optim_drives_svi_to_the_conjugate_posterior(name, settings_):
         svi.step(data)
     expected = (data.sum() / (len(data) + 1)).item()
     assert pyro.param("loc").item() == pytest.approx(expected, abs=1e-3)
+
+
+# ---------------------------------------------------------------------- the engines' name table
+def test_one_optimiser_table_for_every_engine():
+    assert set(OPTIMIZERS) <= set(OPTIM_CLASSES)
+    assert optim_class("adam", "E") is torch.optim.Adam
+    assert optim_class("heavyball", "E") is HeavyBall
+    with pytest.raises(InputError, match=r"E: unknown optim 'adamax9'; known: adagrad, adam,"):
+        optim_class("adamax9", "E")
+    for name in ("heun", "lbfgs"):  # a loop without closures cannot run them
+        with pytest.raises(InputError, match=f"E: optim '{name}' needs a closure"):
+            optim_class(name, "E")
+        assert optim_class(name, "E", closure=True) is OPTIM_CLASSES[name]
+
+
+# ---------------------------------------------------------------------- gradients
+def test_grads_finite_and_grad_norm_read_dense_and_sparse_gradients():
+    dense = torch.zeros(3, requires_grad=True)
+    rows = torch.zeros(5, 2, requires_grad=True)
+    dense.grad = torch.tensor([3.0, 0.0, 0.0])
+    # row 1 twice (uncoalesced): its coalesced value is (2, 0)
+    rows.grad = torch.sparse_coo_tensor(
+        [[1, 1]], torch.tensor([[1.0, 0.0], [1.0, 0.0]]), (5, 2), check_invariants=True
+    )
+    assert grads_finite([dense, rows, torch.zeros(1, requires_grad=True)])
+    assert grad_norm([dense, rows]) == pytest.approx(math.sqrt(9.0 + 4.0))
+    rows.grad = torch.sparse_coo_tensor(
+        [[2]], torch.tensor([[float("nan"), 0.0]]), (5, 2), check_invariants=True
+    )
+    assert not grads_finite([dense, rows])
+    rows.grad = None
+    dense.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not grads_finite([dense, rows])
+
+
+# ---------------------------------------------------------------------- sparse rows
+def test_sparse_aware_optimizer_steps_touched_rows_and_integrators_take_lr_as_step_size():
+    emb = torch.ones(4, 2, requires_grad=True)
+    bias = torch.zeros(2, requires_grad=True)
+    opt = SparseAwareOptimizer("adam", 0.1, [emb, bias])
+    emb.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (4, 2), check_invariants=True)
+    bias.grad = torch.ones(2)
+    opt.step()
+    assert [type(o) for o in opt.optims] == [LazyAdam, torch.optim.Adam]
+    assert torch.equal(emb[1:], torch.ones(3, 2)) and (emb[0] < 1).all()  # one row moved
+    assert opt.state_dict()["optims"][0]["state"]
+    flow = SparseAwareOptimizer("heavyball", 0.2, [bias])
+    bias.grad = torch.ones(2)
+    flow.step()
+    assert flow.optims[0].param_groups[0]["step_size"] == 0.2
+    with pytest.raises(InputError, match="needs a closure"):
+        SparseAwareOptimizer("heun", 0.1, [bias])
+
+
+# ---------------------------------------------------------------------- the step loop
+def test_step_loop_carries_the_state_saves_it_and_keeps_the_last_good_one(tmp_path):
+    w = torch.zeros(1)
+    state = LoopState(0, params={"w": w})
+    saved = []
+
+    def save():
+        saved.append(state.step)
+        state.save(tmp_path)
+
+    def step(i):
+        if i == 7:
+            raise FitDivergedError("bad step")
+        w.add_(1.0)
+        return float(i)
+
+    loop = StepLoop(steps=10, save=save, checkpoint_every=3)
+    with pytest.raises(FitDivergedError):
+        loop.run(state, step)
+    assert state.step == 7 and state.history == [float(i) for i in range(7)]
+    assert saved == [3, 6, 7]  # every 3 steps, then the last good state
+    back = LoopState.load(tmp_path / "step-00000007.pt")
+    assert back.step == 7 and back.history == state.history and float(back.params["w"]) == 7.0
+
+    def interrupt(i, value):
+        if i == 8:
+            raise KeyboardInterrupt
+
+    state = LoopState(5, history=[0.0] * 5)
+    converged, reason = StepLoop(steps=20, on_step=interrupt).run(state, lambda i: 1.0)
+    assert (converged, reason, state.step) == (False, "interrupted after step 9", 9)
+    state = LoopState(0)
+    converged, reason = StepLoop(steps=20, stop=lambda v: v >= 4).run(state, float)
+    assert (converged, reason, state.step) == (True, "early stopping", 5)

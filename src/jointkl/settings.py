@@ -45,6 +45,7 @@ __all__ = [
     "one_of",
     "optional",
     "or_callable",
+    "function",
     "path_or_none",
     "check_all",
 ]
@@ -126,11 +127,23 @@ def one_of(*choices: Any) -> Check:
     return check
 
 
+def _widened(error: InputError, alternative: str) -> InputError:
+    # "X must be a positive int, got 0" -> "X must be a positive int or None, got 0": the
+    # message keeps its "<name> must be <what>" fragment and names the alternative too.
+    head, sep, tail = str(error).rpartition(", got ")
+    return InputError(f"{head} {alternative}{sep}{tail}" if sep else f"{error} ({alternative})")
+
+
 def optional(check: Check) -> Check:
     """``None``, or a value that passes ``check``."""
 
     def optional_check(value: Any, where: str) -> Any:
-        return None if value is None else check(value, f"{where} (or None)")
+        if value is None:
+            return None
+        try:
+            return check(value, where)
+        except InputError as e:
+            raise _widened(e, "or None") from None
 
     return optional_check
 
@@ -139,9 +152,21 @@ def or_callable(check: Check) -> Check:
     """A callable (kept as it is), or a value that passes ``check``."""
 
     def callable_check(value: Any, where: str) -> Any:
-        return value if callable(value) else check(value, f"{where} (or a callable)")
+        if callable(value):
+            return value
+        try:
+            return check(value, where)
+        except InputError as e:
+            raise _widened(e, "or a callable") from None
 
     return callable_check
+
+
+def function(value: Any, where: str) -> Any:
+    """A callable (a callback, a loss), kept as it is."""
+    if not callable(value):
+        raise InputError(f"{where} must be a callable, got {value!r}")
+    return value
 
 
 def path_or_none(value: Any, where: str) -> str | None:

@@ -13,8 +13,9 @@ name               ODE and discretisation                      torch.optim equiv
 ``AdaptiveFlow``   dθ/dt = −h⊙∇L, h = 1/(√avg g² + δ)          RMSprop; with momentum, Adam
 =================  ==========================================  ===============================
 
-:data:`OPTIMIZERS` names them for engines (``SVI(optim="heavyball")``), and :func:`pyro_optim`
-wraps one as a :class:`pyro.optim.PyroOptim`.
+:data:`OPTIMIZERS` names them for engines (``SVI(optim="heavyball")``); :data:`OPTIM_CLASSES`
+adds torch's optimisers, the whole table an engine's ``optim`` setting reads through
+:func:`optim_class`. :func:`pyro_optim` wraps an integrator as a :class:`pyro.optim.PyroOptim`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jointkl.optim.discretisation import Discretisation
 from jointkl.optim.flow import GradientFlow
 from jointkl.optim.heavyball import HeavyBall, heavyball_settings, sgd_settings
 from jointkl.optim.heun import Heun
+from jointkl.optim.names import OPTIM_CLASSES, OPTIMIZERS, optim_class, step_size_args
 from jointkl.optim.nesterov import Nesterov
 
 __all__ = [
@@ -40,18 +42,13 @@ __all__ = [
     "Heun",
     "Nesterov",
     "OPTIMIZERS",
+    "OPTIM_CLASSES",
+    "optim_class",
+    "step_size_args",
     "heavyball_settings",
     "pyro_optim",
     "sgd_settings",
 ]
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "gradientflow": GradientFlow,
-    "heavyball": HeavyBall,
-    "nesterov": Nesterov,
-    "heun": Heun,
-    "adaptiveflow": AdaptiveFlow,
-}
 
 
 def pyro_optim(

@@ -1,0 +1,88 @@
+"""The stochastic-gradient step loop the iterative engines share.
+
+The loop carries one :class:`~jointkl.checkpoint.LoopState`: after every step it appends the
+objective to ``state.history`` and advances ``state.step``; the parameters in ``state.params``
+are the live tensors the optimiser moves. A checkpoint is that state on disk, written every
+``checkpoint_every`` steps, when the loop ends or is interrupted, and — when a step meets a
+NaN/inf, which applies no update — as the last good state before the error propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from jointkl.checkpoint import LoopState
+from jointkl.errors import FitDivergedError
+
+__all__ = ["StepLoop"]
+
+
+@dataclass
+class StepLoop:
+    """Run ``step(i) -> objective`` for ``i = state.step, …, steps − 1``.
+
+    :param steps: the step count the fit ends at.
+    :param save: writes the state as a checkpoint (``None``: no checkpoints).
+    :param checkpoint_every: also save after every this many steps.
+    :param on_step: called as ``on_step(i, objective)`` after every step; raising
+        ``KeyboardInterrupt`` there ends the fit early, keeping it.
+    :param stop: ``stop(objective) -> bool`` after every step: True ends the loop as
+        converged.
+    :param progress: show a tqdm bar with the exponentially smoothed objective.
+    :param desc: the bar's label.
+    :param smoothing: the bar's smoothing weight w (s ← (1 − w)·s + w·objective).
+    """
+
+    steps: int
+    save: Callable[[], object] | None = None
+    checkpoint_every: int | None = None
+    on_step: Callable[[int, float], None] | None = None
+    stop: Callable[[float], bool] | None = None
+    progress: bool = False
+    desc: str = "fit"
+    smoothing: float = 0.1
+
+    def run(self, state: LoopState, step: Callable[[int], float]) -> tuple[bool, str]:
+        """Advance ``state`` to :attr:`steps`; returns (converged, stop reason)."""
+        converged, reason = False, "max steps"
+        bar = tqdm(
+            range(state.step, self.steps),
+            disable=not self.progress,
+            desc=self.desc,
+            initial=state.step,
+            total=self.steps,
+            mininterval=1.0,
+        )
+        smooth = None
+        try:
+            for i in bar:
+                value = step(i)
+                state.history.append(value)
+                state.step = i + 1  # steps whose update has been applied
+                if self.progress:
+                    w = self.smoothing
+                    smooth = value if smooth is None else (1 - w) * smooth + w * value
+                    if i % 10 == 0:
+                        bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
+                if self.save is not None and self.checkpoint_every:
+                    if state.step % self.checkpoint_every == 0:
+                        self.save()
+                if self.on_step is not None:
+                    self.on_step(i, value)
+                if self.stop is not None and self.stop(value):
+                    converged, reason = True, "early stopping"
+                    break
+        except KeyboardInterrupt:
+            reason = f"interrupted after step {state.step}"
+        except FitDivergedError:
+            if self.save is not None and state.step > 0:
+                self.save()  # the last good state: the bad step applied nothing
+            raise
+        finally:
+            bar.close()
+        if self.save is not None:
+            self.save()
+        return converged, reason
