@@ -155,9 +155,9 @@ def test_settings_normalise_values_and_stay_frozen():
         ({"steps": True}, "steps must be a positive int"),
         ({"lr": float("nan")}, "lr must be a positive float"),
         ({"kind": "c"}, "kind must be one of"),
-        ({"every": 0}, "every .or None. must be a positive int"),
+        ({"every": 0}, "Toy: every must be a positive int or None, got 0"),
         ({"warmup": -1}, "warmup must be an int >= 0"),
-        ({"loss": 3}, "loss .or a callable. must be one of"),
+        ({"loss": 3}, r"loss must be one of \('a', 'b'\) or a callable, got 3"),
         ({"every": 20}, r"Toy: every \(20\) must be <= steps"),
     ],
 )
