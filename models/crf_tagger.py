@@ -1,4 +1,4 @@
-"""Sequence tagger: embedding + encoder + emission layer + linear-chain CRF (SEEDS.md §4).
+"""Sequence tagger: embedding + encoder + emission layer + linear-chain CRF.
 
     h = Linear(Encoder(Embedding(chars)))            emission scores (N, T, C)
     tags ~ LinearChainCRF(h, g, start, end, lengths, allowed)     inside pyro.plate("data")

@@ -1,4 +1,4 @@
-"""Encoder-only representation learning: the prior term plus mutual information (SEEDS.md §3).
+"""Encoder-only representation learning: the prior term plus mutual information (Deep InfoMax).
 
 The VAE's joint KL splits as
 

@@ -1,4 +1,4 @@
-"""Variational auto-encoder, read as a joint-KL fit (SEEDS.md §2).
+"""Variational auto-encoder, read as a joint-KL fit: the Bayesian view of the VAE loss.
 
     z_i ~ N(0, I)                         i = 1..N   (plate "data")
     x_i ~ q(x | z_i) = decoder(z_i)                  (Bernoulli or Gaussian, per pixel)

@@ -11,8 +11,8 @@ average code length per character roughly when PMI(a, b) = log p_ab / (p_a p_b) 
 3. keep fragments with ``p > min_proba`` (every single unit is kept, so any text segments);
 4. remove redundant words, longest first: re-segment w without itself (Viterbi on the
    lattice); when ``log p(w) − Σ log p(piece) < redundancy × (len(w) − 1)``, w saves too
-   little code to pay for its entry: delete it and give its count to the pieces. SEEDS §5
-   states the rule with ``redundancy = 1``; on People's Daily a stricter 3.5 (fewer, surer
+   little code to pay for its entry: delete it and give its count to the pieces. The plain
+   rule has ``redundancy = 1``; on People's Daily a stricter 3.5 (fewer, surer
    words) gives the best segmentation (docs/text.md has the sweep).
 
 Counting is vectorised over blocks of about ``block_chars`` units with numpy; only the counts
