@@ -109,8 +109,13 @@ class ZooModel:
     def spec(self) -> dict[str, Any] | None:
         """How a saved fit rebuilds this model: ``{"zoo": name, "settings": settings()}``.
 
-        A model holding code that JSON cannot record (a user's network) overrides this to
-        return ``None``; such a fit is loaded with ``Fit.load(dir, pair=...)``."""
+        ``None`` when the class is not the one registered under its ``name`` or does not
+        define :meth:`settings` (a subclass written for its hooks alone), since the model
+        registry could not rebuild it; a model holding code that JSON cannot record (a user's
+        network) overrides this to return ``None`` too. Such a fit is loaded with
+        ``Fit.load(dir, pair=...)``."""
+        if MODELS.get(self.name) is not type(self) or type(self).settings is ZooModel.settings:
+            return None
         return {"zoo": self.name, "settings": self.settings()}
 
     def default_data(self, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
