@@ -20,13 +20,14 @@ import torch
 from pyro.distributions import constraints
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, positive_float, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["BernoulliMixture"]
 
 
 @register_model
-class BernoulliMixture:
+class BernoulliMixture(ZooModel):
     """K-component mixture of products of Bernoullis (a latent-class model).
 
     :param int n_components: number of components K.
@@ -40,7 +41,7 @@ class BernoulliMixture:
     description: ClassVar[str] = (
         "Bernoulli mixture of binary vectors, enumerated assignments (binarised digits by default)"
     )
-    default_guide: ClassVar[str] = "delta"
+    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
 
     def __init__(
         self,
@@ -49,18 +50,20 @@ class BernoulliMixture:
         concentration: float = 1.0,
         beta: tuple[float, float] = (2.0, 2.0),
     ):
-        if not isinstance(n_components, int) or n_components < 1:
-            raise InputError(
-                f"BernoulliMixture: n_components must be an int >= 1, got {n_components!r}"
-            )
-        if priors not in ("weak", None):
-            raise InputError(f"BernoulliMixture: priors must be 'weak' or None, got {priors!r}")
-        if len(beta) != 2 or min(beta) <= 0:
+        beta = tuple(beta)
+        if len(beta) != 2:
             raise InputError(f"BernoulliMixture: beta must be two positive numbers, got {beta!r}")
-        self.n_components = n_components
-        self.priors = priors
-        self.concentration = float(concentration)
-        self.beta = tuple(float(v) for v in beta)
+        self.n_components, self.priors, self.concentration, a, b = check_all(
+            [
+                ("n_components", n_components, positive_int),
+                ("priors", priors, one_of("weak", None)),
+                ("concentration", concentration, positive_float),
+                ("beta[0]", beta[0], positive_float),
+                ("beta[1]", beta[1], positive_float),
+            ],
+            "BernoulliMixture",
+        )
+        self.beta = (a, b)
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
@@ -70,9 +73,6 @@ class BernoulliMixture:
             "concentration": self.concentration,
             "beta": list(self.beta),
         }
-
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
 
     @staticmethod
     def default_data(seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
@@ -131,5 +131,3 @@ class BernoulliMixture:
                 "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
             )
             pyro.sample("obs", dist.Bernoulli(probs[z]).to_event(1), obs=x)
-
-    guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM

@@ -1,4 +1,4 @@
-"""Sequence tagger: embedding + encoder + emission layer + linear-chain CRF (SEEDS.md §4).
+"""Sequence tagger: embedding + encoder + emission layer + linear-chain CRF.
 
     h = Linear(Encoder(Embedding(chars)))            emission scores (N, T, C)
     tags ~ LinearChainCRF(h, g, start, end, lengths, allowed)     inside pyro.plate("data")
@@ -27,7 +27,8 @@ from torch import nn
 from jointkl.data.cws import PAD, CharVocab, bigram_ids, encode_texts, words_from_tags
 from jointkl.distributions import LinearChainCRF, bmes_constraints
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, nonnegative_int, number, one_of, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["CRFTagger", "TaggerNet", "WindowLinear"]
 
@@ -152,7 +153,7 @@ def _default_bigram_keys() -> tuple[int, ...]:
 
 
 @register_model
-class CRFTagger:
+class CRFTagger(ZooModel):
     """Neural linear-chain CRF tagger, as a Pyro model.
 
     :param vocab_size: number of token ids (padding 0 and unknown 1 included). ``None``: the
@@ -205,8 +206,7 @@ class CRFTagger:
             vocab = _default_dataset().vocab.chars
         if bigram_dim is None:  # the measured People's Daily set-up; plain otherwise
             bigram_dim = DEFAULT_BIGRAM_DIM if default_corpus else 0
-        if not isinstance(bigram_dim, int) or bigram_dim < 0:
-            raise InputError(f"CRFTagger: bigram_dim must be an int >= 0, got {bigram_dim!r}")
+        bigram_dim = nonnegative_int(bigram_dim, "CRFTagger: bigram_dim")
         if bigram_dim and bigram_keys is None:
             if not default_corpus:
                 raise InputError(
@@ -224,39 +224,47 @@ class CRFTagger:
                 f"CRFTagger: vocab_size={vocab_size} but the vocab has {len(self.vocab)} ids "
                 f"({len(self.vocab.chars)} characters + padding + unknown)"
             )
-        for key, v, lo in (
-            ("vocab_size", vocab_size, 3),
-            ("num_tags", num_tags, 1),
-            ("embedding_dim", embedding_dim, 1),
-            ("hidden_dim", hidden_dim, 2),
-            ("num_layers", num_layers, 1),
-            ("kernel_size", kernel_size, 1),
-        ):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise InputError(f"CRFTagger: {key} must be an int >= {lo}, got {v!r}")
-        if encoder not in ENCODERS:
-            raise InputError(f"CRFTagger: encoder must be one of {ENCODERS}, got {encoder!r}")
-        if kernel_size % 2 == 0:
+        (
+            self.vocab_size,
+            self.num_tags,
+            self.embedding_dim,
+            self.hidden_dim,
+            self.num_layers,
+            self.kernel_size,
+            self.encoder,
+            self.dropout,
+            self.tag_scheme,
+        ) = check_all(
+            [
+                ("vocab_size", vocab_size, positive_int),
+                ("num_tags", num_tags, positive_int),
+                ("embedding_dim", embedding_dim, positive_int),
+                ("hidden_dim", hidden_dim, positive_int),
+                ("num_layers", num_layers, positive_int),
+                ("kernel_size", kernel_size, positive_int),
+                ("encoder", encoder, one_of(*ENCODERS)),
+                ("dropout", dropout, number),
+                ("tag_scheme", tag_scheme, one_of("bmes", None)),
+            ],
+            "CRFTagger",
+        )
+        # Rules beyond positivity: ids 0 and 1 are padding and unknown, so a vocabulary
+        # holds at least one character at id 2; the BiLSTM splits hidden_dim between its
+        # two directions; a "same" convolution needs a centre.
+        if self.vocab_size < 3:
+            raise InputError(f"CRFTagger: vocab_size must be an int >= 3, got {vocab_size!r}")
+        if self.hidden_dim < 2:
+            raise InputError(f"CRFTagger: hidden_dim must be an int >= 2, got {hidden_dim!r}")
+        if self.kernel_size % 2 == 0:
             raise InputError(f"CRFTagger: kernel_size must be odd, got {kernel_size}")
-        if not 0.0 <= float(dropout) < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"CRFTagger: dropout must be in [0, 1), got {dropout!r}")
-        if tag_scheme not in ("bmes", None):
-            raise InputError(f"CRFTagger: tag_scheme must be 'bmes' or None, got {tag_scheme!r}")
-        if tag_scheme == "bmes" and num_tags != 4:
+        if self.tag_scheme == "bmes" and self.num_tags != 4:
             raise InputError(f"CRFTagger: tag_scheme='bmes' needs num_tags=4, got {num_tags}")
-        self.vocab_size = vocab_size
-        self.num_tags = num_tags
-        self.encoder = encoder
-        self.embedding_dim = embedding_dim
-        self.hidden_dim = hidden_dim
-        self.num_layers = num_layers
-        self.kernel_size = kernel_size
-        self.dropout = float(dropout)
-        self.tag_scheme = tag_scheme
         self.allowed = bmes_constraints() if tag_scheme == "bmes" else None
         keys = self.bigram_keys
         if any(b <= a for a, b in zip(keys, keys[1:], strict=False)) or (
-            keys and not 0 <= keys[0] <= keys[-1] < vocab_size**2
+            keys and not 0 <= keys[0] <= keys[-1] < self.vocab_size**2
         ):
             raise InputError(
                 "CRFTagger: bigram_keys must be strictly increasing ints in 0..vocab_size^2-1"
@@ -309,9 +317,6 @@ class CRFTagger:
             "bigram_keys": self.bigram_keys if self.bigram_dim else None,
         }
 
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
-
     @staticmethod
     def default_data(seed: int = 0) -> tuple[tuple[torch.Tensor, ...], dict]:
         """People's Daily training split packed into rows of <= 100 characters:
@@ -358,8 +363,6 @@ class CRFTagger:
         emissions = net(chars, lengths)
         with pyro.plate("data", chars.shape[0]):
             pyro.sample("tags", self.crf(emissions, lengths), obs=tags)
-
-    guide = None  # no latent sites: the engine fits the params by maximum likelihood
 
     # -------------------------------------------------------------- prediction
     def load_params(self, params: dict[str, torch.Tensor]) -> None:

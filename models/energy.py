@@ -29,7 +29,8 @@ from pyro.distributions import constraints
 from torch import nn
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["EnergyModel", "energy_data", "DATASETS"]
 
@@ -44,10 +45,7 @@ def energy_data(kind: str = "ring", n: int = 5000, seed: int = 0) -> torch.Tenso
     * ``"moons"``: two interleaved half circles (scikit-learn's two moons), noise 0.1.
     * ``"mixture"``: eight equal Gaussians (sd 0.25) on a circle of radius 2.
     """
-    if kind not in DATASETS:
-        raise InputError(f"energy_data: kind must be one of {DATASETS}, got {kind!r}")
-    if not isinstance(n, int) or n < 1:
-        raise InputError(f"energy_data: n must be a positive int, got {n!r}")
+    kind, n = check_all([("kind", kind, one_of(*DATASETS)), ("n", n, positive_int)], "energy_data")
     g = torch.Generator().manual_seed(seed)
     dtype = torch.get_default_dtype()
     if kind == "ring":
@@ -85,7 +83,7 @@ class _MLPEnergy(nn.Module):
 
 
 @register_model
-class EnergyModel:
+class EnergyModel(ZooModel):
     """An unnormalised continuous density e^{−E(x)} over R^D, for NCE.
 
     :param energy: ``"mlp"``, ``"quadratic"``, an ``nn.Module`` or a callable ``E(x)``
@@ -113,12 +111,10 @@ class EnergyModel:
                 f"EnergyModel: energy must be a name, an nn.Module or a callable, got "
                 f"{type(energy).__name__}"
             )
-        for name, v in (("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"EnergyModel: {name} must be a positive int, got {v!r}")
+        self.dim, self.hidden = check_all(
+            [("dim", dim, positive_int), ("hidden", hidden, positive_int)], "EnergyModel"
+        )
         self.energy = energy
-        self.dim = dim
-        self.hidden = hidden
         self._net: nn.Module | None = energy if isinstance(energy, nn.Module) else None
         # A user's module restarts from its state at construction in every fit, so two fits
         # with the same seed give the same numbers.
@@ -138,9 +134,7 @@ class EnergyModel:
 
     def spec(self) -> dict[str, Any] | None:
         """The zoo spec; ``None`` for a user's energy, which cannot be rebuilt from JSON."""
-        if not isinstance(self.energy, str):
-            return None
-        return {"zoo": self.name, "settings": self.settings()}
+        return super().spec() if isinstance(self.energy, str) else None
 
     @staticmethod
     def default_data(seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
@@ -201,8 +195,6 @@ class EnergyModel:
         e = self.energy_of(x)
         with pyro.plate("data", x.shape[0]):
             pyro.factor("energy", -e)
-
-    guide = None  # no latents: NCE fits it directly
 
     # -------------------------------------------------------------- plotting
     def log_density_grid(

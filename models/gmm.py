@@ -23,7 +23,8 @@ from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, positive_float, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["GaussianMixture"]
 
@@ -31,7 +32,7 @@ COVARIANCES = ("full", "diag", "spherical")
 
 
 @register_model
-class GaussianMixture:
+class GaussianMixture(ZooModel):
     """K-component Gaussian mixture as a Pyro model.
 
     :param int n_components: number of components K.
@@ -46,7 +47,7 @@ class GaussianMixture:
 
     name: ClassVar[str] = "gmm"
     description: ClassVar[str] = "Gaussian mixture, enumerated assignments (iris by default)"
-    default_guide: ClassVar[str] = "delta"
+    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
 
     def __init__(
         self,
@@ -58,23 +59,24 @@ class GaussianMixture:
         scale_prior: tuple[float, float] = (0.0, 2.0),
         lkj_eta: float = 1.0,
     ):
-        if not isinstance(n_components, int) or n_components < 1:
-            raise InputError(
-                f"GaussianMixture: n_components must be an int >= 1, got {n_components!r}"
-            )
-        if covariance not in COVARIANCES:
-            raise InputError(
-                f"GaussianMixture: covariance must be one of {COVARIANCES}, got {covariance!r}"
-            )
-        if priors not in ("weak", None):
-            raise InputError(f"GaussianMixture: priors must be 'weak' or None, got {priors!r}")
-        self.n_components = n_components
-        self.covariance = covariance
-        self.priors = priors
-        self.concentration = float(concentration)
+        (
+            self.n_components,
+            self.covariance,
+            self.priors,
+            self.concentration,
+            self.lkj_eta,
+        ) = check_all(
+            [
+                ("n_components", n_components, positive_int),
+                ("covariance", covariance, one_of(*COVARIANCES)),
+                ("priors", priors, one_of("weak", None)),
+                ("concentration", concentration, positive_float),
+                ("lkj_eta", lkj_eta, positive_float),
+            ],
+            "GaussianMixture",
+        )
         self.loc_prior = tuple(float(v) for v in loc_prior)
         self.scale_prior = tuple(float(v) for v in scale_prior)
-        self.lkj_eta = float(lkj_eta)
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
@@ -87,9 +89,6 @@ class GaussianMixture:
             "scale_prior": list(self.scale_prior),
             "lkj_eta": self.lkj_eta,
         }
-
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
 
     @staticmethod
     def default_data(seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
@@ -187,8 +186,6 @@ class GaussianMixture:
                 "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
             )
             pyro.sample("obs", dist.MultivariateNormal(locs[z], scale_tril=tril[z]), obs=x)
-
-    guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM
 
     # -------------------------------------------------------------- prediction
     def predict_proba(self, x: torch.Tensor, fit) -> torch.Tensor:

@@ -34,7 +34,8 @@ import torch
 from pyro.distributions import constraints
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, optional, positive_float, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["HMM"]
 
@@ -43,7 +44,7 @@ COVARIANCES = ("diag", "full")
 
 
 @register_model
-class HMM:
+class HMM(ZooModel):
     """K-state hidden Markov model over sequences padded to one length T (``lengths`` gives
     each sequence's own; see the module docstring).
 
@@ -65,7 +66,7 @@ class HMM:
         "hidden Markov model, Gaussian or categorical emissions, states enumerated "
         "(synthetic regime-switching sequences by default)"
     )
-    default_guide: ClassVar[str] = "delta"
+    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
 
     def __init__(
         self,
@@ -78,22 +79,24 @@ class HMM:
         loc_prior: tuple[float, float] = (0.0, 10.0),
         scale_prior: tuple[float, float] = (0.0, 2.0),
     ):
-        if not isinstance(n_states, int) or n_states < 1:
-            raise InputError(f"HMM: n_states must be an int >= 1, got {n_states!r}")
-        if emission not in EMISSIONS:
-            raise InputError(f"HMM: emission must be one of {EMISSIONS}, got {emission!r}")
-        if covariance not in COVARIANCES:
-            raise InputError(f"HMM: covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if n_symbols is not None and (not isinstance(n_symbols, int) or n_symbols < 1):
-            raise InputError(f"HMM: n_symbols must be an int >= 1 or None, got {n_symbols!r}")
-        if priors not in ("weak", None):
-            raise InputError(f"HMM: priors must be 'weak' or None, got {priors!r}")
-        self.n_states = n_states
-        self.emission = emission
-        self.covariance = covariance
-        self.n_symbols = n_symbols
-        self.priors = priors
-        self.concentration = float(concentration)
+        (
+            self.n_states,
+            self.emission,
+            self.covariance,
+            self.n_symbols,
+            self.priors,
+            self.concentration,
+        ) = check_all(
+            [
+                ("n_states", n_states, positive_int),
+                ("emission", emission, one_of(*EMISSIONS)),
+                ("covariance", covariance, one_of(*COVARIANCES)),
+                ("n_symbols", n_symbols, optional(positive_int)),
+                ("priors", priors, one_of("weak", None)),
+                ("concentration", concentration, positive_float),
+            ],
+            "HMM",
+        )
         self.loc_prior = tuple(float(v) for v in loc_prior)
         self.scale_prior = tuple(float(v) for v in scale_prior)
 
@@ -109,9 +112,6 @@ class HMM:
             "loc_prior": list(self.loc_prior),
             "scale_prior": list(self.scale_prior),
         }
-
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
 
     def default_data(self, seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
         """Synthetic sequences drawn with ``seed`` from a known, sticky 3-state chain
@@ -307,5 +307,3 @@ class HMM:
                 live = nullcontext() if lengths is None else poutine.mask(mask=t < lengths)
                 with live:
                     pyro.sample(f"obs_{t}", self._emission(g, s), obs=x[:, t])
-
-    guide = None  # the engine's default: AutoDelta (MAP) for SVI, none for EM

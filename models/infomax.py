@@ -1,4 +1,4 @@
-"""Encoder-only representation learning: the prior term plus mutual information (SEEDS.md §3).
+"""Encoder-only representation learning: the prior term plus mutual information (Deep InfoMax).
 
 The VAE's joint KL splits as
 
@@ -54,14 +54,20 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import (
+    check_all,
+    nonnegative_float,
+    one_of,
+    optional,
+    positive_int,
+)
+from jointkl.zoo import ZooModel, register_model
 
 from .networks import (
     GaussianEncoder,
     data_rows,
     hidden_sizes,
     mlp,
-    positive_int,
     register_module,
     standard_normal_prior,
 )
@@ -228,7 +234,7 @@ class SeparableCritic(nn.Module):
 
 
 @register_model
-class InfoMax:
+class InfoMax(ZooModel):
     """Encoder-only learner: Jensen–Shannon mutual information plus a N(0, I) prior term.
 
     :param int latent_dim: dimension L of z (the representation).
@@ -274,44 +280,49 @@ class InfoMax:
         estimator: str = "js",
         input_dim: int | None = None,
     ):
-        positive_int(latent_dim, "latent_dim", "InfoMax")
-        positive_int(input_dim, "input_dim", "InfoMax", optional=True)
         channels = tuple(channels)
-        if len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels):
+        if len(channels) != 2:
             raise InputError(f"InfoMax: channels must be two positive ints, got {channels!r}")
+        self.channels = tuple(positive_int(c, "InfoMax: channels") for c in channels)
+        (
+            self.latent_dim,
+            self.input_dim,
+            self.global_weight,
+            self.local_weight,
+            self.prior_weight,
+            self.negatives,
+            self.estimator,
+        ) = check_all(
+            [
+                ("latent_dim", latent_dim, positive_int),
+                ("input_dim", input_dim, optional(positive_int)),
+                ("global_weight", global_weight, nonnegative_float),
+                ("local_weight", local_weight, nonnegative_float),
+                ("prior_weight", prior_weight, nonnegative_float),
+                ("negatives", negatives, one_of(*NEGATIVES)),
+                ("estimator", estimator, one_of(*ESTIMATORS)),
+            ],
+            "InfoMax",
+        )
         if image_shape is not None:
             image_shape = tuple(int(s) for s in image_shape)
             if len(image_shape) != 2 or min(image_shape) < 1:
                 raise InputError(
                     f"InfoMax: image_shape must be (H, W) or None, got {image_shape!r}"
                 )
-        weights = {"global": global_weight, "local": local_weight, "prior": prior_weight}
-        for k, w in weights.items():
-            if not isinstance(w, (int, float)) or w < 0:
-                raise InputError(f"InfoMax: {k}_weight must be a number >= 0, got {w!r}")
         if global_weight == 0 and (local_weight == 0 or image_shape is None):
             raise InputError("InfoMax: every MI weight is 0: nothing would make z informative")
-        if negatives not in NEGATIVES:
-            raise InputError(f"InfoMax: negatives must be one of {NEGATIVES}, got {negatives!r}")
-        if estimator not in ESTIMATORS:
-            raise InputError(f"InfoMax: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.latent_dim = latent_dim
         self.hidden = hidden_sizes(hidden, "InfoMax")
-        self.critic_hidden = hidden_sizes(critic_hidden, "InfoMax")[0]
-        self.channels = channels
+        self.critic_hidden = positive_int(critic_hidden, "InfoMax: critic_hidden")
         self.image_shape = image_shape
-        self.global_weight = float(global_weight)
-        self.local_weight = float(local_weight) if image_shape is not None else 0.0
-        self.prior_weight = float(prior_weight)
-        self.negatives = negatives
-        self.estimator = estimator
-        self.input_dim = input_dim
+        if image_shape is None:  # vectors: no feature map, so no local term
+            self.local_weight = 0.0
         self.encoder: _Encoder | None = None
         self.global_critic: SeparableCritic | None = None
         self.local_critic: SeparableCritic | None = None
         self._registry: dict[str, tuple[nn.Module, list]] = {}
-        if input_dim is not None:
-            self._build(input_dim)
+        if self.input_dim is not None:
+            self._build(self.input_dim)
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
@@ -328,9 +339,6 @@ class InfoMax:
             "estimator": self.estimator,
             "input_dim": self.input_dim,
         }
-
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
 
     def default_data(self, seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
         """The digits training split, grey levels in [0, 1] (1,437 x 64; ``seed`` unused)."""

@@ -17,13 +17,13 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from jointkl.errors import InputError
+from jointkl.settings import positive_int
 
 __all__ = [
     "GaussianEncoder",
     "data_rows",
     "hidden_sizes",
     "mlp",
-    "positive_int",
     "register_module",
     "standard_normal_prior",
 ]
@@ -81,22 +81,13 @@ def standard_normal_prior(x: torch.Tensor, latent_dim: int) -> dist.TorchDistrib
     return dist.Normal(zeros, ones, validate_args=False).to_event(1)
 
 
-def positive_int(value: Any, name: str, who: str, optional: bool = False) -> int | None:
-    """``value`` if it is an int >= 1 (or ``None`` when ``optional``), else an InputError."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "an int >= 1 or None" if optional else "an int >= 1"
-        raise InputError(f"{who}: {name} must be {allowed}, got {value!r}")
-    return value
-
-
 def hidden_sizes(hidden: int | Sequence[int], who: str) -> tuple[int, ...]:
-    """Hidden layer widths as a tuple: one int, or a list of them, each >= 1."""
-    sizes = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
-        raise InputError(f"{who}: hidden must be a positive int or a list of them, got {hidden!r}")
-    return sizes
+    """Hidden layer widths as a tuple: one int, or a list of them, each >= 1.
+
+    :param who: the model's name, for the error messages.
+    """
+    sizes = tuple(hidden) if isinstance(hidden, Sequence) else (hidden,)
+    return tuple(positive_int(h, f"{who}: hidden") for h in sizes)
 
 
 def data_rows(x: Any, who: str, input_dim: int | None) -> torch.Tensor:

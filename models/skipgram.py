@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 __all__ = ["SkipGram", "FullSoftmax", "WordPairs", "word_pairs", "build_vocabulary"]
 
@@ -55,7 +56,8 @@ class WordPairs:
 
 def build_vocabulary(sentences: Sequence[Sequence[str]], size: int) -> list[str]:
     """``"<unk>"`` then the ``size − 1`` most frequent words (ties broken by first use)."""
-    if not isinstance(size, int) or size < 2:
+    size = positive_int(size, "build_vocabulary: size")
+    if size < 2:  # "<unk>" and at least one word
         raise InputError(f"build_vocabulary: size must be an int >= 2, got {size!r}")
     counts = Counter(w for s in sentences for w in s)
     return [UNK, *(w for w, _ in counts.most_common(size - 1))]
@@ -77,10 +79,9 @@ def word_pairs(
     :param mode: ``"skipgram"`` (context = the centre word, target = a neighbour) or
         ``"lm"`` (context = the previous words, target = the next word).
     """
-    if mode not in MODES:
-        raise InputError(f"word_pairs: mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(window, int) or window < 1:
-        raise InputError(f"word_pairs: window must be a positive int, got {window!r}")
+    mode, window = check_all(
+        [("mode", mode, one_of(*MODES)), ("window", window, positive_int)], "word_pairs"
+    )
     if isinstance(vocab, int):
         vocab = build_vocabulary(sentences, vocab)
     vocab = list(vocab)
@@ -149,7 +150,7 @@ class FullSoftmax(dist.TorchDistribution):
 
 
 @register_model
-class SkipGram:
+class SkipGram(ZooModel):
     """p(word | context) over a vocabulary of V words, with embeddings of size ``dim``.
 
     :param int vocab_size: V (ids ``0 .. V−1``; 0 is ``"<unk>"``).
@@ -170,21 +171,16 @@ class SkipGram:
     }
 
     def __init__(self, vocab_size: int = 5000, dim: int = 64, normalised: bool = False):
-        for key, v in (("vocab_size", vocab_size), ("dim", dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"SkipGram: {key} must be a positive int, got {v!r}")
-        if vocab_size < 2:
-            raise InputError(f"SkipGram: vocab_size must be >= 2, got {vocab_size}")
-        self.vocab_size = vocab_size
-        self.dim = dim
+        self.vocab_size, self.dim = check_all(
+            [("vocab_size", vocab_size, positive_int), ("dim", dim, positive_int)], "SkipGram"
+        )
         self.normalised = bool(normalised)
+        if self.vocab_size < 2:  # "<unk>" and at least one word
+            raise InputError(f"SkipGram: vocab_size must be >= 2, got {vocab_size}")
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "dim": self.dim, "normalised": self.normalised}
-
-    def spec(self) -> dict[str, Any]:
-        return {"zoo": self.name, "settings": self.settings()}
 
     @staticmethod
     def default_data(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
@@ -247,8 +243,6 @@ class SkipGram:
                 u = F.embedding(target, out, sparse=True)
                 b = F.embedding(target, bias, sparse=True)[:, 0]
                 pyro.factor("score", (h * u).sum(-1) + b)
-
-    guide = None  # no latents
 
     def candidate_scores(self, candidates: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """G(w_k, c_b) for every context b and every candidate word k, ``(B, K)``.

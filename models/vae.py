@@ -1,4 +1,4 @@
-"""Variational auto-encoder, read as a joint-KL fit (SEEDS.md §2).
+"""Variational auto-encoder, read as a joint-KL fit: the Bayesian view of the VAE loss.
 
     z_i ~ N(0, I)                         i = 1..N   (plate "data")
     x_i ~ q(x | z_i) = decoder(z_i)                  (Bernoulli or Gaussian, per pixel)
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from jointkl.errors import InputError
-from jointkl.zoo import register_model
+from jointkl.settings import check_all, one_of, optional, positive_float, positive_int
+from jointkl.zoo import ZooModel, register_model
 
 from .networks import (
     GaussianEncoder,
     data_rows,
     hidden_sizes,
     mlp,
-    positive_int,
     register_module,
     standard_normal_prior,
 )
@@ -71,7 +71,7 @@ class LearnedScale(nn.Module):
 
 
 @register_model
-class VAE:
+class VAE(ZooModel):
     """Variational auto-encoder: N(0, I) prior, diagonal-Gaussian amortised guide.
 
     :param int latent_dim: dimension L of z.
@@ -111,32 +111,34 @@ class VAE:
         input_dim: int | None = None,
         image_shape: Sequence[int] | None = None,
     ):
-        positive_int(latent_dim, "latent_dim", "VAE")
-        positive_int(input_dim, "input_dim", "VAE", optional=True)
-        if likelihood not in LIKELIHOODS:
-            raise InputError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if learned_scale not in SCALE_SHARING:
-            raise InputError(
-                f"VAE: learned_scale must be one of {SCALE_SHARING}, got {learned_scale!r}"
-            )
+        (
+            self.latent_dim,
+            self.input_dim,
+            self.likelihood,
+            self.learned_scale,
+            self.scale,
+            self.min_scale,
+        ) = check_all(
+            [
+                ("latent_dim", latent_dim, positive_int),
+                ("input_dim", input_dim, optional(positive_int)),
+                ("likelihood", likelihood, one_of(*LIKELIHOODS)),
+                ("learned_scale", learned_scale, one_of(*SCALE_SHARING)),
+                ("scale", scale, positive_float),
+                ("min_scale", min_scale, positive_float),
+            ],
+            "VAE",
+        )
         for arg, value in (("encoder", encoder), ("decoder", decoder)):
             if value is not None and not isinstance(value, nn.Module):
                 raise InputError(
                     f"VAE: {arg} must be a torch.nn.Module, got {type(value).__name__}"
                 )
-        if not float(scale) > 0 or not float(min_scale) > 0:
-            raise InputError(f"VAE: scale and min_scale must be > 0, got {scale!r}, {min_scale!r}")
         if image_shape is not None:
             image_shape = tuple(int(s) for s in image_shape)
             if len(image_shape) != 2:
                 raise InputError(f"VAE: image_shape must be (H, W), got {image_shape!r}")
-        self.latent_dim = latent_dim
         self.hidden = hidden_sizes(hidden, "VAE")
-        self.likelihood = likelihood
-        self.scale = float(scale)
-        self.learned_scale = learned_scale
-        self.min_scale = float(min_scale)
-        self.input_dim = input_dim
         self.image_shape = image_shape
         self._custom = encoder is not None or decoder is not None
         self.encoder = encoder
@@ -145,8 +147,8 @@ class VAE:
         # VAE keeps its scale after the store is cleared by the next fit.
         self.obs_scale: LearnedScale | None = None
         self._registry: dict[str, tuple[nn.Module, list]] = {}
-        if input_dim is not None:
-            self._build(input_dim)
+        if self.input_dim is not None:
+            self._build(self.input_dim)
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
@@ -162,9 +164,9 @@ class VAE:
         }
 
     def spec(self) -> dict[str, Any] | None:
-        # User-supplied networks are code, not settings: such a fit must be loaded with
-        # Fit.load(dir, pair=...).
-        return None if self._custom else {"zoo": self.name, "settings": self.settings()}
+        """The zoo spec; ``None`` with user-supplied networks, which are code, not settings
+        (such a fit is loaded with ``Fit.load(dir, pair=...)``)."""
+        return None if self._custom else super().spec()
 
     def default_data(self, seed: int = 0) -> tuple[tuple[torch.Tensor], dict]:
         """The digits training split (1,437 x 64): binarised for ``"bernoulli"``, grey levels

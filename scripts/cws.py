@@ -1,7 +1,7 @@
 """Chinese word segmentation end to end: train a CRF tagger on People's Daily, score the test split.
 
 Trains :class:`jointkl.models.CRFTagger` (embedding 128 plus a 64-d bigram embedding, three
-width-3 convolutions of 128 channels, dropout 0.1, CRF with BMES constraints; SEEDS.md §4) by
+width-3 convolutions of 128 channels, dropout 0.1, CRF with BMES constraints) by
 maximum likelihood with the SVI engine (Adam, mini-batches of 64 packed 100-character rows,
 cosine learning-rate decay, 6 epochs) on the first 90 % of lines, then segments the last 10 % line by line and prints word precision / recall /
 F1 and OOV recall (SIGHAN span scoring) as one JSON object. The fit is saved to ``--out`` so

@@ -1,4 +1,4 @@
-"""InfoMax (SEEDS.md §3): the JS bound, the objective by hand, and features worth learning."""
+"""InfoMax: the JS bound, the objective by hand, and features worth learning."""
 
 from __future__ import annotations
 

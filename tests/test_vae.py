@@ -1,4 +1,4 @@
-"""VAE (SEEDS.md §2): the ELBO in closed form, training, the IWAE bound, the learned scale."""
+"""VAE: the ELBO in closed form, training, the IWAE bound, the learned scale."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """jointkl: latent-variable and unnormalised models on Pyro, fitted by minimising a KL
-divergence between joint distributions — EM, SVI, NCE, and MCMC as the reference."""
+divergence between joint distributions — EM, SVI, NCE and Langevin dynamics."""
 
-# Public re-exports (DESIGN.md: the core imports models/inference only here and in cli);
-# importing them also fills the MODELS and ENGINES registries.
+# Public re-exports. The core imports jointkl.models and jointkl.inference only here and in
+# the cli (docs/architecture.md); importing them also fills the MODELS and ENGINES registries.
 from jointkl import inference, models  # noqa: E402,I001
 from jointkl.engine import ENGINES, Engine, register_engine
 from jointkl.errors import FitDivergedError, InputError

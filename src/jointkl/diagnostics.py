@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jointkl.runs import atomic_write_bytes  # noqa: E402
+from jointkl.zoo import hook  # noqa: E402
 
 __all__ = ["summary_table", "write_plots", "small_posterior_vars", "loo_report"]
 
@@ -114,7 +115,7 @@ def write_plots(fit, idata, out_dir: str | Path) -> list[Path]:
                 written.append(_save(np.ravel(axes)[0].figure, out / "ppc.png"))
             except (ValueError, TypeError, KeyError) as e:  # e.g. a discrete, high-dim site
                 warnings.warn(f"posterior predictive plot skipped: {e}", stacklevel=2)
-    hook = getattr(fit.pair, "diagnostic_plots", None)
-    if callable(hook):
-        written.extend(Path(p) for p in hook(fit, out))
+    plots = hook(fit.pair, "diagnostic_plots")
+    if callable(plots):
+        written.extend(Path(p) for p in plots(fit, out))
     return written

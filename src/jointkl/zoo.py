@@ -33,8 +33,34 @@ __all__ = [
 class ZooModel:
     """The protocol of a model/guide pair, with every optional hook and its default.
 
-    Required: ``model(*args, **kwargs)``, a Pyro model. Everything else is optional; a hook
-    left at ``None`` means "not provided" and the engine does without it.
+    Required: ``model(*args, **kwargs)``, a Pyro model whose per-datum sites sit inside
+    ``pyro.plate("data", N)``, and, for a zoo model that a saved fit can rebuild,
+    ``settings()``. Everything else is optional; a hook left at ``None`` means "not
+    provided" and the engine does without it (engines read hooks with :func:`hook`, so a
+    plain :class:`~jointkl.pair.Pair` gets the same defaults).
+
+    A zoo model is a subclass that sets ``name`` and ``description``, takes its settings as
+    constructor keyword arguments (validated there with the checks of
+    :mod:`jointkl.settings`), returns them from ``settings()`` as JSON values, and is
+    decorated with :func:`register_model`::
+
+        @register_model
+        class Coin(ZooModel):
+            name = "coin"
+            description = "a biased coin"
+
+            def __init__(self, alpha: float = 1.0):
+                self.alpha = positive_float(alpha, "Coin: alpha")
+
+            def settings(self):
+                return {"alpha": self.alpha}
+
+            def model(self, flips):
+                p = pyro.sample("p", dist.Beta(self.alpha, self.alpha))
+                with pyro.plate("data", len(flips)):
+                    pyro.sample("flip", dist.Bernoulli(p), obs=flips)
+
+    Class-level hooks:
 
     :cvar name: the short name the CLI and saved fits use (``jointkl fit <name>``).
     :cvar description: one line for ``jointkl models``.
@@ -42,6 +68,9 @@ class ZooModel:
         before ``--set`` (e.g. ``{"svi": {"batch_size": 1024}}``).
     :cvar default_guide: the autoguide SVI builds when ``guide`` is ``None`` (``"delta"``,
         ``"normal"``, ``"lowrank"``); ``None``: SVI's own default.
+
+    Optional callables (absent or ``None``: not provided; read them with :func:`hook`):
+
     :ivar guide: a Pyro guide ``guide(*args, **kwargs)``; ``None``: the engine's default
         (an autoguide for SVI; EM's E-step is exact and needs none).
     :ivar init_values: ``init_values(*args, seed=int, **kwargs) -> {site: value}``, initial
@@ -51,6 +80,10 @@ class ZooModel:
     :ivar candidate_scores: ``candidate_scores(candidates, *context) -> (B, K) tensor``, the
         unnormalised log-density of every candidate in every context at once (NCE scores
         shared noise with it).
+
+    Methods with a default: :meth:`spec` (rebuild recipe from :meth:`settings`),
+    :meth:`default_data` (none: the CLI asks for ``--data``), :meth:`diagnostic_plots`
+    (none).
     """
 
     name: ClassVar[str] = ""
@@ -58,9 +91,12 @@ class ZooModel:
     engine_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_guide: ClassVar[str | None] = None
     guide: Callable[..., Any] | None = None
-    init_values: Callable[..., Mapping[str, Any]] | None = None
-    default_loss: Callable[..., Any] | None = None
-    candidate_scores: Callable[..., Any] | None = None
+    # Declared, not assigned: a model that lacks one of these has no such attribute, and
+    # ``hook(pair, name)`` gives ``None``. (An engine may still test ``hasattr``; a class
+    # attribute set to None would read as "provided".)
+    init_values: Callable[..., Mapping[str, Any]] | None
+    default_loss: Callable[..., Any] | None
+    candidate_scores: Callable[..., Any] | None
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define model()")
@@ -70,8 +106,16 @@ class ZooModel:
         (``type(self)(**self.settings())``)."""
         raise NotImplementedError(f"{type(self).__name__} must define settings()")
 
-    def spec(self) -> dict[str, Any]:
-        """How a saved fit rebuilds this model: its zoo name and settings."""
+    def spec(self) -> dict[str, Any] | None:
+        """How a saved fit rebuilds this model: ``{"zoo": name, "settings": settings()}``.
+
+        ``None`` when the class is not the one registered under its ``name`` or does not
+        define :meth:`settings` (a subclass written for its hooks alone), since the model
+        registry could not rebuild it; a model holding code that JSON cannot record (a user's
+        network) overrides this to return ``None`` too. Such a fit is loaded with
+        ``Fit.load(dir, pair=...)``."""
+        if MODELS.get(self.name) is not type(self) or type(self).settings is ZooModel.settings:
+            return None
         return {"zoo": self.name, "settings": self.settings()}
 
     def default_data(self, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
@@ -85,19 +129,30 @@ class ZooModel:
         return []
 
 
-_DEFAULTS = {
-    name: getattr(ZooModel, name)
-    for name in ("guide", "init_values", "default_loss", "candidate_scores", "default_guide")
-}
+_OPTIONAL = ("guide", "init_values", "default_loss", "candidate_scores")
+_CLASS_HOOKS = ("name", "description", "engine_defaults", "default_guide")
+_METHODS = ("model", "settings", "spec", "default_data", "diagnostic_plots")
 
 
 def hook(pair: Any, name: str) -> Any:
-    """The hook ``name`` of any pair-like object, or :class:`ZooModel`'s default when the
-    object does not provide it (``None`` for the optional callables)."""
-    if name not in _DEFAULTS and not hasattr(ZooModel, name):
-        raise KeyError(f"{name!r} is not a hook of the model protocol")
-    default = _DEFAULTS.get(name)
-    return getattr(pair, name, default)
+    """The hook ``name`` of any pair-like object, with :class:`ZooModel`'s default when the
+    object does not provide it.
+
+    Optional callables (``guide``, ``init_values``, ``default_loss``, ``candidate_scores``)
+    default to ``None``; class-level hooks to ZooModel's value (``engine_defaults``: ``{}``,
+    ``description``: ``""``, ``default_guide``: ``None``); methods (``settings``, ``spec``,
+    ``default_data``, ``diagnostic_plots``) to ``None`` on an object that is not a ZooModel,
+    so a caller tests ``hook(pair, "default_data") is None`` to learn that there is none.
+
+    :param pair: a ZooModel, a :class:`~jointkl.pair.Pair`, any object with ``model``, or a
+        zoo class (for class-level hooks).
+    :param name: one of the hooks above; anything else is a :class:`KeyError`.
+    """
+    if name in _OPTIONAL or name in _METHODS:
+        return getattr(pair, name, None)
+    if name in _CLASS_HOOKS:
+        return getattr(pair, name, getattr(ZooModel, name))
+    raise KeyError(f"{name!r} is not a hook of the model protocol")
 
 
 def load_user_object(spec: str) -> tuple[Any, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Chinese word segmentation as tagging: BMES tags, a character vocabulary, padded batches.
 
 Each character gets one tag: ``B`` begins a word of two or more characters, ``M`` continues
-it, ``E`` ends it, ``S`` is a word on its own (SEEDS.md §4). Tag ids follow :data:`TAGS`
+it, ``E`` ends it, ``S`` is a word on its own. Tag ids follow :data:`TAGS`
 (``B=0, M=1, E=2, S=3``). Characters seen fewer than ``min_count`` times in the training
 split map to the unknown token, so the model learns an embedding for rare and unseen
 characters from real rare ones. Token ids: ``0`` padding, ``1`` unknown, ``2..`` characters.

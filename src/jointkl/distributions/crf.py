@@ -5,7 +5,7 @@ a tag sequence ``y`` of length ``L`` has score
 
     s(y) = start[y_0] + h_0[y_0] + Σ_{t<L-1} ( g[y_t, y_{t+1}] + h_{t+1}[y_{t+1}] ) + end[y_{L-1}]
 
-and probability ``exp(s(y)) / Z`` (SEEDS.md §4; Lafferty et al. 2001). ``g[i, j]`` scores tag
+and probability ``exp(s(y)) / Z`` (Lafferty et al. 2001). ``g[i, j]`` scores tag
 ``i`` followed by tag ``j``, as in pytorch-crf. All inference runs through the one chain
 recursion in :mod:`jointkl.chain`: the log semiring gives ``log Z`` (and the marginals, by
 autograd of ``log Z``), the max semiring Viterbi, forward filtering backward sampling draws

@@ -1,5 +1,6 @@
 """jointkl.text: minimum-entropy text — an unsupervised lexicon, EM word segmentation,
-sentence templates and parsing (SEEDS §5), with word-segmentation scoring.
+sentence templates and parsing, with word-segmentation scoring. A lexicon is good when it
+makes the average code length per character, −Σ p_w log p_w / Σ p_w len(w), short.
 
     lexicon = WordFinder(min_proba=1e-5, min_pmi=2.0, max_len=4).fit(lines)
     segmenter = Segmenter(lexicon).fit_em(lines, iters=3)

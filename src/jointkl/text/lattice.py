@@ -36,7 +36,7 @@ import torch
 from jointkl.semiring import LogSemiring, MaxSemiring, Semiring
 from jointkl.text.bulk import paused_gc
 
-__all__ = ["semimarkov_forward", "WordIndex", "WordLattice"]
+__all__ = ["semimarkov_forward", "codepoints", "WordIndex", "WordLattice"]
 
 SEP = "\n"
 _HASH_P = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijection mod 2^64
@@ -68,7 +68,9 @@ def semimarkov_forward(
     return torch.stack(alphas, dim=0)
 
 
-def _codepoints(text: str) -> np.ndarray:
+def codepoints(text: str) -> np.ndarray:
+    """The Unicode code points of ``text`` as a ``uint32`` array (one per unit of a coded
+    chunk), read in one C-level pass through its UTF-32 encoding."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
@@ -82,7 +84,7 @@ class WordIndex:
     def __init__(self, words: Sequence[str], max_len: int):
         self.words = list(words)
         self.max_len = int(max_len)
-        self.alphabet = np.unique(_codepoints("".join(self.words)))
+        self.alphabet = np.unique(codepoints("".join(self.words)))
         self._table = np.zeros(int(self.alphabet[-1]) + 1 if len(self.alphabet) else 1, np.int64)
         self._table[self.alphabet] = np.arange(1, len(self.alphabet) + 1)
         bits = max(1, int(len(self.alphabet) + 1).bit_length())
@@ -135,7 +137,7 @@ class WordIndex:
 
     def dense(self, text: str | np.ndarray) -> np.ndarray:
         """Dense unit ids, 1-based; 0 for a unit outside the lexicon's alphabet (or a separator)."""
-        cp = _codepoints(text) if isinstance(text, str) else text
+        cp = codepoints(text) if isinstance(text, str) else text
         # A direct table over codepoints (at most 0x110000 entries): one gather, no search.
         inside = cp < len(self._table)
         return np.where(inside, self._table[np.where(inside, cp, 0)], 0).astype(np.uint64)
@@ -221,7 +223,7 @@ class WordLattice:
             self.n_parts = np.array(n_parts, dtype=np.int64)
             lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
         # Stream: every part followed by SEP. Greedy rows: a row takes parts while they fit.
-        stream = _codepoints(SEP.join(parts) + SEP) if parts else np.zeros(0, np.uint32)
+        stream = codepoints(SEP.join(parts) + SEP) if parts else np.zeros(0, np.uint32)
         ends = np.cumsum(lens + 1)
         starts = ends - lens - 1
         # nxt[p]: the first part of the next row if a row starts at part p; then follow it.

@@ -11,8 +11,8 @@ average code length per character roughly when PMI(a, b) = log p_ab / (p_a p_b) 
 3. keep fragments with ``p > min_proba`` (every single unit is kept, so any text segments);
 4. remove redundant words, longest first: re-segment w without itself (Viterbi on the
    lattice); when ``log p(w) − Σ log p(piece) < redundancy × (len(w) − 1)``, w saves too
-   little code to pay for its entry: delete it and give its count to the pieces. SEEDS §5
-   states the rule with ``redundancy = 1``; on People's Daily a stricter 3.5 (fewer, surer
+   little code to pay for its entry: delete it and give its count to the pieces. The plain
+   rule has ``redundancy = 1``; on People's Daily a stricter 3.5 (fewer, surer
    words) gives the best segmentation (docs/text.md has the sweep).
 
 Counting is vectorised over blocks of about ``block_chars`` units with numpy; only the counts
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jointkl.errors import InputError
 from jointkl.runs import atomic_write_text
 from jointkl.text.corpus import Corpus
-from jointkl.text.lattice import WordIndex, WordLattice
+from jointkl.text.lattice import WordIndex, WordLattice, codepoints
 from jointkl.text.presplit import code, coded_chunks
 
 __all__ = ["Lexicon", "WordFinder"]
@@ -186,10 +186,10 @@ class WordFinder:
                 buf.append(chunk)
                 size += len(chunk) + 1
             if size >= self.block_chars:
-                yield _codepoints(_SEP.join(buf) + _SEP)
+                yield codepoints(_SEP.join(buf) + _SEP)
                 buf, size = [], 0
         if buf:
-            yield _codepoints(_SEP.join(buf) + _SEP)
+            yield codepoints(_SEP.join(buf) + _SEP)
 
     def _count_pairs(self, corpus: Corpus) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         units = _Counts()
@@ -303,10 +303,6 @@ class _Counts:
         allc = np.concatenate([self.counts, c])
         self.keys, inv = np.unique(allk, return_inverse=True)
         self.counts = np.bincount(inv, weights=allc, minlength=len(self.keys)).astype(np.int64)
-
-
-def _codepoints(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
 def _pair_keys(cp: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 The model: a chunk is a sequence of words drawn independently with probabilities p(w) from
 a lexicon. The best segmentation maximises Σ log p(w), the Viterbi path of the word lattice
 (:mod:`jointkl.text.lattice`). The segmentation is a latent variable, so fitting p by
-maximum likelihood of the raw text is EM (SEEDS §1, §5):
+maximum likelihood of the raw text is EM (alternating minimisation of the joint KL, with the
+exact posterior over segmentations in the E-step):
 
 - E-step: expected word counts E[n_w] under p(segmentation | text) — the gradient of the
   lattice's log-partition;

@@ -1,7 +1,7 @@
 """Sentence templates ("the elephant crosses the river") and parsing with them.
 
 A template is a word sequence with placeholders X, such as ``X可以X吗``: its words are
-linked although they are not adjacent. :class:`TemplateFinder` learns them (SEEDS §5):
+linked although they are not adjacent. :class:`TemplateFinder` learns them:
 
 1. count word pairs (a, b) with b at most ``window`` words after a;
 2. keep the *strong* pairs, ``p_ab > min_proba`` and ``PMI(a, b) > min_pmi``;
