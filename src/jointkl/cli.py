@@ -104,20 +104,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from jointkl.data.tables import bind_arguments, load_table
     from jointkl.engine import engine_class
     from jointkl.runs import RunDir
+    from jointkl.zoo import hook
 
     settings = parse_settings(args.set or [])
     engine_cls = engine_class(args.engine)
     target, model_spec, model_cls = _resolve_model(args.model, None)
     model_kw, engine_kw = route_settings(settings, model_cls, engine_cls)
     # A zoo model may carry measured engine settings (e.g. batch size); --set overrides them.
-    defaults = getattr(model_cls, "engine_defaults", {}).get(args.engine, {})
+    defaults = hook(model_cls, "engine_defaults").get(args.engine, {})
     engine_kw = {**defaults, **engine_kw}
     if model_cls is not None:
         try:
             pair = model_cls(**model_kw)
         except TypeError as e:
             raise InputError(f"model {args.model!r}: {e}") from e
-        model_spec["settings"] = pair.settings() if hasattr(pair, "settings") else model_kw
+        model_spec["settings"] = pair.settings()
     else:
         pair = target
     engine_params = _params_of(engine_cls)
@@ -125,7 +126,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         table = load_table(args.data)
         data_args, data_kwargs = bind_arguments(table, pair.model)
         data_source = str(Path(args.data).resolve())
-    elif hasattr(pair, "default_data"):
+    elif hook(pair, "default_data") is not None:
         data_args, data_kwargs = pair.default_data(seed=args.seed)
         data_source = f"default data of {args.model!r}"
     else:
