@@ -5,9 +5,10 @@ Gradient descent integrates dθ/dt = −∇U; adding white noise of the right si
     dθ = −P ∇U(θ) dt + √(2P) dW,        U(θ) = −log p(x, θ)   (unconstrained θ),
 
 gives the Langevin equation, whose stationary density is exp(−U) ∝ p(θ | x) for any constant
-positive-definite preconditioner P (SEEDS.md §7). With U's gradient estimated on a mini-batch
-(the likelihood scaled by N/B) this is SGLD (Welling & Teh 2011). The time step is discretised
-with the Leimkuhler–Matthews scheme
+positive-definite preconditioner P: its Fokker–Planck equation ∂ρ/∂t = ∇·(P(ρ∇U + ∇ρ)) has
+zero probability flux at ρ ∝ exp(−U), since ∇exp(−U) = −exp(−U)∇U. With U's gradient
+estimated on a mini-batch (the likelihood scaled by N/B) this is SGLD (Welling & Teh 2011).
+The time step is discretised with the Leimkuhler–Matthews scheme
 
     θ_{n+1} = θ_n − ε P ∇Û(θ_n) + √(εP/2) (ξ_n + ξ_{n+1}),     ξ ~ N(0, I) i.i.d.,
 
@@ -36,13 +37,25 @@ Tuning (``step_size=None``), all within ``warmup``:
 
 With ``step_size`` given there is no tuning: P = I (plain SGLD in unconstrained space) and
 the warmup steps are taken at that step and discarded.
+
+One loop, one state. The stages above and the sampling are one sequence of ``warmup +
+num_samples`` steps; the sampler's whole progress after any step is one
+:class:`~jointkl.checkpoint.LoopState` (the chains' positions and the draws kept so far, the
+Adam state of stage 1, torch's and the sampler's generator states, the potential history, and
+in ``extra`` the stage, ε, P, the last noise ξ_n, the halvings and the gradient count), and
+:meth:`_Sampler.advance` maps it to the next. A checkpoint is that value, so a fit resumed
+from one continues bit for bit as if it had never stopped. Mini-batches come from
+:class:`~jointkl.minibatch.BatchOrder`, one order per chain, a function of (seed, step).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
@@ -53,23 +66,36 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from jointkl.engine import Engine, register_engine
+from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint
+from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import FitDivergedError, InputError
-from jointkl.fit import Fit
-from jointkl.minibatch import (
-    ScaleDataPlate,
-    check_finite_data,
-    slice_arguments,
-    sliceable_arguments,
-)
+from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
 from jointkl.optim import AdaptiveFlow
-from jointkl.pair import as_pair
+from jointkl.settings import (
+    Settings,
+    boolean,
+    integer,
+    nonnegative_int,
+    one_of,
+    optional,
+    path_or_none,
+    positive_float,
+    positive_int,
+    setting,
+)
 from jointkl.sites import DATA_PLATE, trace_model
 
-__all__ = ["Langevin", "LogJoint"]
+__all__ = ["Langevin", "LangevinSettings", "LogJoint"]
 
 SCHEDULES = ("constant", "polynomial")
 MIN_TUNED_WARMUP = 20
+# Mini-batches drawn per chain by one tuning: 1 for the curvature, 1 for the power
+# iteration, 8 for the gradient-noise variance.
+PROBE_BATCHES = 10
+# BatchOrder seeds its generator with seed·1,000,003 + stream + epoch: spacing the chains'
+# streams this far apart keeps their orders distinct for 62,500 epochs and up to 16 chains
+# (with stream = 1 + c, chain c's epoch e + 1 would be chain c + 1's epoch e).
+CHAIN_STREAM_STRIDE = 62_500
 
 
 class LogJoint:
@@ -186,6 +212,40 @@ class LogJoint:
         return torch.stack(rows)
 
 
+@dataclass(frozen=True)
+class LangevinSettings(Settings):
+    """The settings of :class:`Langevin` (see its docstring for each one's meaning)."""
+
+    owner: ClassVar[str] = "Langevin"
+
+    step_size: float | None = setting(None, optional(positive_float))
+    schedule: str = setting("constant", one_of(*SCHEDULES))
+    num_chains: int = setting(4, positive_int)
+    num_samples: int = setting(1000, positive_int)
+    warmup: int = setting(500, nonnegative_int)
+    batch_size: int | None = setting(None, optional(positive_int))
+    noise_tolerance: float = setting(0.05, positive_float)
+    seed: int = setting(0, integer)
+    checkpoint_every: int | None = setting(None, optional(positive_int))
+    checkpoint_dir: str | None = setting(None, path_or_none)
+    resume: bool = setting(False, boolean)
+    progress: bool = setting(True, boolean, json=False)
+
+    def validate(self) -> None:
+        if self.step_size is None and self.warmup < MIN_TUNED_WARMUP:
+            self.fail(
+                f"warmup must be >= {MIN_TUNED_WARMUP} to tune the step size "
+                f"(got {self.warmup}); or give step_size"
+            )
+        check_checkpointing(self.owner, self.checkpoint_every, self.checkpoint_dir, self.resume)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that decide the chains' path: a checkpoint records them, and a resume
+        under other values is refused (its state would not mean the same thing)."""
+        keys = ("step_size", "schedule", "num_chains", "num_samples", "warmup", "batch_size")
+        return {k: getattr(self, k) for k in (*keys, "noise_tolerance", "seed")}
+
+
 @register_engine
 class Langevin(Engine):
     """Posterior draws of a Pyro model's continuous latents by stochastic-gradient Langevin
@@ -204,251 +264,356 @@ class Langevin(Engine):
         inflation of a posterior variance that gradient noise may cause (ε ≤ tol/max PV).
         Larger mixes faster and is less exact.
     :param int seed: the one seed for starts, noise and mini-batches.
+    :param checkpoint_every: save the sampler's state every N steps (warmup and sampling
+        counted together) into ``checkpoint_dir``; ``None``: only at the end, on interruption
+        (Ctrl-C) and on divergence (the last good state), when ``checkpoint_dir`` is set.
+    :param checkpoint_dir: folder for ``step-XXXXXXXX.pt`` checkpoints.
+    :param bool resume: continue from the latest checkpoint in ``checkpoint_dir`` if any,
+        exactly (the same draws, history and info as a run that never stopped). The settings
+        that decide the chains' path must be the ones the checkpoint was written with.
     :param bool progress: show a tqdm progress bar.
 
     ``Fit.samples`` holds the draws in the constrained space, ``(chain, draw, *site_shape)``;
     ``Fit.params`` their posterior means; ``Fit.history`` the chains' mean potential U per step
-    (warmup included). Any ``pyro.param`` in the model stays at its current value.
+    (warmup included). Any ``pyro.param`` in the model stays at its current value (and is not
+    part of a checkpoint).
     """
 
     name = "langevin"
     description = "stochastic-gradient Langevin dynamics: posterior draws (continuous latents)"
+    Settings = LangevinSettings
+    settings: LangevinSettings
 
-    def __init__(
-        self,
-        step_size: float | None = None,
-        schedule: str = "constant",
-        num_chains: int = 4,
-        num_samples: int = 1000,
-        warmup: int = 500,
-        batch_size: int | None = None,
-        noise_tolerance: float = 0.05,
-        seed: int = 0,
-        progress: bool = True,
-    ):
-        if step_size is not None and not _positive(step_size, float):
-            raise InputError(f"Langevin: step_size must be > 0 or None, got {step_size!r}")
-        if schedule not in SCHEDULES:
-            raise InputError(f"Langevin: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        for key, value in (("num_chains", num_chains), ("num_samples", num_samples)):
-            if not _positive(value, int):
-                raise InputError(f"Langevin: {key} must be a positive integer, got {value!r}")
-        if not (_positive(warmup, int) or warmup == 0) or isinstance(warmup, bool):
-            raise InputError(f"Langevin: warmup must be an integer >= 0, got {warmup!r}")
-        if step_size is None and warmup < MIN_TUNED_WARMUP:
-            raise InputError(
-                f"Langevin: warmup must be >= {MIN_TUNED_WARMUP} to tune the step size "
-                f"(got {warmup}); or give step_size"
-            )
-        if batch_size is not None and not _positive(batch_size, int):
-            raise InputError(
-                f"Langevin: batch_size must be a positive integer or None, got {batch_size!r}"
-            )
-        if not _positive(noise_tolerance, float):
-            raise InputError(f"Langevin: noise_tolerance must be > 0, got {noise_tolerance!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InputError(f"Langevin: seed must be an integer, got {seed!r}")
-        super().__init__(
-            step_size=None if step_size is None else float(step_size),
-            schedule=schedule,
-            num_chains=int(num_chains),
-            num_samples=int(num_samples),
-            warmup=int(warmup),
-            batch_size=None if batch_size is None else int(batch_size),
-            noise_tolerance=float(noise_tolerance),
-            seed=seed,
-        )
-        self.progress = progress
-
-    # ------------------------------------------------------------------ fitting
-    def fit(self, pair: Any, *args: Any, **kwargs: Any) -> Fit:
+    def run(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> Result:
         """Draw from the posterior of ``pair.model`` given ``model(*args, **kwargs)``."""
-        pair = as_pair(pair)
-        cfg = self.config
-        check_finite_data(args, kwargs)
-        pyro.set_rng_seed(cfg["seed"])
-        target = LogJoint(pair.model, args, kwargs, cfg["batch_size"])
-        run = _Run(target, cfg, torch.Generator().manual_seed(cfg["seed"]), self.progress)
+        s = self.settings
+        target = LogJoint(pair.model, args, kwargs, s.batch_size)
+        sampler = _Sampler(target, s)
+        folder = Path(s.checkpoint_dir) if s.checkpoint_dir is not None else None
+        latest = latest_checkpoint(folder) if s.resume and folder is not None else None
         t0 = time.perf_counter()
-        theta = target.initial(cfg["num_chains"])
+        if latest is not None:
+            state = sampler.resumed(LoopState.load(latest), latest)
+        else:
+            state = sampler.initial()
         # The model and data were validated by LogJoint's first trace; re-checking every
         # distribution's arguments at every step costs ~40 % of a gradient.
         with pyro.validation_enabled(False):
-            theta, precond, eps = run.warmup(theta)
-            draws = run.sample(theta, precond, eps)
+            state = sampler.run(state, folder)
         elapsed = time.perf_counter() - t0
 
+        draws, extra = state.params["draws"], state.extra
         C, S = draws.shape[:2]
         with torch.no_grad():
             values, _ = target.constrained(draws.reshape(C * S, -1))
         samples = {n: v.reshape(C, S, *v.shape[1:]) for n, v in values.items()}
         rhat = _max_rhat(samples) if C > 1 and S >= 4 else math.nan
-        return Fit(
-            engine=self.name,
-            config=cfg,
+        return Result(
             params={n: v.mean((0, 1)) for n, v in samples.items()},
-            history=run.history,
+            history=state.history,
             objective="potential",
             converged=bool(rhat < 1.05),
-            n_iter=cfg["warmup"] + cfg["num_samples"],
-            state={"preconditioner": precond, "last": draws[:, -1].clone()},
+            n_iter=state.step,
+            state={"preconditioner": extra["precond"], "last": draws[:, -1].clone()},
             samples=samples,
             info={
-                "step_size": eps,
+                "step_size": extra["eps"],
                 "max_rhat": rhat,
                 "seconds": elapsed,
-                "gradients": run.gradients,
+                "gradients": extra["gradients"],
                 "data_size": target.data_size,
-                **run.info,
+                **extra["info"],
             },
-            model_spec=pair.spec() if hasattr(pair, "spec") else None,
-            pair=pair,
-            args=args,
-            kwargs=kwargs,
         )
 
 
-class _Run:
-    """One fit's chains: the Langevin moves, the tuning stages, and the potential trace."""
+@dataclass(frozen=True)
+class _Stage:
+    """One stretch of the schedule: ``kind`` is ``"optimise"`` (Adam on U), ``"warmup"``
+    (Langevin steps, discarded; a divergence halves ε) or ``"sample"`` (Langevin steps, kept);
+    ``retune``: choose P and ε afresh on entering it."""
 
-    def __init__(self, target: LogJoint, cfg: dict, gen: torch.Generator, progress: bool):
-        self.target, self.cfg, self.gen = target, cfg, gen
-        self.history: list[float] = []
-        self.info: dict[str, Any] = {}
-        self.gradients = 0
-        self.bar = tqdm(
-            total=cfg["warmup"] + cfg["num_samples"], disable=not progress, desc="langevin"
+    kind: str
+    length: int
+    retune: bool = False
+
+
+class _Sampler:
+    """One fit's chains: the schedule of stages, the step function :meth:`advance` on a
+    :class:`LoopState`, and the loop that drives it and writes checkpoints.
+
+    Randomness: the starts come from torch's global generator (seeded by the engine); the
+    noise ξ, the Hutchinson probes and the power-iteration starts from the sampler's own
+    ``torch.Generator`` seeded with ``seed``; the mini-batches from one
+    :class:`~jointkl.minibatch.BatchOrder` per chain — chain c's batch at step n is
+    ``orders[c].indices(n)``, and the batches of the k-th tuning (curvature, power iteration,
+    gradient noise) are the indices after the last step's, ``warmup + num_samples +
+    k·PROBE_BATCHES + j``. All of it is a function of (seed, step) and the recorded
+    generator states, so a resumed fit draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, target: LogJoint, settings: LangevinSettings):
+        self.target, self.s = target, settings
+        self.gen = torch.Generator().manual_seed(settings.seed)
+        self.stages = _stages(settings)
+        self.total = settings.warmup + settings.num_samples
+        self.orders: list[BatchOrder] | None = None
+        if settings.batch_size is not None:
+            # drop_last: every step has exactly B rows, so the gradient noise is the same at
+            # every step (the level the step size was capped for).
+            self.orders = [
+                BatchOrder(
+                    target.data_size,
+                    settings.batch_size,
+                    settings.seed,
+                    drop_last=True,
+                    stream=1 + c * CHAIN_STREAM_STRIDE,
+                )
+                for c in range(settings.num_chains)
+            ]
+        self.spent = 0  # gradient-equivalents spent in the current advance()
+
+    # ------------------------------------------------------------------ the state
+    def initial(self) -> LoopState:
+        """Step 0: dispersed starts, nothing tuned yet (P = I, ε = ``step_size``)."""
+        theta = self.target.initial(self.s.num_chains)
+        return LoopState(
+            step=0,
+            params={"theta": theta},
+            rng=self.rng(),
+            extra={
+                "stage": 0,
+                "stage_step": 0,
+                "entered": False,
+                "eps": self.s.step_size,
+                "precond": torch.ones(self.target.dim, dtype=theta.dtype),
+                "noise": None,
+                "halvings": 0,
+                "tunings": 0,
+                "gradients": 0,
+                "info": {},
+                "settings": self.s.trajectory(),
+            },
         )
 
-    def batch(self) -> torch.Tensor | None:
-        b = self.cfg["batch_size"]
-        if b is None:
-            return None
-        return torch.randperm(self.target.data_size, generator=self.gen)[:b]
+    def resumed(self, state: LoopState, path: Path) -> LoopState:
+        """``state`` read from ``path``, checked against this fit, its generators restored."""
+        saved = state.extra.get("settings")
+        if saved is None or "theta" not in state.params:
+            raise InputError(f"Langevin: checkpoint {path} was not written by Langevin")
+        for key, value in self.s.trajectory().items():
+            if saved.get(key) != value:
+                raise InputError(
+                    f"Langevin: checkpoint {path} was written with {key}={saved.get(key)!r}, "
+                    f"not {value!r}: resume with the same settings"
+                )
+        if state.params["theta"].shape[-1] != self.target.dim:
+            raise InputError(
+                f"Langevin: checkpoint {path} has {state.params['theta'].shape[-1]} "
+                f"coordinates per chain; this model has {self.target.dim}"
+            )
+        state.restore_torch_rng()
+        self.gen.set_state(state.rng["chains"])
+        return state
 
-    def gradients_at(self, theta: torch.Tensor) -> tuple[list[float], torch.Tensor]:
-        """U and ∇U of every chain (each on its own mini-batch)."""
-        us, gs = [], []
-        for row in theta:
-            u, g = self.target.gradient(row, self.batch())
-            us.append(u)
-            gs.append(g)
-        self.gradients += len(us)
-        return us, torch.stack(gs)
+    def rng(self) -> dict[str, torch.Tensor]:
+        return {**LoopState.torch_rng(), "chains": self.gen.get_state()}
 
-    # ------------------------------------------------------------------ dynamics
-    def langevin(self, theta, steps, precond, eps, *, tuning: bool, keep=None):
-        """``steps`` Leimkuhler–Matthews moves of every chain. In tuning, a non-finite
-        potential halves ε and restarts the chain from its last good point; in sampling it
-        stops the fit. Returns θ, ε and the kept states (``keep``: the last that many)."""
-        noise = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
-        kept, halvings, last = [], 0, None
-        for t in range(steps):
-            us, grads = self.gradients_at(theta)
-            bad = [c for c, u in enumerate(us) if not math.isfinite(u)]
-            bad += [c for c in range(len(us)) if not torch.isfinite(grads[c]).all()]
-            if bad:
-                where = "sampling" if not tuning else "warmup"
-                if not tuning or last is None or halvings >= 30:
-                    raise FitDivergedError(
-                        f"Langevin: non-finite potential or gradient in chain {bad[0]} at "
-                        f"{where} step {t} (step size {eps:.3g}); give a smaller step_size "
-                        "or check the model"
-                    )
-                # Back to the last finite state, at half the step.
-                halvings += 1
-                eps *= 0.5
-                theta = last
-                continue
-            last = theta
-            self.history.append(sum(us) / len(us))
-            step = eps * self.schedule(t) if not tuning else eps
-            fresh = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
-            # Euler–Maruyama drift, noise averaged over consecutive steps (Leimkuhler–Matthews).
-            theta = theta - step * precond * grads + (step * precond / 2).sqrt() * (noise + fresh)
-            noise = fresh
-            if keep is not None and t >= steps - keep:
-                kept.append(theta)
-            self.bar.update(1)
-        return theta, eps, kept
+    # ------------------------------------------------------------------ the loop
+    def run(self, state: LoopState, folder: Path | None) -> LoopState:
+        """Advance ``state`` to the end, saving it every ``checkpoint_every`` steps into
+        ``folder``, and at the end. On Ctrl-C the state of the last completed step is saved
+        and the interruption goes on; on divergence the last good state is saved and
+        :class:`FitDivergedError` goes on."""
+        every = self.s.checkpoint_every
+        bar = tqdm(
+            total=self.total, initial=state.step, disable=not self.s.progress, desc="langevin"
+        )
+        try:
+            while state.step < self.total:
+                new = self.advance(state)
+                if folder is not None and every and new.step // every > state.step // every:
+                    new.save(folder)
+                bar.update(new.step - state.step)
+                state = new
+        except KeyboardInterrupt:
+            if folder is not None:
+                state.save(folder)
+            raise
+        except FitDivergedError:
+            if folder is not None and state.step > 0:
+                state.save(folder)
+            raise
+        finally:
+            bar.close()
+        if folder is not None:
+            state.save(folder)
+        return state
+
+    def advance(self, state: LoopState) -> LoopState:
+        """The state after one more step. ``state`` is left as it was (lists and tensors are
+        replaced, not changed; the draws buffer is written only past ``state``'s last draw),
+        so an interruption mid-step leaves the previous state whole."""
+        params, extra = dict(state.params), dict(state.extra)
+        optim = state.optim
+        self.spent = 0
+        # Enter the current stage (choosing P and ε, drawing ξ_0), moving past finished ones.
+        while True:
+            stage = self.stages[extra["stage"]]
+            if not extra["entered"]:
+                optim = {}
+                self.enter(stage, params, extra)
+            if extra["stage_step"] < stage.length:
+                break
+            extra.update(stage=extra["stage"] + 1, stage_step=0, entered=False)
+        t = extra["stage_step"]
+        if stage.kind == "optimise":
+            potential, optim, taken = self.optimise(state.step, t, stage.length, params, optim)
+        else:
+            potential, taken = self.langevin(state.step, t, stage, params, extra)
+        extra["stage_step"] = t + taken
+        extra["gradients"] += self.spent
+        history = state.history if potential is None else [*state.history, potential]
+        return LoopState(state.step + taken, params, optim, self.rng(), history, extra)
+
+    def enter(self, stage: _Stage, params: dict, extra: dict) -> None:
+        """Start ``stage``: P and ε chosen afresh when it retunes, ξ_0 drawn for Langevin
+        stages, the draws buffer made for sampling."""
+        extra["entered"] = True
+        theta = params["theta"]
+        params.pop("previous", None)
+        if stage.kind == "optimise":
+            params["previous"] = theta  # where to stay if the first step is not finite
+            return
+        if stage.retune:
+            precond = 1.0 / self.diagonal_curvature(theta, extra["tunings"])
+            extra["eps"] = self.step_size(theta, precond, extra)
+            extra["precond"] = precond
+            extra["tunings"] += 1
+        extra["noise"] = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
+        extra["halvings"] = 0
+        if stage.kind == "sample":
+            params["draws"] = theta.new_zeros(theta.shape[0], stage.length, theta.shape[1])
+
+    # ------------------------------------------------------------------ the steps
+    def optimise(
+        self, step: int, t: int, length: int, params: dict, optim: dict
+    ) -> tuple[float | None, dict, int]:
+        """Step ``t`` of Adam (AdaptiveFlow) on U, every chain: from the dispersed starts to
+        the bulk. Returns the mean potential, the optimiser's state and the steps taken (the
+        rest of the stage if U is not finite: the chains stay at the last finite point)."""
+        theta = params["theta"]
+        us, grads = self.gradients_at(theta, step)
+        if not all(math.isfinite(u) for u in us) or not torch.isfinite(grads).all():
+            # Overshot into a non-finite region: keep the last finite point, end the stage.
+            params["theta"] = params.pop("previous")
+            return None, {}, length - t
+        params["previous"] = theta
+        leaf = theta.clone().requires_grad_()
+        opt = AdaptiveFlow([leaf])
+        if optim:  # a copy: the previous state's tensors must not change under it
+            opt.load_state_dict(copy.deepcopy(optim))
+        # Step 0.1 → 0.01 geometrically: cross the distance first, then settle.
+        opt.param_groups[0]["step_size"] = 0.1 * 0.1 ** (t / max(1, length - 1))
+        leaf.grad = grads
+        opt.step()
+        params["theta"] = leaf.detach()
+        return sum(us) / len(us), opt.state_dict(), 1
+
+    def langevin(
+        self, step: int, t: int, stage: _Stage, params: dict, extra: dict
+    ) -> tuple[float | None, int]:
+        """Step ``t`` of ``stage``: one Leimkuhler–Matthews move of every chain. In warmup, a
+        non-finite potential halves ε and sends the chains back to their last good point; in
+        sampling it stops the fit. Returns the mean potential (None after a halving) and the
+        steps taken (1)."""
+        theta, eps, precond = params["theta"], extra["eps"], extra["precond"]
+        tuning = stage.kind != "sample"
+        us, grads = self.gradients_at(theta, step)
+        bad = [c for c, u in enumerate(us) if not math.isfinite(u)]
+        bad += [c for c in range(len(us)) if not torch.isfinite(grads[c]).all()]
+        if bad:
+            where = "warmup" if tuning else "sampling"
+            if not tuning or "previous" not in params or extra["halvings"] >= 30:
+                raise FitDivergedError(
+                    f"Langevin: non-finite potential or gradient in chain {bad[0]} at "
+                    f"{where} step {t} (step size {eps:.3g}); give a smaller step_size "
+                    "or check the model"
+                )
+            # Back to the last finite state, at half the step.
+            extra["halvings"] += 1
+            extra["eps"] = eps * 0.5
+            params["theta"] = params["previous"]
+            return None, 1
+        if tuning:
+            params["previous"] = theta
+        h = eps * self.schedule(t) if not tuning else eps
+        fresh = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
+        # Euler–Maruyama drift, noise averaged over consecutive steps (Leimkuhler–Matthews).
+        theta = theta - h * precond * grads + (h * precond / 2).sqrt() * (extra["noise"] + fresh)
+        extra["noise"] = fresh
+        params["theta"] = theta
+        if not tuning:
+            params["draws"][:, t] = theta
+        return sum(us) / len(us), 1
 
     def schedule(self, t: int) -> float:
-        if self.cfg["schedule"] == "polynomial":
-            tau = max(1.0, self.cfg["num_samples"] / 10)
+        """The factor of ε at sampling step ``t``: 1, or (1 + t/τ)^−0.55 (polynomial)."""
+        if self.s.schedule == "polynomial":
+            tau = max(1.0, self.s.num_samples / 10)
             return (1.0 + t / tau) ** -0.55
         return 1.0
 
+    # ------------------------------------------------------------------ gradients
+    def batch(self, chain: int, index: int) -> torch.Tensor | None:
+        """Chain ``chain``'s mini-batch number ``index`` (None: full data)."""
+        return None if self.orders is None else self.orders[chain].indices(index)
+
+    def probe_batch(self, chain: int, tuning: int, j: int) -> torch.Tensor | None:
+        """The ``j``-th probe batch of the ``tuning``-th tuning: past every step's index."""
+        return self.batch(chain, self.total + tuning * PROBE_BATCHES + j)
+
+    def gradients_at(self, theta: torch.Tensor, step: int) -> tuple[list[float], torch.Tensor]:
+        """U and ∇U of every chain at step ``step`` (each on its own mini-batch)."""
+        us, gs = [], []
+        for c, row in enumerate(theta):
+            u, g = self.target.gradient(row, self.batch(c, step))
+            us.append(u)
+            gs.append(g)
+        self.spent += len(us)
+        return us, torch.stack(gs)
+
     # ------------------------------------------------------------------ tuning
-    def warmup(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        cfg = self.cfg
-        W = cfg["warmup"]
-        precond = torch.ones(self.target.dim, dtype=theta.dtype)
-        if cfg["step_size"] is not None:
-            theta, eps, _ = self.langevin(theta, W, precond, cfg["step_size"], tuning=True)
-            return theta, precond, eps
-        stage1 = 2 * W // 5
-        stage2 = 2 * W // 5
-        theta = self.optimise(theta, stage1)
-        precond = 1.0 / self.diagonal_curvature(theta)
-        eps = self.step_size(theta, precond)
-        theta, eps, _ = self.langevin(theta, stage2, precond, eps, tuning=True)
-        # Again, from inside the bulk: the curvature where the draws will be.
-        precond = 1.0 / self.diagonal_curvature(theta)
-        eps = self.step_size(theta, precond)
-        theta, eps, _ = self.langevin(theta, W - stage1 - stage2, precond, eps, tuning=True)
-        return theta, precond, eps
-
-    def sample(self, theta, precond, eps) -> torch.Tensor:
-        _, _, kept = self.langevin(
-            theta, self.cfg["num_samples"], precond, eps, tuning=False, keep=self.cfg["num_samples"]
-        )
-        self.bar.close()
-        return torch.stack(kept, 1).detach()
-
-    def optimise(self, theta: torch.Tensor, steps: int) -> torch.Tensor:
-        """Adam (AdaptiveFlow) on U, every chain: from the dispersed starts to the bulk."""
-        last = theta
-        theta = theta.clone().requires_grad_()
-        opt = AdaptiveFlow([theta])
-        for t in range(steps):
-            # Step 0.1 → 0.01 geometrically: cross the distance first, then settle.
-            opt.param_groups[0]["step_size"] = 0.1 * 0.1 ** (t / max(1, steps - 1))
-            us, grads = self.gradients_at(theta.detach())
-            if not all(math.isfinite(u) for u in us) or not torch.isfinite(grads).all():
-                # Overshot into a non-finite region: keep the last finite point.
-                return last
-            last = theta.detach().clone()
-            self.history.append(sum(us) / len(us))
-            theta.grad = grads
-            opt.step()
-            self.bar.update(1)
-        return theta.detach()
-
-    def diagonal_curvature(self, theta: torch.Tensor, probes: int = 16) -> torch.Tensor:
+    def diagonal_curvature(self, theta: torch.Tensor, tuning: int, probes: int = 16):
         """diag ∇²U averaged over the chains: exact (unit vectors) up to ``probes``
         coordinates, else Hutchinson's estimator E[z ⊙ ∇²U z] with Rademacher z. Kept
         positive: a non-convex spot must not give a negative or infinite preconditioner."""
         d = self.target.dim
         est = torch.zeros(d, dtype=theta.dtype)
-        for row in theta:
+        for c, row in enumerate(theta):
+            idx = self.probe_batch(c, tuning, 0)
             if d <= probes:  # e_i ⊙ ∇²U e_i picks the i-th diagonal entry: sum the rows
                 z = torch.eye(d, dtype=theta.dtype)
-                est += (z * self.target.hvp(row, z, self.batch())).sum(0)
+                est += (z * self.target.hvp(row, z, idx)).sum(0)
             else:  # E[z ⊙ ∇²U z] = diag ∇²U for Rademacher z: average the probes
                 z = torch.randint(0, 2, (probes, d), generator=self.gen).to(theta.dtype) * 2 - 1
-                est += (z * self.target.hvp(row, z, self.batch())).mean(0)
-            self.gradients += 2 * len(z)
+                est += (z * self.target.hvp(row, z, idx)).mean(0)
+            self.spent += 2 * len(z)
         est = (est / len(theta)).abs()
         return est.clamp_min(max(est.max().item() * 1e-12, 1e-30))
 
-    def step_size(self, theta: torch.Tensor, precond: torch.Tensor, iters: int = 12) -> float:
+    def step_size(
+        self, theta: torch.Tensor, precond: torch.Tensor, extra: dict, iters: int = 12
+    ) -> float:
         """ε = 1/κ_max, κ_max the top eigenvalue of P^½ ∇²U P^½ by power iteration (max over
-        chains, 10 % margin), capped by the mini-batch noise tolerance."""
+        chains, 10 % margin), capped by the mini-batch noise tolerance. Records ``kappa_max``
+        (and ``gradient_noise_pv``) in ``extra["info"]``."""
+        tuning = extra["tunings"]
         root = precond.sqrt()
         kappa = 0.0
-        for row in theta:
+        for c, row in enumerate(theta):
             v = torch.randn(self.target.dim, generator=self.gen, dtype=theta.dtype)
-            idx = self.batch()
+            idx = self.probe_batch(c, tuning, 1)
             lam = 0.0
             for _ in range(iters):
                 v = v / v.norm()
@@ -456,33 +621,53 @@ class _Run:
                 lam = float(v @ w)
                 v = w
             kappa = max(kappa, abs(lam))
-            self.gradients += 2 * iters
+            self.spent += 2 * iters
         eps = 1.0 / (1.1 * kappa) if kappa > 0 else 1.0
-        self.info["kappa_max"] = kappa
-        if self.cfg["batch_size"] is not None:
+        info = {**extra["info"], "kappa_max": kappa}
+        if self.s.batch_size is not None:
             # Relative variance inflation from gradient noise ≈ ε P V (module docstring).
             # Median over the chains: one chain still far out must not set the step.
             pv = float(
-                torch.stack([(precond * self.gradient_noise(row)).max() for row in theta]).median()
+                torch.stack(
+                    [
+                        (precond * self.gradient_noise(row, c, tuning)).max()
+                        for c, row in enumerate(theta)
+                    ]
+                ).median()
             )
-            self.info["gradient_noise_pv"] = pv
+            info["gradient_noise_pv"] = pv
             if pv > 0:
-                eps = min(eps, self.cfg["noise_tolerance"] / pv)
+                eps = min(eps, self.s.noise_tolerance / pv)
+        extra["info"] = info
         return eps
 
-    def gradient_noise(self, theta: torch.Tensor, batches: int = 8) -> torch.Tensor:
-        """Per-coordinate variance V of the mini-batch gradient at one point."""
-        grads = torch.stack([self.target.gradient(theta, self.batch())[1] for _ in range(batches)])
-        self.gradients += batches
+    def gradient_noise(self, theta: torch.Tensor, chain: int, tuning: int) -> torch.Tensor:
+        """Per-coordinate variance V of chain ``chain``'s mini-batch gradient at one point,
+        over the probe batches 2, …, PROBE_BATCHES − 1 of this tuning."""
+        grads = torch.stack(
+            [
+                self.target.gradient(theta, self.probe_batch(chain, tuning, j))[1]
+                for j in range(2, PROBE_BATCHES)
+            ]
+        )
+        self.spent += len(grads)
         return grads.var(0)
 
 
-def _positive(value: Any, kind: type) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if kind is int and not float(value).is_integer():
-        return False
-    return math.isfinite(value) and value > 0
+def _stages(s: LangevinSettings) -> list[_Stage]:
+    """The schedule: with a tuned step, Adam on 2/5 of the warmup, Langevin on 2/5 and on
+    the rest (each after choosing P and ε), then sampling; with ``step_size`` given, Langevin
+    warmup at that step, then sampling."""
+    W = s.warmup
+    if s.step_size is not None:
+        return [_Stage("warmup", W), _Stage("sample", s.num_samples)]
+    first = second = 2 * W // 5
+    return [
+        _Stage("optimise", first),
+        _Stage("warmup", second, retune=True),
+        _Stage("warmup", W - first - second, retune=True),
+        _Stage("sample", s.num_samples),
+    ]
 
 
 def _max_rhat(samples: dict[str, torch.Tensor]) -> float:
