@@ -89,7 +89,9 @@ class BatchOrder:
     :param bool drop_last: drop each epoch's last partial batch (every step then has exactly
         ``batch_size`` rows) instead of keeping it as a smaller batch.
     :param int stream: offsets the seed, so that several orders from one seed (an engine's
-        chains, or two engines in one process) are independent.
+        chains) are independent. Epoch e of stream k uses generator seed
+        ``seed * 1_000_003 + k + e``, so streams meant to differ must lie further apart than
+        the number of epochs a run takes (Langevin spaces its chains' streams 62,500 apart).
     """
 
     def __init__(
