@@ -19,7 +19,7 @@ vectorised call. A group's table is computed in one of three ways, decided once 
             MultivariateNormal whose parameters are free variables indexed by enumerated
             values (``locs[z]``, ``trans[z_prev]``, ``weights``) or constants. The table is
             recomputed from θ without running the model, and the closed-form M-steps in
-            :mod:`jointkl.inference.em_mstep` read the recipe.
+            :mod:`jointkl.inference.em.mstep` read the recipe.
 ``fixed``   the distribution does not depend on θ (a prior of a MAP global, a known noise
             model): the table is constant, or the prior's log-density at the global's value.
 ``traced``  anything else: the table is read from a fresh trace of the model at θ.

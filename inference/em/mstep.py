@@ -10,7 +10,7 @@ cannot lower Q, so the marginal likelihood never decreases:
    M-step), reverted if it would lower Q.
 
 A free variable gets a closed form (steps 1-3) when every table it enters is a ``recipe`` table
-(see :mod:`jointkl.inference.em_factors`) of one family, slot and view, and its prior (for a
+(see :mod:`jointkl.inference.em.compile`) of one family, slot and view, and its prior (for a
 MAP global) is conjugate there: Dirichlet for probability vectors, Beta for Bernoulli
 probabilities, Gamma for Poisson rates, Normal for means. Mean and covariance updates of a
 MultivariateNormal also need the covariance to vary only where the mean does (per component,
@@ -33,7 +33,7 @@ from typing import Any
 
 import opt_einsum
 import torch
-from jointkl.inference.em_factors import (
+from jointkl.inference.em.compile import (
     FactorModel,
     broadcast_shape,
     data_moments,

@@ -9,11 +9,11 @@ EM minimises the joint KL of DESIGN.md by alternating (SEEDS.md §1):
   marginal. No E-step code is asked of the model author.
 * **M-step** — θ ← argmax_θ E_{p(z|x,θ_old)} log p(x, z | θ) (+ log p(θ) for MAP globals):
   closed forms where a site is a standard exponential family with free parameters, L-BFGS on
-  the expected complete-data log-likelihood for the rest (:mod:`jointkl.inference.em_mstep`
+  the expected complete-data log-likelihood for the rest (:mod:`jointkl.inference.em.mstep`
   says how the engine decides).
 
 Both steps work on the model compiled once into factor tables
-(:mod:`jointkl.inference.em_factors`), so iterations do not re-run the model unless some site
+(:mod:`jointkl.inference.em.compile`), so iterations do not re-run the model unless some site
 can only be computed by running it. The marginal log-likelihood never decreases.
 
 Requirements: every discrete latent is enumerated in parallel (``config_enumerate`` or
@@ -30,8 +30,8 @@ from typing import Any
 
 import pyro
 import torch
-from jointkl.inference.em_factors import FactorModel, transform_for
-from jointkl.inference.em_mstep import SingularCovariance, m_step, plan_updates
+from jointkl.inference.em.compile import FactorModel, transform_for
+from jointkl.inference.em.mstep import SingularCovariance, m_step, plan_updates
 from pyro.distributions import constraints
 from tqdm.auto import tqdm
 
