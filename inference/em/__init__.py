@@ -1,13 +1,10 @@
 """Expectation-maximisation for Pyro models with enumerated discrete latents."""
 
-from jointkl.inference.em.compile import (
-    ChainLogPartition,
-    FactorModel,
-    SharedChainLogPartition,
-    transform_for,
-    weighted_moments,
-)
 from jointkl.inference.em.engine import EM, aic, bic, laplace, n_parameters, squarem_point
+from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.factors import transform_for
+from jointkl.inference.em.forward_backward import ChainLogPartition, SharedChainLogPartition
+from jointkl.inference.em.gaussian import weighted_moments
 from jointkl.inference.em.mstep import SingularCovariance, m_step, plan_updates
 
 __all__ = [

@@ -30,7 +30,8 @@ from typing import Any
 
 import pyro
 import torch
-from jointkl.inference.em.compile import FactorModel, transform_for
+from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.factors import transform_for
 from jointkl.inference.em.mstep import SingularCovariance, m_step, plan_updates
 from pyro.distributions import constraints
 from tqdm.auto import tqdm

@@ -33,17 +33,12 @@ from typing import Any
 
 import opt_einsum
 import torch
-from jointkl.inference.em.compile import (
-    FactorModel,
-    broadcast_shape,
-    data_moments,
-    index_part,
-    moment_parts,
-    mvn_tril,
-    transform_for,
-    unwrap,
-    weighted_moments,
-)
+from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.factors import index_part, transform_for
+from jointkl.inference.em.families import unwrap
+from jointkl.inference.em.gaussian import data_moments, moment_parts, mvn_tril, weighted_moments
+
+from jointkl.chain import broadcast_shapes
 
 __all__ = ["Update", "plan_updates", "m_step", "gradient_step", "SingularCovariance", "wsum"]
 
@@ -237,7 +232,7 @@ def _weights(W: torch.Tensor, trailing: int) -> torch.Tensor:
 
 
 def _full(*shapes) -> tuple[int, ...]:
-    return broadcast_shape(*(tuple(s) for s in shapes))
+    return tuple(broadcast_shapes(*(tuple(s) for s in shapes)))
 
 
 # --------------------------------------------------------------------------- updates
