@@ -402,7 +402,7 @@ PATHS: dict[str, EStepPath] = {
             chain_hessian_log_partition,
             "The Laplace approximation needs second derivatives, which the hand-written "
             "forward-backward backward passes do not give.",
-            "tests/test_em_estep.py::test_chain_hessian_path_is_twice_differentiable_like_the_generic_contraction",
+            "tests/test_em.py::test_laplace_hessian_through_a_chain_is_exact",
         ),
         EStepPath(
             "contract",
