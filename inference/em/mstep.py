@@ -33,16 +33,15 @@ import torch
 from jointkl.inference.em.factor_model import FactorModel
 from jointkl.inference.em.factors import transform_for
 from jointkl.inference.em.families import unwrap
-from jointkl.inference.em.statistics import Use
+from jointkl.inference.em.statistics import Theta, Use, Weights
 from jointkl.inference.em.updates import (
     SingularCovariance,
-    bernoulli_update,
     categorical_update,
+    mean_update,
     mvn_loc_update,
     mvn_scale_update,
     normal_loc_update,
     normal_scale_update,
-    poisson_update,
 )
 
 __all__ = [
@@ -54,9 +53,6 @@ __all__ = [
     "gradient_step",
     "SingularCovariance",
 ]
-
-Theta = Mapping[str, torch.Tensor]
-Weights = Mapping[int, torch.Tensor]
 
 
 @dataclass
@@ -158,8 +154,8 @@ ANY_VIEW = None
 CLOSED_FORMS: dict[str, ClosedForm] = {f.kind: f for f in (
     #          kind            family         slot          stage  conjugate priors -> views
     ClosedForm("categorical",  "categorical", "probs",      0, {None: ANY_VIEW, "dirichlet": ("identity",)}, categorical_update),
-    ClosedForm("bernoulli",    "bernoulli",   "probs",      0, {None: ANY_VIEW, "beta": ("identity",)}, bernoulli_update),
-    ClosedForm("poisson",      "poisson",     "rate",       0, {None: ANY_VIEW, "gamma": ("identity",)}, poisson_update),
+    ClosedForm("bernoulli",    "bernoulli",   "probs",      0, {None: ANY_VIEW, "beta": ("identity",)}, mean_update),
+    ClosedForm("poisson",      "poisson",     "rate",       0, {None: ANY_VIEW, "gamma": ("identity",)}, mean_update),
     ClosedForm("normal_loc",   "normal",      "loc",        1, {None: ANY_VIEW, "normal": ANY_VIEW}, normal_loc_update),
     ClosedForm("normal_scale", "normal",      "scale",      2, {None: ANY_VIEW}, normal_scale_update),
     ClosedForm("mvn_loc",      "mvn",         "loc",        1, {None: ANY_VIEW, "normal": ANY_VIEW}, mvn_loc_update, _plan_mvn_loc),
@@ -254,8 +250,8 @@ def _mvn_loc_ok(fm: FactorModel, gi: int, name: str, prior_kind: str | None) -> 
 # --------------------------------------------------------------------------- the M-step
 def gradient_step(
     fm: FactorModel,
-    theta: Mapping[str, torch.Tensor],
-    W: Mapping[int, torch.Tensor],
+    theta: Theta,
+    W: Weights,
     names: list[str],
     max_iter: int,
 ) -> dict[str, torch.Tensor]:
@@ -310,8 +306,8 @@ def gradient_step(
 
 def m_step(
     fm: FactorModel,
-    theta: Mapping[str, torch.Tensor],
-    W: Mapping[int, torch.Tensor],
+    theta: Theta,
+    W: Weights,
     closed: list[Update],
     gradient: list[str],
     reg: float = 0.0,

@@ -8,7 +8,7 @@ shared or tied cells.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import opt_einsum
@@ -28,12 +28,15 @@ __all__ = [
     "trailing",
     "full_shape",
     "counts",
-    "moments",
+    "weighted_sums",
     "scatter",
 ]
 
 # A use of a free variable: (group, slot, which input of the slot).
 Use = tuple[int, str, int]
+# θ by free variable's name; the E-step's posterior weights by group index.
+Theta = Mapping[str, torch.Tensor]
+Weights = Mapping[int, torch.Tensor]
 
 
 def wsum(
@@ -81,9 +84,7 @@ def to_param(
     return grad
 
 
-def target_shape(
-    fm: FactorModel, gi: int, slot: str, which: int, theta: Mapping[str, torch.Tensor]
-) -> tuple[int, ...]:
+def target_shape(fm: FactorModel, gi: int, slot: str, which: int, theta: Theta) -> tuple[int, ...]:
     """Shape of a slot input in canonical layout: what its statistics are reduced to."""
     g = fm.groups[gi]
     s = g.slots[slot]
@@ -103,8 +104,8 @@ def full_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 def counts(
     fm: FactorModel,
-    theta: Mapping[str, torch.Tensor],
-    W: Mapping[int, torch.Tensor],
+    theta: Theta,
+    W: Weights,
     name: str,
     uses: list[Use],
     dtype: torch.dtype,
@@ -126,26 +127,32 @@ def counts(
     return total
 
 
-def moments(
+def weighted_sums(
     fm: FactorModel,
-    theta: Mapping[str, torch.Tensor],
-    W: Mapping[int, torch.Tensor],
-    name: str,
+    theta: Theta,
+    W: Weights,
     uses: list[Use],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
+    terms: Callable[[int], tuple[torch.Tensor | None, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ w, Σ w x) in the layout of the free variable ``name`` (Bernoulli probabilities,
-    Poisson rates); arguments as for :func:`counts`."""
-    s0 = torch.zeros(fm.free[name].shape, dtype=dtype)
+    """(Σ w a, Σ w a b) in a free variable's layout ``shape``, over the groups of ``uses``,
+    with ``(a, b) = terms(group)``: a factor of the weights (``None``: 1; a precision, say)
+    and the values summed (the data, squared residuals). The first sum counts each weight as
+    often as the product with ``b`` has cells.
+
+    :param theta: θ (the recipe's indexing); ``W``: the E-step's weights by group.
+    """
+    s0 = torch.zeros(shape, dtype=dtype)
     s1 = torch.zeros_like(s0)
     for gi, slot, which in uses:
-        g = fm.groups[gi]
-        x = fm.value(gi, dtype).to(dtype)
-        w = trailing(W[gi], g.n_event)
+        w = trailing(W[gi], fm.groups[gi].n_event)
+        a, b = terms(gi)
+        ops = (w,) if a is None else (w, a)
         target = target_shape(fm, gi, slot, which, theta)
-        full = full_shape(w.shape, x.shape)
-        s0 = s0 + to_param(fm, gi, slot, which, s0.shape, wsum(target, w, full=full))
-        s1 = s1 + to_param(fm, gi, slot, which, s0.shape, wsum(target, w, x))
+        full = full_shape(*(t.shape for t in ops), b.shape)
+        s0 = s0 + to_param(fm, gi, slot, which, shape, wsum(target, *ops, full=full))
+        s1 = s1 + to_param(fm, gi, slot, which, shape, wsum(target, *ops, b))
     return s0, s1
 
 

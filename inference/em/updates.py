@@ -9,20 +9,20 @@ where is :data:`jointkl.inference.em.mstep.CLOSED_FORMS`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from jointkl.inference.em.factors import index_part
 from jointkl.inference.em.gaussian import data_moments, moment_parts, mvn_tril, weighted_moments
 from jointkl.inference.em.statistics import (
+    Theta,
+    Weights,
     counts,
-    full_shape,
-    moments,
     scatter,
     target_shape,
     to_param,
     trailing,
+    weighted_sums,
     wsum,
 )
 
@@ -33,16 +33,12 @@ if TYPE_CHECKING:
 __all__ = [
     "SingularCovariance",
     "categorical_update",
-    "bernoulli_update",
-    "poisson_update",
+    "mean_update",
     "normal_loc_update",
     "normal_scale_update",
     "mvn_loc_update",
     "mvn_scale_update",
 ]
-
-Theta = Mapping[str, torch.Tensor]
-Weights = Mapping[int, torch.Tensor]
 
 
 class SingularCovariance(ArithmeticError):
@@ -70,39 +66,29 @@ def categorical_update(
     return {name: p if up.view == "identity" else p.clamp_min(tiny).log()}
 
 
-def bernoulli_update(
+def mean_update(
     fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
 ) -> dict[str, torch.Tensor]:
-    """Bernoulli probabilities: Σ w x / Σ w (+ Beta a - 1, b - 1), as probabilities or logits."""
+    """Bernoulli probabilities and Poisson rates: the weighted mean Σ w x / Σ w, with a
+    conjugate prior's pseudo-counts (Beta(a, b): a - 1 ones and b - 1 zeros; Gamma(a, b):
+    a - 1 counts over b points), in the view's coordinates (logits, log-rates)."""
     name = up.names[0]
     old = theta[name]
-    tiny = torch.finfo(old.dtype).tiny
-    s0, s1 = moments(fm, theta, W, name, up.uses, old.dtype)
+    dtype, tiny = old.dtype, torch.finfo(old.dtype).tiny
+    s0, s1 = weighted_sums(
+        fm, theta, W, up.uses, old.shape, dtype, lambda gi: (None, fm.value(gi, dtype).to(dtype))
+    )
+    bernoulli = up.kind == "bernoulli"
     if up.prior:
         a, b = up.prior[1]["a"], up.prior[1]["b"]
-        s1, s0 = s1 + a - 1, s0 + a + b - 2
-    p = (s1 / s0.clamp_min(tiny)).clamp(0, 1)
-    if up.view == "sigmoid":
+        s1, s0 = (s1 + a - 1, s0 + a + b - 2) if bernoulli else ((s1 + a - 1).clamp_min(0), s0 + b)
+    mean = s1 / s0.clamp_min(tiny)
+    if bernoulli:
+        p = mean.clamp(0, 1)
         # A logit cannot hold an exact 0 or 1; ±30 is 1e-13 from it.
-        new = torch.logit(p).clamp(-30, 30)
+        new = torch.logit(p).clamp(-30, 30) if up.view == "sigmoid" else p
     else:
-        new = p
-    return {name: _keep_old(new, old, s0 <= 0)}
-
-
-def poisson_update(
-    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
-) -> dict[str, torch.Tensor]:
-    """Poisson rates: Σ w x / Σ w (+ Gamma a - 1, b), as rates or log-rates."""
-    name = up.names[0]
-    old = theta[name]
-    tiny = torch.finfo(old.dtype).tiny
-    s0, s1 = moments(fm, theta, W, name, up.uses, old.dtype)
-    if up.prior:
-        a, b = up.prior[1]["a"], up.prior[1]["b"]
-        s1, s0 = (s1 + a - 1).clamp_min(0), s0 + b
-    rate = s1 / s0.clamp_min(tiny)
-    new = rate.clamp_min(tiny).log() if up.view == "exp" else rate
+        new = mean.clamp_min(tiny).log() if up.view == "exp" else mean
     return {name: _keep_old(new, old, s0 <= 0)}
 
 
@@ -112,19 +98,13 @@ def normal_loc_update(
     """Normal means given the scales: precision-weighted means (+ a Normal prior)."""
     name = up.names[0]
     old = theta[name]
-    s0 = torch.zeros_like(old)
-    s1 = torch.zeros_like(old)
-    for gi, slot, which in up.uses:
-        g = fm.groups[gi]
-        x = fm.value(gi, old.dtype)
-        w = trailing(W[gi], g.n_event)
+
+    def precision_and_data(gi: int) -> tuple[torch.Tensor, torch.Tensor]:
         view, (sc,) = fm.slot_inputs(gi, "scale", theta)
         sd = sc.exp() if view == "exp" else sc
-        prec = sd.pow(-2)
-        target = target_shape(fm, gi, slot, which, theta)
-        full = full_shape(w.shape, x.shape, prec.shape)
-        s0 = s0 + to_param(fm, gi, slot, which, old.shape, wsum(target, w, prec, full=full))
-        s1 = s1 + to_param(fm, gi, slot, which, old.shape, wsum(target, w, prec, x))
+        return sd.pow(-2), fm.value(gi, old.dtype)
+
+    s0, s1 = weighted_sums(fm, theta, W, up.uses, old.shape, old.dtype, precision_and_data)
     if up.prior:
         m, s = up.prior[1]["loc"], up.prior[1]["scale"]
         s1, s0 = s1 + m / s**2, s0 + 1 / s**2
@@ -137,18 +117,12 @@ def normal_scale_update(
     """Normal scales given the means: sqrt(Σ w (x - mu)^2 / Σ w + reg)."""
     name = up.names[0]
     old = theta[name]
-    s0 = torch.zeros_like(old)
-    s2 = torch.zeros_like(old)
-    for gi, slot, which in up.uses:
-        g = fm.groups[gi]
-        x = fm.value(gi, old.dtype)
-        w = trailing(W[gi], g.n_event)
+
+    def squared_residuals(gi: int) -> tuple[None, torch.Tensor]:
         _, (mu,) = fm.slot_inputs(gi, "loc", theta)
-        r2 = (x - mu).square()
-        target = target_shape(fm, gi, slot, which, theta)
-        full = full_shape(w.shape, r2.shape)
-        s0 = s0 + to_param(fm, gi, slot, which, old.shape, wsum(target, w, full=full))
-        s2 = s2 + to_param(fm, gi, slot, which, old.shape, wsum(target, w, r2))
+        return None, (fm.value(gi, old.dtype) - mu).square()
+
+    s0, s2 = weighted_sums(fm, theta, W, up.uses, old.shape, old.dtype, squared_residuals)
     sd = (s2 / s0.clamp_min(torch.finfo(old.dtype).tiny) + reg).sqrt()
     new = sd.log() if up.view == "exp" else sd
     return {name: _keep_old(new, old, s0 <= 0)}
