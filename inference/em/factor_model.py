@@ -193,6 +193,7 @@ class FactorModel:
         return estep.e_step(self, theta)
 
     def _is_mixture(self) -> bool:
+        """Whether the E-step takes the mixture path (see :func:`.estep.is_mixture`)."""
         return estep.is_mixture(self)
 
     def masked(self, weights: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
