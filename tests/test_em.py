@@ -13,9 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jointkl.inference import EM
-from jointkl.inference.em import aic, bic, n_parameters
-from jointkl.inference.em_factors import ChainLogPartition, FactorModel, SharedChainLogPartition
-from jointkl.inference.em_mstep import m_step, plan_updates
+from jointkl.inference.em import (
+    ChainLogPartition,
+    FactorModel,
+    SharedChainLogPartition,
+    aic,
+    bic,
+    m_step,
+    n_parameters,
+    plan_updates,
+)
 from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
@@ -240,7 +247,7 @@ def test_closed_form_m_steps_are_stationary_points_of_q(blobs, name):
     assert closed and not gradient
     _, W = fm.e_step(fm.init)
     theta = m_step(fm, fm.init, W, closed, gradient)
-    from jointkl.inference.em_factors import transform_for
+    from jointkl.inference.em import transform_for
 
     names = [n for up in closed for n in up.names]
     ts = {n: transform_for(fm.free[n].constraint) for n in names}

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 from jointkl.inference import EM
-from jointkl.inference.em import squarem_point
-from jointkl.inference.em_factors import FactorModel
+from jointkl.inference.em import FactorModel, squarem_point
 from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 
 from jointkl import InputError

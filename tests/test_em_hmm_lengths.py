@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 from jointkl.inference import EM
-from jointkl.inference.em_factors import FactorModel
+from jointkl.inference.em import FactorModel
 from jointkl.models import HMM
 from pyro.infer import TraceEnum_ELBO
 

@@ -3,8 +3,7 @@ generic one (autograd of the log-partition), and M-step statistics against direc
 
 import pytest
 import torch
-from jointkl.inference.em_factors import FactorModel, weighted_moments
-from jointkl.inference.em_mstep import m_step, plan_updates
+from jointkl.inference.em import FactorModel, m_step, plan_updates, weighted_moments
 from jointkl.models import BernoulliMixture, GaussianMixture
 
 F64 = torch.float64

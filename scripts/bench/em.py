@@ -45,8 +45,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from jointkl.inference import EM  # noqa: E402
-from jointkl.inference.em_factors import FactorModel  # noqa: E402
-from jointkl.inference.em_mstep import m_step, plan_updates  # noqa: E402
+from jointkl.inference.em import FactorModel, m_step, plan_updates  # noqa: E402
 from jointkl.models import HMM, GaussianMixture  # noqa: E402
 
 warnings.filterwarnings("ignore")

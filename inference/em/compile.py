@@ -1,0 +1,279 @@
+"""Compiling a Pyro model into factor groups, once per fit.
+
+:func:`compile_model` fills a :class:`~jointkl.inference.em.factor_model.FactorModel` in
+these steps:
+
+1. **initial trace**: the model runs once (validated) with MAP globals at their prior's
+   median, from an empty param store; it gives the free variables θ (``pyro.param``\\s and
+   continuous globals outside the ``"data"`` plate) and their initial values, and every
+   requirement EM has is checked here, with a message naming the site;
+2. **probes**: two enumerated traces, at θ0 and at a random θ (θ0 alone can be special, e.g.
+   uniform transition rows are all equal);
+3. **plates and enumerated variables**;
+4. **classification**: each site becomes a ``recipe``, ``fixed`` or ``traced`` group
+   (:mod:`jointkl.inference.em.classify`);
+5. **stacking**: single-site recipe groups that compute the same thing become rows of one;
+6. **E-step plan**: whether the variables form a chain
+   (:func:`~jointkl.inference.em.estep.chain_plan`), and the einsum symbols of the generic
+   contraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import opt_einsum
+import pyro
+import pyro.poutine as poutine
+import torch
+from jointkl.inference.em.classify import Classifier
+from jointkl.inference.em.estep import chain_plan
+from jointkl.inference.em.factors import Free, Group, Var, plates_of, transform_for
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import constraints
+
+from jointkl.errors import InputError
+from jointkl.sites import DATA_PLATE, max_plate_nesting
+
+if TYPE_CHECKING:
+    from jointkl.inference.em.factor_model import FactorModel
+
+__all__ = ["compile_model"]
+
+# Seed offset of the random probe of θ from the fit's seed (any fixed value does).
+PROBE_SEED_OFFSET = 7919
+
+
+def compile_model(fm: FactorModel, seed: int) -> None:
+    """Find ``fm.model``'s factor groups on ``fm``'s data (the steps of the module
+    docstring); ``seed`` seeds the probes."""
+    Compiler(fm, seed).run()
+
+
+def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
+    """A site's value in the initial trace: a draw for a discrete site; a global's prior
+    median, unless that leaves the support (an elementwise median of Dirichlet draws does
+    not sum to one): then the transform of zero (uniform probabilities, identity
+    correlations, ...)."""
+    if site["infer"].get("enumerate") == "parallel" or site["fn"].support.is_discrete:
+        return site["fn"].sample()
+    v = init_to_median(site)
+    if not bool(site["fn"].support.check(v).all()):
+        v = init_to_feasible(site)
+    return v
+
+
+class Compiler:
+    """The state of one compilation (the probes, and the recipes found so far)."""
+
+    def __init__(self, fm: FactorModel, seed: int):
+        self.fm = fm
+        self.seed = seed
+
+    def run(self) -> None:
+        fm = self.fm
+        tr = self.initial_trace()
+        enumerated = self.free_variables(tr)
+        fm.nesting = max_plate_nesting(tr)
+        self.traces = self.probe_traces()
+        sites = self.sample_sites()
+        self.plates(sites)
+        self.enumerated_variables(enumerated)
+        order = {n: i for i, n in enumerate(sites)}
+        candidates = Classifier(fm, self.traces, self.thetas).classify(sites)
+        fm.groups = self.stack(candidates, order)
+        fm.chain = chain_plan(fm)
+        fm.chain_method = "auto"
+        # Einsum symbols for the generic contraction: plates even, variables odd.
+        fm.plate_symbol = {p: opt_einsum.get_symbol(2 * i) for i, p in enumerate(fm.plate_order)}
+        fm.var_symbol = {v: opt_einsum.get_symbol(2 * i + 1) for i, v in enumerate(fm.vars)}
+
+    # ------------------------------------------------------------------ 1. the initial trace
+    def initial_trace(self):
+        """The model's plain trace at its own initial parameter values, from an empty param
+        store (stale values of another fit must not leak in; the caller's store is put back
+        afterwards). Also keeps the param store's constraints."""
+        fm = self.fm
+        store = pyro.get_param_store()
+        saved = store.get_state()
+        store.clear()
+        try:
+            with torch.no_grad():
+                tr = poutine.trace(InitMessenger(_initial_value)(fm.model)).get_trace(
+                    *fm.args, **fm.kwargs
+                )
+            self.store_constraints = dict(store.get_state()["constraints"])
+        finally:
+            store.set_state(saved)
+        return prune_subsample_sites(tr)
+
+    def free_variables(self, tr) -> list[str]:
+        """Set ``fm.free`` and ``fm.init`` from the initial trace; the enumerated sites.
+        Refuses a site EM cannot handle, naming it and what to do instead."""
+        fm = self.fm
+        fm.free, fm.init = {}, {}
+        observed, enumerated = [], []
+        for name, s in tr.nodes.items():
+            if s["type"] == "param":
+                c = self.store_constraints.get(name, constraints.real)
+                v = self.cast(s["value"].detach(), c)
+                fm.free[name] = Free(name, "param", c, v.shape)
+                fm.init[name] = v.clone()
+            if s["type"] != "sample":
+                continue
+            if s["is_observed"]:
+                observed.append(name)
+                continue
+            how = s["infer"].get("enumerate")
+            in_data = any(f.name == DATA_PLATE for f in s["cond_indep_stack"])
+            if how == "parallel":
+                if not s["fn"].has_enumerate_support:
+                    raise InputError(
+                        f"EM: site {name!r} is marked for enumeration but "
+                        f"{type(s['fn']).__name__} has no finite support to enumerate"
+                    )
+                enumerated.append(name)
+            elif how is not None:
+                raise InputError(
+                    f"EM: site {name!r} uses enumerate={how!r}; EM needs "
+                    "infer={'enumerate': 'parallel'} (or @config_enumerate)"
+                )
+            elif s["fn"].support.is_discrete:
+                raise InputError(
+                    f"EM: site {name!r} is a discrete latent that is not enumerated; mark it "
+                    "with infer={'enumerate': 'parallel'} or decorate the model with "
+                    "@pyro.infer.config_enumerate"
+                )
+            elif in_data:
+                raise InputError(
+                    f"EM: site {name!r} is a continuous latent inside the {DATA_PLATE!r} plate; "
+                    "EM handles discrete enumerable latents (and MAP point estimates of "
+                    "globals) only — fit this model with the SVI engine"
+                )
+            else:
+                v = self.cast(s["value"].detach(), s["fn"].support)
+                fm.free[name] = Free(name, "global", s["fn"].support, v.shape)
+                fm.init[name] = v.clone()
+        if not enumerated:
+            latent = [n for n in tr.nodes if n in fm.free and fm.free[n].kind == "global"]
+            what = f" (its latents {latent} are continuous)" if latent else ""
+            raise InputError(
+                "EM: the model has no enumerated discrete latent site"
+                f"{what}; EM needs at least one — fit it with the SVI engine instead"
+            )
+        if not observed:
+            raise InputError("EM: the model has no observed sample site: nothing to fit")
+        return enumerated
+
+    def cast(self, v: torch.Tensor, constraint: Any) -> torch.Tensor:
+        """An initial value in the EM dtype, put back on its constraint at that precision (a
+        float32 simplex is off by 1e-7 in float64, and Categorical would renormalise it)."""
+        if self.fm.dtype is not None and v.dtype.is_floating_point:
+            v = v.to(self.fm.dtype)
+            t = transform_for(constraint)
+            return t(t.inv(v))
+        return v
+
+    # ------------------------------------------------------------------ 2. the probes
+    def probe_traces(self) -> list:
+        """Enumerated traces at θ0 and at a random probe of θ (random values make an
+        accidental match of a wrong recipe a measure-zero event)."""
+        fm = self.fm
+        g = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
+        probe = {}
+        for k, f in fm.free.items():
+            t = transform_for(f.constraint)
+            u = t.inv(fm.init[k])
+            probe[k] = t(torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device))
+        with torch.no_grad():
+            traces = [fm.trace(fm.init), fm.trace(probe)]
+        self.thetas = [fm.init, probe]
+        return traces
+
+    def sample_sites(self) -> list[str]:
+        """The sample sites, checked to be the same, with the same shapes, in every probe."""
+        t0 = self.traces[0]
+        sites = [n for n, s in t0.nodes.items() if s["type"] == "sample" and n not in ("_RETURN",)]
+        for tr_ in self.traces[1:]:
+            other = [n for n, s in tr_.nodes.items() if s["type"] == "sample"]
+            if other != sites or any(
+                tr_.nodes[n]["log_prob"].shape != t0.nodes[n]["log_prob"].shape for n in sites
+            ):
+                raise InputError(
+                    "EM: the model's sites or their shapes change with the parameter values; "
+                    "EM needs a fixed structure for given data"
+                )
+        return sites
+
+    # ------------------------------------------------------------------ 3. plates, variables
+    def plates(self, sites: list[str]) -> None:
+        """``fm.plate_dims``, ``plate_sizes``, ``plate_order`` and ``n_points``."""
+        fm = self.fm
+        fm.plate_dims, fm.plate_sizes = {}, {}
+        for n in sites:
+            for f in plates_of(self.traces[0].nodes[n]):
+                if fm.plate_dims.setdefault(f.name, f.dim) != f.dim:
+                    raise InputError(f"EM: plate {f.name!r} is used at two different dims")
+                fm.plate_sizes[f.name] = f.size
+        fm.plate_order = sorted(fm.plate_dims, key=lambda p: fm.plate_dims[p])
+        fm.n_points = fm.plate_sizes.get(DATA_PLATE, 1)
+
+    def enumerated_variables(self, enumerated: list[str]) -> None:
+        """``fm.vars``."""
+        fm = self.fm
+        fm.vars = {}
+        for n in enumerated:
+            s = self.traces[0].nodes[n]
+            plates = tuple(p for p in fm.plate_order if p in {f.name for f in plates_of(s)})
+            fm.vars[n] = Var(n, s["value"].shape[0], plates)
+
+    # ------------------------------------------------------------------ 5. stacking
+    def stack(self, candidates: list[Group], order: Mapping[str, int]) -> list[Group]:
+        """Stack single-site recipe groups that compute the same thing into one group."""
+        out: list[Group] = []
+        parts: dict[int, list[Group]] = {}
+        index: dict[tuple, int] = {}
+        for c in candidates:
+            if c.kind != "recipe":
+                out.append(c)
+                continue
+            key = (
+                c.family,
+                c.value,
+                c.own,
+                c.cards,
+                c.plates,
+                c.shape,
+                c.n_event,
+                tuple((k, s.key()) for k, s in sorted(c.slots.items())),
+                None if c.data is None else (tuple(c.data.shape), c.data.dtype),
+                None if c.mask is None else tuple(c.mask.shape),
+            )
+            if key not in index:
+                index[key] = len(out)
+                parts[len(out)] = [c]
+                out.append(c)
+            else:
+                parts[index[key]].append(c)
+        for i, ps in parts.items():
+            if len(ps) == 1:
+                continue
+            g = out[i]
+            sites = [n for p in ps for n in p.sites]
+            # Rows in the model's order (loops whose iterations alternate Pyro's markov dims
+            # arrive as two buckets): a chain then reads its unary tables in place.
+            perm = sorted(range(len(sites)), key=lambda j: order[sites[j]])
+            idx = torch.tensor(perm)
+            g.sites = [sites[j] for j in perm]
+            roles = [r for p in ps for r in p.roles]
+            g.roles = [roles[j] for j in perm]
+            if g.data is not None:
+                g.data = torch.cat([p.data for p in ps])[idx]
+            if g.mask is not None:
+                g.mask = torch.cat([p.mask for p in ps])[idx]
+            for k, s in g.slots.items():
+                if s.const is not None:
+                    s.const = torch.cat([p.slots[k].const for p in ps])[idx]
+        return out

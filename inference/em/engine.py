@@ -1,0 +1,350 @@
+"""Expectation-maximisation: exact EM for any Pyro model with discrete enumerable latents.
+
+EM minimises the joint KL divergence KL(p_data(x) q(z | x) ‖ p(x, z | θ)) by coordinate
+descent (Neal & Hinton 1998), alternating:
+
+* **E-step** — q(z | x) ← p(z | x, θ), the exact posterior over every enumerated site (the
+  KL's minimum in q). The model's factors are summed out
+  (:mod:`jointkl.inference.em.estep`); the log-partition is the marginal log-likelihood and
+  its gradient with respect to each factor table is that factor's posterior marginal. No
+  E-step code is asked of the model author.
+* **M-step** — θ ← argmax_θ E_q log p(x, z | θ) (+ log p(θ) for MAP globals): closed forms
+  where a site is a standard exponential family with free parameters, L-BFGS on the expected
+  complete-data log-likelihood for the rest (:mod:`jointkl.inference.em.mstep`).
+
+Both steps work on the model compiled once into factor tables
+(:mod:`jointkl.inference.em.compile`), so iterations do not re-run the model unless some site
+can only be computed by running it. The marginal log-likelihood never decreases.
+
+Requirements: every discrete latent is enumerated in parallel (``config_enumerate`` or
+``infer={"enumerate": "parallel"}``); continuous sample sites are globals outside the ``"data"``
+plate (point-estimated, MAP under their prior); parameters are ``pyro.param``\\s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyro
+import torch
+from jointkl.inference.em.criteria import degrees_of_freedom
+from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.initial import initial_theta
+from jointkl.inference.em.laplace import laplace_draws
+from jointkl.inference.em.mstep import SingularCovariance, Update, m_step, plan_updates
+from jointkl.inference.em.squarem import squarem_step
+from tqdm.auto import tqdm
+
+from jointkl.engine import Engine, Result, recreate_params, register_engine
+from jointkl.errors import FitDivergedError, InputError
+from jointkl.fit import Fit
+from jointkl.settings import (
+    Settings,
+    boolean,
+    nonnegative_float,
+    nonnegative_int,
+    one_of,
+    positive_int,
+    setting,
+)
+
+__all__ = ["EM", "EMSettings", "Steps", "Trajectory"]
+
+INITS = ("kmeans++", "random")
+ACCELERATORS = (None, "squarem")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# A log-likelihood lower than the one before by more than this (relative) counts as a
+# decrease (EM cannot decrease it; rounding can, by less).
+DECREASE_TOLERANCE = 1e-9
+
+
+def initialisation(value: Any, where: str) -> str | Callable:
+    """``"kmeans++"``, ``"random"``, or a callable (kept as it is)."""
+    if not callable(value) and value not in INITS:
+        raise InputError(f"{where} must be one of {INITS} or a callable, got {value!r}")
+    return value
+
+
+def float_dtype(value: Any, where: str) -> torch.dtype:
+    """``torch.float64``/``torch.float32``, or their names (``"float32"``,
+    ``"torch.float32"``), as a torch dtype."""
+    if isinstance(value, str):
+        if value.removeprefix("torch.") not in DTYPES:
+            raise InputError(f"{where} must be one of {sorted(DTYPES)}, got {value!r}")
+        value = DTYPES[value.removeprefix("torch.")]
+    if value not in DTYPES.values():
+        raise InputError(f"{where} must be torch.float64 or torch.float32, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EMSettings(Settings):
+    """The EM engine's settings (see :class:`EM`)."""
+
+    owner: ClassVar[str] = "EM"
+    max_iter: int = setting(100, nonnegative_int)
+    tol: float = setting(1e-3, nonnegative_float)
+    n_init: int = setting(1, positive_int)
+    init: str | Callable[..., Mapping[str, torch.Tensor]] = setting("kmeans++", initialisation)
+    dtype: torch.dtype = setting(torch.float64, float_dtype)
+    seed: int = setting(0, nonnegative_int)
+    progress: bool = setting(True, boolean, json=False)
+    reg_covar: float = setting(0.0, nonnegative_float)
+    mstep_iter: int = setting(20, nonnegative_int)
+    kmeans_iter: int = setting(10, nonnegative_int)
+    accelerate: str | None = setting(None, one_of(*ACCELERATORS))
+
+
+@dataclass(frozen=True)
+class Steps:
+    """EM's two steps on one compiled model; a step that fails raises
+    :class:`~jointkl.errors.FitDivergedError` naming the iteration.
+
+    :param closed, gradient: the M-step's plan (:func:`~.mstep.plan_updates`).
+    """
+
+    fm: FactorModel
+    closed: list[Update]
+    gradient: list[str]
+    reg_covar: float
+    mstep_iter: int
+
+    def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
+        """E-step at θ: (log-likelihood, posterior weights of every table)."""
+        ll, W = self.fm.e_step(theta)
+        if not math.isfinite(ll):
+            raise FitDivergedError(
+                f"EM: the log-likelihood became {ll} at iteration {iteration}; the last good "
+                f"state (iteration {iteration - 1}) is in this error's .state; check the data "
+                "or set reg_covar > 0"
+            )
+        return ll, W
+
+    def maximise(self, theta, W, iteration: int) -> dict[str, torch.Tensor]:
+        """M-step from θ with the weights W."""
+        try:
+            return m_step(
+                self.fm, theta, W, self.closed, self.gradient, self.reg_covar, self.mstep_iter
+            )
+        except SingularCovariance as e:
+            raise FitDivergedError(f"EM: at iteration {iteration}: {e}") from e
+
+
+@dataclass
+class Trajectory:
+    """One restart's path: the current θ and its weights, the log-likelihood of every point
+    visited (each at least the one before: an EM step cannot lower it, Dempster et al. 1977,
+    and an extrapolated point is kept only when no worse), and why it stopped.
+
+    :param tolerance: the convergence test's bound on a step's change (``tol`` x points).
+    :param on_record: called with each new log-likelihood (the progress bar).
+    """
+
+    theta: dict[str, torch.Tensor]
+    max_iter: int
+    tolerance: float
+    on_record: Callable[[float], None] = lambda ll: None
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)
+    converged: bool = False
+    reason: str = "max_iter"
+    decreases: int = 0
+    extrapolations: int = 0
+
+    @property
+    def n_iter(self) -> int:
+        return len(self.history) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.converged or self.n_iter >= self.max_iter
+
+    def start(self, ll: float, W: dict[int, torch.Tensor]) -> None:
+        """The initial point's log-likelihood and weights."""
+        self.weights = W
+        self.history.append(ll)
+
+    def advance(self, theta, ll: float, W, tested: bool) -> None:
+        """Move to θ (log-likelihood ``ll``, weights ``W``); ``tested``: a plain EM step,
+        whose change is the convergence test (an extrapolation's gain says nothing of it)."""
+        change = ll - self.history[-1]
+        if change < -DECREASE_TOLERANCE * max(1.0, abs(self.history[-1])):
+            self.decreases += 1
+        self.theta, self.weights = theta, W
+        self.history.append(ll)
+        self.on_record(ll)
+        if tested and abs(change) <= self.tolerance:
+            self.converged, self.reason = True, "tol"
+
+
+@register_engine
+class EM(Engine):
+    """Exact expectation-maximisation for Pyro models with enumerated discrete latents.
+
+    :param int max_iter: most EM iterations (M-steps) per restart.
+    :param float tol: stop when the log-likelihood changes by less than ``tol`` per data
+        point (per element of the ``"data"`` plate; scikit-learn's convention).
+    :param int n_init: restarts from different initialisations; the best final
+        log-likelihood wins.
+    :param init: ``"kmeans++"`` (k-means++ seeding and a few Lloyd steps on the observations
+        attached to each enumerated variable, then an M-step), ``"random"`` (random
+        responsibilities, then an M-step, as scikit-learn's ``init_params="random"``), or a
+        callable ``init(*args, seed=int, **kwargs) -> {name: value}`` giving initial values
+        of (some of) the parameters and MAP globals.
+    :param dtype: ``torch.float64`` (default) or ``torch.float32``; floating data is cast to it.
+    :param int seed: the one seed for probes, initialisation and restarts.
+    :param bool progress: show a tqdm bar per restart.
+    :param float reg_covar: added to the diagonal of covariance (and to variance) estimates
+        (scikit-learn's ``reg_covar``); 0 is exact EM.
+    :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
+    :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    :param accelerate: ``None`` (default: plain EM, iteration for iteration what
+        scikit-learn and hmmlearn compute) or ``"squarem"`` (SQUAREM,
+        :mod:`jointkl.inference.em.squarem`: after each EM step a second one and a squared
+        extrapolation of the two, kept only when no worse). The log-likelihood still never
+        decreases; slow, nearly linear EM (overlapping clusters) typically needs several
+        times fewer iterations. ``max_iter`` then counts log-likelihood evaluations, and only
+        plain EM steps are tested against ``tol``.
+
+    A fit's history is the log-likelihood after each M-step (``history[0]`` at the initial
+    values; for models with MAP globals, log p(x | θ) + log p(θ)).
+    """
+
+    name = "em"
+    description = "expectation-maximisation: exact E-step over enumerated discrete latents"
+    Settings = EMSettings
+
+    def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """NaN/inf refused; floating data cast to ``dtype`` (integer data, e.g. categories,
+        is left alone)."""
+        args, kwargs = super().bind_data(pair, args, kwargs)
+        dtype = self.settings.dtype
+
+        def cast(a: Any) -> Any:
+            floating = isinstance(a, torch.Tensor) and a.dtype.is_floating_point
+            return a.to(dtype) if floating else a
+
+        return tuple(cast(a) for a in args), {k: cast(a) for k, a in kwargs.items()}
+
+    def run(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> Result:
+        """Compile the model, run ``n_init`` restarts (seeds ``seed``, ``seed + 1``, ...; one
+        that diverges is recorded and skipped) and keep the best final log-likelihood."""
+        s = self.settings
+        t_start = time.perf_counter()
+        pyro.clear_param_store()
+        fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
+        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter)
+        t_compiled = time.perf_counter()
+        best, restarts, last_error = None, [], None
+        for r in range(s.n_init):
+            seed = s.seed + r
+            try:
+                theta0 = initial_theta(steps, s.init, s.kmeans_iter, seed, args, kwargs)
+                path = self._em(steps, theta0, r)
+            except FitDivergedError as e:
+                restarts.append({"seed": seed, "error": str(e)})
+                last_error = e
+                continue
+            restarts.append(
+                {"seed": seed, "log_likelihood": path.history[-1], "n_iter": path.n_iter}
+            )
+            if best is None or path.history[-1] > best.history[-1]:
+                best = path
+        if best is None:
+            raise FitDivergedError(
+                f"EM: all {s.n_init} restart(s) diverged; last: {last_error}"
+            ) from last_error
+        result = self._result(steps, best, restarts, t_start)
+        result.info["compile_seconds"] = t_compiled - t_start
+        return result
+
+    def _em(self, steps: Steps, theta: dict[str, torch.Tensor], restart: int) -> Trajectory:
+        """EM iterations from θ until the change of a plain step is below ``tol`` per point,
+        or ``max_iter`` (scikit-learn's ``BaseMixture.fit`` loop); with
+        ``accelerate="squarem"`` each plain step is followed by a SQUAREM step."""
+        s = self.settings
+        fm = steps.fm
+        bar = tqdm(
+            total=s.max_iter,
+            disable=not s.progress,
+            desc=f"em[{restart}]" if s.n_init > 1 else "em",
+        )
+
+        def show(ll: float) -> None:
+            bar.update(1)
+            bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
+
+        path = Trajectory(theta, s.max_iter, s.tol * fm.n_points, show)
+        try:
+            path.start(*steps.expect(theta, 0))  # E-step at the initial values
+            while not path.done:
+                it, previous = path.n_iter + 1, path.theta
+                theta = steps.maximise(path.theta, path.weights, it)  # M-step
+                path.advance(theta, *steps.expect(theta, it), tested=True)  # E-step, test
+                if s.accelerate == "squarem" and not path.done:
+                    squarem_step(steps, path, previous)
+        except FitDivergedError as e:
+            e.state = {"theta": path.theta, "history": path.history}  # the last good state
+            raise
+        except KeyboardInterrupt:
+            path.reason = f"interrupted after {path.n_iter} iterations"
+        finally:
+            bar.close()
+        return path
+
+    def _result(self, steps: Steps, path: Trajectory, restarts: list, t_start: float) -> Result:
+        fm = steps.fm
+        theta = {k: v.detach().clone() for k, v in path.theta.items()}
+        with torch.no_grad():
+            log_prior = fm.log_prior(theta)
+        ll = path.history[-1] - log_prior
+        k = sum(degrees_of_freedom(fm.free[n].constraint, v) for n, v in theta.items())
+        n = fm.n_points
+        info = {
+            "stop_reason": path.reason,
+            "seconds": time.perf_counter() - t_start,
+            "n_points": n,
+            "log_likelihood": ll,
+            "log_prior": log_prior,
+            "n_parameters": k,
+            "bic": -2 * ll + k * math.log(n),
+            "aic": -2 * ll + 2 * k,
+            "restarts": restarts,
+            "decreases": path.decreases,
+            "extrapolations": path.extrapolations,
+            "free": {name: f.kind for name, f in fm.free.items()},
+            "closed_form": [name for up in steps.closed for name in up.names],
+            "gradient": list(steps.gradient),
+            "e_step": "chain" if fm.chain is not None else "contract",
+            "traced_sites": [s for g in fm.groups if g.kind == "traced" for s in g.sites],
+        }
+        return Result(
+            params=theta,
+            history=list(path.history),
+            objective="log_likelihood",
+            converged=path.converged,
+            n_iter=path.n_iter,
+            info=info,
+        )
+
+    # ------------------------------------------------------------------ posterior
+    @classmethod
+    def activate(cls, fit: Fit) -> None:
+        """Put the fitted ``pyro.param`` values into Pyro's param store."""
+        recreate_params(fit.pair.model, args=fit.args, kwargs=fit.kwargs)
+        store = pyro.get_param_store()
+        kinds = fit.info.get("free", {})
+        for k, v in fit.params.items():
+            if kinds.get(k, "param") == "param" and k in store:
+                store[k] = v.to(store[k].dtype)
+
+    @classmethod
+    def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+        """Draws from the Laplace approximation at the optimum
+        (:mod:`jointkl.inference.em.laplace`), keyed by parameter / MAP site name, each
+        ``(1, num_samples, *shape)``."""
+        return laplace_draws(fit, num_samples, seed)

@@ -1,0 +1,221 @@
+"""Gaussian log-densities and M-step statistics as matrix products with cached data moments.
+
+A Gaussian log-density is linear in the features Φ = [(x_i - c_i)(x_j - c_j) for i <= j,
+x - c, 1] of a point (c: the data's centre), and so are the sufficient statistics of its
+M-step. The features of the observed data never change during a fit, so they are computed
+once (:class:`GaussianMoments`, kept on the group) and every E-step and M-step is then one
+matrix product with them, as scikit-learn computes with precision Cholesky factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jointkl.inference.em.factors import Group
+
+if TYPE_CHECKING:
+    from jointkl.inference.em.factor_model import FactorModel
+
+__all__ = [
+    "GaussianMoments",
+    "data_moments",
+    "moment_parts",
+    "weighted_moments",
+    "linear_log_density",
+    "mvn_tril",
+    "mvn_log_prob",
+]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class GaussianMoments:
+    """The moment features of a group's observed data.
+
+    :param data: the tensor they summarise (a group whose data are replaced recomputes them).
+    :param centre: the data's mean ``c``, ``(D,)``.
+    :param features: Φ of every point, ``(points, D(D+1)/2 + D + 1)``.
+    :param spread: the largest squared distance of a point from the centre.
+    """
+
+    data: torch.Tensor
+    centre: torch.Tensor
+    features: torch.Tensor
+    spread: float
+
+
+def data_moments(g: Group, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Centre ``c`` and the features Φ = [(x_i - c_i)(x_j - c_j) for i <= j, x - c, 1] of
+    every point, ``(points, D(D+1)/2 + D + 1)``, cached on the group (the observed values never
+    change during a fit), and the largest squared distance from the centre. A Gaussian
+    log-density is linear in Φ, and so are the sufficient statistics of its M-step: one matrix
+    product each (the upper triangle only: the products are symmetric)."""
+    m = g.moments
+    if m is None or m.data is not x:  # a group's data are replaced while stacking
+        D = x.shape[-1]
+        flat = x.reshape(-1, D)
+        c = flat.mean(0)
+        xc = flat - c
+        i, j = torch.triu_indices(D, D, device=x.device)
+        phi = torch.cat([xc[:, i] * xc[:, j], xc, torch.ones_like(xc[:, :1])], -1)
+        m = GaussianMoments(x, c, phi, float(xc.square().sum(-1).max()))
+        g.moments = m
+    return m.centre, m.features, m.spread
+
+
+def moment_parts(S: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split statistics Σ w Φ ``(..., F)`` into the scatter ``(..., D, D)``, the first moment
+    ``(..., D)`` (both about the data's centre) and the mass ``(...)``."""
+    n_u = D * (D + 1) // 2
+    i, j = torch.triu_indices(D, D, device=S.device)
+    m2 = S.new_zeros(S.shape[:-1] + (D, D))
+    m2[..., i, j] = S[..., :n_u]
+    m2[..., j, i] = S[..., :n_u]
+    return m2, S[..., n_u : n_u + D], S[..., -1]
+
+
+def weighted_moments(g: Group, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
+    """Σ_n W[cell, n] Φ_n per cell, ``(cells, F)``: the scatter, first moment and
+    mass of every cell about the data's centre in one pass over the weights (the M-step's
+    Gaussian updates all read it). Kept on the group for the weights tensor ``W`` (the mean
+    and the covariance update of one M-step share it); ``None`` unless ``W`` is
+    ``(1, *cells, points)`` over one plate of observations ``(1, 1.., points, D)``."""
+    if len(g.plates) != 1 or x.dim() != W.dim() + 1 or W.shape[0] != 1 or x.shape[0] != 1:
+        return None
+    if W.shape[-1] != x.shape[-2] or any(n != 1 for n in x.shape[1:-2]):
+        return None
+    if g.weighted is not None and g.weighted[0] is W:
+        return g.weighted[1]
+    _, phi, _ = data_moments(g, x)
+    cells = W.shape[1:-1]
+    S = W.reshape(-1, W.shape[-1]) @ phi
+    S = S.reshape(cells + (phi.shape[-1],))
+    g.weighted = (W, S)
+    return S
+
+
+def per_cell(g: Group, mu: torch.Tensor, L: torch.Tensor) -> bool:
+    """A mean and a Cholesky factor per cell of the roles, the same for every row and point."""
+    n_r, n_p = len(g.cards), len(g.plates)
+    plates = slice(1 + n_r, 1 + n_r + n_p)
+    return (
+        g.n_event == 0
+        and L.shape[0] == 1
+        and mu.shape[0] == 1
+        and all(n == 1 for n in L.shape[plates])
+        and all(n == 1 for n in mu.shape[plates])
+    )
+
+
+def quadratic_log_density(
+    g: Group, x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Gaussian log-densities of every point under every cell as one matrix product with the
+    cached features Φ (see :func:`data_moments`), returned as ``(Φ, coef)``:
+
+        log N(x | mu, L L^T) = <(x-c)(x-c)^T, -P/2> + (x-c)^T P m - m^T P m / 2
+                               - log|L| - D/2 log 2π,      P = (L L^T)^-1, m = mu - c,
+
+    instead of passes over (cells x points x D) differences. Used only while the data's
+    spread over the tightest component is below 1e8 (cancellation then costs < 1e-8 of a
+    distance of order one); ``None`` otherwise.
+
+    :param x: the group's data; ``mu``, ``L``: mean and Cholesky factor per cell.
+    """
+    D = x.shape[-1]
+    if x.shape[0] != 1 or not torch.is_floating_point(x) or x.dtype != torch.float64:
+        return None
+    c, phi, spread = data_moments(g, x)
+    eye = torch.eye(D, dtype=L.dtype, device=L.device)
+    Lf = L.reshape(-1, D, D)
+    Linv = torch.linalg.solve_triangular(Lf, eye, upper=False)  # (C, D, D)
+    if spread * float(Linv.detach().square().sum((-1, -2)).max()) > 1e8:
+        return None
+    P = Linv.transpose(-1, -2) @ Linv
+    mc = mu.reshape(-1, D).expand(P.shape[0], D) - c  # (C, D)
+    Pm = (P @ mc.unsqueeze(-1)).squeeze(-1)
+    logdet = Lf.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    const = -0.5 * (mc * Pm).sum(-1) - logdet - 0.5 * D * LOG_2PI
+    i, j = torch.triu_indices(D, D, device=P.device)
+    # <outer, -P/2> over the upper triangle: off-diagonal products stand for two entries.
+    quad = -0.5 * P[:, i, j] * torch.where(i == j, 1.0, 2.0).to(P.dtype)
+    coef = torch.cat([quad, Pm, const.unsqueeze(-1)], -1)  # (C, F)
+    return phi, coef
+
+
+def linear_log_density(
+    fm: FactorModel, i: int, theta: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(Φ, coef)`` with group ``i``'s table = Φ @ coef^T laid out ``(points, cells)``, for a
+    full-covariance Gaussian of observed data with parameters per cell (a mixture's
+    components); ``None`` for any other group. Lets a mixture's E-step evaluate its table a
+    block of points at a time instead of writing the whole table out."""
+    g = fm.groups[i]
+    if g.kind != "recipe" or g.family != "mvn" or g.value != "data" or g.n_event:
+        return None
+    if g.mask is not None:
+        return None
+    sv = {k: fm.slot_inputs(g, k, theta) for k in g.slots}
+    view, ins = sv["scale_tril"]
+    if view in ("diag", "spherical", "const") or sv["loc"][0] == "const":
+        return None
+    mu, L = sv["loc"][1][0], mvn_tril(view, ins)
+    cells = slice(1, 1 + len(g.cards))
+    if not per_cell(g, mu, L) or L.shape[cells] != g.cards or mu.shape[cells] != g.cards:
+        return None
+    return quadratic_log_density(g, g.data, mu, L)
+
+
+def mvn_tril(view: str, ins: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The Cholesky factor a full-covariance view describes."""
+    if view == "scaled_corr":
+        return ins[0].unsqueeze(-1) * ins[1]
+    if view == "covariance":
+        return torch.linalg.cholesky(ins[0])
+    return ins[0]
+
+
+def mvn_log_prob(sv: dict[str, Any], x: torch.Tensor, g: Group) -> torch.Tensor:
+    """MultivariateNormal log-density table (see :mod:`jointkl.inference.em.families` for
+    the arguments): per-dimension for diagonal and spherical views; for full covariances one
+    matrix product with the cached moments where the parameters are per cell, else one
+    triangular solve per point."""
+    _, (mu,) = sv["loc"]
+    view, ins = sv["scale_tril"]
+    D = x.shape[-1]
+    if view in ("diag", "spherical"):
+        s = ins[0] if view == "diag" else ins[0].unsqueeze(-1)
+        z = (x - mu) / s
+        return (-0.5 * z**2 - s.log()).sum(-1) - 0.5 * D * LOG_2PI
+    L = mvn_tril(view, ins)
+    logdet = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    n_r, n_p = len(g.cards), len(g.plates)
+    plates = slice(1 + n_r, 1 + n_r + n_p)
+    fast = per_cell(g, mu, L)
+    if fast and g.value == "data" and x is g.data:
+        form = quadratic_log_density(g, x, mu, L)
+        if form is not None:
+            phi, coef = form
+            lp = phi @ coef.T  # (points, cells): the layout a mixture's E-step normalises in
+            return lp.T.reshape(L.shape[1 : 1 + n_r] + x.shape[plates]).unsqueeze(0)
+    if fast:
+        # One (points x D) @ (D x D) product per cell, as scikit-learn does with precision
+        # Cholesky factors: no per-point triangular solves.
+        eye = torch.eye(D, dtype=L.dtype, device=L.device)
+        Lt = torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+        Lt = Lt.reshape(Lt.shape[: 1 + n_r] + (D, D))
+        xs = x.reshape(x.shape[: 1 + n_r] + (-1, D))
+        m = mu.reshape(mu.shape[: 1 + n_r] + (-1, D))
+        y = xs @ Lt - m @ Lt
+        maha = y.square().sum(-1)
+        maha = maha.reshape(maha.shape[: 1 + n_r] + x.shape[plates])
+    else:
+        diff = x - mu
+        Lb = L.expand(diff.shape + (D,))
+        y = torch.linalg.solve_triangular(Lb, diff.unsqueeze(-1), upper=False).squeeze(-1)
+        maha = y.square().sum(-1)
+    return -0.5 * maha - logdet - 0.5 * D * LOG_2PI

@@ -1,0 +1,162 @@
+"""EM's initial values: k-means++ or random responsibilities then an M-step, or the user's.
+
+``"kmeans++"`` clusters the observations attached to each enumerated variable (k-means++
+seeding, Arthur & Vassilvitskii 2007, and a few Lloyd steps), ``"random"`` draws random
+responsibilities (scikit-learn's ``init_params="random"``); either labelling gives the
+weights of one M-step from the model's own initial values. A callable gives initial values of
+(some of) the parameters and MAP globals directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.mstep import SingularCovariance, m_step
+
+if TYPE_CHECKING:
+    from jointkl.inference.em.engine import Steps
+
+from jointkl.errors import FitDivergedError, InputError
+
+__all__ = ["initial_theta", "initial_labels"]
+
+# Initial responsibilities mix the k-means labels with a little uniform mass, so that no
+# discrete emission probability starts at an exact (and, under EM, absorbing) zero.
+LABEL_SMOOTHING = 0.05
+
+
+def initial_theta(
+    steps: Steps,
+    init: str | Callable[..., Mapping[str, torch.Tensor]],
+    kmeans_iter: int,
+    seed: int,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """θ to start one restart from.
+
+    :param steps: EM's steps on the compiled model (whose M-step follows a labelling).
+    :param init: ``"kmeans++"``, ``"random"``, or ``init(*args, seed=seed, **kwargs)``
+        returning initial values by name (checked: known, shape, constraint).
+    :param kmeans_iter: Lloyd steps of ``"kmeans++"``.
+    :param seed: this restart's seed; ``args``, ``kwargs``: the data.
+    """
+    fm = steps.fm
+    theta = {k: v.clone() for k, v in fm.init.items()}
+    if callable(init):
+        return _given(fm, theta, init(*args, seed=seed, **kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    labels = initial_labels(fm, init, gen, fm.dtype, kmeans_iter)
+    W = fm.label_weights(labels)
+    try:
+        return m_step(fm, theta, W, steps.closed, steps.gradient, steps.reg_covar, steps.mstep_iter)
+    except SingularCovariance as e:
+        raise FitDivergedError(f"EM: initial M-step: {e}") from e
+
+
+def _given(fm: FactorModel, theta: dict[str, torch.Tensor], given: Any) -> dict[str, torch.Tensor]:
+    """``theta`` with the values an init callable gave, each checked."""
+    if not isinstance(given, Mapping):
+        raise InputError(
+            f"EM: init callable must return a dict of initial values, got {type(given).__name__}"
+        )
+    for k, v in given.items():
+        if k not in fm.free:
+            raise InputError(
+                f"EM: init gave a value for {k!r}, which is not a parameter or MAP "
+                f"global of the model; known: {sorted(fm.free)}"
+            )
+        v = torch.as_tensor(v, dtype=fm.dtype)
+        if v.shape != fm.free[k].shape:
+            raise InputError(
+                f"EM: init value of {k!r} has shape {tuple(v.shape)}, expected "
+                f"{tuple(fm.free[k].shape)}"
+            )
+        if not bool(fm.free[k].constraint.check(v).all()):
+            raise InputError(f"EM: init value of {k!r} violates its constraint")
+        theta[k] = v
+    return theta
+
+
+def initial_labels(
+    fm: FactorModel, how: str, gen: torch.Generator, dtype: torch.dtype, iters: int
+) -> dict[str, torch.Tensor]:
+    """Initial marginals of every enumerated variable, ``(plates..., card)``.
+
+    ``"kmeans++"``: the observations attached to a variable (sites that depend on it alone)
+    are clustered by k-means++ seeding and ``iters`` Lloyd steps; variables of one stacked
+    group (all time steps of an HMM) share the clustering. Others, and ``"random"``: uniform
+    random responsibilities.
+    """
+    labels: dict[str, torch.Tensor] = {}
+    if how == "kmeans++":
+        for g in fm.groups:
+            if g.value != "data" or len(g.cards) != 1 or g.data is None:
+                continue
+            vs = [r[0] for r in g.roles]
+            var = fm.vars[vs[0]]
+            if any(v in labels for v in vs) or tuple(g.plates) != var.plates:
+                continue
+            sizes = tuple(fm.plate_sizes[p] for p in var.plates)
+            x = g.data[:, 0]  # (rows, plates..., event)
+            if tuple(x.shape[1 : 1 + len(sizes)]) != sizes:
+                continue
+            if g.family == "categorical" or not x.is_floating_point():
+                x = torch.nn.functional.one_hot(x.long(), int(x.max()) + 1)
+            pts = x.reshape(x.shape[0] * math.prod(sizes), -1).to(dtype)
+            live = None
+            if g.mask is not None:  # padding (masked observations) places no centre
+                live = g.mask[:, 0].expand((x.shape[0],) + sizes).reshape(-1)
+            lab = _kmeans(pts, var.card, gen, iters, live)
+            if lab is None:
+                continue
+            lab = lab.reshape((len(vs),) + sizes + (var.card,))
+            for r, v in enumerate(vs):
+                labels[v] = lab[r]
+    for v, var in fm.vars.items():
+        if v not in labels:
+            sizes = tuple(fm.plate_sizes[p] for p in var.plates)
+            r = torch.rand(sizes + (var.card,), generator=gen, dtype=dtype)
+            labels[v] = r / r.sum(-1, keepdim=True)
+    return labels
+
+
+def _kmeans(
+    x: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    iters: int,
+    live: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Soft labels of every row of ``x`` from k-means++ and Lloyd steps on the ``live`` rows."""
+    every = x
+    x = x if live is None else x[live]
+    n = x.shape[0]
+    if n < k:
+        return None
+    centres = x[torch.randint(n, (1,), generator=gen)]
+    d2 = (x - centres[0]).square().sum(-1)
+    for _ in range(1, k):
+        # k-means++ (Arthur & Vassilvitskii 2007): next centre with probability ∝ D(x)^2.
+        total = d2.sum()
+        p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
+        i = torch.multinomial(p, 1, generator=gen)
+        centres = torch.cat([centres, x[i]])
+        d2 = torch.minimum(d2, (x - x[i]).square().sum(-1))
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(-1)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        if torch.equal(new, centres):
+            break
+        centres = new
+    assign = torch.cdist(every, centres).argmin(-1)
+    onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
+    if live is not None:  # padding says nothing of its label
+        onehot = torch.where(live.unsqueeze(-1), onehot, 1.0 / k)
+    return (1 - LABEL_SMOOTHING) * onehot + LABEL_SMOOTHING / k

@@ -1,0 +1,234 @@
+"""EM's closed-form M-step updates, one function per family and slot.
+
+Each is the exact conditional maximiser of Q(θ) in the free variable(s) it updates, given
+the E-step's weights ``W`` and the other variables in ``theta`` (+ the conjugate prior's
+terms for a MAP global; ``reg``: the ``reg_covar`` added to variances). Cells with no
+posterior mass leave Q flat, and keep their old value. The table that says which applies
+where is :data:`jointkl.inference.em.mstep.CLOSED_FORMS`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from jointkl.inference.em.factors import index_part
+from jointkl.inference.em.gaussian import data_moments, moment_parts, mvn_tril, weighted_moments
+from jointkl.inference.em.statistics import (
+    Theta,
+    Weights,
+    counts,
+    scatter,
+    target_shape,
+    to_param,
+    trailing,
+    weighted_sums,
+    wsum,
+)
+
+if TYPE_CHECKING:
+    from jointkl.inference.em.factor_model import FactorModel
+    from jointkl.inference.em.mstep import Update
+
+__all__ = [
+    "SingularCovariance",
+    "categorical_update",
+    "mean_update",
+    "normal_loc_update",
+    "normal_scale_update",
+    "mvn_loc_update",
+    "mvn_scale_update",
+]
+
+
+class SingularCovariance(ArithmeticError):
+    """A covariance estimate is not positive definite (a component on too few points)."""
+
+
+def _keep_old(new: torch.Tensor, old: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    # A cell with no posterior mass leaves Q flat in it: any value maximises; keep the old.
+    return torch.where(empty, old, new)
+
+
+def categorical_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """Probability vectors: counts (+ Dirichlet α - 1), normalised."""
+    name = up.names[0]
+    old = theta[name]
+    tiny = torch.finfo(old.dtype).tiny
+    c = counts(fm, theta, W, name, up.uses, old.dtype)
+    if up.prior:
+        c = (c + up.prior[1]["alpha"] - 1).clamp_min(0)
+    tot = c.sum(-1, keepdim=True)
+    p = c / tot.clamp_min(tiny)
+    p = _keep_old(p, old if up.view == "identity" else old.softmax(-1), tot == 0)
+    return {name: p if up.view == "identity" else p.clamp_min(tiny).log()}
+
+
+def mean_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """Bernoulli probabilities and Poisson rates: the weighted mean Σ w x / Σ w, with a
+    conjugate prior's pseudo-counts (Beta(a, b): a - 1 ones and b - 1 zeros; Gamma(a, b):
+    a - 1 counts over b points), in the view's coordinates (logits, log-rates)."""
+    name = up.names[0]
+    old = theta[name]
+    dtype, tiny = old.dtype, torch.finfo(old.dtype).tiny
+    s0, s1 = weighted_sums(
+        fm, theta, W, up.uses, old.shape, dtype, lambda gi: (None, fm.value(gi, dtype).to(dtype))
+    )
+    bernoulli = up.kind == "bernoulli"
+    if up.prior:
+        a, b = up.prior[1]["a"], up.prior[1]["b"]
+        s1, s0 = (s1 + a - 1, s0 + a + b - 2) if bernoulli else ((s1 + a - 1).clamp_min(0), s0 + b)
+    mean = s1 / s0.clamp_min(tiny)
+    if bernoulli:
+        p = mean.clamp(0, 1)
+        # A logit cannot hold an exact 0 or 1; ±30 is 1e-13 from it.
+        new = torch.logit(p).clamp(-30, 30) if up.view == "sigmoid" else p
+    else:
+        new = mean.clamp_min(tiny).log() if up.view == "exp" else mean
+    return {name: _keep_old(new, old, s0 <= 0)}
+
+
+def normal_loc_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """Normal means given the scales: precision-weighted means (+ a Normal prior)."""
+    name = up.names[0]
+    old = theta[name]
+
+    def precision_and_data(gi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view, (sc,) = fm.slot_inputs(gi, "scale", theta)
+        sd = sc.exp() if view == "exp" else sc
+        return sd.pow(-2), fm.value(gi, old.dtype)
+
+    s0, s1 = weighted_sums(fm, theta, W, up.uses, old.shape, old.dtype, precision_and_data)
+    if up.prior:
+        m, s = up.prior[1]["loc"], up.prior[1]["scale"]
+        s1, s0 = s1 + m / s**2, s0 + 1 / s**2
+    return {name: _keep_old(s1 / s0.clamp_min(torch.finfo(old.dtype).tiny), old, s0 <= 0)}
+
+
+def normal_scale_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """Normal scales given the means: sqrt(Σ w (x - mu)^2 / Σ w + reg)."""
+    name = up.names[0]
+    old = theta[name]
+
+    def squared_residuals(gi: int) -> tuple[None, torch.Tensor]:
+        _, (mu,) = fm.slot_inputs(gi, "loc", theta)
+        return None, (fm.value(gi, old.dtype) - mu).square()
+
+    s0, s2 = weighted_sums(fm, theta, W, up.uses, old.shape, old.dtype, squared_residuals)
+    sd = (s2 / s0.clamp_min(torch.finfo(old.dtype).tiny) + reg).sqrt()
+    new = sd.log() if up.view == "exp" else sd
+    return {name: _keep_old(new, old, s0 <= 0)}
+
+
+def mvn_loc_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """MultivariateNormal means given the covariances: weighted means per cell (read off
+    the cached weighted moments where they apply), or with a Normal prior N(m, diag s^2)
+    the solution of (n P + S^-1) mu = P Σwx + S^-1 m."""
+    name = up.names[0]
+    old = theta[name]
+    dtype = old.dtype
+    ((gi, slot, which),) = up.uses
+    x = fm.value(gi, dtype)
+    D = x.shape[-1]
+    w = trailing(W[gi], 1)
+    target = target_shape(fm, gi, slot, which, theta)  # (1, cells.., D)
+    S = None
+    if tuple(target[:-1]) == tuple(W[gi].shape[:-1]) + (1,):  # cells, the plate summed
+        S = weighted_moments(fm.groups[gi], x, W[gi])
+    if S is not None:  # the statistics _mvn_scale reads too, in the same pass over W
+        c = data_moments(fm.groups[gi], x)[0]
+        _, m1, n = moment_parts(S, D)
+        s0 = n.reshape(target[:-1] + (1,))
+        s1 = (m1 + n.unsqueeze(-1) * c).reshape(target)
+    else:
+        s0 = wsum(target[:-1] + (1,), w)
+        s1 = wsum(target, w, x)
+    if up.prior is None:
+        S0 = to_param(fm, gi, slot, which, old.shape, s0.expand(target))
+        S1 = to_param(fm, gi, slot, which, old.shape, s1)
+        return {name: _keep_old(S1 / S0.clamp_min(torch.finfo(dtype).tiny), old, S0 <= 0)}
+    # MAP with a Normal prior N(m, diag s^2) per cell: (n P + S^-1) mu = P Σwx + S^-1 m.
+    g = fm.groups[gi]
+    s = g.slots[slot]
+    ri = fm.role_index(gi)
+    m = index_part(s, which, up.prior[1]["loc"], ri, g.n_axes)
+    sp = index_part(s, which, up.prior[1]["scale"], ri, g.n_axes)
+    view, ins = fm.slot_inputs(gi, "scale_tril", theta)
+    if view in ("diag", "spherical"):
+        sd = ins[0] if view == "diag" else ins[0].unsqueeze(-1).expand(ins[0].shape + (D,))
+        P = torch.diag_embed(sd.pow(-2))
+    else:
+        P = torch.cholesky_inverse(mvn_tril(view, ins))
+    P = P.expand(target + (D,))
+    A = s0.unsqueeze(-1) * P + torch.diag_embed(sp.pow(-2).expand(target))
+    b = (P @ s1.unsqueeze(-1)).squeeze(-1) + m / sp**2
+    mu = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+    return {name: to_param(fm, gi, slot, which, old.shape, mu)}
+
+
+def mvn_scale_update(
+    fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
+) -> dict[str, torch.Tensor]:
+    """MultivariateNormal scales given the means: per-dimension variances (diag,
+    spherical), or the weighted scatter Σ w (x - mu)(x - mu)^T / Σ w + reg I per cell as the
+    view needs it (covariance, Cholesky factor, or scales and correlation factor)."""
+    ((gi, slot, which),) = up.uses
+    g = fm.groups[gi]
+    pname = g.slots[slot].params[which]
+    old = theta[pname]
+    dtype = old.dtype
+    tiny = torch.finfo(dtype).tiny
+    x = fm.value(gi, dtype)
+    D = x.shape[-1]
+    _, (mu,) = fm.slot_inputs(gi, "loc", theta)
+    view = up.view
+    if view in ("diag", "spherical"):
+        diff = x - mu
+        target = target_shape(fm, gi, slot, which, theta)
+        if view == "diag":
+            s2 = wsum(target, trailing(W[gi], 1), diff.square())
+            s0 = wsum(target[:-1] + (1,), trailing(W[gi], 1)).expand(target)
+        else:
+            s2 = wsum(target, W[gi], diff.square().sum(-1))
+            s0 = wsum(target, W[gi]) * D
+        S2 = to_param(fm, gi, slot, which, old.shape, s2)
+        S0 = to_param(fm, gi, slot, which, old.shape, s0)
+        sd = (S2 / S0.clamp_min(tiny) + reg).sqrt()
+        return {pname: _keep_old(sd, old, S0 <= 0)}
+    # Full covariance: Σ = Σ w (x - mu)(x - mu)^T / Σ w per cell, then the view's factor.
+    target = target_shape(fm, gi, slot, which, theta)  # (1, cells.., D, D)
+    w = trailing(W[gi], 2)
+    s0 = wsum(target[:-2] + (1, 1), w).expand(target)
+    s2 = scatter(fm, gi, x, mu, W[gi], target)
+    S2 = to_param(fm, gi, slot, which, old.shape, s2)
+    S0 = to_param(fm, gi, slot, which, old.shape, s0)
+    eye = torch.eye(D, dtype=dtype, device=S2.device)
+    cov = S2 / S0.clamp_min(tiny) + reg * eye
+    empty = S0[..., :1, :1] <= 0
+    if view == "covariance":
+        return {pname: torch.where(empty, old, cov)}
+    L, info = torch.linalg.cholesky_ex(torch.where(empty, eye, cov))
+    if bool((info > 0).any()):
+        raise SingularCovariance(
+            f"the covariance estimate of {pname!r} is singular (a component sits on fewer "
+            "than D distinct points); set reg_covar > 0 or use fewer components"
+        )
+    if view == "identity":
+        return {pname: torch.where(empty, old, L)}
+    scales, corr = up.names
+    sd = L.square().sum(-1).sqrt()
+    C = L / sd.unsqueeze(-1)
+    return {
+        scales: torch.where(empty[..., 0], theta[scales], sd),
+        corr: torch.where(empty, theta[corr], C),
+    }
