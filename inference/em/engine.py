@@ -48,6 +48,7 @@ from jointkl.settings import (
     nonnegative_float,
     nonnegative_int,
     one_of,
+    or_callable,
     positive_int,
     setting,
 )
@@ -60,13 +61,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # A log-likelihood lower than the one before by more than this (relative) counts as a
 # decrease (EM cannot decrease it; rounding can, by less).
 DECREASE_TOLERANCE = 1e-9
-
-
-def initialisation(value: Any, where: str) -> str | Callable:
-    """``"kmeans++"``, ``"random"``, or a callable (kept as it is)."""
-    if not callable(value) and value not in INITS:
-        raise InputError(f"{where} must be one of {INITS} or a callable, got {value!r}")
-    return value
 
 
 def float_dtype(value: Any, where: str) -> torch.dtype:
@@ -89,7 +83,9 @@ class EMSettings(Settings):
     max_iter: int = setting(100, nonnegative_int)
     tol: float = setting(1e-3, nonnegative_float)
     n_init: int = setting(1, positive_int)
-    init: str | Callable[..., Mapping[str, torch.Tensor]] = setting("kmeans++", initialisation)
+    init: str | Callable[..., Mapping[str, torch.Tensor]] = setting(
+        "kmeans++", or_callable(one_of(*INITS))
+    )
     dtype: torch.dtype = setting(torch.float64, float_dtype)
     seed: int = setting(0, nonnegative_int)
     progress: bool = setting(True, boolean, json=False)

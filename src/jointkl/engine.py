@@ -43,18 +43,10 @@ class Result:
     """What an engine's loop returns; :meth:`Engine.build_fit` adds what every fit has (the
     engine's name and settings, the model's spec, the pair and the data).
 
-    :param params: constrained parameter tensors by param or site name.
-    :param history: the objective per step or iteration.
-    :param objective: the objective's name (``"loss"``: lower is better; ``"log_likelihood"``:
-        higher is better; ``"potential"``).
-    :param converged: whether the engine's convergence test passed.
-    :param n_iter: steps or iterations taken.
-    :param state: tensors needed to restore the fit (e.g. unconstrained params).
-    :param samples: stored posterior draws by site, each ``(chain, draw, *site_shape)``.
-    :param info: extra JSON facts (stop reason, timings, data size).
-    :param config: settings resolved during the fit (e.g. the loss SVI chose), added to the
-        recorded config.
-    :param guide: the fitted guide, in memory (a callable cannot be saved).
+    ``params`` … ``info`` mean what the :class:`~jointkl.fit.Fit` fields of the same names
+    mean. ``config`` holds settings resolved during the fit (e.g. the loss SVI chose), merged
+    into the recorded config; ``guide`` is the fitted guide, in memory (a callable cannot be
+    saved).
     """
 
     params: dict[str, torch.Tensor]
@@ -89,10 +81,6 @@ class Engine:
             cls.__signature__ = sig.replace(return_annotation=inspect.Signature.empty)
 
     def __init__(self, **settings: Any):
-        if self.Settings is Settings:
-            # An engine not yet on the skeleton: its settings stay a plain dict.
-            self._config = dict(settings)
-            return
         known = self.Settings.names()
         unknown = sorted(set(settings) - set(known))
         if unknown:
@@ -104,8 +92,6 @@ class Engine:
     @property
     def config(self) -> dict[str, Any]:
         """The settings as JSON values (what a Fit and a run directory record)."""
-        if self.Settings is Settings:
-            return self._config
         return self.settings.to_json()
 
     # ------------------------------------------------------------------ the template
