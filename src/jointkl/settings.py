@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
+from numbers import Real
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from jointkl.errors import InputError
@@ -55,10 +57,10 @@ Check = Callable[[Any, str], Any]
 
 # ---------------------------------------------------------------------- the checks
 def is_number(value: Any) -> bool:
-    """A real number (int or float, not bool), finite."""
+    """A finite real number (Python or NumPy int or float; not a bool)."""
     return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
+        isinstance(value, Real)
+        and not isinstance(value, (bool, np.bool_))
         and math.isfinite(float(value))
     )
 

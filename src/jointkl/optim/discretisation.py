@@ -9,26 +9,21 @@ a gradient, as flat lists for torch's multi-tensor (``torch._foreach_*``) kernel
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from jointkl.errors import InputError
+from jointkl.settings import is_number
 
 __all__ = ["Discretisation", "check_positive", "check_range"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_positive(owner: str, name: str, value: Any) -> None:
     """Raise :class:`InputError` unless ``value`` is a finite number > 0."""
-    if not _is_number(value) or value <= 0:
+    if not is_number(value) or value <= 0:
         raise InputError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
 
 
@@ -36,7 +31,7 @@ def check_range(
     owner: str, name: str, value: Any, low: float, high: float, *, high_open: bool = False
 ) -> None:
     """Raise :class:`InputError` unless ``low <= value <= high`` (``< high`` if ``high_open``)."""
-    ok = _is_number(value) and low <= value and (value < high if high_open else value <= high)
+    ok = is_number(value) and low <= value and (value < high if high_open else value <= high)
     if not ok:
         bracket = ")" if high_open else "]"
         raise InputError(
