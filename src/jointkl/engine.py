@@ -34,6 +34,7 @@ from jointkl.minibatch import check_finite_data
 from jointkl.pair import as_pair
 from jointkl.registry import ENGINES, engine_class, register_engine
 from jointkl.settings import Settings
+from jointkl.zoo import hook
 
 __all__ = ["Engine", "Result", "ENGINES", "register_engine", "engine_class", "recreate_params"]
 
@@ -124,7 +125,7 @@ class Engine:
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
     def build_fit(self, pair: Any, args: tuple, kwargs: dict[str, Any], result: Result) -> Fit:
-        spec = getattr(pair, "spec", None)
+        spec = hook(pair, "spec")
         return Fit(
             engine=self.name,
             config={**self.config, **result.config},

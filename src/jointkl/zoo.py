@@ -91,12 +91,9 @@ class ZooModel:
     engine_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_guide: ClassVar[str | None] = None
     guide: Callable[..., Any] | None = None
-    # Declared, not assigned: a model that lacks one of these has no such attribute, and
-    # ``hook(pair, name)`` gives ``None``. (An engine may still test ``hasattr``; a class
-    # attribute set to None would read as "provided".)
-    init_values: Callable[..., Mapping[str, Any]] | None
-    default_loss: Callable[..., Any] | None
-    candidate_scores: Callable[..., Any] | None
+    init_values: Callable[..., Mapping[str, Any]] | None = None
+    default_loss: Callable[..., Any] | None = None
+    candidate_scores: Callable[..., Any] | None = None
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define model()")
