@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Every benchmark at the defaults a user gets; rewrites the tables in docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python scripts/bench/run_all.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,0 +1,208 @@
+"""Run every benchmark at the defaults a user gets and rewrite their tables in docs/benchmarks.md.
+
+    python scripts/bench/run_all.py                 # all benchmarks (what `make bench` runs)
+    python scripts/bench/run_all.py --only crf,em   # some of them
+    python scripts/bench/run_all.py --dry-run       # print the commands, run nothing
+
+Each benchmark in ``BENCHMARKS`` is a script of ``scripts/bench/`` with the arguments of its
+default run. The script prints one JSON object per case on stdout; this runner collects them
+and writes one Markdown table per benchmark between the markers
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in docs/benchmarks.md (the section is
+appended at the end of the page when the markers are missing). Each table is headed by the
+command that produced it, the machine (CPU model, cores), the torch thread count and the
+versions of the anchors it compares against, so a figure never appears without its context.
+
+A benchmark that fails keeps its previous table and the failure is reported at the end (exit
+status 1); the others are still written. Rows are the scripts' own: default settings first,
+tuned settings are rows the script labels as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark script and the packages it is measured against.
+
+    :param name: the table's name (also its marker in docs/benchmarks.md).
+    :param script: file name under scripts/bench/.
+    :param args: arguments of its default run.
+    :param anchors: distribution names whose versions head the table.
+    :param title: one line saying what is measured against what.
+    """
+
+    name: str
+    script: str
+    args: tuple[str, ...] = ()
+    anchors: tuple[str, ...] = ()
+    title: str = ""
+    columns: tuple[str, ...] = field(default=())
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark(
+        "em",
+        "em.py",
+        (),
+        ("scikit-learn", "hmmlearn", "pomegranate"),
+        "EM at the default mixture / HMM settings against scikit-learn, hmmlearn, pomegranate",
+    ),
+    Benchmark("crf", "crf.py", (), ("pytorch-crf",), "LinearChainCRF against pytorch-crf"),
+    Benchmark("text", "text.py", (), ("jieba",), "unsupervised segmentation pipeline"),
+    Benchmark(
+        "svi",
+        "svi_overhead.py",
+        (),
+        (),
+        "SVI whole fit against a hand-written PyTorch loop (same optimiser)",
+    ),
+    Benchmark("optim", "optim_overhead.py", (), (), "jointkl.optim step against torch.optim"),
+    Benchmark("nce", "nce.py", (), (), "NCE / negative sampling"),
+    Benchmark("langevin", "langevin.py", (), ("pyro-ppl",), "Langevin against Pyro's NUTS"),
+)
+
+
+def machine() -> str:
+    """CPU model and core count, as the table header shows them."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def command(bench: Benchmark) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "bench" / bench.script), *bench.args]
+
+
+def run(bench: Benchmark, threads: int) -> tuple[list[dict], float]:
+    """The JSON rows a benchmark prints, and its wall time. Raises on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(command(bench), env=env, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{bench.script} exited {done.returncode}: {tail[0]}")
+    rows = []
+    for line in done.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    if not rows:
+        raise RuntimeError(f"{bench.script} printed no JSON rows")
+    return rows, seconds
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value).replace("|", "\\|")
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table over the union of the rows' keys, in first-seen order."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def section(bench: Benchmark, rows: list[dict], seconds: float, threads: int) -> str:
+    shown = " ".join(["python", f"scripts/bench/{bench.script}", *bench.args])
+    anchors = ", ".join(f"{a} {version(a)}" for a in bench.anchors) or "—"
+    head = [
+        f"### `{bench.name}`: {bench.title}",
+        "",
+        f"- command: `OMP_NUM_THREADS={threads} {shown}` (via `make bench`)",
+        f"- machine: {machine()}; torch threads: {threads}; torch {version('torch')}",
+        f"- anchors: {anchors}",
+        f"- measured: {time.strftime('%Y-%m-%d')}, {seconds:.0f} s for the whole benchmark",
+        "",
+    ]
+    return "\n".join(head) + table(rows) + "\n"
+
+
+def replace_section(page: str, name: str, body: str) -> str:
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{body}{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(page):
+        return pattern.sub(lambda _: block, page)
+    heading = "## Latest `make bench` tables"
+    if heading not in page:
+        page = page.rstrip("\n") + f"\n\n{heading}\n\nWritten by `make bench` "
+        page += "(`scripts/bench/run_all.py`); edit the scripts, not these tables.\n"
+    return page.rstrip("\n") + f"\n\n{block}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated benchmark names")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--page", type=Path, default=PAGE, help="the Markdown page to rewrite")
+    args = ap.parse_args(argv)
+    names = {b.name for b in BENCHMARKS}
+    chosen = BENCHMARKS
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - names)
+        if unknown:
+            ap.exit(2, f"run_all: unknown benchmark(s) {unknown}; known: {sorted(names)}\n")
+        chosen = tuple(b for b in BENCHMARKS if b.name in wanted)
+    failed = []
+    for bench in chosen:
+        print(f"== {bench.name}: {' '.join(command(bench))}", file=sys.stderr, flush=True)
+        if args.dry_run:
+            continue
+        try:
+            rows, seconds = run(bench, args.threads)
+        except RuntimeError as e:
+            failed.append(str(e))
+            print(f"   failed: {e}", file=sys.stderr)
+            continue
+        page = args.page.read_text(encoding="utf-8") if args.page.exists() else "# Benchmarks\n"
+        page = replace_section(page, bench.name, section(bench, rows, seconds, args.threads))
+        args.page.write_text(page, encoding="utf-8")  # after each, so a later failure keeps it
+        print(f"   {len(rows)} rows in {seconds:.0f} s", file=sys.stderr)
+    for line in failed:
+        print(f"run_all: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
