@@ -75,6 +75,13 @@ def float_dtype(value: Any, where: str) -> torch.dtype:
     return value
 
 
+def objective_name(fm: FactorModel) -> str:
+    """What EM increases: ``"log_posterior"`` (log p(x | θ) + log p(θ), up to the evidence)
+    for a model with MAP globals, ``"log_likelihood"`` for a model of ``pyro.param`` sites only."""
+    has_prior = any(f.kind == "global" for f in fm.free.values())
+    return "log_posterior" if has_prior else "log_likelihood"
+
+
 @dataclass(frozen=True)
 class EMSettings(Settings):
     """The EM engine's settings (see :class:`EM`)."""
@@ -206,8 +213,10 @@ class EM(Engine):
         times fewer iterations. ``max_iter`` then counts log-likelihood evaluations, and only
         plain EM steps are tested against ``tol``.
 
-    A fit's history is the log-likelihood after each M-step (``history[0]`` at the initial
-    values; for models with MAP globals, log p(x | θ) + log p(θ)).
+    A fit's history is the objective after each M-step (``history[0]`` at the initial
+    values): the log-likelihood log p(x | θ) (``fit.objective == "log_likelihood"``), or for
+    models with MAP globals log p(x | θ) + log p(θ) (``"log_posterior"``); ``fit.info``
+    holds the final ``log_likelihood`` and ``log_prior`` apart.
     """
 
     name = "em"
@@ -270,9 +279,11 @@ class EM(Engine):
             desc=f"em[{restart}]" if s.n_init > 1 else "em",
         )
 
+        label = "lp" if objective_name(fm) == "log_posterior" else "ll"
+
         def show(ll: float) -> None:
             bar.update(1)
-            bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
+            bar.set_postfix({label: f"{ll / fm.n_points:.6g}"})
 
         path = Trajectory(theta, s.max_iter, s.tol * fm.n_points, show)
         try:
@@ -321,7 +332,7 @@ class EM(Engine):
         return Result(
             params=theta,
             history=list(path.history),
-            objective="log_likelihood",
+            objective=objective_name(fm),
             converged=path.converged,
             n_iter=path.n_iter,
             info=info,
