@@ -57,6 +57,7 @@ __all__ = ["EM", "EMSettings", "Steps", "Trajectory"]
 
 INITS = ("kmeans++", "random")
 ACCELERATORS = (None, "squarem")
+ASSIGNMENTS = ("soft", "hard")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # A log-likelihood lower than the one before by more than this (relative) counts as a
 # decrease (EM cannot decrease it; rounding can, by less).
@@ -75,11 +76,14 @@ def float_dtype(value: Any, where: str) -> torch.dtype:
     return value
 
 
-def objective_name(fm: FactorModel) -> str:
+def objective_name(fm: FactorModel, hard: bool = False) -> str:
     """What EM increases: ``"log_posterior"`` (log p(x | θ) + log p(θ), up to the evidence)
-    for a model with MAP globals, ``"log_likelihood"`` for a model of ``pyro.param`` sites only."""
+    for a model with MAP globals, ``"log_likelihood"`` for a model of ``pyro.param`` sites
+    only; with hard assignments the classification versions (``"classification_..."``:
+    log p(x, ẑ | θ) at the most probable assignments ẑ)."""
     has_prior = any(f.kind == "global" for f in fm.free.values())
-    return "log_posterior" if has_prior else "log_likelihood"
+    name = "log_posterior" if has_prior else "log_likelihood"
+    return f"classification_{name}" if hard else name
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class EMSettings(Settings):
     mstep_iter: int = setting(20, nonnegative_int)
     kmeans_iter: int = setting(10, nonnegative_int)
     accelerate: str | None = setting(None, one_of(*ACCELERATORS))
+    assign: str = setting("soft", one_of(*ASSIGNMENTS))
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,12 @@ class Steps:
     gradient: list[str]
     reg_covar: float
     mstep_iter: int
+    hard: bool = False
 
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
-        """E-step at θ: (log-likelihood, posterior weights of every table)."""
-        ll, W = self.fm.e_step(theta)
+        """E-step at θ: (log-likelihood, posterior weights of every table); with ``hard``,
+        (classification log-likelihood, one-hot weights)."""
+        ll, W = self.fm.e_step(theta, self.hard)
         if not math.isfinite(ll):
             raise FitDivergedError(
                 f"EM: the log-likelihood became {ll} at iteration {iteration}; the last good "
@@ -205,6 +212,11 @@ class EM(Engine):
         (scikit-learn's ``reg_covar``); 0 is exact EM.
     :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
     :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    :param str assign: ``"soft"`` (default: exact EM, responsibilities are the posterior)
+        or ``"hard"`` (classification EM, mixtures only: each point is assigned wholly to its
+        most probable component, and the history is the classification log-likelihood
+        Σ_n max_k log p(x_n, z_n = k | θ) (+ log-prior); with equal fixed weights and one
+        shared spherical variance this is k-means' Lloyd iteration).
     :param accelerate: ``None`` (default: plain EM, iteration for iteration what
         scikit-learn and hmmlearn compute) or ``"squarem"`` (SQUAREM,
         :mod:`jointkl.inference.em.squarem`: after each EM step a second one and a squared
@@ -242,7 +254,22 @@ class EM(Engine):
         t_start = time.perf_counter()
         pyro.clear_param_store()
         fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
-        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter)
+        single = [v for v, var in fm.vars.items() if var.card < 2]
+        if single:
+            # The M-step reads a one-value variable's tables as constants and has no
+            # statistics for them; the E-step alone (FactorModel.e_step) handles them.
+            raise InputError(
+                f"EM: the enumerated variable {single[0]!r} takes a single value, so there is "
+                "nothing to infer; EM needs at least 2 values (a mixture: n_components >= 2)"
+            )
+        hard = s.assign == "hard"
+        if hard and not fm._is_mixture():
+            raise InputError(
+                "EM: assign='hard' needs a mixture (one enumerated variable per data point, "
+                "like GaussianMixture or BernoulliMixture); this model's latents form a chain "
+                "or a larger structure — use assign='soft'"
+            )
+        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
         t_compiled = time.perf_counter()
         best, restarts, last_error = None, [], None
         for r in range(s.n_init):
@@ -279,7 +306,7 @@ class EM(Engine):
             desc=f"em[{restart}]" if s.n_init > 1 else "em",
         )
 
-        label = "lp" if objective_name(fm) == "log_posterior" else "ll"
+        label = "lp" if objective_name(fm).endswith("posterior") else "ll"
 
         def show(ll: float) -> None:
             bar.update(1)
@@ -332,7 +359,7 @@ class EM(Engine):
         return Result(
             params=theta,
             history=list(path.history),
-            objective=objective_name(fm),
+            objective=objective_name(fm, steps.hard),
             converged=path.converged,
             n_iter=path.n_iter,
             info=info,

@@ -267,6 +267,8 @@ def gradient_step(
     if not names or max_iter < 1:
         return {}
     which = fm.groups_using(set(names))
+    if not which:  # no table depends on them (a one-value simplex): Q is flat in them
+        return {}
     ts = {n: transform_for(fm.free[n].constraint) for n in names}
     u = {n: ts[n].inv(theta[n]).detach().clone().requires_grad_() for n in names}
     scale = 1.0 / fm.n_points  # per-point Q keeps L-BFGS's tolerances meaningful

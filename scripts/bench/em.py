@@ -25,6 +25,9 @@ Cases (one JSON object each on stdout):
 - ``hmm``: Gaussian HMM (diagonal), 100 sequences x 500 steps, 6 states, against hmmlearn's
   GaussianHMM (its faster ``"scaling"`` implementation, and its default ``"log"`` one), same
   start and iteration count.
+- ``hard``: the soft -> hard limit: soft EM with equal weights and a fixed shared spherical
+  variance sigma^2 against k-means from the same centres (agreement of the partitions as
+  sigma shrinks), and ``EM(assign="hard")`` (equal to k-means).
 - ``scaling``: jointkl EM seconds per iteration (compile excluded) for N = 10^4 .. 10^6.
 
 Times are wall-clock and this process's CPU seconds; ``ratio`` = jointkl / other (below 1:
@@ -614,6 +617,59 @@ def case_defaults(args) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- soft -> hard
+def case_hard(args) -> list[dict]:
+    """Soft EM on a mixture with equal fixed weights and one fixed shared spherical variance
+    sigma^2, against k-means (scikit-learn's Lloyd KMeans) from the same centres: the share of
+    points soft EM's most probable component puts where k-means does, as sigma shrinks; and
+    EM(assign="hard") itself."""
+    import pyro
+    import pyro.distributions as dist
+    from sklearn.cluster import KMeans
+
+    n, d, k = 5000, 2, 8
+    x = torch.as_tensor(gmm_data(n, d, k, args.seed))
+    start = torch.as_tensor(gmm_start(x.numpy(), k, args.seed)[1])
+
+    def shared(x, sigma):
+        locs = pyro.param("locs", lambda: start.clone())
+        with pyro.plate("data", len(x)):
+            z = pyro.sample(
+                "z",
+                dist.Categorical(torch.full((k,), 1.0 / k, dtype=x.dtype)),
+                infer={"enumerate": "parallel"},
+            )
+            pyro.sample("obs", dist.Normal(locs[z], sigma).to_event(1), obs=x)
+
+    km = KMeans(k, init=start.numpy(), n_init=1, algorithm="lloyd", tol=0.0, max_iter=1000)
+    km_labels = torch.as_tensor(km.fit(x.numpy()).labels_)
+    out = []
+    for sigma in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05, None):
+        em = EM(
+            max_iter=1000,
+            tol=0.0 if sigma is None else 1e-9,
+            progress=False,
+            assign="hard" if sigma is None else "soft",
+            init=lambda x, seed: {"locs": start},
+        )
+        fit = em.fit(lambda x, s=(sigma or 1.0): shared(x, s), x)
+        labels = torch.cdist(x, fit.params["locs"]).argmin(-1)
+        out.append(
+            {
+                "case": "hard",
+                "assign": "hard" if sigma is None else "soft",
+                "sigma": sigma,
+                "n": n,
+                "iterations": fit.n_iter,
+                "agreement_with_kmeans": float((labels == km_labels).double().mean()),
+                "max_centre_distance_to_kmeans": float(
+                    (fit.params["locs"] - torch.as_tensor(km.cluster_centers_)).norm(dim=-1).max()
+                ),
+            }
+        )
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="defaults,gmm,gmm-pyro,hmm,scaling")
@@ -632,6 +688,7 @@ def main(argv=None) -> int:
         "gmm-pyro": case_gmm_pyro,
         "hmm": case_hmm,
         "scaling": case_scaling,
+        "hard": case_hard,
     }
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
     for name in args.cases.split(","):
