@@ -1,24 +1,33 @@
 """Gaussian mixture: the assignment is enumerated, the globals are MAP or variational.
 
-    weights ~ Dirichlet(α·1)                        (priors="weak")
-    locs_k  ~ Normal(loc_prior)          k = 1..K   (plate "components")
-    scales  ~ LogNormal(scale_prior)     (full: per dim + LKJ(η) correlation Cholesky)
-    z_i     ~ Categorical(weights)       i = 1..N   (plate "data", enumerated)
-    x_i     ~ MultivariateNormal(locs_{z_i}, Σ_{z_i})
+    weights     ~ Dirichlet(α·1)                            (priors="weak", the default)
+    locs_k      ~ Normal(m, s) per coordinate   k = 1..K    (plate "components")
+    precision_k ~ Wishart(D + 1, ψ⁻¹ I)  (full: a D x D precision matrix)
+                | Gamma(1, ψ/2) per dimension  (diag) | Gamma(1, Dψ/2)  (spherical)
+    z_i         ~ Categorical(weights)          i = 1..N    (plate "data", enumerated)
+    x_i         ~ MultivariateNormal(locs_{z_i}, precision_{z_i}⁻¹)
 
-With ``priors=None`` the globals are ``pyro.param``s (maximum likelihood; the form EM's
-closed-form M-step reads). The priors are weakly informative for data within about ±30 units
-of the origin (``loc_prior`` scale 10); rescale the data or set them for other units.
+The priors are conjugate, so EM's M-step is closed form (MAP): with α = 1 the weights are the
+maximum-likelihood ones, each mean is shrunk towards m by the precision 1/s² (negligible for
+s = 10 and data within about ±30 units of m), and each covariance is the component's weighted
+scatter with ψ added, (S_k + ψ I) / n_k — the Wishart with ν = D + 1 (Gamma with shape 1)
+adds no pseudo-count, only ψ to the scatter, which keeps a component on fewer than D points
+from a singular covariance. ψ (``covariance_prior``) is in the data's squared units: the
+defaults suit data on the scale of about one unit; rescale the data or set them otherwise.
+
+With ``priors=None`` the globals are ``pyro.param`` sites (maximum likelihood).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from jointkl.models.wishart import PrecisionWishart
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
 
@@ -37,12 +46,13 @@ class GaussianMixture(ZooModel):
 
     :param int n_components: number of components K.
     :param str covariance: ``"full"``, ``"diag"`` or ``"spherical"``.
-    :param priors: ``"weak"`` (Dirichlet / Normal / LogNormal / LKJ priors; globals are sample
-        sites, MAP under the default ``"delta"`` guide) or ``None`` (``pyro.param`` globals).
+    :param priors: ``"weak"`` (conjugate Dirichlet / Normal / Wishart or Gamma priors, see the
+        module docstring; globals are sample sites, MAP under EM and the default ``"delta"``
+        guide) or ``None`` (``pyro.param`` globals: maximum likelihood).
     :param float concentration: Dirichlet concentration α of the weights.
-    :param loc_prior: (mean, scale) of the Normal prior on every location coordinate.
-    :param scale_prior: (mu, sigma) of the LogNormal prior on the standard deviations.
-    :param float lkj_eta: LKJ concentration of the correlation prior (full covariance).
+    :param loc_prior: (mean m, scale s) of the Normal prior on every location coordinate.
+    :param float covariance_prior: ψ, what the precision prior adds to each component's
+        scatter (the MAP covariance is (S_k + ψ I) / n_k; squared data units).
     """
 
     name: ClassVar[str] = "gmm"
@@ -56,27 +66,26 @@ class GaussianMixture(ZooModel):
         priors: str | None = "weak",
         concentration: float = 1.0,
         loc_prior: tuple[float, float] = (0.0, 10.0),
-        scale_prior: tuple[float, float] = (0.0, 2.0),
-        lkj_eta: float = 1.0,
+        covariance_prior: float = 1e-3,
     ):
+        where = "GaussianMixture"
         (
             self.n_components,
             self.covariance,
             self.priors,
             self.concentration,
-            self.lkj_eta,
+            self.covariance_prior,
         ) = check_all(
             [
                 ("n_components", n_components, positive_int),
                 ("covariance", covariance, one_of(*COVARIANCES)),
                 ("priors", priors, one_of("weak", None)),
                 ("concentration", concentration, positive_float),
-                ("lkj_eta", lkj_eta, positive_float),
+                ("covariance_prior", covariance_prior, positive_float),
             ],
-            "GaussianMixture",
+            where,
         )
-        self.loc_prior = tuple(float(v) for v in loc_prior)
-        self.scale_prior = tuple(float(v) for v in scale_prior)
+        self.loc_prior = _pair(loc_prior, "loc_prior", "(mean, scale), the scale > 0")
 
     # -------------------------------------------------------------- zoo hooks
     def settings(self) -> dict[str, Any]:
@@ -86,8 +95,7 @@ class GaussianMixture(ZooModel):
             "priors": self.priors,
             "concentration": self.concentration,
             "loc_prior": list(self.loc_prior),
-            "scale_prior": list(self.scale_prior),
-            "lkj_eta": self.lkj_eta,
+            "covariance_prior": self.covariance_prior,
         }
 
     @staticmethod
@@ -110,13 +118,17 @@ class GaussianMixture(ZooModel):
             centres.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
         sd = x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones(x.shape[1])
         vals = {"weights": torch.full((K,), 1.0 / K), "locs": torch.stack(centres)}
+        if self.priors is None:  # standard deviations (the model's params)
+            spread = sd.expand(K, -1) if self.covariance != "spherical" else sd.mean().expand(K)
+            vals["scales"] = spread.clone()
+            return vals
+        prec = sd.pow(-2)  # the MAP sites are precisions
         if self.covariance == "full":
-            vals["scales"] = sd.expand(K, -1).clone()
-            vals["corr_chol"] = torch.eye(x.shape[1]).expand(K, -1, -1).clone()
+            vals["precision"] = torch.diag_embed(prec).expand(K, -1, -1).clone()
         elif self.covariance == "diag":
-            vals["scales"] = sd.expand(K, -1).clone()
+            vals["precision"] = prec.expand(K, -1).clone()
         else:
-            vals["scales"] = sd.mean().expand(K).clone()
+            vals["precision"] = sd.mean().pow(-2).expand(K).clone()
         return vals
 
     # -------------------------------------------------------------- the model
@@ -160,23 +172,26 @@ class GaussianMixture(ZooModel):
             "weights", dist.Dirichlet(torch.full((K,), self.concentration, **opts))
         )
         m, s = self.loc_prior
-        lm, ls = self.scale_prior
+        psi = self.covariance_prior
         with pyro.plate("components", K, dim=-1):
             locs = pyro.sample(
                 "locs", dist.Normal(torch.tensor(m, **opts), s).expand([D]).to_event(1)
             )
-            if self.covariance == "spherical":
-                scales = pyro.sample("scales", dist.LogNormal(torch.tensor(lm, **opts), ls))
-            else:
-                scales = pyro.sample(
-                    "scales", dist.LogNormal(torch.tensor(lm, **opts), ls).expand([D]).to_event(1)
-                )
             if self.covariance == "full":
-                corr = pyro.sample(
-                    "corr_chol", dist.LKJCholesky(D, torch.tensor(self.lkj_eta, **opts))
+                prec = pyro.sample(
+                    "precision",
+                    PrecisionWishart(
+                        torch.tensor(D + 1.0, **opts),
+                        precision_matrix=psi * torch.eye(D, **opts),
+                    ),
                 )
-                return weights, locs, scales.unsqueeze(-1) * corr
-        return weights, locs, _tril(scales, D, self.covariance)
+                return weights, locs, _covariance_tril(prec)
+            one = torch.tensor(1.0, **opts)
+            if self.covariance == "diag":
+                prec = pyro.sample("precision", dist.Gamma(one, psi / 2).expand([D]).to_event(1))
+            else:
+                prec = pyro.sample("precision", dist.Gamma(one, D * psi / 2))
+        return weights, locs, _tril(prec.rsqrt(), D, self.covariance)
 
     def model(self, x: torch.Tensor) -> None:
         x = self._check(x)
@@ -199,9 +214,7 @@ class GaussianMixture(ZooModel):
 
         engine = engine_class(fit.engine)
         engine.activate(fit)
-        point = {
-            k: v for k, v in fit.params.items() if k in ("weights", "locs", "scales", "corr_chol")
-        }
+        point = {k: v for k, v in fit.params.items() if k in ("weights", "locs", "precision")}
         model = poutine.condition(self.model, data=point) if self.priors else self.model
         marg = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(model, _no_guide, x)
         logits = marg["assignment"].logits
@@ -214,6 +227,22 @@ class GaussianMixture(ZooModel):
 
 def _no_guide(*args, **kwargs) -> None:
     pass
+
+
+def _pair(value: Any, name: str, expected: str) -> tuple[float, float]:
+    """Two finite numbers, the second positive (a location and a scale)."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"GaussianMixture: {name} must be {expected}, got {value!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b) and b > 0):
+        raise InputError(f"GaussianMixture: {name} must be {expected}, got {value!r}")
+    return a, b
+
+
+def _covariance_tril(precision: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of the covariance precision⁻¹ (batched)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(precision)))
 
 
 def _tril(scales: torch.Tensor, D: int, covariance: str) -> torch.Tensor:

@@ -292,9 +292,12 @@ def test_em_plan_uses_closed_forms_where_they_exist(blobs):
         pair, args = every_model(blobs)[name]
         fits[name] = quiet(max_iter=1).fit(pair, *args)
     assert set(fits["gmm-full"].info["closed_form"]) == {"weights", "locs", "scale_tril"}
-    # Dirichlet weights and Normal means are conjugate; LogNormal scales and LKJ are not.
-    assert set(fits["gmm-full-weak"].info["closed_form"]) == {"weights", "locs"}
-    assert set(fits["gmm-full-weak"].info["gradient"]) == {"scales", "corr_chol"}
+    # The default priors are conjugate: Dirichlet weights, Normal means, Wishart precisions.
+    assert set(fits["gmm-full-weak"].info["closed_form"]) == {"weights", "locs", "precision"}
+    assert fits["gmm-full-weak"].info["gradient"] == []
+    # A non-conjugate prior (the weak HMM's LogNormal scales and LKJ) takes the gradient step.
+    fit = quiet(max_iter=1).fit(HMM(2, covariance="full", priors="weak"), hmm_data_2d())
+    assert set(fit.info["gradient"]) == {"scales", "corr_chol"}
     assert set(fits["hmm-gaussian"].info["closed_form"]) == {"init", "trans", "locs", "scales"}
     assert fits["hmm-gaussian"].info["e_step"] == "chain"
     assert fits["regression"].info["traced_sites"] == ["y"]
@@ -432,7 +435,9 @@ def test_em_fit_converts_to_arviz_with_laplace_draws(blobs):
     assert locs.shape == (1, 40, 3, 2)
     assert locs.std(axis=1).min() > 0  # Laplace draws spread around the optimum
     np.testing.assert_allclose(locs.mean(axis=(0, 1)), fit.params["locs"].numpy(), atol=0.1)
-    np.testing.assert_allclose(idata.sample_stats["log_likelihood"].values, fit.history)
+    # A MAP fit's objective is the log-posterior (log-likelihood + log-prior), named so.
+    assert fit.objective == "log_posterior"
+    np.testing.assert_allclose(idata.sample_stats["log_posterior"].values, fit.history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loo = az.loo(idata)

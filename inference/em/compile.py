@@ -65,6 +65,17 @@ def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
     return v
 
 
+def refuse_continuous_latent(name: str, site: Mapping[str, Any]) -> None:
+    """Raise InputError if ``site`` is a continuous latent inside the data plate."""
+    in_data = any(f.name == DATA_PLATE for f in site["cond_indep_stack"])
+    if in_data and site["infer"].get("enumerate") is None and not site["fn"].support.is_discrete:
+        raise InputError(
+            f"EM: site {name!r} is a continuous latent inside the {DATA_PLATE!r} plate; "
+            "EM handles discrete enumerable latents (and MAP point estimates of "
+            "globals) only — fit this model with the SVI engine"
+        )
+
+
 class Compiler:
     """The state of one compilation (the probes, and the recipes found so far)."""
 
@@ -99,12 +110,24 @@ class Compiler:
         store = pyro.get_param_store()
         saved = store.get_state()
         store.clear()
+        tracer = poutine.trace(InitMessenger(_initial_value)(fm.model))
         try:
             with torch.no_grad():
-                tr = poutine.trace(InitMessenger(_initial_value)(fm.model)).get_trace(
-                    *fm.args, **fm.kwargs
-                )
+                tr = tracer.get_trace(*fm.args, **fm.kwargs)
             self.store_constraints = dict(store.get_state()["constraints"])
+        except InputError:
+            raise
+        except Exception as e:
+            # A model EM cannot take often fails further on (a network fed the data cast to
+            # float64): name the site EM refuses, if the partial trace reached one.
+            for name, s in tracer.trace.nodes.items():
+                if s["type"] == "sample" and not s["is_observed"]:
+                    refuse_continuous_latent(name, s)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise InputError(
+                f"EM: the model failed when run on the data (cast to {fm.dtype}): "
+                f"{type(e).__name__}: {first}"
+            ) from e
         finally:
             store.set_state(saved)
         return prune_subsample_sites(tr)
@@ -147,11 +170,7 @@ class Compiler:
                     "@pyro.infer.config_enumerate"
                 )
             elif in_data:
-                raise InputError(
-                    f"EM: site {name!r} is a continuous latent inside the {DATA_PLATE!r} plate; "
-                    "EM handles discrete enumerable latents (and MAP point estimates of "
-                    "globals) only — fit this model with the SVI engine"
-                )
+                refuse_continuous_latent(name, s)
             else:
                 v = self.cast(s["value"].detach(), s["fn"].support)
                 fm.free[name] = Free(name, "global", s["fn"].support, v.shape)

@@ -57,6 +57,7 @@ __all__ = ["EM", "EMSettings", "Steps", "Trajectory"]
 
 INITS = ("kmeans++", "random")
 ACCELERATORS = (None, "squarem")
+ASSIGNMENTS = ("soft", "hard")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # A log-likelihood lower than the one before by more than this (relative) counts as a
 # decrease (EM cannot decrease it; rounding can, by less).
@@ -73,6 +74,16 @@ def float_dtype(value: Any, where: str) -> torch.dtype:
     if value not in DTYPES.values():
         raise InputError(f"{where} must be torch.float64 or torch.float32, got {value!r}")
     return value
+
+
+def objective_name(fm: FactorModel, hard: bool = False) -> str:
+    """What EM increases: ``"log_posterior"`` (log p(x | θ) + log p(θ), up to the evidence)
+    for a model with MAP globals, ``"log_likelihood"`` for a model of ``pyro.param`` sites
+    only; with hard assignments the classification versions (``"classification_..."``:
+    log p(x, ẑ | θ) at the most probable assignments ẑ)."""
+    has_prior = any(f.kind == "global" for f in fm.free.values())
+    name = "log_posterior" if has_prior else "log_likelihood"
+    return f"classification_{name}" if hard else name
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class EMSettings(Settings):
     mstep_iter: int = setting(20, nonnegative_int)
     kmeans_iter: int = setting(10, nonnegative_int)
     accelerate: str | None = setting(None, one_of(*ACCELERATORS))
+    assign: str = setting("soft", one_of(*ASSIGNMENTS))
 
 
 @dataclass(frozen=True)
@@ -108,10 +120,12 @@ class Steps:
     gradient: list[str]
     reg_covar: float
     mstep_iter: int
+    hard: bool = False
 
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
-        """E-step at θ: (log-likelihood, posterior weights of every table)."""
-        ll, W = self.fm.e_step(theta)
+        """E-step at θ: (log-likelihood, posterior weights of every table); with ``hard``,
+        (classification log-likelihood, one-hot weights)."""
+        ll, W = self.fm.e_step(theta, self.hard)
         if not math.isfinite(ll):
             raise FitDivergedError(
                 f"EM: the log-likelihood became {ll} at iteration {iteration}; the last good "
@@ -198,6 +212,11 @@ class EM(Engine):
         (scikit-learn's ``reg_covar``); 0 is exact EM.
     :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
     :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    :param str assign: ``"soft"`` (default: exact EM, responsibilities are the posterior)
+        or ``"hard"`` (classification EM, mixtures only: each point is assigned wholly to its
+        most probable component, and the history is the classification log-likelihood
+        Σ_n max_k log p(x_n, z_n = k | θ) (+ log-prior); with equal fixed weights and one
+        shared spherical variance this is k-means' Lloyd iteration).
     :param accelerate: ``None`` (default: plain EM, iteration for iteration what
         scikit-learn and hmmlearn compute) or ``"squarem"`` (SQUAREM,
         :mod:`jointkl.inference.em.squarem`: after each EM step a second one and a squared
@@ -206,8 +225,10 @@ class EM(Engine):
         times fewer iterations. ``max_iter`` then counts log-likelihood evaluations, and only
         plain EM steps are tested against ``tol``.
 
-    A fit's history is the log-likelihood after each M-step (``history[0]`` at the initial
-    values; for models with MAP globals, log p(x | θ) + log p(θ)).
+    A fit's history is the objective after each M-step (``history[0]`` at the initial
+    values): the log-likelihood log p(x | θ) (``fit.objective == "log_likelihood"``), or for
+    models with MAP globals log p(x | θ) + log p(θ) (``"log_posterior"``); ``fit.info``
+    holds the final ``log_likelihood`` and ``log_prior`` apart.
     """
 
     name = "em"
@@ -233,7 +254,22 @@ class EM(Engine):
         t_start = time.perf_counter()
         pyro.clear_param_store()
         fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
-        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter)
+        single = [v for v, var in fm.vars.items() if var.card < 2]
+        if single:
+            # The M-step reads a one-value variable's tables as constants and has no
+            # statistics for them; the E-step alone (FactorModel.e_step) handles them.
+            raise InputError(
+                f"EM: the enumerated variable {single[0]!r} takes a single value, so there is "
+                "nothing to infer; EM needs at least 2 values (a mixture: n_components >= 2)"
+            )
+        hard = s.assign == "hard"
+        if hard and not fm._is_mixture():
+            raise InputError(
+                "EM: assign='hard' needs a mixture (one enumerated variable per data point, "
+                "like GaussianMixture or BernoulliMixture); this model's latents form a chain "
+                "or a larger structure — use assign='soft'"
+            )
+        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
         t_compiled = time.perf_counter()
         best, restarts, last_error = None, [], None
         for r in range(s.n_init):
@@ -270,9 +306,11 @@ class EM(Engine):
             desc=f"em[{restart}]" if s.n_init > 1 else "em",
         )
 
+        label = "lp" if objective_name(fm).endswith("posterior") else "ll"
+
         def show(ll: float) -> None:
             bar.update(1)
-            bar.set_postfix(ll=f"{ll / fm.n_points:.6g}")
+            bar.set_postfix({label: f"{ll / fm.n_points:.6g}"})
 
         path = Trajectory(theta, s.max_iter, s.tol * fm.n_points, show)
         try:
@@ -321,7 +359,7 @@ class EM(Engine):
         return Result(
             params=theta,
             history=list(path.history),
-            objective="log_likelihood",
+            objective=objective_name(fm, steps.hard),
             converged=path.converged,
             n_iter=path.n_iter,
             info=info,

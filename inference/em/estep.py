@@ -295,7 +295,7 @@ def contract_log_partition(fm: FactorModel, tabs: Mapping[int, torch.Tensor]) ->
 
 # --------------------------------------------------------------------------- mixtures
 def mixture_e_step(
-    fm: FactorModel, theta: Mapping[str, torch.Tensor]
+    fm: FactorModel, theta: Mapping[str, torch.Tensor], hard: bool = False
 ) -> tuple[float, dict[int, torch.Tensor]]:
     """The E-step of a mixture without autograd: the responsibilities are the softmax
     over the K values of the summed unary tables, and log Z = Σ_n (m_n + log Σ_k
@@ -304,7 +304,11 @@ def mixture_e_step(
     in cached features (:func:`~jointkl.inference.em.gaussian.linear_log_density`) is
     evaluated block by block too, and never written out whole. The responsibilities live in
     one buffer per model (``fm.responsibilities``), which the next E-step overwrites (EM
-    needs the weights of one E-step only)."""
+    needs the weights of one E-step only).
+
+    ``hard``: classification EM — each point's responsibilities are one-hot at its most
+    probable value (ties: the first), and the returned objective is the classification
+    log-likelihood Σ_n max_k log p(x_n, z_n = k | θ) that hard EM increases."""
     plan = fm.chain
     K = plan["K"]
     psizes = tuple(fm.plate_sizes[p] for p in plan["plates"])
@@ -350,10 +354,15 @@ def mixture_e_step(
         # A point no value can explain (-inf everywhere) gives log Z = -inf, which stops
         # the fit; the clamp only keeps -inf - -inf = nan out of the max shift.
         m = block.amax(-1, keepdim=True).clamp_(min=lowest)
-        block.sub_(m).exp_()
-        z = block.sum(-1, keepdim=True)
-        block.div_(z)
-        logz += z.log_().add_(m).sum()
+        if hard:
+            best = block.argmax(-1, keepdim=True)
+            block.zero_().scatter_(-1, best, 1.0)
+            logz += m.sum()
+        else:
+            block.sub_(m).exp_()
+            z = block.sum(-1, keepdim=True)
+            block.div_(z)
+            logz += z.log_().add_(m).sum()
         counts += block.sum(0)
     W = R.T.reshape((1, K) + psizes)  # canonical layout, a view of the point-major R
     for i in linear:
@@ -450,14 +459,17 @@ def log_partition(
 
 
 def e_step(
-    fm: FactorModel, theta: Mapping[str, torch.Tensor]
+    fm: FactorModel, theta: Mapping[str, torch.Tensor], hard: bool = False
 ) -> tuple[float, dict[int, torch.Tensor]]:
     """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table, masked
     entries zeroed. A mixture's weights are valid until the next E-step of this model, which
-    reuses their memory (copy them to keep them longer)."""
+    reuses their memory (copy them to keep them longer). ``hard`` (mixtures only, see
+    :func:`mixture_e_step`): one-hot weights and the classification log-likelihood."""
     if is_mixture(fm):
-        ll, weights = mixture_e_step(fm, theta)
+        ll, weights = mixture_e_step(fm, theta, hard)
         return ll, fm.masked(weights)
+    if hard:
+        raise ValueError("hard assignments are implemented for mixtures only")
     with torch.no_grad():
         tabs = fm.tables(theta)
     leaves = {i: t.detach().requires_grad_() for i, t in tabs.items()}

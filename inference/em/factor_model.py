@@ -187,10 +187,12 @@ class FactorModel:
         """log Σ_z Π tables (see :func:`jointkl.inference.em.estep.log_partition`)."""
         return estep.log_partition(self, tables, twice_differentiable)
 
-    def e_step(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, dict[int, torch.Tensor]]:
+    def e_step(
+        self, theta: Mapping[str, torch.Tensor], hard: bool = False
+    ) -> tuple[float, dict[int, torch.Tensor]]:
         """Log-partition at θ and every table's posterior marginal weights ∂logZ/∂table
-        (see :func:`jointkl.inference.em.estep.e_step`)."""
-        return estep.e_step(self, theta)
+        (``hard``: one-hot weights; see :func:`jointkl.inference.em.estep.e_step`)."""
+        return estep.e_step(self, theta, hard)
 
     def _is_mixture(self) -> bool:
         """Whether the E-step takes the mixture path (see :func:`.estep.is_mixture`)."""

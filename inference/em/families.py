@@ -16,7 +16,7 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from jointkl.inference.em.factors import Group
-from jointkl.inference.em.gaussian import LOG_2PI, mvn_log_prob
+from jointkl.inference.em.gaussian import LOG_2PI, mvn_log_prob, precision_tril
 from torch.distributions import Distribution
 
 from jointkl.chain import broadcast_shapes
@@ -127,7 +127,16 @@ FAMILIES: dict[str, Family] = {
                     "scale_tril",
                     "_unbroadcasted_scale_tril",
                     2,
-                    ("identity", "diag", "spherical", "covariance", "scaled_corr"),
+                    (
+                        "identity",
+                        "diag",
+                        "spherical",
+                        "covariance",
+                        "scaled_corr",
+                        "precision",
+                        "diag_precision",
+                        "spherical_precision",
+                    ),
                 ),
             ),
             mvn_log_prob,
@@ -137,6 +146,7 @@ FAMILIES: dict[str, Family] = {
 
 # How many trailing dims a view's input has, relative to the slot's (diag: a vector of
 # standard deviations for a D x D Cholesky factor). scaled_corr takes (scales, corr_chol).
+# The *_precision views take precisions (inverse variances, or a precision matrix).
 VIEW_RANK = {
     "identity": (0,),
     "softmax": (0,),
@@ -146,6 +156,9 @@ VIEW_RANK = {
     "diag": (-1,),
     "spherical": (-2,),
     "scaled_corr": (-1, 0),
+    "precision": (0,),
+    "diag_precision": (-1,),
+    "spherical_precision": (-2,),
 }
 
 
@@ -193,4 +206,10 @@ def apply_view(view: str, ts: tuple[torch.Tensor, ...], size: int | None = None)
         return torch.linalg.cholesky(t)
     if view == "scaled_corr":
         return ts[0].unsqueeze(-1) * ts[1]
+    if view == "precision":
+        return precision_tril(t)
+    if view == "diag_precision":
+        return torch.diag_embed(t.rsqrt())
+    if view == "spherical_precision":
+        return torch.diag_embed(t.rsqrt().unsqueeze(-1).expand(*t.shape, size))
     raise ValueError(view)

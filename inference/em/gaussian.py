@@ -27,7 +27,14 @@ __all__ = [
     "linear_log_density",
     "mvn_tril",
     "mvn_log_prob",
+    "precision_tril",
+    "DIAGONAL_VIEWS",
+    "diagonal_sd",
 ]
+
+# Views of a MultivariateNormal's scale whose covariance is diagonal: per-dimension (or one,
+# spherical) standard deviations or precisions.
+DIAGONAL_VIEWS = ("diag", "spherical", "diag_precision", "spherical_precision")
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -161,7 +168,7 @@ def linear_log_density(
         return None
     sv = {k: fm.slot_inputs(g, k, theta) for k in g.slots}
     view, ins = sv["scale_tril"]
-    if view in ("diag", "spherical", "const") or sv["loc"][0] == "const":
+    if view in DIAGONAL_VIEWS or view == "const" or sv["loc"][0] == "const":
         return None
     mu, L = sv["loc"][1][0], mvn_tril(view, ins)
     cells = slice(1, 1 + len(g.cards))
@@ -170,12 +177,33 @@ def linear_log_density(
     return quadratic_log_density(g, g.data, mu, L)
 
 
+def precision_tril(P: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor L of the covariance P^-1 (L L^T = P^-1), as torch's
+    MultivariateNormal(precision_matrix=P) holds it: with P = U U^T (U lower), L = U^-T is
+    upper triangular, so it is computed on the flipped matrix, where it is lower."""
+    flip = torch.flip(P, (-2, -1))
+    Lf = torch.linalg.cholesky(flip)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    # flip(P) = Lf Lf^T  =>  P^-1 = flip(Lf^-T Lf^-1): the factor flip(Lf^-T) is lower.
+    inv = torch.linalg.solve_triangular(Lf, eye, upper=False)
+    return torch.flip(inv.transpose(-1, -2), (-2, -1))
+
+
+def diagonal_sd(view: str, ins: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Standard deviations (..., D or 1) of a diagonal view's input."""
+    t = ins[0]
+    sd = t.rsqrt() if view.endswith("precision") else t
+    return sd if view.startswith("diag") else sd.unsqueeze(-1)
+
+
 def mvn_tril(view: str, ins: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The Cholesky factor a full-covariance view describes."""
     if view == "scaled_corr":
         return ins[0].unsqueeze(-1) * ins[1]
     if view == "covariance":
         return torch.linalg.cholesky(ins[0])
+    if view == "precision":
+        return precision_tril(ins[0])
     return ins[0]
 
 
@@ -187,8 +215,8 @@ def mvn_log_prob(sv: dict[str, Any], x: torch.Tensor, g: Group) -> torch.Tensor:
     _, (mu,) = sv["loc"]
     view, ins = sv["scale_tril"]
     D = x.shape[-1]
-    if view in ("diag", "spherical"):
-        s = ins[0] if view == "diag" else ins[0].unsqueeze(-1)
+    if view in DIAGONAL_VIEWS:
+        s = diagonal_sd(view, ins)
         z = (x - mu) / s
         return (-0.5 * z**2 - s.log()).sum(-1) - 0.5 * D * LOG_2PI
     L = mvn_tril(view, ins)

@@ -12,7 +12,8 @@ cannot lower Q, so the marginal likelihood never decreases:
 A free variable gets a closed form (steps 1-3, the table :data:`CLOSED_FORMS`) when every
 table it enters is a ``recipe`` table (:mod:`jointkl.inference.em.factors`) of one family,
 slot and view, and its prior (for a MAP global) is conjugate there: Dirichlet for probability
-vectors, Beta for Bernoulli probabilities, Gamma for Poisson rates, Normal for means. Mean and
+vectors, Beta for Bernoulli probabilities, Gamma for Poisson rates and for precisions, Wishart
+for precision matrices, Normal for means. Mean and
 covariance updates of a MultivariateNormal also need the covariance to vary only where the
 mean does (per component, or shared), which makes the mean update independent of it, as in
 scikit-learn. Everything else (a prior that is not conjugate, a parameter used in arithmetic
@@ -159,7 +160,7 @@ CLOSED_FORMS: dict[str, ClosedForm] = {f.kind: f for f in (
     ClosedForm("normal_loc",   "normal",      "loc",        1, {None: ANY_VIEW, "normal": ANY_VIEW}, normal_loc_update),
     ClosedForm("normal_scale", "normal",      "scale",      2, {None: ANY_VIEW}, normal_scale_update),
     ClosedForm("mvn_loc",      "mvn",         "loc",        1, {None: ANY_VIEW, "normal": ANY_VIEW}, mvn_loc_update, _plan_mvn_loc),
-    ClosedForm("mvn_scale",    "mvn",         "scale_tril", 2, {None: ANY_VIEW}, mvn_scale_update, _plan_mvn_scale),
+    ClosedForm("mvn_scale",    "mvn",         "scale_tril", 2, {None: ANY_VIEW, "wishart": ("precision",), "gamma": ("diag_precision", "spherical_precision")}, mvn_scale_update, _plan_mvn_scale),
 )}
 # fmt: on
 
@@ -182,6 +183,12 @@ def _prior(fm: FactorModel, name: str) -> tuple[str, dict[str, torch.Tensor]] | 
         return "beta", {"a": fn.concentration1.expand(shape), "b": fn.concentration0.expand(shape)}
     if isinstance(fn, dists.Gamma):
         return "gamma", {"a": fn.concentration.expand(shape), "b": fn.rate.expand(shape)}
+    if isinstance(fn, dists.Wishart):
+        d = fn.event_shape[-1]
+        return "wishart", {
+            "df": fn.df.expand(shape[:-2]),
+            "scale_inv": fn.precision_matrix.expand(shape[:-2] + (d, d)),
+        }
     if isinstance(fn, dists.Normal):
         return "normal", {"loc": fn.loc.expand(shape), "scale": fn.scale.expand(shape)}
     return False
@@ -260,6 +267,8 @@ def gradient_step(
     if not names or max_iter < 1:
         return {}
     which = fm.groups_using(set(names))
+    if not which:  # no table depends on them (a one-value simplex): Q is flat in them
+        return {}
     ts = {n: transform_for(fm.free[n].constraint) for n in names}
     u = {n: ts[n].inv(theta[n]).detach().clone().requires_grad_() for n in names}
     scale = 1.0 / fm.n_points  # per-point Q keeps L-BFGS's tolerances meaningful

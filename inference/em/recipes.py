@@ -144,14 +144,29 @@ class RecipeFinder:
             choice = tuple(zip(known.params, idx, known.pad, strict=True))
             if self.reproduces_all(choice, known.view, tensors, size):
                 return known
+        # A match that pads the variable's dims is kept only if no view matches without:
+        # with D = 1 a (K, 1) vector of standard deviations also reproduces a 1 x 1 Cholesky
+        # factor read as a padded matrix, and only the unpadded reading is its real shape.
+        found: Slot | None = None
         for view in views:
             for combo in self.param_combos(view):
                 for choice in self.patterns(combo, VIEW_RANK[view], n_trail, slot_vars):
                     if self.reproduces_all(choice, view, tensors, size):
                         slot = _slot(view, choice, roles)
-                        self.known.setdefault(key, []).append(slot)
-                        return slot
-        return None
+                        if not any(slot.pad):
+                            found = slot
+                        elif found is None:
+                            found = slot
+                            continue
+                        break
+                else:
+                    continue
+                break
+            if found is not None and not any(found.pad):
+                break
+        if found is not None:
+            self.known.setdefault(key, []).append(found)
+        return found
 
     def reproduces_all(
         self, choice: Choice, view: str, tensors: list[torch.Tensor], size: int | None

@@ -35,7 +35,7 @@ def squarem_step(steps: Steps, path: Trajectory, theta0: Mapping[str, torch.Tens
     theta1, ll1 = path.theta, path.history[-1]
     theta2 = steps.maximise(theta1, path.weights, it)
     jump = squarem_point(steps.fm, theta0, theta1, theta2)
-    tried = None if jump is None else _e_step_or_none(steps.fm, jump)
+    tried = None if jump is None else _e_step_or_none(steps.fm, jump, steps.hard)
     if tried is not None and tried[0] >= ll1:
         path.extrapolations += 1
         path.advance(jump, *tried, tested=False)
@@ -43,11 +43,11 @@ def squarem_step(steps: Steps, path: Trajectory, theta0: Mapping[str, torch.Tens
         path.advance(theta2, *steps.expect(theta2, it), tested=True)
 
 
-def _e_step_or_none(fm: FactorModel, theta: Mapping[str, torch.Tensor]):
+def _e_step_or_none(fm: FactorModel, theta: Mapping[str, torch.Tensor], hard: bool = False):
     """The E-step at an extrapolated point, or ``None`` where it fails (a non-finite
     log-likelihood, or e.g. a Cholesky factor that fails): the point is then rejected."""
     try:
-        ll, W = fm.e_step(theta)
+        ll, W = fm.e_step(theta, hard)
     except (RuntimeError, ValueError):
         return None
     return (ll, W) if math.isfinite(ll) else None

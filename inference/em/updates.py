@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from jointkl.inference.em.factors import index_part
-from jointkl.inference.em.gaussian import data_moments, moment_parts, mvn_tril, weighted_moments
+from jointkl.inference.em.gaussian import (
+    DIAGONAL_VIEWS,
+    data_moments,
+    diagonal_sd,
+    moment_parts,
+    mvn_tril,
+    weighted_moments,
+)
 from jointkl.inference.em.statistics import (
     Theta,
     Weights,
@@ -164,9 +171,11 @@ def mvn_loc_update(
     m = index_part(s, which, up.prior[1]["loc"], ri, g.n_axes)
     sp = index_part(s, which, up.prior[1]["scale"], ri, g.n_axes)
     view, ins = fm.slot_inputs(gi, "scale_tril", theta)
-    if view in ("diag", "spherical"):
-        sd = ins[0] if view == "diag" else ins[0].unsqueeze(-1).expand(ins[0].shape + (D,))
-        P = torch.diag_embed(sd.pow(-2))
+    if view in DIAGONAL_VIEWS:
+        sd = diagonal_sd(view, ins)
+        P = torch.diag_embed(sd.pow(-2).expand(sd.shape[:-1] + (D,)))
+    elif view == "precision":
+        P = ins[0]
     else:
         P = torch.cholesky_inverse(mvn_tril(view, ins))
     P = P.expand(target + (D,))
@@ -181,7 +190,13 @@ def mvn_scale_update(
 ) -> dict[str, torch.Tensor]:
     """MultivariateNormal scales given the means: per-dimension variances (diag,
     spherical), or the weighted scatter Σ w (x - mu)(x - mu)^T / Σ w + reg I per cell as the
-    view needs it (covariance, Cholesky factor, or scales and correlation factor)."""
+    view needs it (covariance, Cholesky factor, precision, or scales and correlation factor).
+
+    Conjugate priors of the precisions (MAP globals), in the precision's own coordinates:
+    Gamma(a, b) on a precision τ gives 1/τ = (Σ w r^2 + 2b) / (Σ w + 2a - 2) (r: residuals,
+    summed over the dimensions a spherical precision covers); Wishart(ν, V) on a precision
+    matrix P gives P^-1 = (S + V^-1) / (Σ w + ν - D - 1) (S: the weighted scatter). With
+    a = 1 and ν = D + 1 the prior adds 2b or V^-1 to the scatter and no pseudo-count."""
     ((gi, slot, which),) = up.uses
     g = fm.groups[gi]
     pname = g.slots[slot].params[which]
@@ -192,10 +207,10 @@ def mvn_scale_update(
     D = x.shape[-1]
     _, (mu,) = fm.slot_inputs(gi, "loc", theta)
     view = up.view
-    if view in ("diag", "spherical"):
+    if view in DIAGONAL_VIEWS:
         diff = x - mu
         target = target_shape(fm, gi, slot, which, theta)
-        if view == "diag":
+        if view.startswith("diag"):
             s2 = wsum(target, trailing(W[gi], 1), diff.square())
             s0 = wsum(target[:-1] + (1,), trailing(W[gi], 1)).expand(target)
         else:
@@ -203,8 +218,12 @@ def mvn_scale_update(
             s0 = wsum(target, W[gi]) * D
         S2 = to_param(fm, gi, slot, which, old.shape, s2)
         S0 = to_param(fm, gi, slot, which, old.shape, s0)
-        sd = (S2 / S0.clamp_min(tiny) + reg).sqrt()
-        return {pname: _keep_old(sd, old, S0 <= 0)}
+        if up.prior is not None:  # Gamma(a, b) on the precisions
+            a, b = up.prior[1]["a"], up.prior[1]["b"]
+            S2, S0 = S2 + 2 * b, S0 + 2 * a - 2
+        var = S2 / S0.clamp_min(tiny) + reg
+        new = var.reciprocal() if view.endswith("precision") else var.sqrt()
+        return {pname: _keep_old(new, old, S0 <= 0)}
     # Full covariance: Σ = Σ w (x - mu)(x - mu)^T / Σ w per cell, then the view's factor.
     target = target_shape(fm, gi, slot, which, theta)  # (1, cells.., D, D)
     w = trailing(W[gi], 2)
@@ -212,6 +231,9 @@ def mvn_scale_update(
     s2 = scatter(fm, gi, x, mu, W[gi], target)
     S2 = to_param(fm, gi, slot, which, old.shape, s2)
     S0 = to_param(fm, gi, slot, which, old.shape, s0)
+    if up.prior is not None:  # Wishart(ν, V) on the precision matrices
+        S2 = S2 + up.prior[1]["scale_inv"]
+        S0 = S0 + (up.prior[1]["df"] - D - 1)[..., None, None]
     eye = torch.eye(D, dtype=dtype, device=S2.device)
     cov = S2 / S0.clamp_min(tiny) + reg * eye
     empty = S0[..., :1, :1] <= 0
@@ -225,6 +247,9 @@ def mvn_scale_update(
         )
     if view == "identity":
         return {pname: torch.where(empty, old, L)}
+    if view == "precision":
+        P = torch.cholesky_inverse(L)
+        return {pname: torch.where(empty, old, 0.5 * (P + P.transpose(-1, -2)))}
     scales, corr = up.names
     sd = L.square().sum(-1).sqrt()
     C = L / sd.unsqueeze(-1)

@@ -3,6 +3,16 @@ recipe, same data, same initial parameters, one process.
 
 Cases (one JSON object each on stdout):
 
+- ``defaults``: what a user runs, each from its own initialisation at its own defaults, to
+  the same tolerance (1e-3 on the mean log-likelihood per point; max_iter 1000 on both sides
+  so that neither stops early): ``EM().fit(GaussianMixture(8, cov), x)`` for full, diag and
+  spherical against scikit-learn's ``GaussianMixture(8, covariance_type=cov)`` at N=20k (and
+  N=200k without ``--quick``), D=4, overlapping clusters; ``BernoulliMixture()`` on the
+  binarised digits against a NumPy Bernoulli-mixture EM; ``HMM()`` on its default data and
+  ``HMM(6)`` on 100 x 500 steps against hmmlearn's ``GaussianHMM``. Times, iteration counts
+  and the per-point log-likelihood gap (anchor minus jointkl's log-likelihood, the prior
+  left out).
+
 - ``gmm``: Gaussian mixture, full covariances, N=200,000 points, D=4, K=8 overlapping
   clusters. Every EM runs the same number of iterations from the same start (k-means++ seeds,
   equal weights, the data covariance): the count scikit-learn needs at tol=1e-3, at least 30.
@@ -15,6 +25,9 @@ Cases (one JSON object each on stdout):
 - ``hmm``: Gaussian HMM (diagonal), 100 sequences x 500 steps, 6 states, against hmmlearn's
   GaussianHMM (its faster ``"scaling"`` implementation, and its default ``"log"`` one), same
   start and iteration count.
+- ``hard``: the soft -> hard limit: soft EM with equal weights and a fixed shared spherical
+  variance sigma^2 against k-means from the same centres (agreement of the partitions as
+  sigma shrinks), and ``EM(assign="hard")`` (equal to k-means).
 - ``scaling``: jointkl EM seconds per iteration (compile excluded) for N = 10^4 .. 10^6.
 
 Times are wall-clock and this process's CPU seconds; ``ratio`` = jointkl / other (below 1:
@@ -46,7 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from jointkl.inference import EM  # noqa: E402
 from jointkl.inference.em import FactorModel, m_step, plan_updates  # noqa: E402
-from jointkl.models import HMM, GaussianMixture  # noqa: E402
+from jointkl.models import HMM, BernoulliMixture, GaussianMixture  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -241,13 +254,10 @@ def case_gmm_pyro(args) -> dict:
     sq_first, sq_to_target = to_target(sq_fit, sq_wall)
     x = torch.as_tensor(x_np)
     model = GaussianMixture(k, "full", priors="weak")
-    sd0 = torch.tensor(np.sqrt(np.diagonal(c0, axis1=1, axis2=2)))
-    corr0 = torch.linalg.cholesky(torch.tensor(c0) / (sd0.unsqueeze(-1) * sd0.unsqueeze(-2)))
     start = {
         "weights": torch.tensor(w0),
         "locs": torch.tensor(m0),
-        "scales": sd0,
-        "corr_chol": corr0,
+        "precision": torch.linalg.inv(torch.tensor(c0)),
     }
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -268,7 +278,7 @@ def case_gmm_pyro(args) -> dict:
         spent, spent_cpu, steps = spent + w, spent_cpu + c, steps + 10
         with torch.no_grad():  # evaluated off the clock
             med = guide.median(x)
-            tril = med["scales"].unsqueeze(-1) * med["corr_chol"]
+            tril = torch.linalg.cholesky(torch.linalg.inv(med["precision"]))
             ll = gmm_loglik(x, med["weights"], med["locs"], tril)
         best = max(best, ll)
         if ll >= target:
@@ -426,9 +436,243 @@ def case_scaling(args) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- the defaults
+# What a user runs: EM() on GaussianMixture(K, cov), BernoulliMixture(), HMM(), each against
+# its anchor at the anchor's defaults, from each one's own initialisation. Both use the same
+# tolerance (1e-3: the change of the mean log-likelihood per point, scikit-learn's meaning)
+# and a max_iter high enough that neither stops on it (1000), so iteration counts compare.
+MAX_ITER = 1000
+
+
+def run_default_gmm(x: np.ndarray, k: int, cov: str, seed: int):
+    fit = EM(max_iter=MAX_ITER, seed=seed, progress=False).fit(
+        GaussianMixture(k, cov), torch.as_tensor(x)
+    )
+    return fit
+
+
+def run_sklearn_default_gmm(x: np.ndarray, k: int, cov: str, seed: int):
+    from sklearn.mixture import GaussianMixture as SK
+
+    return SK(k, covariance_type=cov, max_iter=MAX_ITER, random_state=seed).fit(x)
+
+
+def default_gmm_rows(args, n: int, covs: tuple[str, ...]) -> list[dict]:
+    d, k = 4, 8
+    x = gmm_data(n, d, k, args.seed)
+    small = x[:2000]
+    out = []
+    for cov in covs:
+        run_default_gmm(small, k, cov, args.seed)  # warm-up
+        run_sklearn_default_gmm(small, k, cov, args.seed)
+        res, times, cpu = interleaved(
+            {
+                "sklearn": lambda cov=cov: run_sklearn_default_gmm(x, k, cov, args.seed),
+                "jointkl": lambda cov=cov: run_default_gmm(x, k, cov, args.seed),
+            },
+            args.repeat,
+            args.threads,
+        )
+        fit, sk = res["jointkl"], res["sklearn"]
+        ll = {"jointkl": fit.info["log_likelihood"] / n, "sklearn": float(sk.score(x))}
+        out.append(
+            {
+                "case": "defaults",
+                "row": f"GaussianMixture({k}, {cov!r}) N={n}",
+                "anchor": "sklearn GaussianMixture(covariance_type=..., max_iter=1000)",
+                "n": n,
+                "seconds": times,
+                "cpu_seconds": cpu,
+                "ratio": times["jointkl"] / times["sklearn"],
+                "iterations": {"jointkl": fit.n_iter, "sklearn": int(sk.n_iter_)},
+                "converged": {"jointkl": fit.converged, "sklearn": bool(sk.converged_)},
+                "loglik_per_point": ll,
+                "loglik_gap_per_point": ll["sklearn"] - ll["jointkl"],
+                "jointkl_objective": fit.objective,
+                "jointkl_compile_seconds": fit.info["compile_seconds"],
+            }
+        )
+    return out
+
+
+def numpy_bernoulli_mixture(x: np.ndarray, k: int, tol: float, max_iter: int, seed: int):
+    """The anchor: Bernoulli-mixture EM written in NumPy as scikit-learn writes its mixtures
+    (k-means responsibilities to start, log-space E-step with logsumexp, probabilities kept
+    in [1e-10, 1 - 1e-10], stop when the mean log-likelihood changes by less than ``tol``).
+    Returns (weights, probs, mean log-likelihood, iterations)."""
+    from scipy.special import logsumexp
+    from sklearn.cluster import KMeans
+
+    n = len(x)
+    labels = KMeans(k, n_init=1, random_state=seed).fit(x).labels_
+    r = np.eye(k)[labels]
+
+    def m_step(r):
+        nk = r.sum(0) + 10 * np.finfo(float).eps
+        return nk / n, np.clip((r.T @ x) / nk[:, None], 1e-10, 1 - 1e-10)
+
+    def e_step(w, p):
+        lp = x @ np.log(p).T + (1 - x) @ np.log1p(-p).T + np.log(w)
+        norm = logsumexp(lp, axis=1)
+        return norm.mean(), np.exp(lp - norm[:, None])
+
+    w, p = m_step(r)
+    ll = -np.inf
+    for it in range(1, max_iter + 1):
+        new, r = e_step(w, p)
+        w, p = m_step(r)
+        if abs(new - ll) < tol:
+            return w, p, e_step(w, p)[0], it
+        ll = new
+    return w, p, e_step(w, p)[0], max_iter
+
+
+def default_bmm_row(args) -> dict:
+    (x,), _ = BernoulliMixture.default_data()
+    x = x.double()
+    k = BernoulliMixture().n_components
+    xn = x.numpy()
+    numpy_bernoulli_mixture(xn[:300], k, 1e-3, 2, args.seed)  # warm-up
+    EM(max_iter=2, progress=False).fit(BernoulliMixture(), x[:300])
+    res, times, cpu = interleaved(
+        {
+            "numpy": lambda: numpy_bernoulli_mixture(xn, k, 1e-3, MAX_ITER, args.seed),
+            "jointkl": lambda: EM(max_iter=MAX_ITER, seed=args.seed, progress=False).fit(
+                BernoulliMixture(), x
+            ),
+        },
+        args.repeat,
+        args.threads,
+    )
+    fit = res["jointkl"]
+    ll = {"jointkl": fit.info["log_likelihood"] / len(x), "numpy": float(res["numpy"][2])}
+    return {
+        "case": "defaults",
+        "row": f"BernoulliMixture() (K={k}) on binarised digits, N={len(x)}, D={x.shape[1]}",
+        "anchor": "NumPy Bernoulli-mixture EM (k-means start, tol 1e-3)",
+        "n": len(x),
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "ratio": times["jointkl"] / times["numpy"],
+        "iterations": {"jointkl": fit.n_iter, "numpy": int(res["numpy"][3])},
+        "loglik_per_point": ll,
+        "loglik_gap_per_point": ll["numpy"] - ll["jointkl"],
+        "jointkl_objective": fit.objective,
+        "jointkl_compile_seconds": fit.info["compile_seconds"],
+    }
+
+
+def default_hmm_row(args, label: str, x: torch.Tensor, k: int) -> dict:
+    from hmmlearn.hmm import GaussianHMM
+
+    x = x.double()
+    S, T = x.shape[:2]
+    flat = x.reshape(-1, 1).numpy()
+    tol = 1e-3  # EM's default, per sequence (the "data" plate); hmmlearn's tol is a total
+
+    def hmmlearn_fit(data, lengths):
+        h = GaussianHMM(k, "diag", n_iter=MAX_ITER, tol=tol * len(lengths), random_state=0)
+        return h.fit(data, lengths)
+
+    def jointkl_fit(data):
+        return EM(max_iter=MAX_ITER, seed=args.seed, progress=False).fit(HMM(k), data)
+
+    hmmlearn_fit(flat[: 2 * T], [T] * 2)  # warm-up
+    jointkl_fit(x[:2])
+    res, times, cpu = interleaved(
+        {"hmmlearn": lambda: hmmlearn_fit(flat, [T] * S), "jointkl": lambda: jointkl_fit(x)},
+        args.repeat,
+        args.threads,
+    )
+    h, fit = res["hmmlearn"], res["jointkl"]
+    ll = {
+        "jointkl": fit.info["log_likelihood"] / (S * T),
+        "hmmlearn": float(h.score(flat, [T] * S)) / (S * T),
+    }
+    return {
+        "case": "defaults",
+        "row": label,
+        "anchor": "hmmlearn GaussianHMM(K, 'diag', n_iter=1000, tol=1e-3 x sequences)",
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "ratio": times["jointkl"] / times["hmmlearn"],
+        "iterations": {"jointkl": fit.n_iter, "hmmlearn": int(h.monitor_.iter)},
+        "loglik_per_step": ll,
+        "loglik_gap_per_step": ll["hmmlearn"] - ll["jointkl"],
+        "jointkl_objective": fit.objective,
+        "jointkl_compile_seconds": fit.info["compile_seconds"],
+    }
+
+
+def case_defaults(args) -> list[dict]:
+    covs = ("full", "diag", "spherical")
+    rows = default_gmm_rows(args, 20_000, covs)
+    if not args.quick:
+        rows += default_gmm_rows(args, 200_000, covs)
+    rows.append(default_bmm_row(args))
+    (x,), _ = HMM().default_data(args.seed)
+    rows.append(default_hmm_row(args, "HMM() on its default data (20 x 100 steps)", x, 3))
+    x = hmm_sample(100, 500, 6, args.seed)
+    rows.append(default_hmm_row(args, "HMM(6) on 100 x 500 steps", x, 6))
+    return rows
+
+
+# --------------------------------------------------------------------------- soft -> hard
+def case_hard(args) -> list[dict]:
+    """Soft EM on a mixture with equal fixed weights and one fixed shared spherical variance
+    sigma^2, against k-means (scikit-learn's Lloyd KMeans) from the same centres: the share of
+    points soft EM's most probable component puts where k-means does, as sigma shrinks; and
+    EM(assign="hard") itself."""
+    import pyro
+    import pyro.distributions as dist
+    from sklearn.cluster import KMeans
+
+    n, d, k = 5000, 2, 8
+    x = torch.as_tensor(gmm_data(n, d, k, args.seed))
+    start = torch.as_tensor(gmm_start(x.numpy(), k, args.seed)[1])
+
+    def shared(x, sigma):
+        locs = pyro.param("locs", lambda: start.clone())
+        with pyro.plate("data", len(x)):
+            z = pyro.sample(
+                "z",
+                dist.Categorical(torch.full((k,), 1.0 / k, dtype=x.dtype)),
+                infer={"enumerate": "parallel"},
+            )
+            pyro.sample("obs", dist.Normal(locs[z], sigma).to_event(1), obs=x)
+
+    km = KMeans(k, init=start.numpy(), n_init=1, algorithm="lloyd", tol=0.0, max_iter=1000)
+    km_labels = torch.as_tensor(km.fit(x.numpy()).labels_)
+    out = []
+    for sigma in (2.0, 1.0, 0.5, 0.25, 0.1, 0.05, None):
+        em = EM(
+            max_iter=1000,
+            tol=0.0 if sigma is None else 1e-9,
+            progress=False,
+            assign="hard" if sigma is None else "soft",
+            init=lambda x, seed: {"locs": start},
+        )
+        fit = em.fit(lambda x, s=(sigma or 1.0): shared(x, s), x)
+        labels = torch.cdist(x, fit.params["locs"]).argmin(-1)
+        out.append(
+            {
+                "case": "hard",
+                "assign": "hard" if sigma is None else "soft",
+                "sigma": sigma,
+                "n": n,
+                "iterations": fit.n_iter,
+                "agreement_with_kmeans": float((labels == km_labels).double().mean()),
+                "max_centre_distance_to_kmeans": float(
+                    (fit.params["locs"] - torch.as_tensor(km.cluster_centers_)).norm(dim=-1).max()
+                ),
+            }
+        )
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="gmm,gmm-pyro,hmm,scaling")
+    p.add_argument("--cases", default="defaults,gmm,gmm-pyro,hmm,scaling")
     p.add_argument("--quick", action="store_true", help="smaller problems (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="timed runs per contender (median)")
@@ -438,7 +682,14 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = {"gmm": case_gmm, "gmm-pyro": case_gmm_pyro, "hmm": case_hmm, "scaling": case_scaling}
+    cases = {
+        "defaults": case_defaults,
+        "gmm": case_gmm,
+        "gmm-pyro": case_gmm_pyro,
+        "hmm": case_hmm,
+        "scaling": case_scaling,
+        "hard": case_hard,
+    }
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
     for name in args.cases.split(","):
         if name not in cases:
