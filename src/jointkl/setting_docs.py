@@ -24,7 +24,6 @@ __all__ = ["SettingDoc", "param_docs", "engine_settings", "model_settings", "pla
 
 # ":param name:", ":param int name:", ":param a, b:", ":param Optional[int] name:"
 _PARAM = re.compile(r"^\s*:param\s+(?P<head>[^:]+):\s*(?P<text>.*)$")
-_FIELD = re.compile(r"^\s*:[a-zA-Z]+[\s:]")  # the next ":param"/":cvar"/":returns:" field
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,9 @@ def param_docs(obj: Any) -> dict[str, str]:
             continue
         stripped = line.strip()
         more_indented = len(line) - len(line.lstrip()) > indent
-        if not stripped or _FIELD.match(line) or not more_indented:
+        # a continuation is more indented than its ":param" (it may itself begin with a
+        # role such as ":mod:`x`"); a blank or a less indented line ends the field
+        if not stripped or not more_indented:
             flush()
             current, names = None, []
             continue
