@@ -50,6 +50,7 @@ __all__ = [
     "diagnose",
     "summary_table",
     "loo_reports",
+    "loo_report",
     "pareto_k_table",
     "write_plots",
     "draw_plots",
@@ -311,6 +312,13 @@ def loo_reports(idata, notes: list[str] | None = None) -> list[LooReport]:
         elpd = az.loo(idata, var_name=var, pointwise=True, reff=reff)
         out.append(LooReport(var, elpd, pareto_k_table(elpd.pareto_k.values, elpd.good_k)))
     return out
+
+
+def loo_report(idata) -> Any:
+    """The ``ELPDData`` of the first log-likelihood variable that allows LOO, or ``None``
+    (kept for callers of earlier versions; :func:`loo_reports` says why when there is none)."""
+    reports = loo_reports(idata)
+    return reports[0].elpd if reports else None
 
 
 # ---------------------------------------------------------------------- plots
