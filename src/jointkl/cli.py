@@ -2,7 +2,9 @@
 
     jointkl fit MODEL --engine ENGINE [--data PATH] [--set key=value ...] [--seed N] [--out DIR]
     jointkl diagnose DIR
-    jointkl models | jointkl engines
+    jointkl compare RUN RUN ... [--out DIR]
+    jointkl models [NAME] | jointkl engines [NAME]
+    jointkl --version
     jointkl words CORPUS --out lexicon.tsv | segment --lexicon L|--model RUN TEXT
     jointkl templates CORPUS | parse --templates T SENTENCE
 
@@ -187,57 +189,151 @@ def _write_inference_data(fit, run, draws: int, seed: int):
     return idata
 
 
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    import arviz as az
-
-    from jointkl.diagnostics import loo_report, summary_table, write_plots
+def _load_run(path: str):
+    """(RunDir, Fit) of a run directory; an InputError (exit 2) when it is not one."""
     from jointkl.fit import Fit
     from jointkl.runs import RunDir
 
-    run = RunDir(args.dir)
+    run = RunDir(path)
     if not run.path.is_dir():
-        raise InputError(f"run directory {args.dir!r} not found")
-    fit = Fit.load(run.path)
+        raise InputError(f"run directory {path!r} not found")
+    if not (run.path / "fit.json").is_file():
+        raise InputError(
+            f"{path!r} is not a run directory: no fit.json (written by `jointkl fit` when a "
+            "fit ends)"
+        )
+    try:
+        return run, Fit.load(run.path)
+    except InputError:
+        raise
+    except Exception as e:  # a damaged file: say which run, in one line
+        raise InputError(f"{path!r}: cannot read the fit ({type(e).__name__}: {e})") from e
+
+
+def _run_inference_data(fit, run, draws: int):
+    """The run's InferenceData: ``inference_data.nc``, or made again (and saved) when it is
+    missing or unreadable."""
+    import arviz as az
+
     if run.inference_data.is_file():
-        idata = az.from_netcdf(str(run.inference_data))
-    else:
-        idata = _write_inference_data(fit, run, args.draws, 0)
-    print(f"{fit!r}")
-    print(
-        f"stop: {fit.info.get('stop_reason', '-')}; {fit.objective} final {fit.final_objective:.6g}"
-    )
-    table = summary_table(idata)
-    if table is not None:
+        try:
+            return az.from_netcdf(str(run.inference_data))
+        except Exception as e:  # unreadable: made again below
+            print(f"note: {run.inference_data} unreadable ({e}); made again", file=sys.stderr)
+    return _write_inference_data(fit, run, draws, 0)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from jointkl.diagnostics import diagnose
+    from jointkl.report import write_report
+
+    run, fit = _load_run(args.dir)
+    idata = _run_inference_data(fit, run, args.draws)
+    d = diagnose(fit, idata, run.plots)
+    for line in d.facts:
+        print(line)
+    if d.summary is not None:
         import pandas as pd
 
-        varying = table["sd"] > 0
-        if varying.any() and not varying.all():
-            # structural constants (a Cholesky factor's zeros and unit diagonal) say nothing
-            print(f"({int((~varying).sum())} constant entries omitted)")
-            table = table[varying]
         with pd.option_context(
             "display.max_rows", 200, "display.max_columns", 20, "display.width", 200
         ):
-            print(table)
-    loo = loo_report(idata)
-    if loo is not None:
-        print(f"elpd_loo {loo.elpd_loo:.3f} (se {loo.se:.3f}), p_loo {loo.p_loo:.3f}")
-    paths = write_plots(fit, idata, run.plots)
-    print("plots: " + ", ".join(str(p) for p in paths))
+            print(d.summary)
+    for r in d.loo:
+        e = r.elpd
+        print(
+            f"LOO ({r.var}): elpd_loo {e.elpd_loo:.3f} (se {e.se:.3f}), p_loo {e.p_loo:.3f}, "
+            f"{int(e.n_samples)} draws, {int(e.n_data_points)} data points"
+        )
+        print(f"Pareto k ({r.var}):")
+        print(r.pareto.to_string())
+    for line in d.notes:
+        print(f"not shown: {line}")
+    for line in d.warnings:
+        print(f"warning: {line}")
+    for line in d.failures:
+        print(f"failed: {line}")
+    config = None
+    if (run.path / "config.json").is_file():
+        try:
+            config = run.read_config()
+        except ValueError as e:
+            print(f"not shown: config.json unreadable ({e})")
+    report = write_report(run.path / "report.html", f"jointkl run {run.path.name}", config, d)
+    print("plots: " + ", ".join(str(p) for p in d.plots))
+    print(f"report: {report}")
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from jointkl.zoo import MODELS
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
 
+    from jointkl.comparison import COMPARE_COLUMNS, compare, compare_plot
+
+    notes: list[str] = []
+    table = compare(args.runs, draws=args.draws, warnings_out=notes)
+    with pd.option_context("display.max_columns", 20, "display.width", 200):
+        print(
+            table[[c for c in COMPARE_COLUMNS if c in table]].to_string(
+                float_format="{:.3f}".format
+            )
+        )
+    for line in notes:
+        print(f"warning: {line}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"plot: {compare_plot(table, out / 'compare.png')}")
+    return 0
+
+
+def _print_settings(title: str, rows) -> None:
+    from jointkl.setting_docs import plain_text
+
+    print(title)
+    width = max(len(r.name) for r in rows) if rows else 0
+    for r in rows:
+        default = json.dumps(r.default) if _is_json(r.default) else repr(r.default)
+        meaning = plain_text(r.meaning or "(undocumented)")
+        tag = " [Python only]" if not r.cli else ""
+        print(f"  {r.name:{width}s}  default {default}{tag}: {meaning}")
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from jointkl.setting_docs import model_settings
+    from jointkl.zoo import MODELS, model_class
+
+    if args.name:
+        cls = model_class(args.name)
+        _print_settings(
+            f"{cls.name}: {cls.description}\nsettings (jointkl fit {cls.name} --set KEY=VALUE):",
+            model_settings(cls),
+        )
+        return 0
     for name in sorted(MODELS):
         print(f"{name:12s} {MODELS[name].description}")
     return 0
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
-    from jointkl.engine import ENGINES
+    from jointkl.engine import ENGINES, engine_class
+    from jointkl.setting_docs import engine_settings
 
+    if args.name:
+        cls = engine_class(args.name)
+        _print_settings(
+            f"{cls.name}: {cls.description}\nsettings (jointkl fit MODEL --engine {cls.name} "
+            "--set KEY=VALUE):",
+            engine_settings(cls),
+        )
+        return 0
     for name in sorted(ENGINES):
         print(f"{name:12s} {ENGINES[name].description}")
     return 0
@@ -293,39 +389,101 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jointkl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _draws(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jointkl", description="Fit Pyro models by minimising a joint KL.")
+    p.add_argument(
+        "--version", action="version", version=f"jointkl {_version()}", help="print the version"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fit", help="fit a model with an engine and write a run directory")
     f.add_argument("model", help="a zoo name (see `jointkl models`) or path/to/file.py[:name]")
-    f.add_argument("--engine", required=True, help="see `jointkl engines`")
+    f.add_argument("--engine", required=True, help="engine name (see `jointkl engines`)")
     f.add_argument("--data", help="CSV (header optional), .npy or .npz")
     f.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a model or engine setting (repeatable), e.g. --set steps=500",
+        help="a model or engine setting (repeatable), e.g. --set steps=500; "
+        "`jointkl models NAME` and `jointkl engines NAME` list them",
     )
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the one seed: the engine's seed setting, the default data and the ArviZ "
+        "draws (default 0)",
+    )
     f.add_argument("--out", help="run directory (default runs/<model>-<engine>)")
-    f.add_argument("--draws", type=int, default=200, help="posterior draws for ArviZ")
+    f.add_argument(
+        "--draws",
+        type=_draws,
+        default=200,
+        help="posterior draws per chain for the InferenceData, LOO and plots (default 200)",
+    )
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
 
-    d = sub.add_parser("diagnose", help="summary table, LOO and plots of a run directory")
-    d.add_argument("dir")
-    d.add_argument("--draws", type=int, default=200)
+    d = sub.add_parser(
+        "diagnose",
+        help="summary with R-hat/ESS, LOO with Pareto k, plots and report.html of a run",
+    )
+    d.add_argument("dir", help="a run directory written by `jointkl fit`")
+    d.add_argument(
+        "--draws",
+        type=_draws,
+        default=200,
+        help="posterior draws per chain when the run has no inference_data.nc (default 200)",
+    )
     _add_threads(d)
     d.set_defaults(func=cmd_diagnose)
+
+    c = sub.add_parser(
+        "compare", help="rank runs of the same data by PSIS-LOO (az.compare); writes compare.png"
+    )
+    c.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories")
+    c.add_argument(
+        "--out", default=".", help="folder for compare.png (default: the current directory)"
+    )
+    c.add_argument(
+        "--draws",
+        type=_draws,
+        default=200,
+        help="posterior draws per chain for a run without inference_data.nc (default 200)",
+    )
+    _add_threads(c)
+    c.set_defaults(func=cmd_compare)
 
     from jointkl.text.commands import add_commands
 
     add_commands(sub, segment_model=cmd_segment_model)  # words, segment, templates, parse
 
-    sub.add_parser("models", help="list the zoo models").set_defaults(func=cmd_models)
-    sub.add_parser("engines", help="list the engines").set_defaults(func=cmd_engines)
+    m = sub.add_parser("models", help="list the zoo models, or one model's settings")
+    m.add_argument("name", nargs="?", help="a model: list its settings, defaults and meanings")
+    m.set_defaults(func=cmd_models)
+    e = sub.add_parser("engines", help="list the engines, or one engine's settings")
+    e.add_argument("name", nargs="?", help="an engine: list its settings, defaults and meanings")
+    e.set_defaults(func=cmd_engines)
     return p
 
 

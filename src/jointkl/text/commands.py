@@ -154,7 +154,7 @@ def add_commands(
     w.add_argument(
         "--prune", type=float, default=None, help="EM: drop words below this expected count"
     )
-    w.add_argument("--quiet", action="store_true")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_words)
 
     s = subparsers.add_parser("segment", help="segment text with a lexicon")
@@ -178,11 +178,17 @@ def add_commands(
     )
     t.add_argument("--lexicon", help="segment the raw corpus with this lexicon first")
     t.add_argument("--out", help="templates TSV to write")
-    t.add_argument("--window", type=int, default=5)
-    t.add_argument("--min-proba", type=float, default=1e-5)
-    t.add_argument("--min-pmi", type=float, default=2.0)
+    t.add_argument(
+        "--window", type=int, default=5, help="largest distance, in words, of a counted pair"
+    )
+    t.add_argument(
+        "--min-proba", type=float, default=1e-5, help="smallest probability of a kept pair/template"
+    )
+    t.add_argument(
+        "--min-pmi", type=float, default=2.0, help="smallest PMI (natural log) of a strong pair"
+    )
     t.add_argument("--top", type=int, default=20, help="print the most frequent templates")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_templates)
 
     p = subparsers.add_parser("parse", help="parse a sentence into nested template blocks")
