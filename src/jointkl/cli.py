@@ -309,7 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", help="run directory (default runs/<model>-<engine>)")
-    f.add_argument("--draws", type=int, default=200, help="posterior draws for ArviZ")
+    f.add_argument(
+        "--draws",
+        type=int,
+        default=None,
+        help="posterior draws per chain for ArviZ (default: every draw of a sampler, 100 of an approximation)",
+    )
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
