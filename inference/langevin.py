@@ -326,6 +326,11 @@ class Langevin(Engine):
             },
         )
 
+    @classmethod
+    def draws_kind(cls, fit: Any) -> tuple[str, str]:
+        """The sampler's own chains (``to_arviz`` keeps every draw unless told otherwise)."""
+        return "markov_chain", "sgld"
+
 
 @dataclass(frozen=True)
 class _Stage:

@@ -31,11 +31,12 @@ from pyro.infer.autoguide import (
     init_to_median,
     init_to_value,
 )
+from pyro.poutine.util import site_is_subsample
 
 from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint, load_params
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import FitDivergedError, InputError
-from jointkl.fit import Fit
+from jointkl.fit import DEFAULT_DRAWS, Fit
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
 from jointkl.optim import OPTIMIZERS, optim_class, pyro_optim
 from jointkl.optim.gradients import grads_finite
@@ -496,8 +497,12 @@ class SVI(Engine):
         load_params(pyro.get_param_store(), saved)
 
     @classmethod
-    def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """``num_samples`` guide draws of every latent site, as one chain."""
+    def posterior_draws(
+        cls, fit: Fit, num_samples: int | None, seed: int, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """Independent guide draws of every latent site of the model (enumerated ones are
+        summed out, not drawn), ``(num_chains, num_samples, *shape)``
+        (``num_samples=None``: 100)."""
         guide = cls._guide_for(fit)
         model_tr = trace_model(fit.pair.model, fit.args, fit.kwargs)
         latent = {
@@ -505,12 +510,16 @@ class SVI(Engine):
             for n, site in model_tr.nodes.items()
             if site["type"] == "sample"
             and not site["is_observed"]
+            and not site_is_subsample(site)
             and site["infer"].get("enumerate") != "parallel"
         }
+        total = num_chains * (num_samples or DEFAULT_DRAWS)
+        if fit.config.get("resolved_guide") == "delta":
+            num_chains = total = 1  # a point mass: one draw says it all
         pyro.set_rng_seed(seed)
         rows = []
         with torch.no_grad():
-            for _ in range(num_samples):
+            for _ in range(total):
                 tr = poutine.trace(guide).get_trace(*fit.args, **fit.kwargs)
                 rows.append(
                     {
@@ -521,7 +530,22 @@ class SVI(Engine):
                 )
         if not rows or not rows[0]:
             return {}
-        return {k: torch.stack([r[k] for r in rows]).unsqueeze(0) for k in rows[0]}
+        return {
+            k: torch.stack([r[k] for r in rows]).reshape(num_chains, -1, *rows[0][k].shape)
+            for k in rows[0]
+        }
+
+    @classmethod
+    def draws_kind(cls, fit: Fit) -> tuple[str, str]:
+        """Independent draws from the fitted guide; a ``"delta"`` guide is a point mass."""
+        if fit.config.get("resolved_guide") in ("delta", "none"):
+            return "point_estimate", "map" if fit.config.get("resolved_guide") == "delta" else ""
+        return "independent", "variational"
+
+    @classmethod
+    def importance_guide(cls, fit: Fit):
+        """The fitted guide (the IWAE proposal of a model with per-datum latents)."""
+        return cls._guide_for(fit)
 
 
 def _autoguide(kind: str, pair, model, args, kwargs, seed: int):

@@ -45,7 +45,9 @@ class BernoulliMixture(ZooModel):
     description: ClassVar[str] = (
         "Bernoulli mixture of binary vectors, enumerated assignments (binarised digits by default)"
     )
-    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
+    # SVI: a Gaussian over the continuous globals (assignments still enumerated), so a fit
+    # has posterior spread; EM needs no guide.
+    default_guide: ClassVar[str] = "normal"
 
     def __init__(
         self,

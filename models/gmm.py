@@ -57,7 +57,9 @@ class GaussianMixture(ZooModel):
 
     name: ClassVar[str] = "gmm"
     description: ClassVar[str] = "Gaussian mixture, enumerated assignments (iris by default)"
-    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
+    # SVI: a Gaussian over the continuous globals (assignments still enumerated), so a fit
+    # has posterior spread; EM needs no guide.
+    default_guide: ClassVar[str] = "normal"
 
     def __init__(
         self,

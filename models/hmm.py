@@ -66,7 +66,9 @@ class HMM(ZooModel):
         "hidden Markov model, Gaussian or categorical emissions, states enumerated "
         "(synthetic regime-switching sequences by default)"
     )
-    default_guide: ClassVar[str] = "delta"  # no guide: SVI fits the globals by MAP; EM needs none
+    # SVI: a Gaussian over the continuous globals (assignments still enumerated), so a fit
+    # has posterior spread; EM needs no guide.
+    default_guide: ClassVar[str] = "normal"
 
     def __init__(
         self,

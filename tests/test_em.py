@@ -432,7 +432,7 @@ def test_em_fit_converts_to_arviz_with_laplace_draws(blobs):
         "sample_stats",
     } <= set(idata.groups())
     locs = idata.posterior["locs"].values
-    assert locs.shape == (1, 40, 3, 2)
+    assert locs.shape == (4, 40, 3, 2)  # four chains of independent Laplace draws
     assert locs.std(axis=1).min() > 0  # Laplace draws spread around the optimum
     np.testing.assert_allclose(locs.mean(axis=(0, 1)), fit.params["locs"].numpy(), atol=0.1)
     # A MAP fit's objective is the log-posterior (log-likelihood + log-prior), named so.
@@ -521,8 +521,8 @@ def test_fit_saves_loads_and_draws_again(tmp_path):
     back = Fit.load(tmp_path / "fit")
     assert back.engine == "em" and back.history == fit.history
     draws = back.posterior_draws(num_samples=7, seed=0)
-    assert draws["trans"].shape == (1, 7, 2, 2)
-    torch.testing.assert_close(draws["trans"].sum(-1), torch.ones(1, 7, 2, dtype=F64))
+    assert draws["trans"].shape == (4, 7, 2, 2)  # four chains of independent draws
+    torch.testing.assert_close(draws["trans"].sum(-1), torch.ones(4, 7, 2, dtype=F64))
     EM.activate(back)
     torch.testing.assert_close(pyro.param("trans").detach(), fit.params["trans"])
 

@@ -30,8 +30,8 @@ def test_pointwise_log_likelihood_follows_each_parameter_draw():
         warnings.simplefilter("ignore")
         idata = fit.to_arviz(num_samples=20, seed=2)
     ll = idata.log_likelihood["obs"].values  # (chain, draw, data)
-    assert ll.shape == (1, 20, len(x))
-    per_draw = ll.sum(-1)[0]
+    assert ll.shape == (4, 20, len(x))  # four chains of independent Laplace draws
+    per_draw = ll.sum(-1).ravel()
     assert per_draw.std() > 1e-3, "every draw gave the same log-likelihood"
     # The estimate maximises the likelihood: no draw beats it (up to rounding).
     assert per_draw.max() <= fit.history[-1] + 1e-6
@@ -51,7 +51,7 @@ def _hmm_run(sequences: int, steps: int, draws: int):
 def test_markov_chain_log_likelihood_is_one_variable_named_for_its_sites():
     x, fit, idata = _hmm_run(6, 20, 3)
     assert list(idata.log_likelihood.data_vars) == ["obs"]
-    assert idata.log_likelihood["obs"].shape == (1, 3, 6)
+    assert idata.log_likelihood["obs"].shape == (4, 3, 6)
     total = idata.log_likelihood["obs"].values.sum(-1)
     assert np.all(total <= fit.history[-1] + 1e-6)
 
@@ -73,5 +73,5 @@ def test_markov_chain_sites_become_one_variable_with_a_step_dimension():
     obs = idata.observed_data["obs"]
     assert obs.dims == ("data", "obs_step", "obs_dim_2")
     np.testing.assert_allclose(obs.values, x.numpy())
-    assert idata.posterior_predictive["obs"].shape == (1, 4, 5, 12, 1)
+    assert idata.posterior_predictive["obs"].shape == (4, 4, 5, 12, 1)
     assert list(idata.observed_data.data_vars) == ["obs"]

@@ -70,7 +70,7 @@ def test_hook_defaults_on_a_plain_pair():
 def test_hook_reads_what_a_zoo_model_provides():
     gmm, vae, infomax = MODELS["gmm"](), MODELS["vae"](), MODELS["infomax"]()
     assert hook(gmm, "init_values") == gmm.init_values
-    assert hook(gmm, "default_guide") == "delta"
+    assert hook(gmm, "default_guide") == "normal"  # a Gaussian over the globals
     assert hook(gmm, "guide") is None
     assert hook(vae, "init_values") is None
     assert hook(vae, "guide") == vae.guide

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, Result, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
-from jointkl.fit import Fit
+from jointkl.fit import DEFAULT_DRAWS, Fit
 from jointkl.settings import (
     Settings,
     boolean,
@@ -377,8 +377,15 @@ class EM(Engine):
                 store[k] = v.to(store[k].dtype)
 
     @classmethod
-    def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """Draws from the Laplace approximation at the optimum
+    def posterior_draws(
+        cls, fit: Fit, num_samples: int | None, seed: int, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """Independent draws from the Laplace approximation at the optimum
         (:mod:`jointkl.inference.em.laplace`), keyed by parameter / MAP site name, each
-        ``(1, num_samples, *shape)``."""
-        return laplace_draws(fit, num_samples, seed)
+        ``(num_chains, num_samples, *shape)`` (``num_samples=None``: 100)."""
+        return laplace_draws(fit, num_samples or DEFAULT_DRAWS, seed, num_chains)
+
+    @classmethod
+    def draws_kind(cls, fit: Fit) -> tuple[str, str]:
+        """Independent draws from the Laplace approximation (not a Markov chain)."""
+        return "independent", "laplace"

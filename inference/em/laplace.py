@@ -24,20 +24,25 @@ __all__ = ["laplace", "laplace_draws"]
 HESSIAN_CHUNK = 16
 
 
-def laplace_draws(fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """``num_samples`` draws of every parameter and MAP global of ``fit`` from its Laplace
-    approximation, each ``(1, num_samples, *shape)``, seeded by ``seed``."""
+def laplace_draws(
+    fit: Fit, num_samples: int, seed: int, num_chains: int = 1
+) -> dict[str, torch.Tensor]:
+    """``num_chains`` x ``num_samples`` independent draws of every parameter and MAP global
+    of ``fit`` from its Laplace approximation, each ``(num_chains, num_samples, *shape)``,
+    seeded by ``seed``."""
     lap = laplace(fit)
     gen = torch.Generator().manual_seed(seed)
     mean, factor = lap["mean"], lap["factor"]
-    eps = torch.randn(num_samples, factor.shape[1], generator=gen, dtype=mean.dtype)
+    total = num_chains * num_samples
+    eps = torch.randn(total, factor.shape[1], generator=gen, dtype=mean.dtype)
     u = mean + eps @ factor.T
     out, start = {}, 0
     for name, shape, size in zip(lap["names"], lap["shapes"], lap["sizes"], strict=True):
-        uu = u[:, start : start + size].reshape((num_samples,) + tuple(shape))
+        uu = u[:, start : start + size].reshape((total,) + tuple(shape))
         start += size
         t = transform_for(lap["constraints"][name])
-        out[name] = t(uu).unsqueeze(0)
+        v = t(uu)  # constrained: a simplex has one coordinate more than its u
+        out[name] = v.reshape(num_chains, num_samples, *v.shape[1:])
     return out
 
 

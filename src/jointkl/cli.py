@@ -437,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--draws",
         type=_draws,
-        default=200,
-        help="posterior draws per chain for the InferenceData, LOO and plots (default 200)",
+        default=None,
+        help="posterior draws per chain for ArviZ (default: every draw of a sampler, 100 of "
+        "an approximation)",
     )
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_threads(f)

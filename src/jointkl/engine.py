@@ -151,15 +151,34 @@ class Engine:
         store) before the model is re-run for predictions. Default: nothing to do."""
 
     @classmethod
-    def posterior_draws(cls, fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+    def posterior_draws(
+        cls, fit: Fit, num_samples: int | None, seed: int, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
         """Draws of every latent/global site, each of shape ``(chain, draw, *site_shape)``.
 
-        The default uses draws the engine stored in ``fit.samples`` (MCMC-like engines), and
-        otherwise repeats the point estimate in ``fit.params`` for the model's latent sites.
+        ``num_samples`` is draws per chain (``None``: the engine's default, every stored
+        draw for a sampler); ``num_chains`` is the chain count of independent draws (a
+        sampler's chains are its own). The default uses draws the engine stored in
+        ``fit.samples`` (MCMC-like engines), and otherwise the point estimate in
+        ``fit.params`` as one draw of the model's latent sites.
         """
         if fit.samples:
             return stored_draws(fit, num_samples, seed)
-        return point_draws(fit, num_samples)
+        return point_draws(fit)
+
+    @classmethod
+    def draws_kind(cls, fit: Fit) -> tuple[str, str]:
+        """(what the draws of :meth:`posterior_draws` are, the method's name): one of
+        ``"markov_chain"`` (a sampler's chains), ``"independent"`` (independent draws from
+        an approximation, split into chains) or ``"point_estimate"``. Default: a sampler's
+        chains when the fit stored samples, else a point estimate."""
+        return ("markov_chain", "") if fit.samples else ("point_estimate", "")
+
+    @classmethod
+    def importance_guide(cls, fit: Fit) -> Any:
+        """The fitted guide q(z | x), when the engine has one, as the proposal of the IWAE
+        log-likelihood of a model with per-datum latents. Default: none."""
+        return None
 
     @classmethod
     def log_density_offset(cls, fit: Fit) -> float:

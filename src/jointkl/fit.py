@@ -7,6 +7,7 @@ A :class:`Fit` is what every engine returns. It holds plain values (tensors, flo
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from jointkl.runs import atomic_save_tensors, atomic_write_text
 __all__ = ["Fit", "point_draws", "stored_draws"]
 
 FORMAT = 1
+DEFAULT_DRAWS = 100  # draws per chain of an approximation (4 chains: 400 draws)
 
 
 @dataclass
@@ -76,9 +78,36 @@ class Fit:
         )
 
     # ------------------------------------------------------------------ ArviZ
-    def to_arviz(self, num_samples: int = 500, seed: int = 0):
-        """An ``arviz.InferenceData`` with posterior, posterior_predictive, log_likelihood,
-        observed_data and sample_stats (see :func:`jointkl.inferencedata.to_inference_data`)."""
+    def to_arviz(
+        self,
+        num_samples: int | None = None,
+        seed: int = 0,
+        *,
+        num_chains: int = 4,
+        iwae_k: int = 64,
+        progress: bool | None = None,
+    ):
+        """An ``arviz.InferenceData`` with posterior (deterministic sites included),
+        posterior_predictive, log_likelihood, observed_data and sample_stats (see
+        :func:`jointkl.inferencedata.to_inference_data`).
+
+        :param num_samples: draws per chain. ``None``: every draw a sampler kept, and
+            :data:`DEFAULT_DRAWS` per chain of an approximation the engine draws from
+            (Laplace, a guide); a sampler's draws are thinned evenly only when it is given.
+        :param seed: seeds the draws of an approximation and the posterior predictive.
+        :param num_chains: chains of independent draws (R-hat and ESS need >= 2); a
+            sampler's chains are its own.
+        :param iwae_k: importance samples per data point of the IWAE log-likelihood of a
+            model whose latents are all per-datum (a VAE).
+        :param progress: a progress bar over the draws; ``None``: when stderr is a terminal.
+
+        ``idata.posterior.attrs["draws"]`` (and the same attribute of ``log_likelihood`` and
+        ``sample_stats``) says what the draws are: ``"markov_chain"``, ``"independent"``
+        (``attrs["method"]`` names the approximation) or ``"point_estimate"`` (no posterior
+        spread: the log-likelihood is computed once).
+        """
+        import sys
+
         import pyro
 
         from jointkl.inferencedata import to_inference_data
@@ -87,25 +116,48 @@ class Fit:
             raise InputError(
                 "this Fit has no model attached; load it with Fit.load(dir, pair=...) first"
             )
-        if num_samples < 1:
-            raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        for what, value in (("num_chains", num_chains), ("iwae_k", iwae_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{what} must be an int >= 1, got {value!r}")
+        if num_samples is not None and (
+            not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
+        ):
+            raise InputError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
+        if progress is None:
+            progress = sys.stderr.isatty()
         engine = engine_class(self.engine)
         engine.activate(self)
+        pyro.set_rng_seed(seed)
+        draws = self.posterior_draws(num_samples, seed, num_chains=num_chains)
+        kind, method = engine.draws_kind(self)
         pyro.set_rng_seed(seed)
         return to_inference_data(
             self.pair.model,
             self.args,
             self.kwargs,
-            engine.posterior_draws(self, num_samples, seed),
+            draws,
             history=self.history,
             objective=self.objective,
             log_density_offset=engine.log_density_offset(self),
-            num_samples=num_samples,
+            draws_kind=kind,
+            method=method,
+            guide=engine.importance_guide(self),
+            iwae_k=iwae_k,
+            seed=seed,
+            num_predictive=num_samples or DEFAULT_DRAWS,
+            progress=progress,
         )
 
-    def posterior_draws(self, num_samples: int = 500, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Posterior draws of every latent/global site, each ``(chain, draw, *shape)``."""
-        return engine_class(self.engine).posterior_draws(self, num_samples, seed)
+    def posterior_draws(
+        self, num_samples: int | None = None, seed: int = 0, *, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """Posterior draws of every latent/global site, each ``(chain, draw, *shape)``
+        (``num_samples`` and ``num_chains`` as in :meth:`to_arviz`)."""
+        hook = engine_class(self.engine).posterior_draws
+        if "num_chains" in inspect.signature(hook).parameters:
+            return hook(self, num_samples, seed, num_chains=num_chains)
+        # an engine whose draws come in its own chains (a sampler) need not take the count
+        return hook(self, num_samples, seed)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -211,27 +263,25 @@ def _join_args(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[tup
     return tuple(get(e) for e in meta["args"]), {k: get(e) for k, e in meta["kwargs"].items()}
 
 
-def stored_draws(fit: Fit, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """The stored ``(chain, draw, ...)`` samples, thinned evenly to at most ``num_samples``
-    draws per chain (deterministic: ``seed`` is not needed)."""
+def stored_draws(fit: Fit, num_samples: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """The stored ``(chain, draw, ...)`` samples: all of them when ``num_samples`` is
+    ``None``, else thinned evenly to at most ``num_samples`` draws per chain
+    (deterministic: ``seed`` is not needed)."""
     out = {}
     for name, v in fit.samples.items():
         n = v.shape[1]
-        if n > num_samples:
+        if num_samples is not None and n > num_samples:
             idx = torch.linspace(0, n - 1, num_samples).round().long()
             v = v[:, idx]
         out[name] = v
     return out
 
 
-def point_draws(fit: Fit, num_samples: int) -> dict[str, torch.Tensor]:
-    """A point estimate as a one-chain 'posterior': every latent site repeated ``num_samples``
-    times (zero posterior spread). Sites are found by name in ``fit.params``."""
+def point_draws(fit: Fit) -> dict[str, torch.Tensor]:
+    """A point estimate as a one-draw 'posterior' ``(1, 1, *shape)`` of every latent site
+    found by name in ``fit.params`` (no posterior spread: the converter marks it
+    ``"point_estimate"``)."""
     from jointkl.sites import latent_site_names
 
     names = latent_site_names(fit.pair.model, fit.args, fit.kwargs)
-    return {
-        n: fit.params[n].unsqueeze(0).expand(num_samples, *fit.params[n].shape).unsqueeze(0)
-        for n in names
-        if n in fit.params
-    }
+    return {n: fit.params[n][None, None] for n in names if n in fit.params}

@@ -1,0 +1,110 @@
+"""Benchmark: what a run spends after its fit (``to_arviz`` + netCDF + plots) against the fit.
+
+For every zoo model, the run ``jointkl fit MODEL --engine ENGINE`` makes with no ``--set``
+(the model's ``engine_defaults`` applied, its default data, seed 0), done in this process the
+way the command line does it: the fit (timed), then ``fit.to_arviz()`` with the converter's
+defaults, ``idata.to_netcdf`` and ``jointkl.diagnostics.write_plots`` (timed together: the
+post-fit work). One JSON object per case on stdout:
+
+    {"case": "gmm/em", "fit_s": .., "to_arviz_s": .., "netcdf_s": .., "plots_s": ..,
+     "post_s": .., "ratio": post_s / fit_s, "budget_s": max(0.2 * fit_s, 10), "ok": ..}
+
+The target (issue 12) is post_s <= max(20 % of fit_s, 10 s). ArviZ and matplotlib are
+imported before anything is timed (a one-off cost of the process, not of a conversion).
+
+    python scripts/bench/postfit.py                        # every case
+    python scripts/bench/postfit.py --cases gmm/em,bmm/em
+    python scripts/bench/postfit.py --set steps=50         # shorter fits (not the default run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import arviz  # noqa: E402, F401  (imported up front: see the docstring)
+import torch  # noqa: E402
+from jointkl.cli import parse_settings, route_settings  # noqa: E402
+from jointkl.diagnostics import write_plots  # noqa: E402
+from jointkl.engine import engine_class  # noqa: E402
+from jointkl.zoo import model_class  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+CASES = (
+    "gmm/em",
+    "bmm/em",
+    "hmm/em",
+    "vae/svi",
+    "infomax/svi",
+    "crf-seg/svi",
+    "energy/nce",
+    "skipgram/nce",
+    "energy/langevin",
+)
+
+
+def run_case(case: str, extra: list[str]) -> dict:
+    """Fit ``case`` ("model/engine") as the CLI does and time the post-fit work."""
+    name, engine_name = case.split("/")
+    cls, engine_cls = model_class(name), engine_class(engine_name)
+    model_kw, engine_kw = route_settings(parse_settings(extra), cls, engine_cls)
+    pair = cls(**model_kw)
+    engine_kw = {**getattr(pair, "engine_defaults", {}).get(engine_name, {}), **engine_kw}
+    if "progress" in engine_cls.Settings.names():
+        engine_kw.setdefault("progress", False)
+    data_args, data_kwargs = pair.default_data(seed=0)
+    torch.manual_seed(0)
+    engine = engine_cls(**engine_kw)
+    t0 = time.perf_counter()
+    fit = engine.fit(pair, *data_args, **data_kwargs)
+    t1 = time.perf_counter()
+    idata = fit.to_arviz()
+    t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        idata.to_netcdf(str(Path(d) / "inference_data.nc"))
+        t3 = time.perf_counter()
+        write_plots(fit, idata, Path(d) / "plots")
+        t4 = time.perf_counter()
+    fit_s, post_s = t1 - t0, t4 - t1
+    budget = max(0.2 * fit_s, 10.0)
+    return {
+        "case": case,
+        "settings": extra,
+        "fit_s": round(fit_s, 2),
+        "to_arviz_s": round(t2 - t1, 2),
+        "netcdf_s": round(t3 - t2, 2),
+        "plots_s": round(t4 - t3, 2),
+        "post_s": round(post_s, 2),
+        "ratio": round(post_s / fit_s, 3),
+        "budget_s": round(budget, 2),
+        "ok": post_s <= budget,
+        "groups": list(idata.groups()),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--set", action="append", default=[], help="key=value for every case")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    for case in a.cases.split(","):
+        print(json.dumps(run_case(case, a.set)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
