@@ -34,7 +34,14 @@ from jointkl.chain import (
 from jointkl.errors import InputError
 from jointkl.semiring import LogSemiring
 
-__all__ = ["CRFMethod", "FACTORED_MAX_T", "LinearChainCRF", "TagConstraints", "bmes_constraints"]
+__all__ = [
+    "CRFMethod",
+    "FACTORED_MAX_T",
+    "LinearChainCRF",
+    "TagConstraints",
+    "bmes_constraints",
+    "constraint_violations",
+]
 
 # "factored": the CRF-specific recursions of jointkl.factored_chain (log Z in scaled
 # probability space with a hand-written backward, Viterbi over a (B, C, C) tensor per step);
@@ -79,6 +86,56 @@ def bmes_constraints(tags: Sequence[str] = ("B", "M", "E", "S")) -> TagConstrain
     start[[ix["B"], ix["S"]]] = True
     end[[ix["E"], ix["S"]]] = True
     return TagConstraints(trans, start, end)
+
+
+def constraint_violations(
+    tags: torch.Tensor, allowed: TagConstraints, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many of its constraints each tag sequence breaks: an opening tag ``allowed.start``
+    forbids, each transition ``allowed.transitions`` forbids, a closing tag ``allowed.end``
+    forbids (positions past ``lengths`` ignored).
+
+    With :func:`bmes_constraints` this counts, per sequence, a B or M followed by B or S, an
+    M or E not preceded by B or M (at the start too), and a last tag B or M: ``> 0`` marks a
+    sequence that is not a well-formed segmentation. Such sequences come from a decoder that
+    ignores the constraints (a per-position argmax); a constrained CRF never decodes one.
+
+    Args:
+        tags: ``(..., T)`` integer tags in ``0..C-1`` (any value past each length).
+        allowed: the constraints (a bare ``(C, C)`` bool tensor is taken as transitions only).
+        lengths: optional ``(...)`` lengths in ``1..T`` (default: all ``T``).
+
+    Returns:
+        ``(...)`` int64 counts.
+    """
+    if isinstance(allowed, torch.Tensor):
+        allowed = TagConstraints(allowed)
+    trans, start, end = allowed
+    if not isinstance(tags, torch.Tensor) or tags.dim() < 1 or tags.dtype.is_floating_point:
+        raise InputError("tags must be an integer tensor of shape (..., T)")
+    T = tags.shape[-1]
+    tags = tags.long()
+    pos = torch.arange(T, device=tags.device)
+    if lengths is None:
+        valid = torch.ones(tags.shape, dtype=torch.bool, device=tags.device)
+        last = tags[..., -1]
+    else:
+        lengths = torch.as_tensor(lengths, device=tags.device).long()
+        if ((lengths < 1) | (lengths > T)).any():
+            raise InputError(f"lengths must lie in 1..{T}")
+        valid = pos < lengths.unsqueeze(-1)
+        last = tags.gather(-1, (lengths - 1).expand(tags.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    y = tags.masked_fill(~valid, 0)
+    C = trans.shape[0]
+    if ((y < 0) | (y >= C)).any():
+        raise InputError(f"tags must lie in 0..{C - 1} at non-padding positions")
+    trans = trans.to(tags.device)
+    bad = (~trans[y[..., :-1], y[..., 1:]] & valid[..., 1:]).sum(-1)
+    if start is not None:
+        bad = bad + (~start.to(tags.device)[y[..., 0]]).long()
+    if end is not None:
+        bad = bad + (~end.to(tags.device)[last]).long()
+    return bad
 
 
 def _check_finite(name: str, x: torch.Tensor, allow_neg_inf: bool) -> None:
