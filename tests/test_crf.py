@@ -21,6 +21,7 @@ from jointkl.distributions import (
     constraint_violations,
 )
 from jointkl.errors import InputError
+from jointkl.semiring import MaxSemiring
 
 SETTINGS = settings(max_examples=30, deadline=None)
 NEG_INF = float("-inf")
@@ -400,9 +401,10 @@ def test_cuda_matches_cpu():
     assert dev.sample((3,)).device.type == "cuda"
 
 
+@pytest.mark.parametrize("method", ["factored", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_factored_path_equals_pytorch_crf_values_gradients_and_paths(dtype):
-    """The default (factored) path against pytorch-crf at random lengths (length 1 included):
+def test_factored_path_equals_pytorch_crf_values_gradients_and_paths(dtype, method):
+    """The factored path (and the default) against pytorch-crf at random lengths (length 1 included):
     log-likelihood, its gradients with respect to all four score tensors, Viterbi paths, to
     1e-5. The reference runs in float64 on the same values (in float32 its own rounding,
     accumulated over T steps of autograd, is itself of order 1e-5)."""
@@ -421,8 +423,7 @@ def test_factored_path_equals_pytorch_crf_values_gradients_and_paths(dtype):
         scores = [h, ref.transitions, ref.start_transitions, ref.end_transitions]
         ours_in = [x.detach().to(dtype, copy=True).requires_grad_() for x in scores]
         theirs_in = [x.detach().clone().requires_grad_() for x in scores]
-        crf = LinearChainCRF(*ours_in, mask=mask)
-        assert crf._factored
+        crf = LinearChainCRF(*ours_in, mask=mask, method=method)
         ours = crf.log_prob(tags)
         theirs = torchcrf_log_likelihood(ref, *theirs_in, tags, mask)
         assert ours.dtype == dtype
@@ -438,7 +439,7 @@ def test_factored_path_equals_pytorch_crf_values_gradients_and_paths(dtype):
             assert torch.allclose(a.double(), b, atol=1e-5, rtol=rtol), name
         with torch.no_grad():
             decoded = ref.decode(h, mask=mask)
-        mode = LinearChainCRF(*(x.detach().to(dtype) for x in scores), mask=mask).mode
+        mode = LinearChainCRF(*(x.to(dtype) for x in scores), mask=mask, method=method).mode
         for b, y in enumerate(decoded):
             assert mode[b, : len(y)].tolist() == y
             assert (mode[b, len(y) :] == 0).all()
@@ -534,17 +535,21 @@ def test_factored_log_prob_has_a_correct_second_derivative():
     assert torch.autograd.gradgradcheck(f, (h, A))
 
 
-def test_method_is_validated_and_auto_picks_by_length_and_device():
+def test_method_is_validated_and_auto_picks_the_factored_path_where_it_is_faster():
+    from jointkl.distributions.crf import FACTORED_MAX_T
+
     h, A = torch.randn(2, 5, 3), torch.randn(3, 3)
     with pytest.raises(InputError, match="method must be one of"):
         LinearChainCRF(h, A, method="fast")
-    assert LinearChainCRF(h, A)._factored
-    assert not LinearChainCRF(h, A, method="scan")._factored
-    from jointkl.distributions.crf import FACTORED_MAX_T
-
-    long = torch.randn(1, FACTORED_MAX_T + 1, 3)
-    assert not LinearChainCRF(long, A)._factored
-    assert LinearChainCRF(long, A, method="factored")._factored
+    assert not LinearChainCRF(h, A, method="scan")._factored()
+    for B, T, C in [(64, 100, 4), (32, 50, 9), (32, 50, 20)]:  # the tagging sizes
+        crf = LinearChainCRF(torch.randn(B, T, C), torch.randn(C, C))
+        assert crf._factored() and crf._factored(MaxSemiring)
+    # Few long chains: the generic log-depth scan, unless asked.
+    long = torch.randn(16, FACTORED_MAX_T + 1, 4)
+    assert not LinearChainCRF(long, torch.randn(4, 4))._factored()
+    assert not LinearChainCRF(long, torch.randn(4, 4))._factored(MaxSemiring)
+    assert LinearChainCRF(long, torch.randn(4, 4), method="factored")._factored(MaxSemiring)
 
 
 def test_constraint_violations_counts_illegal_bmes_sequences():

@@ -25,6 +25,7 @@ from torch.distributions import constraints
 from jointkl import factored_chain
 from jointkl.chain import (
     Method,
+    auto_method,
     broadcast_shapes,
     chain_contract,
     chain_kbest,
@@ -32,11 +33,12 @@ from jointkl.chain import (
     chain_viterbi,
 )
 from jointkl.errors import InputError
-from jointkl.semiring import LogSemiring
+from jointkl.semiring import LogSemiring, MaxSemiring, Semiring
 
 __all__ = [
     "CRFMethod",
     "FACTORED_MAX_T",
+    "FACTORED_SCAN_WORK",
     "LinearChainCRF",
     "TagConstraints",
     "bmes_constraints",
@@ -48,11 +50,15 @@ __all__ = [
 # "sequential" / "scan": the generic semiring recursion of jointkl.chain; "auto" picks.
 CRFMethod = Literal["auto", "factored", "sequential", "scan"]
 METHODS = ("auto", "factored", "sequential", "scan")
-# "auto" on CPU: the factored recursion up to this many positions, the generic log-depth scan
-# (when it applies) beyond. The factored loop pays T steps of a few operations each; the scan
-# log T steps of larger ones (measured crossover with scripts/bench/crf.py: see
-# docs/benchmarks.md, "CRF").
+# "auto" on CPU. The factored loop pays T steps of two or three operations each; the generic
+# log-depth scan log T steps of larger ones, with C times the arithmetic. Measured with
+# scripts/bench/crf.py (docs/benchmarks.md, "CRF"): for log Z (with its gradient) the scan
+# wins only for few, long chains, batch * C^3 <= FACTORED_SCAN_WORK and T > FACTORED_MAX_T
+# (16 x 1000 x 4 tags: scan 12.5x pytorch-crf, factored 10.8x; 64 x 256 x 4: scan 3.5x,
+# factored 6.3x); for Viterbi the scan wins wherever the generic recursion picks it (16 x 256
+# x 4: scan 4.9x, factored 2.2x), i.e. batch * C^3 <= jointkl.chain.CPU_SCAN_WORK_MAX.
 FACTORED_MAX_T = 256
+FACTORED_SCAN_WORK = 2**10
 
 
 class TagConstraints(NamedTuple):
@@ -174,9 +180,11 @@ class LinearChainCRF(TorchDistribution):
         method: ``"auto"``, ``"factored"``, ``"sequential"`` or ``"scan"``. ``"factored"``
             computes ``log Z`` (and its gradient) and Viterbi by the CRF-specific recursions
             of :mod:`jointkl.factored_chain`; ``"sequential"`` and ``"scan"`` by the generic
-            semiring recursion of :mod:`jointkl.chain` in that order; ``"auto"`` takes
-            ``"factored"`` on CPU up to :data:`FACTORED_MAX_T` positions and the generic
-            recursion's own choice otherwise. Marginals, entropy, sampling and top-k always
+            semiring recursion of :mod:`jointkl.chain` in that order. ``"auto"``: on CPU,
+            ``"factored"`` except where the generic log-depth scan is faster (for ``log Z``,
+            ``batch * C^3 <= FACTORED_SCAN_WORK`` and ``T > FACTORED_MAX_T``; for Viterbi,
+            wherever the generic recursion's ``"auto"`` picks the scan); on other devices the
+            generic recursion's own choice. Marginals, entropy, sampling and top-k always
             use the generic recursion (``"auto"`` for ``"factored"``).
         validate_args: check values (NaN, lengths, tags); shapes are always checked.
 
@@ -352,12 +360,18 @@ class LinearChainCRF(TorchDistribution):
         """The method handed to :mod:`jointkl.chain` (which knows no ``"factored"``)."""
         return "auto" if self.method == "factored" else self.method
 
-    @property
-    def _factored(self) -> bool:
-        """Whether ``log Z`` and Viterbi take the CRF-specific recursions."""
+    def _factored(self, semiring: type[Semiring] = LogSemiring) -> bool:
+        """Whether ``log Z`` (``LogSemiring``) or Viterbi (``MaxSemiring``) takes the
+        CRF-specific recursions of :mod:`jointkl.factored_chain`."""
         if self.method != "auto":
             return self.method == "factored"
-        return self.emissions.device.type == "cpu" and self.event_shape[0] <= FACTORED_MAX_T
+        if self.emissions.device.type != "cpu":
+            return False  # on a GPU the generic recursion's fewer, larger steps are kept
+        T, C = self.event_shape[0], self.num_tags
+        b = self.batch_shape.numel()
+        if semiring is MaxSemiring:
+            return auto_method(b, T - 1, C, self.emissions.device, semiring) == "sequential"
+        return T <= FACTORED_MAX_T or b * C**3 > FACTORED_SCAN_WORK
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Emissions ``(B, T, C)`` and lengths ``(B,)`` with the batch flattened."""
@@ -369,7 +383,7 @@ class LinearChainCRF(TorchDistribution):
     @property
     def log_partition(self) -> torch.Tensor:
         """``log Z``, shape ``batch_shape``; ``-inf`` when the constraints allow no path."""
-        if self._factored:
+        if self._factored():
             trans, start, end = self._scores()
             h, lengths = self._flat()
             log_z = factored_chain.log_partition(h, trans, start, end, lengths)
@@ -448,7 +462,7 @@ class LinearChainCRF(TorchDistribution):
 
     def viterbi(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tags (..., T), score (...))``: the most probable path and its score ``s(y)``."""
-        if self._factored:
+        if self._factored(MaxSemiring):
             path = self._factored_viterbi()
             return path, self.score(path)
         init, potentials, end = self._chain()
@@ -464,7 +478,7 @@ class LinearChainCRF(TorchDistribution):
     @property
     def mode(self) -> torch.Tensor:
         """The Viterbi path, ``(..., T)`` int64, padding positions 0."""
-        return self._factored_viterbi() if self._factored else self.viterbi()[0]
+        return self._factored_viterbi() if self._factored(MaxSemiring) else self.viterbi()[0]
 
     def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most probable paths, best first: ``(tags (k, ..., T), scores (k, ...))``.
