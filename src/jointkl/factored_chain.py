@@ -232,6 +232,27 @@ def log_partition(
     return _LogPartition.apply(h, trans, start, end, lengths, fwd)
 
 
+def _max_plus_forward(v0: torch.Tensor, g: torch.Tensor, x: torch.Tensor):
+    """``v_{t+1}[j] = max_i (v_t[i] + g[b, i, j]) + x[b, t+1, j]`` from ``v0 (B, C)``, with
+    per-row transitions ``g (B, C, C)`` and emissions ``x (B, K, C)``: all vectors ``(B, K, C)``
+    and back-pointers ``(B, K-1, C)``."""
+    best = v0.unsqueeze(-1)  # (B, C, 1): the previous tag along dim 1
+    values, pointers = [v0.unsqueeze(1)], []
+    for x_t in x[:, 1:].unsqueeze(2).unbind(1):  # (B, 1, C) each
+        # An addition, max (with indices) over the previous tag, the emission added after
+        # (not folded into a (K, B, C, C) tensor first: that costs more than it saves).
+        # keepdim: the (B, 1, C) result is read back as (B, C, 1) by a transposed view.
+        v, arg = (best + g).max(1, keepdim=True)
+        v.add_(x_t)
+        values.append(v)
+        pointers.append(arg)
+        best = v.transpose(1, 2)
+    if not pointers:
+        empty = torch.zeros(len(v0), 0, v0.shape[1], dtype=torch.long, device=v0.device)
+        return v0.unsqueeze(1), empty
+    return torch.cat(values, 1), torch.cat(pointers, 1)
+
+
 @torch.no_grad()
 def viterbi(
     h: torch.Tensor,
@@ -242,29 +263,46 @@ def viterbi(
 ) -> torch.Tensor:
     """Best tag path ``(B, T)`` (int64; 0 past each length) of a batch of CRF sequences.
 
-    Same arguments as :func:`log_partition`. Ties go to the lowest tag (``max`` returns the
-    first maximal index), as in :func:`jointkl.chain.chain_viterbi`.
+    Same arguments as :func:`log_partition`. Meet in the middle: the forward max-plus
+    recursion over the first ``m = ceil(L/2)`` positions of each sequence and the backward one
+    over the rest (a forward recursion on the reversed sequence with transposed transitions,
+    start and end swapped) run as one batch of ``2B`` rows, ``ceil(T/2)`` steps instead of
+    ``T``; the two halves are joined at the best ``(y_{m-1}, y_m)`` pair and each is read back
+    by pointer doubling. Exact; when several paths tie, which one is returned is not
+    specified.
     """
     B, T, C = h.shape
-    h, g = h.detach(), trans.detach()
-    v0 = h[:, 0] + start.detach()  # (B, C)
-    last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=h.device)
-    if T == 1:
-        tag = (v0 + end.detach()).max(-1).indices
-        return chain_backtrack(h.new_zeros(B, 0, C, dtype=torch.long), tag, lengths)
-    # The step's matrices P_t[b, i, j] = g[i, j] + h[b, t+1, j], all made in one operation, so
-    # that a step is two: an addition and a max (with indices) over the previous tag.
-    pots = (g + h[:, 1:, None, :]).transpose(0, 1)  # (T-1, B, C, C), a view
-    best = v0.unsqueeze(-1)  # (B, C, 1): the previous tag along dim 1
-    values, pointers = [v0.unsqueeze(1)], []
-    for p in pots.unbind(0):
-        # keepdim: the (B, 1, C) result is read back as (B, C, 1) by a transposed view.
-        v, arg = (best + p).max(1, keepdim=True)
-        values.append(v)
-        pointers.append(arg)
-        best = v.transpose(1, 2)
-    values = torch.cat(values, 1)  # (B, T, C)
-    pointers = torch.cat(pointers, 1)  # (B, T-1, C)
-    v_last = values.gather(1, last.view(B, 1, 1).expand(B, 1, C)).squeeze(1)
-    tag = (v_last + end.detach()).max(-1).indices
-    return chain_backtrack(pointers, tag, lengths)
+    h, g, start, end = h.detach(), trans.detach(), start.detach(), end.detach()
+    dev = h.device
+    L = lengths if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
+    m = (L + 1) // 2  # forward half: positions 0..m-1; backward half: L-1 down to m
+    K = (T + 1) // 2  # the longest half
+    # Each row reversed within its length: rev[b, s] = h[b, L_b - 1 - s] (clamped past it).
+    pos = torch.arange(T, device=dev)
+    rev_idx = (L.unsqueeze(-1) - 1 - pos).clamp_(min=0)[:, :K]
+    rev = h.gather(1, rev_idx.unsqueeze(-1).expand(B, K, C))
+    H = torch.cat([h[:, :K], rev], 0)  # (2B, K, C)
+    v0 = H[:, 0] + torch.cat([start.expand(B, C), end.expand(B, C)], 0)
+    both = torch.stack([g, g.t()]).repeat_interleave(B, 0)  # (2B, C, C)
+    values, pointers = _max_plus_forward(v0, both, H)
+    rows = torch.arange(B, device=dev)
+    fwd = values[rows, m - 1]  # best prefix ending at m-1 in each tag, (B, C)
+    n_back = L - m  # positions in the backward half (0 for length 1)
+    bwd = values[rows + B, (n_back - 1).clamp(min=0)]  # best suffix from m in each tag
+    # Join: best (y_{m-1}, y_m) = argmax fwd[j] + g[j, k] + bwd[k]; a length-1 row has no
+    # backward half and ends at m - 1 = 0: fwd[j] + end[j].
+    pair = (fwd.unsqueeze(-1) + g + bwd.unsqueeze(1)).flatten(1).max(-1).indices
+    alone = (fwd + end).max(-1).indices
+    single = n_back == 0
+    j = torch.where(single, alone, torch.div(pair, C, rounding_mode="floor"))
+    k = torch.where(single, 0, pair % C)
+    halves = chain_backtrack(
+        pointers, torch.cat([j, k]), torch.cat([m, n_back.clamp(min=1)])
+    )  # (2B, K): forward half in order, backward half reversed
+    # Position t reads the forward half for t < m, the backward half at L-1-t for m <= t < L.
+    fwd_half, bwd_half = halves[:B], halves[B:]
+    src = torch.where(pos < m.unsqueeze(-1), pos, K + (L.unsqueeze(-1) - 1 - pos)).clamp_(
+        0, 2 * K - 1
+    )
+    path = torch.cat([fwd_half, bwd_half], 1).gather(1, src)
+    return path.masked_fill_(pos >= L.unsqueeze(-1), 0)
