@@ -597,3 +597,20 @@ def test_cuda_factored_path_matches_cpu():
     dev.log_partition.sum().backward()
     assert torch.allclose(crf.marginals, h.grad.cpu(), atol=1e-9)
     assert torch.equal(crf.mode, dev.mode.cpu())
+
+
+@pytest.mark.parametrize("method", ["factored", "sequential"])
+def test_empty_batch_and_several_batch_dimensions(method):
+    h = torch.randn(0, 5, 3, requires_grad=True)
+    crf = LinearChainCRF(h, torch.randn(3, 3), method=method)
+    lp = crf.log_prob(torch.zeros(0, 5, dtype=torch.long))
+    lp.sum().backward()
+    assert lp.shape == (0,) and crf.mode.shape == (0, 5) and h.grad.shape == h.shape
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, 8, (2, 3), generator=g)
+    crf = LinearChainCRF(h, A, lengths=lengths, method=method)
+    ref = LinearChainCRF(h.reshape(6, 7, 4), A, lengths=lengths.reshape(6), method="sequential")
+    assert torch.allclose(crf.log_partition.reshape(6), ref.log_partition, atol=1e-12)
+    assert torch.equal(crf.mode.reshape(6, 7), ref.mode)

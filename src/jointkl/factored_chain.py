@@ -224,6 +224,8 @@ def log_partition(
         below :data:`SCALE_FLOOR` (including a sequence with no possible path), in which
         case the caller should use :func:`generic_log_partition`.
     """
+    if h.shape[0] == 0:
+        return None  # an empty batch: nothing to gain, and the checks below need an element
     fwd = _Forward(h, trans, start, end, lengths)
     if not fwd.trusted:
         return None
