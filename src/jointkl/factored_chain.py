@@ -16,8 +16,10 @@ most of its time on per-operation overhead (a few tags, tens of positions):
   to the emissions), ``Σ_t alpha_t^T (X_{t+1} beta_{t+1}) * E`` the transition counts, in one
   pass instead of autograd through ``T`` small operations.
 - :func:`viterbi` (max semiring): ``v_{t+1} = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]`` over a
-  ``(B, C, C)`` tensor per step, the back-pointers written into one preallocated tensor, the
-  path read back by pointer doubling (:func:`jointkl.chain.chain_backtrack`).
+  ``(B, C, C)`` tensor per step (an addition and one ``max`` with indices), meet in the
+  middle: the first half of each sequence forward and the second half as a forward recursion
+  over the reversed sequence, as one batch of ``2B`` rows in ``ceil(T/2)`` steps; the path is
+  read back by pointer doubling (:func:`jointkl.chain.chain_backtrack`).
 
 Neither masks positions past a sequence's end inside the loop: the recursion up to position
 ``L - 1`` does not depend on later positions, so it runs over the whole padded length and the
@@ -31,8 +33,9 @@ log-space recursion; a gradient that comes out non-finite is recomputed the same
 arithmetic is float64 whatever the input dtype (on the few-tag problems this is for, the
 cost is per operation, not per element), which pushes underflow out to ~700 nats.
 
-The tests pin both functions to :mod:`jointkl.chain` and to brute-force enumeration
-(``tests/test_crf.py``).
+This is a deliberate exception to writing each dynamic programme once over a semiring; the
+tests pin both functions to :mod:`jointkl.chain`, to brute-force enumeration and to
+pytorch-crf (``tests/test_crf.py``).
 """
 
 from __future__ import annotations
