@@ -3,6 +3,10 @@
     h = Linear(Encoder(Embedding(chars)))            emission scores (N, T, C)
     tags ~ LinearChainCRF(h, g, start, end, lengths, allowed)     inside pyro.plate("data")
 
+or, with ``loss="softmax"`` (the baseline the CRF is compared with: the same network, each
+position's tag independent), ``tags_t ~ Categorical(softmax(h_t))`` for ``t < length``,
+decoded by a per-position argmax.
+
 Every weight (network and CRF transitions ``g``) is a ``pyro.module`` parameter and the tags
 are observed, so the model has no latent sites: the SVI engine fits it by maximum likelihood
 (its loss is the negative log-likelihood, ``log Z − score(gold path)`` summed over rows).
@@ -21,6 +25,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -33,6 +38,7 @@ from jointkl.zoo import ZooModel, register_model
 __all__ = ["CRFTagger", "TaggerNet", "WindowLinear"]
 
 ENCODERS = ("conv", "bilstm")
+LOSSES = ("crf", "softmax")
 MODULE = "crf_tagger"  # the pyro.module name: params are "crf_tagger$$$<name>"
 
 
@@ -174,6 +180,11 @@ class CRFTagger(ZooModel):
         default People's Daily vocabulary, else 0).
     :param bigram_keys: the known pairs (:func:`jointkl.data.cws.bigram_keys`); with neither
         ``vocab`` nor ``bigram_keys``, those of the People's Daily training split.
+    :param str loss: ``"crf"`` (the tags' joint distribution is the CRF; Viterbi decoding) or
+        ``"softmax"`` (each position's tag independent given the network's scores, a
+        per-position categorical; argmax decoding, which may give ill-formed BMES
+        sequences; the CRF's transition, start and end scores are then unused). The network
+        is the same either way.
     """
 
     name: ClassVar[str] = "crf-seg"
@@ -200,6 +211,7 @@ class CRFTagger(ZooModel):
         vocab: str | None = None,
         bigram_dim: int | None = None,
         bigram_keys: Sequence[int] | None = None,
+        loss: str = "crf",
     ):
         default_corpus = vocab is None and vocab_size is None
         if default_corpus:
@@ -234,6 +246,7 @@ class CRFTagger(ZooModel):
             self.encoder,
             self.dropout,
             self.tag_scheme,
+            self.loss,
         ) = check_all(
             [
                 ("vocab_size", vocab_size, positive_int),
@@ -245,6 +258,7 @@ class CRFTagger(ZooModel):
                 ("encoder", encoder, one_of(*ENCODERS)),
                 ("dropout", dropout, number),
                 ("tag_scheme", tag_scheme, one_of("bmes", None)),
+                ("loss", loss, one_of(*LOSSES)),
             ],
             "CRFTagger",
         )
@@ -315,6 +329,7 @@ class CRFTagger(ZooModel):
             "vocab": self.vocab.chars if self.vocab is not None else None,
             "bigram_dim": self.bigram_dim,
             "bigram_keys": self.bigram_keys if self.bigram_dim else None,
+            "loss": self.loss,
         }
 
     @staticmethod
@@ -350,6 +365,15 @@ class CRFTagger(ZooModel):
             emissions, net.transitions, net.start, net.end, lengths=lengths, allowed=self.allowed
         )
 
+    def tag_distribution(self, emissions: torch.Tensor, lengths: torch.Tensor):
+        """The distribution of the tags ``(N, T)`` given emission scores ``(N, T, C)``: the
+        CRF, or (``loss="softmax"``) independent categoricals, positions past each length
+        masked out; batch shape ``(N,)``, event shape ``(T,)`` either way."""
+        if self.loss == "crf":
+            return self.crf(emissions, lengths)
+        valid = torch.arange(emissions.shape[1], device=emissions.device) < lengths[:, None]
+        return dist.Categorical(logits=emissions).mask(valid).to_event(1)
+
     def model(
         self, chars: torch.Tensor, lengths: torch.Tensor, tags: torch.Tensor | None = None
     ) -> None:
@@ -362,7 +386,7 @@ class CRFTagger(ZooModel):
         tags = tags[:, :T] if tags is not None else None
         emissions = net(chars, lengths)
         with pyro.plate("data", chars.shape[0]):
-            pyro.sample("tags", self.crf(emissions, lengths), obs=tags)
+            pyro.sample("tags", self.tag_distribution(emissions, lengths), obs=tags)
 
     # -------------------------------------------------------------- prediction
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
@@ -377,11 +401,16 @@ class CRFTagger(ZooModel):
             raise InputError(f"CRFTagger: fitted weights do not match the settings: {e}") from e
 
     def decode(self, chars: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Viterbi tags ``(N, T)`` (padding 0) for token ids, with the current weights."""
+        """Tags ``(N, T)`` (padding 0) for token ids, with the current weights: the Viterbi path
+        (``loss="crf"``) or each position's most probable tag (``loss="softmax"``)."""
         self._check(chars, lengths, None)
         self.net.eval()
         with torch.no_grad():
-            return self.crf(self.net(chars, lengths), lengths).mode
+            emissions = self.net(chars, lengths)
+            if self.loss == "crf":
+                return self.crf(emissions, lengths).mode
+            valid = torch.arange(chars.shape[1], device=chars.device) < lengths[:, None]
+            return emissions.argmax(-1).masked_fill(~valid, 0)
 
     def segment(
         self, texts: str | Sequence[str], fit: Any = None, batch_size: int = 128
@@ -395,14 +424,24 @@ class CRFTagger(ZooModel):
             raise InputError("CRFTagger.segment needs a vocab and tag_scheme='bmes'")
         if isinstance(texts, str):
             texts = [texts]
+        tags = self.tag_texts(texts, fit=fit, batch_size=batch_size)
+        return [words_from_tags(text, t) for text, t in zip(texts, tags, strict=True)]
+
+    def tag_texts(
+        self, texts: Sequence[str], fit: Any = None, batch_size: int = 128
+    ) -> list[list[int]]:
+        """The decoded tag of every character of each text (:meth:`decode`), as lists; texts
+        are decoded in batches of similar length. ``fit`` as in :meth:`segment`."""
+        if self.vocab is None:
+            raise InputError("CRFTagger.tag_texts needs a vocab")
         if fit is not None:
             self.load_params(fit.params)
-        out: list[list[str]] = [[] for _ in texts]
+        out: list[list[int]] = [[] for _ in texts]
         order = sorted((i for i, t in enumerate(texts) if t), key=lambda i: len(texts[i]))
         for k in range(0, len(order), batch_size):
             idx = order[k : k + batch_size]
             chars, lengths = encode_texts([texts[i] for i in idx], self.vocab)
             tags = self.decode(chars, lengths)
             for row, i in enumerate(idx):
-                out[i] = words_from_tags(texts[i], tags[row, : len(texts[i])].tolist())
+                out[i] = tags[row, : len(texts[i])].tolist()
         return out

@@ -7,8 +7,16 @@ cosine learning-rate decay, 6 epochs) on the first 90 % of lines, then segments 
 F1 and OOV recall (SIGHAN span scoring) as one JSON object. The fit is saved to ``--out`` so
 ``CRFTagger.segment(texts, fit=Fit.load(out))`` (and ``jointkl segment --model OUT``) reuse it.
 
+``--loss softmax`` trains the same network with a per-character softmax instead of the CRF
+(argmax decoding); ``--loss both`` trains one after the other on the same split, seed and
+budget (fits in ``OUT/crf`` and ``OUT/softmax``) and prints both reports and a comparison
+line. Every report also gives how many test sentences were decoded as ill-formed BMES
+sequences (:func:`jointkl.distributions.constraint_violations`): B or M followed by B or S,
+M or E not preceded by B or M, a sentence ending in B or M.
+
     python scripts/cws.py                         # the default run (6 epochs)
     python scripts/cws.py --epochs 1 --limit 2000 # a quick look
+    python scripts/cws.py --loss both --epochs 2 --limit 5000   # CRF vs per-character softmax
     python scripts/cws.py --resume                # continue an interrupted run from --out
 
 Interrupting (Ctrl-C) saves a checkpoint; ``--resume`` continues from it with the same numbers.
@@ -28,8 +36,21 @@ from jointkl.inference import SVI
 from jointkl.models import CRFTagger
 from tqdm.auto import tqdm
 
-from jointkl.data.cws import cws_dataset
+from jointkl.data.cws import cws_dataset, words_from_tags
+from jointkl.distributions import bmes_constraints, constraint_violations
 from jointkl.text.scoring import score_segmentation
+
+
+def illegal_counts(tags: list[list[int]]) -> tuple[int, int]:
+    """(sentences decoded as ill-formed BMES, constraint violations in all) over the lists."""
+    allowed = bmes_constraints()
+    sentences = violations = 0
+    for t in tags:
+        if t:
+            n = int(constraint_violations(torch.tensor(t), allowed))
+            sentences += n > 0
+            violations += n
+    return sentences, violations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-limit", type=int, help="score only the first N test lines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--loss",
+        choices=["crf", "softmax", "both"],
+        default="crf",
+        help="CRF, per-character softmax, or both one after the other (same seed and budget)",
+    )
     p.add_argument("--out", default="runs/cws", help="where the fit and metrics go")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.loss != "both":
+        run(args, args.loss, Path(args.out))
+        return 0
+    reports = [run(args, loss, Path(args.out) / loss) for loss in ("crf", "softmax")]
+    keys = ("f1", "oov_recall", "illegal_sentence_rate", "train_seconds")
+    print(json.dumps({"comparison": {r["loss"]: {k: r[k] for k in keys} for r in reports}}))
+    return 0
 
+
+def run(args: argparse.Namespace, loss: str, out: Path) -> dict:
+    """Train one tagger with ``loss``, score it on the test split; print and return the report."""
     t0, c0 = time.perf_counter(), time.process_time()
     data = cws_dataset(max_len=args.max_len, limit=args.limit)
     n_rows = data.train_chars.shape[0]
@@ -67,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         dropout=args.dropout,
         hidden_dim=args.hidden_dim,
         bigram_dim=args.bigram_dim,
+        loss=loss,
     )
-    out = Path(args.out)
     engine = SVI(
         steps=steps,
         batch_size=args.batch_size,
@@ -88,13 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     gold = data.test_sentences[: args.test_limit] if args.test_limit else data.test_sentences
     texts = ["".join(words) for words in gold]
     t_eval = time.perf_counter()
-    pred = []
+    tags = []
     for k in tqdm(range(0, len(texts), 256), desc="segment test", unit="x256 lines"):
-        pred.extend(tagger.segment(texts[k : k + 256]))
+        tags.extend(tagger.tag_texts(texts[k : k + 256]))
+    pred = [words_from_tags(text, t) for text, t in zip(texts, tags, strict=True)]
     eval_s = time.perf_counter() - t_eval
     score = score_segmentation(gold, pred, data.train_vocab)
+    n_illegal, n_violations = illegal_counts(tags)
     report = {
+        "loss": loss,
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in score.as_dict().items()},
+        "illegal_sentences": n_illegal,
+        "illegal_sentence_rate": round(n_illegal / max(1, len(gold)), 4),
+        "bmes_violations": n_violations,
         "test_lines": len(gold),
         "train_rows": n_rows,
         "steps": fit.n_iter,
@@ -107,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "total_cpu_seconds": round(time.process_time() - c0, 1),
         "threads": torch.get_num_threads(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "resume", "loss")},
         "stop_reason": fit.info.get("stop_reason"),
     }
     (out / "cws_metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(json.dumps(report, ensure_ascii=False))
-    return 0
+    print(json.dumps(report, ensure_ascii=False), flush=True)
+    return report
 
 
 if __name__ == "__main__":

@@ -13,8 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from jointkl.distributions import LinearChainCRF, TagConstraints, bmes_constraints
+from jointkl import factored_chain
+from jointkl.distributions import (
+    LinearChainCRF,
+    TagConstraints,
+    bmes_constraints,
+    constraint_violations,
+)
 from jointkl.errors import InputError
+from jointkl.semiring import MaxSemiring
 
 SETTINGS = settings(max_examples=30, deadline=None)
 NEG_INF = float("-inf")
@@ -81,7 +88,7 @@ crfs = st.tuples(
     st.integers(1, 5),
     st.integers(1, 4),
     st.booleans(),
-    st.sampled_from(["sequential", "scan"]),
+    st.sampled_from(["sequential", "scan", "factored"]),
 )
 
 
@@ -392,3 +399,218 @@ def test_cuda_matches_cpu():
     assert torch.allclose(crf.marginals, dev.marginals.cpu())
     assert torch.equal(crf.mode, dev.mode.cpu())
     assert dev.sample((3,)).device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["factored", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_path_equals_pytorch_crf_values_gradients_and_paths(dtype, method):
+    """The factored path (and the default) against pytorch-crf at random lengths (length 1 included):
+    log-likelihood, its gradients with respect to all four score tensors, Viterbi paths, to
+    1e-5. The reference runs in float64 on the same values (in float32 its own rounding,
+    accumulated over T steps of autograd, is itself of order 1e-5)."""
+    torchcrf = pytest.importorskip("torchcrf", reason="pytorch-crf not installed (bench extra)")
+    torch.manual_seed(3)
+    for B, T, C in [(6, 1, 3), (7, 9, 4), (5, 50, 9), (4, 60, 20), (3, 100, 4)]:
+        ref = torchcrf.CRF(C, batch_first=True).double()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_()
+        h = torch.randn(B, T, C, dtype=torch.float64)
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0], lengths[-1] = T, 1
+        mask = torch.arange(T) < lengths[:, None]
+        tags = torch.randint(0, C, (B, T))
+        scores = [h, ref.transitions, ref.start_transitions, ref.end_transitions]
+        ours_in = [x.detach().to(dtype, copy=True).requires_grad_() for x in scores]
+        theirs_in = [x.detach().clone().requires_grad_() for x in scores]
+        crf = LinearChainCRF(*ours_in, mask=mask, method=method)
+        ours = crf.log_prob(tags)
+        theirs = torchcrf_log_likelihood(ref, *theirs_in, tags, mask)
+        assert ours.dtype == dtype
+        # float32 cannot hold -210 to 1e-5 (its spacing there is 1.5e-5): add 1e-6 relative.
+        rtol = 0 if dtype == torch.float64 else 1e-6
+        assert torch.allclose(ours.double(), theirs, atol=1e-5, rtol=rtol)
+        weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+        kw = dict(allow_unused=True, materialize_grads=True)  # T = 1 uses no transitions
+        g_ours = torch.autograd.grad((ours * weights.to(dtype)).sum(), ours_in, **kw)
+        g_theirs = torch.autograd.grad((theirs * weights).sum(), theirs_in, **kw)
+        names = ("emissions", "transitions", "start", "end")
+        for name, a, b in zip(names, g_ours, g_theirs, strict=True):
+            assert torch.allclose(a.double(), b, atol=1e-5, rtol=rtol), name
+        with torch.no_grad():
+            decoded = ref.decode(h, mask=mask)
+        mode = LinearChainCRF(*(x.to(dtype) for x in scores), mask=mask, method=method).mode
+        for b, y in enumerate(decoded):
+            assert mode[b, : len(y)].tolist() == y
+            assert (mode[b, len(y) :] == 0).all()
+
+
+def torchcrf_log_likelihood(ref, emissions, transitions, start, end, tags, mask):
+    """pytorch-crf's per-sequence log-likelihood with its score tensors swapped for the given
+    leaves, so that gradients with respect to all four can be taken."""
+    saved = ref.transitions, ref.start_transitions, ref.end_transitions
+    try:
+        del ref.transitions, ref.start_transitions, ref.end_transitions
+        ref.transitions, ref.start_transitions, ref.end_transitions = transitions, start, end
+        return ref(emissions, tags, mask=mask, reduction="none")
+    finally:
+        del ref.transitions, ref.start_transitions, ref.end_transitions
+        ref.transitions, ref.start_transitions, ref.end_transitions = saved
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_factored_path_equals_the_generic_recursion(constrained):
+    """Values and gradients of log_prob, and Viterbi paths and scores: factored = sequential
+    (the generic log-semiring recursion), with constraints, -inf emissions and length 1."""
+    g = torch.Generator().manual_seed(5)
+    B, T, C = 9, 37, 4
+    h = torch.randn(B, T, C, generator=g, dtype=torch.float64) * 3
+    h[2, 5, 1] = NEG_INF  # one forbidden tag at one position
+    kwargs = dict(
+        emissions=h,
+        transitions=torch.randn(C, C, generator=g, dtype=torch.float64),
+        start=torch.randn(C, generator=g, dtype=torch.float64),
+        end=torch.randn(C, generator=g, dtype=torch.float64),
+    )
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0], lengths[1] = T, 1
+    extra = dict(lengths=lengths, allowed=bmes_constraints() if constrained else None)
+    gen = LinearChainCRF(**kwargs, **extra, method="sequential")
+    tags = gen.sample((3,))  # possible paths, so every log_prob is finite
+    fast = LinearChainCRF(**kwargs, **extra, method="factored")
+    assert torch.allclose(fast.log_partition, gen.log_partition, atol=1e-10, rtol=0)
+    path_f, score_f = fast.viterbi()
+    path_g, score_g = gen.viterbi()
+    assert torch.equal(path_f, path_g)
+    assert torch.allclose(score_f, score_g, atol=1e-10, rtol=0)
+    # Gradients through the hand-written backward against autograd of the generic recursion.
+    leaves = {k: v.clone().requires_grad_() for k, v in kwargs.items()}
+    grads = {}
+    for method in ("factored", "sequential"):
+        for v in leaves.values():
+            v.grad = None
+        lp = LinearChainCRF(**leaves, **extra, method=method).log_prob(tags)
+        (lp * torch.rand(lp.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        grads[method] = {k: v.grad.clone() for k, v in leaves.items()}
+    for k in leaves:
+        assert torch.allclose(grads["factored"][k], grads["sequential"][k], atol=1e-10), k
+        assert torch.isfinite(grads["factored"][k]).all(), k
+
+
+def test_factored_path_falls_back_where_the_scales_cannot_be_trusted():
+    """Scores spanning thousands of nats underflow in scaled probability space: the fast
+    recursion declines (None) and the CRF's log Z and gradients come from the log-space one."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 12, 4, dtype=torch.float64) * 2000
+    A = torch.randn(4, 4, dtype=torch.float64) * 2000
+    zero = torch.zeros(4, dtype=torch.float64)
+    assert factored_chain.log_partition(h, A, zero, zero, None) is None
+    h.requires_grad_()
+    fast = LinearChainCRF(h, A, method="factored").log_partition
+    (g_fast,) = torch.autograd.grad(fast.sum(), h)
+    slow = LinearChainCRF(h, A, method="sequential").log_partition
+    (g_slow,) = torch.autograd.grad(slow.sum(), h)
+    assert torch.allclose(fast, slow, atol=1e-9, rtol=1e-12)
+    assert torch.allclose(g_fast, g_slow, atol=1e-9)
+    # A sequence with no possible path (log Z = -inf) goes the same way, gradients finite.
+    h2 = torch.randn(2, 5, 4, dtype=torch.float64)
+    h2[1, 2] = NEG_INF
+    h2.requires_grad_()
+    lz = LinearChainCRF(h2, A / 2000, method="factored").log_partition
+    assert torch.isneginf(lz[1]) and torch.isfinite(lz[0])
+    lz.clamp(min=-1e4).sum().backward()
+    assert torch.isfinite(h2.grad).all()
+
+
+def test_factored_log_prob_has_a_correct_second_derivative():
+    h = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    tags = torch.randint(0, 3, (3, 6))
+    lengths = torch.tensor([6, 1, 4])
+
+    def f(h, A):
+        return LinearChainCRF(h, A, lengths=lengths, method="factored").log_prob(tags)
+
+    assert torch.autograd.gradcheck(f, (h, A))
+    assert torch.autograd.gradgradcheck(f, (h, A))
+
+
+def test_method_is_validated_and_auto_picks_the_factored_path_where_it_is_faster():
+    from jointkl.distributions.crf import FACTORED_MAX_T
+
+    h, A = torch.randn(2, 5, 3), torch.randn(3, 3)
+    with pytest.raises(InputError, match="method must be one of"):
+        LinearChainCRF(h, A, method="fast")
+    assert not LinearChainCRF(h, A, method="scan")._factored()
+    for B, T, C in [(64, 100, 4), (32, 50, 9), (32, 50, 20)]:  # the tagging sizes
+        crf = LinearChainCRF(torch.randn(B, T, C), torch.randn(C, C))
+        assert crf._factored() and crf._factored(MaxSemiring)
+    # Few long chains: the generic log-depth scan, unless asked.
+    long = torch.randn(16, FACTORED_MAX_T + 1, 4)
+    assert not LinearChainCRF(long, torch.randn(4, 4))._factored()
+    assert not LinearChainCRF(long, torch.randn(4, 4))._factored(MaxSemiring)
+    assert LinearChainCRF(long, torch.randn(4, 4), method="factored")._factored(MaxSemiring)
+
+
+def test_constraint_violations_counts_illegal_bmes_sequences():
+    B, M, E, S = 0, 1, 2, 3
+    allowed = bmes_constraints()
+    cases = [
+        ([B, E, S], 0),
+        ([S], 0),
+        ([B, M, M, E, B, E], 0),
+        ([B, B, E], 1),  # B followed by B
+        ([B, S], 1),  # B followed by S
+        ([M, E], 1),  # M without a preceding B or M (at the start)
+        ([S, E], 1),  # E without a preceding B or M
+        ([E], 1),  # starts with E (a legal last tag)
+        ([B, M], 1),  # ends in M
+        ([B], 1),  # ends in B
+        ([S, M, B], 3),  # S -> M, M -> B, ends in B
+    ]
+    for tags, want in cases:
+        got = int(constraint_violations(torch.tensor(tags), allowed))
+        assert got == want, (tags, got, want)
+    # Batched, with lengths: what lies past each length is ignored.
+    tags = torch.tensor([[B, E, M, M], [S, B, B, B], [M, S, S, S]])
+    got = constraint_violations(tags, allowed, lengths=torch.tensor([2, 1, 4]))
+    assert got.tolist() == [0, 0, 2]  # third: starts with M, M -> S
+    with pytest.raises(InputError, match="lengths must lie"):
+        constraint_violations(tags, allowed, lengths=torch.tensor([0, 1, 1]))
+    with pytest.raises(InputError, match="tags must lie"):
+        constraint_violations(torch.tensor([0, 7]), allowed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_factored_path_matches_cpu():
+    crf = _crf(12, 5, 40, 6, False, "factored")
+    h = crf.emissions.cuda().requires_grad_()
+    dev = LinearChainCRF(
+        h,
+        crf.transitions.cuda(),
+        crf.start.cuda(),
+        crf.end.cuda(),
+        lengths=crf.lengths.cuda(),
+        method="factored",
+    )
+    assert torch.allclose(crf.log_partition, dev.log_partition.cpu())
+    dev.log_partition.sum().backward()
+    assert torch.allclose(crf.marginals, h.grad.cpu(), atol=1e-9)
+    assert torch.equal(crf.mode, dev.mode.cpu())
+
+
+@pytest.mark.parametrize("method", ["factored", "sequential"])
+def test_empty_batch_and_several_batch_dimensions(method):
+    h = torch.randn(0, 5, 3, requires_grad=True)
+    crf = LinearChainCRF(h, torch.randn(3, 3), method=method)
+    lp = crf.log_prob(torch.zeros(0, 5, dtype=torch.long))
+    lp.sum().backward()
+    assert lp.shape == (0,) and crf.mode.shape == (0, 5) and h.grad.shape == h.shape
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, 8, (2, 3), generator=g)
+    crf = LinearChainCRF(h, A, lengths=lengths, method=method)
+    ref = LinearChainCRF(h.reshape(6, 7, 4), A, lengths=lengths.reshape(6), method="sequential")
+    assert torch.allclose(crf.log_partition.reshape(6), ref.log_partition, atol=1e-12)
+    assert torch.equal(crf.mode.reshape(6, 7), ref.mode)

@@ -148,3 +148,80 @@ def test_segmentation_covers_the_text_with_well_formed_words(small_fit):
     loaded = Fit.load(path)
     assert isinstance(loaded.pair, CRFTagger)
     assert loaded.pair.segment(texts, fit=loaded) == words
+
+
+def _bmes_violations(tags: list[int]) -> int:
+    """Written out: a tag sequence's breaches of BMES (B=0, M=1, E=2, S=3) word structure."""
+    names = "".join("BMES"[t] for t in tags)
+    follow = {"B": "ME", "M": "ME", "E": "BS", "S": "BS"}
+    bad = names[0] in "ME"  # a word must open with B or S
+    bad += sum(b not in follow[a] for a, b in zip(names, names[1:], strict=False))
+    return bad + (names[-1] in "BM")  # ... and close with E or S
+
+
+@pytest.fixture(scope="module")
+def softmax_fit():
+    data = cws_dataset(limit=60, max_len=40)
+    tagger = CRFTagger.for_dataset(
+        data,
+        embedding_dim=16,
+        hidden_dim=16,
+        num_layers=2,
+        bigram_dim=8,
+        bigram_min_count=2,
+        loss="softmax",
+    )
+    args = (data.train_chars, data.train_lengths, data.train_tags)
+    fit = SVI(steps=30, batch_size=16, lr=0.03, progress=False, seed=1).fit(tagger, *args)
+    return data, tagger, fit
+
+
+def test_softmax_loss_trains_and_decodes_by_per_character_argmax(softmax_fit, tmp_path):
+    data, tagger, fit = softmax_fit
+    h = fit.history
+    assert sum(h[-6:]) / 6 < 0.7 * sum(h[:6]) / 6
+    # The loss is the per-character cross-entropy: the site's log-likelihood is the sum of
+    # log softmax at each character of each row, padding excluded.
+    chars, lengths, tags = data.train_chars[:5], data.train_lengths[:5], data.train_tags[:5]
+    tagger.net.eval()
+    with torch.no_grad():
+        em = tagger.net(chars, lengths)
+        lp = tagger.tag_distribution(em, lengths).log_prob(tags)
+        want = torch.log_softmax(em, -1).gather(-1, tags.unsqueeze(-1)).squeeze(-1)
+        valid = torch.arange(chars.shape[1]) < lengths[:, None]
+        assert torch.allclose(lp, (want * valid).sum(-1), atol=1e-4)
+    decoded = tagger.decode(chars, lengths)
+    assert torch.equal(decoded[valid], em.argmax(-1)[valid])
+    assert (decoded[~valid] == 0).all()
+    texts = ["".join(s) for s in data.test_sentences[:5]] + ["", "新"]
+    for text, ws in zip(texts, tagger.segment(texts), strict=True):
+        assert "".join(ws) == text and all(ws)
+    # The loss is part of the settings: a saved fit rebuilds a softmax tagger.
+    fit.save(tmp_path / "run")
+    loaded = Fit.load(tmp_path / "run")
+    assert loaded.pair.loss == "softmax"
+    assert loaded.pair.segment(texts, fit=loaded) == tagger.segment(texts)
+
+
+def test_illegal_sequence_counts_of_softmax_and_crf_decodes(softmax_fit, small_fit):
+    """constraint_violations (what scripts/cws.py reports) agrees with the rule written out
+    on every decoded test sentence; the constrained CRF never decodes an illegal one."""
+    from jointkl.distributions import bmes_constraints, constraint_violations
+
+    data, softmax, _ = softmax_fit
+    _, crf, _, _ = small_fit
+    texts = ["".join(s) for s in data.test_sentences[:40]]
+    allowed = bmes_constraints()
+    for tagger in (softmax, crf):
+        for t in tagger.tag_texts(texts):
+            got = int(constraint_violations(torch.tensor(t), allowed))
+            assert got == _bmes_violations(t), t
+            if tagger is crf:
+                assert got == 0
+    assert _bmes_violations([0, 0, 3, 1, 2, 0]) == 4  # B>B, B>S, S>M, ends in B
+
+
+def test_loss_setting_is_validated():
+    with pytest.raises(InputError, match="loss must be one of"):
+        CRFTagger(vocab="ab", loss="hinge")
+    assert CRFTagger(vocab="ab").settings()["loss"] == "crf"

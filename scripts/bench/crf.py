@@ -7,13 +7,16 @@ sequence full) it times, on the same emissions, tags and parameters:
 - ``decode``: Viterbi decoding of the whole batch.
 
 Each figure is the median over ``--repeat`` timed calls after ``--warmup`` untimed ones, the
-two libraries' calls interleaved; one CPU thread unless ``--threads`` says otherwise.
-One JSON object per case and task on stdout: both wall-clock timings (seconds) and
-``speedup`` = pytorch-crf time / jointkl time, and the same for this process's CPU time
-(``*_cpu_s``, ``cpu_speedup``).
+two libraries' calls interleaved; one CPU thread unless ``--threads`` says otherwise
+(repeatable; ``0`` is torch's default thread count: every case is run at each).
+One JSON object per case, thread count and task on stdout: both wall-clock timings (seconds)
+and ``speedup`` = pytorch-crf time / jointkl time, and the same for this process's CPU time
+(``*_cpu_s``, ``cpu_speedup``). ``--method`` times a given ``LinearChainCRF`` method instead
+of the default ``"auto"``.
 
-    python scripts/bench/crf.py                      # default cases
-    python scripts/bench/crf.py --case 64,100,4 --repeat 20
+    python scripts/bench/crf.py                      # the default cases, 1 thread
+    python scripts/bench/crf.py --threads 1 --threads 0 --repeat 21
+    python scripts/bench/crf.py --case 64,100,4 --repeat 20 --method scan
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 
 from jointkl.distributions import LinearChainCRF
 
-DEFAULT_CASES = [(64, 100, 4), (16, 1000, 4), (256, 50, 4), (32, 100, 20)]
+# The cases of the target (issue 13): >= 3x pytorch-crf at each, both tasks.
+DEFAULT_CASES = [(64, 100, 4), (32, 50, 9), (32, 50, 20), (16, 1000, 4)]
 
 
 def _median_times(fns, warmup: int, repeat: int) -> list[tuple[float, float]]:
@@ -48,7 +52,9 @@ def _median_times(fns, warmup: int, repeat: int) -> list[tuple[float, float]]:
     return [(statistics.median(w), statistics.median(c)) for w, c in times]
 
 
-def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> list[dict]:
+def run_case(
+    B: int, T: int, C: int, warmup: int, repeat: int, seed: int, method: str = "auto"
+) -> list[dict]:
     from torchcrf import CRF
 
     torch.manual_seed(seed)
@@ -61,7 +67,7 @@ def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> lis
 
     def ours_loglik():
         crf = LinearChainCRF(
-            h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask
+            h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask, method=method
         )
         crf.log_prob(tags).sum().backward()
 
@@ -71,7 +77,12 @@ def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> lis
     def ours_decode():
         with torch.no_grad():
             return LinearChainCRF(
-                h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask
+                h,
+                ref.transitions,
+                ref.start_transitions,
+                ref.end_transitions,
+                mask=mask,
+                method=method,
             ).mode
 
     def theirs_decode():
@@ -81,7 +92,7 @@ def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> lis
     # Same numbers before timing anything: a fast wrong answer is no answer.
     with torch.no_grad():
         crf = LinearChainCRF(
-            h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask
+            h, ref.transitions, ref.start_transitions, ref.end_transitions, mask=mask, method=method
         )
         diff = (crf.log_prob(tags) - ref(h, tags, mask=mask, reduction="none")).abs().max()
         assert diff < 1e-3 * T, f"log-likelihoods differ by {diff}"
@@ -106,6 +117,7 @@ def run_case(B: int, T: int, C: int, warmup: int, repeat: int, seed: int) -> lis
                 "pytorch_crf_cpu_s": round(c_theirs, 6),
                 "cpu_speedup": round(c_theirs / c_ours, 2),
                 "threads": torch.get_num_threads(),
+                "method": method,
                 "device": "cpu",
             }
         )
@@ -118,18 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        action="append",
+        help="torch CPU threads, repeatable; 0: torch's default (default: 1)",
+    )
+    p.add_argument("--method", default="auto", help="LinearChainCRF method (default auto)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     try:
         import torchcrf  # noqa: F401
     except ImportError:
         print("pytorch-crf is not installed: pip install 'jointkl[bench]'", file=sys.stderr)
         return 2
     cases = [tuple(int(v) for v in c.split(",")) for c in args.case] if args.case else DEFAULT_CASES
-    for B, T, C in cases:
-        for row in run_case(B, T, C, args.warmup, args.repeat, args.seed):
-            print(json.dumps(row), flush=True)
+    for threads in args.threads or [1]:
+        torch.set_num_threads(threads or default_threads)
+        for B, T, C in cases:
+            for row in run_case(B, T, C, args.warmup, args.repeat, args.seed, args.method):
+                print(json.dumps(row), flush=True)
     return 0
 
 

@@ -50,6 +50,7 @@ from jointkl.semiring import LogSemiring, MaxSemiring, Semiring
 __all__ = [
     "Method",
     "SCAN_BUDGET",
+    "auto_method",
     "CPU_SCAN_WORK",
     "CPU_SCAN_WORK_MAX",
     "mask_potentials",
@@ -129,6 +130,14 @@ def _pick(
     if device.type == "cpu" and batch_numel * c**3 > limit:
         return "sequential"
     return "scan"
+
+
+def auto_method(
+    batch_numel: int, n: int, c: int, device: torch.device, semiring: type[Semiring]
+) -> Literal["sequential", "scan"]:
+    """What ``method="auto"`` runs for ``batch_numel`` chains of ``n`` transfer matrices of
+    ``c`` states on ``device`` under ``semiring``."""
+    return _pick("auto", batch_numel, n, c, device, semiring)
 
 
 def mask_potentials(

@@ -1,5 +1,10 @@
 """jointkl.distributions: structured distributions for Pyro models."""
 
-from jointkl.distributions.crf import LinearChainCRF, TagConstraints, bmes_constraints
+from jointkl.distributions.crf import (
+    LinearChainCRF,
+    TagConstraints,
+    bmes_constraints,
+    constraint_violations,
+)
 
-__all__ = ["LinearChainCRF", "TagConstraints", "bmes_constraints"]
+__all__ = ["LinearChainCRF", "TagConstraints", "bmes_constraints", "constraint_violations"]

@@ -16,14 +16,16 @@ paths get probability exactly 0 and every gradient stays finite.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from jointkl import factored_chain
 from jointkl.chain import (
     Method,
+    auto_method,
     broadcast_shapes,
     chain_contract,
     chain_kbest,
@@ -31,9 +33,32 @@ from jointkl.chain import (
     chain_viterbi,
 )
 from jointkl.errors import InputError
-from jointkl.semiring import LogSemiring
+from jointkl.semiring import LogSemiring, MaxSemiring, Semiring
 
-__all__ = ["LinearChainCRF", "TagConstraints", "bmes_constraints"]
+__all__ = [
+    "CRFMethod",
+    "FACTORED_MAX_T",
+    "FACTORED_SCAN_WORK",
+    "LinearChainCRF",
+    "TagConstraints",
+    "bmes_constraints",
+    "constraint_violations",
+]
+
+# "factored": the CRF-specific recursions of jointkl.factored_chain (log Z in scaled
+# probability space with a hand-written backward, Viterbi over a (B, C, C) tensor per step);
+# "sequential" / "scan": the generic semiring recursion of jointkl.chain; "auto" picks.
+CRFMethod = Literal["auto", "factored", "sequential", "scan"]
+METHODS = ("auto", "factored", "sequential", "scan")
+# "auto" on CPU. The factored loop pays T steps of two or three operations each; the generic
+# log-depth scan log T steps of larger ones, with C times the arithmetic. Measured with
+# scripts/bench/crf.py (docs/benchmarks.md, "CRF"): for log Z (with its gradient) the scan
+# wins only for few, long chains, batch * C^3 <= FACTORED_SCAN_WORK and T > FACTORED_MAX_T
+# (16 x 1000 x 4 tags: scan 12.5x pytorch-crf, factored 10.8x; 64 x 256 x 4: scan 3.5x,
+# factored 6.3x); for Viterbi the scan wins wherever the generic recursion picks it (16 x 256
+# x 4: scan 4.9x, factored 2.2x), i.e. batch * C^3 <= jointkl.chain.CPU_SCAN_WORK_MAX.
+FACTORED_MAX_T = 256
+FACTORED_SCAN_WORK = 2**10
 
 
 class TagConstraints(NamedTuple):
@@ -69,11 +94,65 @@ def bmes_constraints(tags: Sequence[str] = ("B", "M", "E", "S")) -> TagConstrain
     return TagConstraints(trans, start, end)
 
 
+def constraint_violations(
+    tags: torch.Tensor, allowed: TagConstraints, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many of its constraints each tag sequence breaks: an opening tag ``allowed.start``
+    forbids, each transition ``allowed.transitions`` forbids, a closing tag ``allowed.end``
+    forbids (positions past ``lengths`` ignored).
+
+    With :func:`bmes_constraints` this counts, per sequence, a B or M followed by B or S, an
+    M or E not preceded by B or M (at the start too), and a last tag B or M: ``> 0`` marks a
+    sequence that is not a well-formed segmentation. Such sequences come from a decoder that
+    ignores the constraints (a per-position argmax); a constrained CRF never decodes one.
+
+    Args:
+        tags: ``(..., T)`` integer tags in ``0..C-1`` (any value past each length).
+        allowed: the constraints (a bare ``(C, C)`` bool tensor is taken as transitions only).
+        lengths: optional ``(...)`` lengths in ``1..T`` (default: all ``T``).
+
+    Returns:
+        ``(...)`` int64 counts.
+    """
+    if isinstance(allowed, torch.Tensor):
+        allowed = TagConstraints(allowed)
+    trans, start, end = allowed
+    if not isinstance(tags, torch.Tensor) or tags.dim() < 1 or tags.dtype.is_floating_point:
+        raise InputError("tags must be an integer tensor of shape (..., T)")
+    T = tags.shape[-1]
+    tags = tags.long()
+    pos = torch.arange(T, device=tags.device)
+    if lengths is None:
+        valid = torch.ones(tags.shape, dtype=torch.bool, device=tags.device)
+        last = tags[..., -1]
+    else:
+        lengths = torch.as_tensor(lengths, device=tags.device).long()
+        if ((lengths < 1) | (lengths > T)).any():
+            raise InputError(f"lengths must lie in 1..{T}")
+        valid = pos < lengths.unsqueeze(-1)
+        last = tags.gather(-1, (lengths - 1).expand(tags.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    y = tags.masked_fill(~valid, 0)
+    C = trans.shape[0]
+    if ((y < 0) | (y >= C)).any():
+        raise InputError(f"tags must lie in 0..{C - 1} at non-padding positions")
+    trans = trans.to(tags.device)
+    bad = (~trans[y[..., :-1], y[..., 1:]] & valid[..., 1:]).sum(-1)
+    if start is not None:
+        bad = bad + (~start.to(tags.device)[y[..., 0]]).long()
+    if end is not None:
+        bad = bad + (~end.to(tags.device)[last]).long()
+    return bad
+
+
 def _check_finite(name: str, x: torch.Tensor, allow_neg_inf: bool) -> None:
-    if torch.isnan(x).any():
+    if x.numel() == 0:
+        return
+    # One reduction and one sync on the good path: max() is nan if any entry is nan, +inf if
+    # any is +inf (min() likewise for -inf).
+    top = float(x.detach().max())
+    if top != top:
         raise InputError(f"{name} contains NaN")
-    bad = x == float("inf") if allow_neg_inf else ~torch.isfinite(x)
-    if bad.any():
+    if top == float("inf") or (not allow_neg_inf and float(x.detach().min()) == float("-inf")):
         what = "+inf" if allow_neg_inf else "inf"
         raise InputError(f"{name} contains {what}; scores must be finite (or -inf for 'never')")
 
@@ -98,7 +177,15 @@ class LinearChainCRF(TorchDistribution):
         mask: optional ``(..., T)`` bool, True on the valid prefix of each sequence.
         allowed: optional ``(C, C)`` bool transition mask, or a :class:`TagConstraints`
             (transition, start and end masks), e.g. :func:`bmes_constraints`.
-        method: ``"auto"``, ``"sequential"`` or ``"scan"`` for the chain recursion.
+        method: ``"auto"``, ``"factored"``, ``"sequential"`` or ``"scan"``. ``"factored"``
+            computes ``log Z`` (and its gradient) and Viterbi by the CRF-specific recursions
+            of :mod:`jointkl.factored_chain`; ``"sequential"`` and ``"scan"`` by the generic
+            semiring recursion of :mod:`jointkl.chain` in that order. ``"auto"``: on CPU,
+            ``"factored"`` except where the generic log-depth scan is faster (for ``log Z``,
+            ``batch * C^3 <= FACTORED_SCAN_WORK`` and ``T > FACTORED_MAX_T``; for Viterbi,
+            wherever the generic recursion's ``"auto"`` picks the scan); on other devices the
+            generic recursion's own choice. Marginals, entropy, sampling and top-k always
+            use the generic recursion (``"auto"`` for ``"factored"``).
         validate_args: check values (NaN, lengths, tags); shapes are always checked.
 
     Positions past a sequence's length are padding: ``log_prob`` ignores the tags there, and
@@ -118,7 +205,7 @@ class LinearChainCRF(TorchDistribution):
         lengths: torch.Tensor | Sequence[int] | None = None,
         mask: torch.Tensor | None = None,
         allowed: torch.Tensor | TagConstraints | None = None,
-        method: Method = "auto",
+        method: CRFMethod = "auto",
         validate_args: bool | None = None,
     ) -> None:
         if not isinstance(emissions, torch.Tensor) or emissions.dim() < 2:
@@ -138,6 +225,8 @@ class LinearChainCRF(TorchDistribution):
             if v is not None and (not isinstance(v, torch.Tensor) or v.shape != (C,)):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else v
                 raise InputError(f"{name} must have shape ({C},), got {got!r}")
+        if method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
         batch_shape = emissions.shape[:-2]
         lengths = self._lengths(lengths, mask, batch_shape, T, emissions.device)
         allowed = self._allowed(allowed, C, emissions.device)
@@ -267,13 +356,46 @@ class LinearChainCRF(TorchDistribution):
     # ---- the distribution API ---------------------------------------------------------------
 
     @property
+    def _chain_method(self) -> Method:
+        """The method handed to :mod:`jointkl.chain` (which knows no ``"factored"``)."""
+        return "auto" if self.method == "factored" else self.method
+
+    def _factored(self, semiring: type[Semiring] = LogSemiring) -> bool:
+        """Whether ``log Z`` (``LogSemiring``) or Viterbi (``MaxSemiring``) takes the
+        CRF-specific recursions of :mod:`jointkl.factored_chain`."""
+        if self.method != "auto":
+            return self.method == "factored"
+        if self.emissions.device.type != "cpu":
+            return False  # on a GPU the generic recursion's fewer, larger steps are kept
+        T, C = self.event_shape[0], self.num_tags
+        b = self.batch_shape.numel()
+        if semiring is MaxSemiring:
+            return auto_method(b, T - 1, C, self.emissions.device, semiring) == "sequential"
+        return T <= FACTORED_MAX_T or b * C**3 > FACTORED_SCAN_WORK
+
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Emissions ``(B, T, C)`` and lengths ``(B,)`` with the batch flattened."""
+        T, C = self.emissions.shape[-2:]
+        h = self.emissions.reshape(-1, T, C)
+        lengths = None if self.lengths is None else self.lengths.reshape(-1)
+        return h, lengths
+
+    @property
     def log_partition(self) -> torch.Tensor:
         """``log Z``, shape ``batch_shape``; ``-inf`` when the constraints allow no path."""
+        if self._factored():
+            trans, start, end = self._scores()
+            h, lengths = self._flat()
+            log_z = factored_chain.log_partition(h, trans, start, end, lengths)
+            # None: the scaled arithmetic could not be trusted (or no path is possible);
+            # the log-space recursion below is exact there.
+            if log_z is not None:
+                return log_z.reshape(self.batch_shape)
         init, potentials, end = self._chain()
         return self._log_z(init, potentials, end)
 
     def _log_z(self, init, potentials, end) -> torch.Tensor:
-        alpha = chain_contract(init, potentials, LogSemiring, self.lengths, self.method)
+        alpha = chain_contract(init, potentials, LogSemiring, self.lengths, self._chain_method)
         return LogSemiring.plus(alpha + end, dim=-1)
 
     def _validate_sample(self, value: torch.Tensor) -> None:
@@ -319,7 +441,9 @@ class LinearChainCRF(TorchDistribution):
         h = self.emissions.expand(shape + (self.num_tags,))
         zero = h.new_zeros(())
         emit = torch.where(valid, h.gather(-1, y.unsqueeze(-1)).squeeze(-1), zero).sum(-1)
-        step = torch.where(valid[..., 1:], trans[y[..., :-1], y[..., 1:]], zero).sum(-1)
+        # take() on the flattened (i, j) index: its backward is cheaper than 2-D indexing's.
+        pairs = torch.take(trans, y[..., :-1] * self.num_tags + y[..., 1:])
+        step = torch.where(valid[..., 1:], pairs, zero).sum(-1)
         if self.lengths is None:
             last = y[..., -1]
         else:
@@ -338,14 +462,23 @@ class LinearChainCRF(TorchDistribution):
 
     def viterbi(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tags (..., T), score (...))``: the most probable path and its score ``s(y)``."""
+        if self._factored(MaxSemiring):
+            path = self._factored_viterbi()
+            return path, self.score(path)
         init, potentials, end = self._chain()
-        score, path = chain_viterbi(init, potentials, end, self.lengths, self.method)
+        score, path = chain_viterbi(init, potentials, end, self.lengths, self._chain_method)
         return path, score
+
+    def _factored_viterbi(self) -> torch.Tensor:
+        trans, start, end = self._scores()
+        h, lengths = self._flat()
+        path = factored_chain.viterbi(h, trans, start, end, lengths)
+        return path.reshape(self.batch_shape + self.event_shape)
 
     @property
     def mode(self) -> torch.Tensor:
         """The Viterbi path, ``(..., T)`` int64, padding positions 0."""
-        return self.viterbi()[0]
+        return self._factored_viterbi() if self._factored(MaxSemiring) else self.viterbi()[0]
 
     def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most probable paths, best first: ``(tags (k, ..., T), scores (k, ...))``.
@@ -361,7 +494,7 @@ class LinearChainCRF(TorchDistribution):
         """Exact samples ``sample_shape + batch_shape + (T,)`` by forward filtering, backward
         sampling; padding positions are 0."""
         init, potentials, end = self._chain()
-        return chain_sample(init, potentials, end, self.lengths, sample_shape, self.method)
+        return chain_sample(init, potentials, end, self.lengths, sample_shape, self._chain_method)
 
     def _marginals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
         """Marginals as gradients of log Z with respect to the chain's inputs.
