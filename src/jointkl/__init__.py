@@ -5,7 +5,7 @@ divergence between joint distributions — EM, SVI, NCE and Langevin dynamics.""
 # the cli (docs/architecture.md); importing them also fills the MODELS and ENGINES registries.
 from jointkl import inference, models  # noqa: E402,I001
 from jointkl.engine import ENGINES, Engine, register_engine
-from jointkl.errors import FitDivergedError, InputError
+from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.pair import Pair, as_pair
 from jointkl.zoo import MODELS, register_model
@@ -23,6 +23,7 @@ __all__ = [
     "register_model",
     "InputError",
     "FitDivergedError",
+    "ConvergenceWarning",
     "models",
     "inference",
 ]
