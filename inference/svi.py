@@ -39,6 +39,7 @@ from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
 from jointkl.optim import OPTIMIZERS, optim_class, pyro_optim
+from jointkl.optim.fused_pyro import FusedPyroOptim
 from jointkl.optim.gradients import grads_finite
 from jointkl.optim.loop import StepLoop
 from jointkl.optim.stationarity import loss_trend, trend_window
@@ -58,7 +59,6 @@ from jointkl.settings import (
 from jointkl.sites import DATA_PLATE, data_plate_size, max_plate_nesting, trace_model
 from jointkl.zoo import hook
 
-from .fused_optim import FusedPyroOptim
 from .reparam_elbo import ReparamELBO
 
 __all__ = ["SVI", "SVISettings"]
@@ -310,7 +310,7 @@ class SVI(Engine):
             # jointkl.optim integrators: lr is their step size ε (docs/optim.md)
             return pyro_optim(name, step_size=lr)
         # One torch optimiser for all params: per-param optimisers cost more than the maths
-        # on networks with many weight tensors (inference/fused_optim.py); Adam's fused
+        # on networks with many weight tensors (jointkl/optim/fused_pyro.py); Adam's fused
         # kernel where the device has one (the same update, to rounding).
         kernel = {"fused": True} if name in FUSED_KERNELS else {}
         return FusedPyroOptim(cls, {"lr": lr, **kernel})

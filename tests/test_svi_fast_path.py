@@ -8,13 +8,13 @@ import pyro.optim
 import pyro.poutine as poutine
 import pytest
 import torch
-from jointkl.inference.fused_optim import FusedPyroOptim
 from jointkl.inference.reparam_elbo import ReparamELBO
 from jointkl.models import VAE
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from jointkl.minibatch import ScaleDataPlate
+from jointkl.optim.fused_pyro import FusedPyroOptim
 
 
 def _vae_case():
