@@ -315,6 +315,16 @@ class SVI(Engine):
         kernel = {"fused": True} if name in FUSED_KERNELS else {}
         return FusedPyroOptim(cls, {"lr": lr, **kernel})
 
+    @staticmethod
+    def _scaled(elbo, model, guide, scale: float) -> tuple:
+        """Model and guide whose data-plate sites count N/B times: the pathwise ELBO applies
+        the factor itself (no handler around every message); Pyro's classes get the
+        ScaleDataPlate handler."""
+        if isinstance(elbo, ReparamELBO):
+            elbo.data_scale = scale
+            return model, guide
+        return ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
+
     def _lr_factor(self, step: int) -> float:
         sched, total = self.settings.lr_schedule, self.settings.steps
         frac = step / max(1, total - 1)
@@ -354,7 +364,7 @@ class SVI(Engine):
 
             init_args, init_kwargs, scale = batch(0)
             guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, n)
-            init_model, init_guide = ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
+            init_model, init_guide = self._scaled(elbo, model, guide, scale)
 
         # Create every param (model and guide) once, so a checkpoint can be poured in.
         with torch.no_grad(), poutine.block():
@@ -382,7 +392,7 @@ class SVI(Engine):
                 b_args, b_kwargs, m, g = args, kwargs, model, guide
             else:
                 b_args, b_kwargs, scale = batch(i)
-                m, g = ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
+                m, g = self._scaled(elbo, model, guide, scale)
             return self._step(elbo, m, g, optim, self._lr_factor(i), b_args, b_kwargs, i)
 
         es = s.early_stopping
