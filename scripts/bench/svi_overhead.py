@@ -218,7 +218,7 @@ def hand_regression_fit(x, y, steps: int, batch: int | None, seed: int) -> dict:
     opt = torch.optim.Adam([loc, raw], lr=1e-3)
     history = []
     for idx in _epoch_batches(n, batch or n, steps, seed):
-        xb, yb = x[idx], y[idx]
+        xb, yb = (x[idx], y[idx]) if batch else (x, y)  # full batch: no gather (nor has SVI)
         scale = torch.nn.functional.softplus(raw)
         eps = torch.randn(d + 1)
         z = loc + scale * eps
