@@ -34,6 +34,10 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import Independent
+
+from jointkl.minibatch import ScaleDataPlate
+from jointkl.sites import DATA_PLATE
 
 __all__ = ["ReparamELBO"]
 
@@ -90,9 +94,27 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _weighted(log_density: torch.Tensor, site: dict) -> torch.Tensor:
-    """Σ s·mask·log-density of a site."""
-    scale, mask = site["scale"], site["mask"]
+def _site_scale(site: dict, data_scale: float) -> Any:
+    """The site's scale s, times the mini-batch factor N/B when it lies in the data plate."""
+    scale = site["scale"]
+    if data_scale != 1.0 and any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+        scale = scale * data_scale
+    return scale
+
+
+def _log_density_total(fn, value: torch.Tensor, site: dict, data_scale: float) -> torch.Tensor:
+    """Σ s·mask·log fn(value). Without a mask, the sum over everything does not need the
+    event dimensions summed first: an ``Independent`` is read through its base distribution
+    (one reduction instead of two, and none of Independent's own bookkeeping)."""
+    if site["mask"] is None:
+        while isinstance(fn, Independent):
+            fn = fn.base_dist
+    return _weighted(fn.log_prob(value), site, data_scale)
+
+
+def _weighted(log_density: torch.Tensor, site: dict, data_scale: float = 1.0) -> torch.Tensor:
+    """Σ s·mask·log-density of a site (s including the mini-batch factor)."""
+    scale, mask = _site_scale(site, data_scale), site["mask"]
     if mask is None and not torch.is_tensor(scale):
         # A number: scale the sum, not every element (one scalar op, forward and backward).
         total = log_density.sum()
@@ -106,10 +128,17 @@ class ReparamELBO:
 
     :param bool analytic_kl: use KL(q ‖ p) in closed form for latent sites where one is
         registered (falling back to log p − log q at the sample where not).
+
+    :attr:`data_scale` (N/B, set by the engine before each step) multiplies the sites in the
+    ``"data"`` plate; model and guide are passed unscaled.
     """
 
     def __init__(self, analytic_kl: bool = False):
         self.analytic_kl = analytic_kl
+        # N/B of the current mini-batch, applied to the data plate's sites here rather than by
+        # a ScaleDataPlate handler around model and guide: one handler fewer for every message
+        # of every step (measured: 0.37 ms of a 0.8 ms VAE forward pass).
+        self.data_scale = 1.0
         self.general = TraceMeanField_ELBO() if analytic_kl else Trace_ELBO()
         self._no_kl: set[tuple[type, type]] = set()
         self._calls = 0
@@ -140,6 +169,7 @@ class ReparamELBO:
             return None
         self.last_params = list({**guide_pass.params, **model_pass.params}.values())
         elbo: Any = 0.0
+        k = self.data_scale
         for name, site in model_pass.sites.items():
             g = guide_sites.pop(name, None)
             if site["is_observed"] or g is None:
@@ -148,20 +178,20 @@ class ReparamELBO:
                     self.reparameterised = False  # TraceMeanField_ELBO's error message
                     _set_rng_state(rng)
                     return None
-                elbo = elbo + _weighted(site["fn"].log_prob(site["value"]), site)
+                elbo = elbo + _log_density_total(site["fn"], site["value"], site, k)
                 continue
             kl = self._kl(g["fn"], site["fn"]) if self.analytic_kl else None
             if kl is not None:
                 if not torch.is_tensor(kl):  # a constant per batch element
                     kl = kl * torch.Size(g["fn"].batch_shape).numel()
-                    elbo = elbo - g["scale"] * kl
+                    elbo = elbo - _site_scale(g, k) * kl
                 else:
-                    elbo = elbo - _weighted(kl, g)
+                    elbo = elbo - _weighted(kl, g, k)
             else:
-                elbo = elbo + _weighted(site["fn"].log_prob(site["value"]), site)
-                elbo = elbo - _weighted(g["fn"].log_prob(g["value"]), g)
+                elbo = elbo + _log_density_total(site["fn"], site["value"], site, k)
+                elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
         for g in guide_sites.values():  # guide-only (auxiliary) sites: their −log q
-            elbo = elbo - _weighted(g["fn"].log_prob(g["value"]), g)
+            elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
         return -torch.as_tensor(elbo)
 
     def _kl(self, q, p) -> torch.Tensor | None:
@@ -179,8 +209,14 @@ class ReparamELBO:
         with torch.no_grad():
             value = self._negative_elbo(model, guide, args, kwargs)
         if value is None:
-            return self.general.loss(model, guide, *args, **kwargs)
+            return self.general.loss(*self._scaled(model, guide), *args, **kwargs)
         return float(value)
+
+    def _scaled(self, model, guide) -> tuple:
+        """Model and guide with the data plate scaled by N/B, for Pyro's classes."""
+        if self.data_scale == 1.0:
+            return model, guide
+        return ScaleDataPlate(self.data_scale)(model), ScaleDataPlate(self.data_scale)(guide)
 
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
         """−ELBO, one sample, with its gradient accumulated into the parameters' ``.grad``;
@@ -188,7 +224,7 @@ class ReparamELBO:
         value = self._negative_elbo(model, guide, args, kwargs)
         if value is None:
             with poutine.trace(param_only=True) as capture:
-                loss = self.general.loss_and_grads(model, guide, *args, **kwargs)
+                loss = self.general.loss_and_grads(*self._scaled(model, guide), *args, **kwargs)
             self.last_params = [s["value"].unconstrained() for s in capture.trace.nodes.values()]
             return loss
         if value.requires_grad:

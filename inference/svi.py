@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,12 +36,14 @@ from pyro.poutine.util import site_is_subsample
 
 from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint, load_params
 from jointkl.engine import Engine, Result, register_engine
-from jointkl.errors import FitDivergedError, InputError
+from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import DEFAULT_DRAWS, Fit
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
 from jointkl.optim import OPTIMIZERS, optim_class, pyro_optim
+from jointkl.optim.fused_pyro import FusedPyroOptim
 from jointkl.optim.gradients import grads_finite
 from jointkl.optim.loop import StepLoop
+from jointkl.optim.stationarity import loss_trend, trend_window
 from jointkl.settings import (
     Settings,
     boolean,
@@ -57,7 +60,6 @@ from jointkl.settings import (
 from jointkl.sites import DATA_PLATE, data_plate_size, max_plate_nesting, trace_model
 from jointkl.zoo import hook
 
-from .fused_optim import FusedPyroOptim
 from .reparam_elbo import ReparamELBO
 
 __all__ = ["SVI", "SVISettings"]
@@ -309,10 +311,20 @@ class SVI(Engine):
             # jointkl.optim integrators: lr is their step size ε (docs/optim.md)
             return pyro_optim(name, step_size=lr)
         # One torch optimiser for all params: per-param optimisers cost more than the maths
-        # on networks with many weight tensors (inference/fused_optim.py); Adam's fused
+        # on networks with many weight tensors (jointkl/optim/fused_pyro.py); Adam's fused
         # kernel where the device has one (the same update, to rounding).
         kernel = {"fused": True} if name in FUSED_KERNELS else {}
         return FusedPyroOptim(cls, {"lr": lr, **kernel})
+
+    @staticmethod
+    def _scaled(elbo, model, guide, scale: float) -> tuple:
+        """Model and guide whose data-plate sites count N/B times: the pathwise ELBO applies
+        the factor itself (no handler around every message); Pyro's classes get the
+        ScaleDataPlate handler."""
+        if isinstance(elbo, ReparamELBO):
+            elbo.data_scale = scale
+            return model, guide
+        return ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
 
     def _lr_factor(self, step: int) -> float:
         sched, total = self.settings.lr_schedule, self.settings.steps
@@ -353,7 +365,7 @@ class SVI(Engine):
 
             init_args, init_kwargs, scale = batch(0)
             guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, n)
-            init_model, init_guide = ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
+            init_model, init_guide = self._scaled(elbo, model, guide, scale)
 
         # Create every param (model and guide) once, so a checkpoint can be poured in.
         with torch.no_grad(), poutine.block():
@@ -381,7 +393,7 @@ class SVI(Engine):
                 b_args, b_kwargs, m, g = args, kwargs, model, guide
             else:
                 b_args, b_kwargs, scale = batch(i)
-                m, g = ScaleDataPlate(scale)(model), ScaleDataPlate(scale)(guide)
+                m, g = self._scaled(elbo, model, guide, scale)
             return self._step(elbo, m, g, optim, self._lr_factor(i), b_args, b_kwargs, i)
 
         es = s.early_stopping
@@ -397,6 +409,9 @@ class SVI(Engine):
         t0 = time.perf_counter()
         converged, reason = loop.run(state, step)
         elapsed = time.perf_counter() - t0
+        convergence = None
+        if reason == "max steps":
+            converged, convergence = _judge_convergence(state.history, info["data_size"], s)
 
         params = {k: store[k].detach().clone() for k in store.keys()}
         if hasattr(guide, "median"):
@@ -411,7 +426,12 @@ class SVI(Engine):
             converged=converged,
             n_iter=state.step,
             state={f"param:{k}": v.detach().clone() for k, v in store.named_parameters()},
-            info={"stop_reason": reason, "seconds": elapsed, "data_size": info["data_size"]},
+            info={
+                "stop_reason": reason,
+                "seconds": elapsed,
+                "data_size": info["data_size"],
+                "convergence": convergence,
+            },
             config={"resolved_loss": info["loss"], "resolved_guide": info["guide"]},
             guide=guide,  # in memory: a callable guide cannot be rebuilt from disk
         )
@@ -548,16 +568,66 @@ class SVI(Engine):
         return cls._guide_for(fit)
 
 
+def _judge_convergence(
+    history: list[float], data_size: int | None, settings: SVISettings
+) -> tuple[bool, dict[str, Any]]:
+    """The trend test of a fit that used all its steps (:mod:`jointkl.optim.stationarity`):
+    (converged, the figures it read); warns :class:`ConvergenceWarning` in one line, with
+    the remedy, when the loss was still falling."""
+    steps, lr = settings.steps, settings.lr
+    if trend_window(len(history)) == 0:
+        warnings.warn(
+            f"SVI: {len(history)} steps are too few to test convergence (the trend test needs "
+            f"10); raise steps",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+        return False, {"tested": False}
+    trend = loss_trend(history, data_size)
+    figures = {
+        "tested": True,
+        "window": trend.window,
+        "loss_fall": trend.fall,
+        "stderr": trend.stderr,
+        "threshold": trend.threshold,
+    }
+    if trend.descending:
+        warnings.warn(
+            f"SVI: not converged after {steps} steps: the loss still fell by {trend.fall:.4g} "
+            f"over the last {trend.window} steps (noise {trend.stderr:.3g}); raise steps (e.g. "
+            f"steps={2 * steps}) or lr (now {lr:g})",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    return not trend.descending, figures
+
+
+def _prior_centre(site: dict[str, Any]) -> torch.Tensor:
+    """A latent's starting value: its prior mean where that is finite (0 for a symmetric
+    prior: deterministic, and central in the prior), else the prior median (estimated from
+    draws by Pyro), else a feasible point."""
+    try:
+        value = site["fn"].mean.detach()
+    except (NotImplementedError, AttributeError):
+        return init_to_median(site)
+    if not bool(torch.isfinite(value).all()):  # Cauchy, HalfCauchy, StudentT(df ≤ 1)
+        return init_to_median(site)
+    try:
+        site["fn"]._validate_sample(value)  # a mean outside the support (e.g. Categorical)
+    except (ValueError, AttributeError):
+        return init_to_median(site)
+    value._pyro_custom_init = False
+    return value
+
+
 def _autoguide(kind: str, pair, model, args, kwargs, seed: int):
     """The autoguide ``kind`` over the model's non-enumerated latents, starting at the pair's
-    ``init_values`` when it has them, else at the prior medians."""
+    ``init_values`` when it has them, else at the prior means (:func:`_prior_centre`)."""
     hide = lambda msg: msg["infer"].get("enumerate") == "parallel"  # noqa: E731
     blocked = poutine.block(model, hide_fn=hide)
-    init = init_to_median
+    init = _prior_centre
     init_values = hook(pair, "init_values")
     if init_values is not None:
-        init = init_to_value(
-            values=init_values(*args, seed=seed, **kwargs), fallback=init_to_median
-        )
+        init = init_to_value(values=init_values(*args, seed=seed, **kwargs), fallback=_prior_centre)
     cls = {"delta": AutoDelta, "normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal}[kind]
     return cls(blocked, init_loc_fn=init)

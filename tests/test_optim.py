@@ -25,6 +25,7 @@ from jointkl.optim import (
     HeavyBall,
     Heun,
     Nesterov,
+    NormalisedFlow,
     heavyball_settings,
     optim_class,
     pyro_optim,
@@ -320,6 +321,7 @@ def test_registry_names_every_optimiser():
         "nesterov": Nesterov,
         "heun": Heun,
         "adaptiveflow": AdaptiveFlow,
+        "normalisedflow": NormalisedFlow,
     }
 
 
@@ -441,3 +443,84 @@ def test_step_loop_carries_the_state_saves_it_and_keeps_the_last_good_one(tmp_pa
     state = LoopState(0)
     converged, reason = StepLoop(steps=20, stop=lambda v: v >= 4).run(state, float)
     assert (converged, reason, state.step) == (True, "early stopping", 5)
+
+
+# ---------------------------------------------------------------------- normalised flow
+def test_normalised_flow_moves_exactly_step_size_along_the_global_gradient_direction():
+    """Every step has length ε in the space of all parameters (global norm, here over a
+    matrix and a vector), in the direction of the whole gradient, on an anisotropic
+    quadratic."""
+    eps = 0.05
+    A, b = random_quadratic(0)
+    path = trajectory(lambda p: NormalisedFlow(p, step_size=eps), steps=60)
+    g = torch.Generator().manual_seed(1)
+    theta0 = torch.randn(DIM, generator=g, dtype=F64)
+    path = torch.cat([theta0[None], path])
+    steps = path[1:] - path[:-1]
+    assert torch.allclose(steps.norm(dim=1), torch.full((60,), eps, dtype=F64), atol=1e-12)
+    grads = path[:-1] @ A - b  # ∇L = Aθ − b at each step's start
+    unit = grads / grads.norm(dim=1, keepdim=True)
+    assert torch.allclose(steps, -eps * unit, atol=1e-12)
+
+
+def test_normalised_flow_follows_the_exact_flow_on_an_isotropic_quadratic():
+    """L = ½a‖θ − θ*‖²: the exact normalised flow runs straight at θ* at unit speed,
+    θ(t) = θ* + (θ₀ − θ*)(1 − t/d₀) for t ≤ d₀ = ‖θ₀ − θ*‖. Euler's iterates are that solution
+    at t = nε until they pass θ*, then stay within ε of θ*."""
+    a, eps = 3.0, 0.1
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    theta = torch.tensor([4.0, 2.0, -1.0], dtype=F64, requires_grad=True)
+    d0 = float((theta.detach() - target).norm())
+    opt = NormalisedFlow([theta], step_size=eps)
+    start = theta.detach().clone()
+    for n in range(1, 120):
+        opt.zero_grad()
+        (0.5 * a * (theta - target).square().sum()).backward()
+        opt.step()
+        t = n * eps
+        if t <= d0:
+            exact = target + (start - target) * (1 - t / d0)
+            assert torch.allclose(theta.detach(), exact, atol=1e-12), n
+        else:
+            assert float((theta.detach() - target).norm()) <= eps + 1e-12, n
+    assert 120 * eps > d0 + 2 * eps  # the loop did run past the arrival
+
+
+def test_normalised_flow_stands_still_where_the_gradient_vanishes_and_checks_its_step():
+    theta = torch.tensor([1.0, 2.0], requires_grad=True)
+    other = torch.tensor([3.0], requires_grad=True)
+    opt = NormalisedFlow([theta, other], step_size=0.5)
+    theta.grad, other.grad = torch.zeros(2), torch.zeros(1)
+    opt.step()
+    assert theta.tolist() == [1.0, 2.0] and other.tolist() == [3.0]
+    other.grad = None  # a parameter without a gradient is left out of the norm and the step
+    theta.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    assert torch.allclose(theta.detach(), torch.tensor([0.7, 1.6]))
+    assert other.tolist() == [3.0]
+    with pytest.raises(InputError, match="NormalisedFlow: step_size must be a finite number > 0"):
+        NormalisedFlow([theta], step_size=0.0)
+
+
+def test_normalised_flow_under_pyro_and_the_engine_uses_one_global_norm():
+    """Under Pyro (pyro_optim) and SVI(optim="normalisedflow") the norm spans all parameters:
+    two sites' locations move ε together, not ε each."""
+    from jointkl.inference import SVI
+
+    def model(x):
+        u = pyro.sample("u", dist.Normal(0.0, 10.0))
+        v = pyro.sample("v", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(u + 2 * v, 1.0), obs=x)
+
+    x = torch.randn(30) + 5.0
+    fit = SVI(guide="delta", optim="normalisedflow", lr=0.01, steps=1, progress=False).fit(model, x)
+    moved = torch.stack([fit.params["u"], fit.params["v"]]).norm()
+    assert float(moved) == pytest.approx(0.01, rel=1e-5)  # both started at the prior mean 0
+    with pytest.raises(InputError, match="clip_args"):
+        pyro_optim("normalisedflow", clip_args={"clip_norm": 1.0}, step_size=0.1)
+    fit = SVI(guide="delta", optim="normalisedflow", lr=0.01, steps=600, progress=False).fit(
+        model, x
+    )
+    # on the ridge u + 2v = mean(x) (up to the prior), within the step length ε
+    assert float(fit.params["u"] + 2 * fit.params["v"]) == pytest.approx(float(x.mean()), abs=0.05)

@@ -8,13 +8,13 @@ import pyro.optim
 import pyro.poutine as poutine
 import pytest
 import torch
-from jointkl.inference.fused_optim import FusedPyroOptim
 from jointkl.inference.reparam_elbo import ReparamELBO
 from jointkl.models import VAE
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from jointkl.minibatch import ScaleDataPlate
+from jointkl.optim.fused_pyro import FusedPyroOptim
 
 
 def _vae_case():
@@ -183,3 +183,47 @@ def test_a_repeated_site_after_the_first_step_gets_pyros_own_error():
     with pytest.raises(RuntimeError, match="Multiple sample sites named 'z'"):
         fast.loss_and_grads(model, guide)
     assert not fast.reparameterised
+
+
+def _vae_case_unscaled():
+    torch.manual_seed(0)
+    vae = VAE(3, hidden=16, input_dim=12)
+    x = (torch.rand(20, 12) > 0.5).double()
+    for net in (vae.encoder, vae.decoder):
+        net.double()
+    return vae.model, vae.guide, (x,)
+
+
+@pytest.mark.parametrize("case", [_vae_case_unscaled, _regression_case])
+@pytest.mark.parametrize("analytic_kl", [False, True])
+def test_data_scale_equals_pyro_elbo_on_the_scaled_data_plate(case, analytic_kl):
+    """The engine hands ReparamELBO the unwrapped model and guide with data_scale = N/B: the
+    loss and gradients are Pyro's ELBO on ScaleDataPlate(N/B)-wrapped ones (the global
+    sites unscaled), including its first, general call."""
+    pyro.clear_param_store()
+    model, guide, args = case()
+    scaled_model, scaled_guide = ScaleDataPlate(4.0)(model), ScaleDataPlate(4.0)(guide)
+    general = (TraceMeanField_ELBO if analytic_kl else Trace_ELBO)()
+    fast = ReparamELBO(analytic_kl=analytic_kl)
+    fast.data_scale = 4.0
+    general.loss(model, guide, *args)  # create the params (an autoguide draws as it does)
+    pyro.set_rng_seed(0)
+    first = fast.loss(model, guide, *args)  # the general class, on the scaled pair
+    pyro.set_rng_seed(0)
+    assert first == pytest.approx(general.loss(scaled_model, scaled_guide, *args), rel=1e-6)
+    params = list(pyro.get_param_store().values())
+    for seed in (1, 2):
+        pyro.set_rng_seed(seed)
+        want = general.loss_and_grads(scaled_model, scaled_guide, *args)
+        want_grads = [p.unconstrained().grad.clone() for p in params]
+        for p in params:
+            p.unconstrained().grad = None
+        pyro.set_rng_seed(seed)
+        got = fast.loss_and_grads(model, guide, *args)
+        assert fast.reparameterised
+        assert got == pytest.approx(want, rel=1e-6)
+        unscaled = general.loss(model, guide, *args)
+        assert abs(got - unscaled) > 1e-3 * abs(got)  # the factor did change the loss
+        for p, g in zip(params, want_grads, strict=True):
+            torch.testing.assert_close(p.unconstrained().grad, g, rtol=1e-5, atol=1e-6)
+            p.unconstrained().grad = None

@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from jointkl import inference, models  # noqa: E402,I001
 from jointkl.comparison import compare
 from jointkl.engine import ENGINES, Engine, register_engine
-from jointkl.errors import FitDivergedError, InputError
+from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.pair import Pair, as_pair
 from jointkl.zoo import MODELS, register_model
@@ -31,6 +31,7 @@ __all__ = [
     "register_model",
     "InputError",
     "FitDivergedError",
+    "ConvergenceWarning",
     "models",
     "inference",
 ]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jointkl.errors import FitDivergedError, InputError
+from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 
 __all__ = ["main", "build_parser", "parse_settings"]
 
@@ -164,7 +164,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         }
     )
     print(f"fitting {args.model} with {engine!r} on {data_source}", file=sys.stderr)
-    fit = engine.fit(pair, *data_args, **data_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        fit = engine.fit(pair, *data_args, **data_kwargs)
+    for w in caught:  # an unconverged fit: one line on stderr; other warnings as usual
+        if issubclass(w.category, ConvergenceWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if fit.model_spec is None:
         fit.model_spec = model_spec
     fit.save(run.path)

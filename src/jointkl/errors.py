@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InputError", "FitDivergedError"]
+__all__ = ["InputError", "FitDivergedError", "ConvergenceWarning"]
 
 
 class InputError(ValueError):
@@ -14,3 +14,10 @@ class InputError(ValueError):
 
 class FitDivergedError(RuntimeError):
     """A fit met a NaN/inf objective or gradient; the last good state was kept."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit used its whole step budget and its own convergence test says it had not settled.
+
+    The message is one line: what the test saw and the remedy (more steps, a larger lr).
+    """

@@ -19,8 +19,16 @@ from jointkl.optim.flow import GradientFlow
 from jointkl.optim.heavyball import HeavyBall
 from jointkl.optim.heun import Heun
 from jointkl.optim.nesterov import Nesterov
+from jointkl.optim.normalised import NormalisedFlow
 
-__all__ = ["OPTIMIZERS", "OPTIM_CLASSES", "NEEDS_CLOSURE", "optim_class", "step_size_args"]
+__all__ = [
+    "OPTIMIZERS",
+    "OPTIM_CLASSES",
+    "NEEDS_CLOSURE",
+    "COUPLED",
+    "optim_class",
+    "step_size_args",
+]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "gradientflow": GradientFlow,
@@ -28,7 +36,12 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "nesterov": Nesterov,
     "heun": Heun,
     "adaptiveflow": AdaptiveFlow,
+    "normalisedflow": NormalisedFlow,
 }
+
+# Optimisers whose update couples all parameters (a global gradient norm): they need one
+# optimiser over every parameter, not Pyro's one-per-tensor.
+COUPLED: frozenset[str] = frozenset({"normalisedflow"})
 
 OPTIM_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
