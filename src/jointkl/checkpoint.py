@@ -13,15 +13,16 @@ never unpickles an arbitrary object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jointkl.errors import InputError
-from jointkl.runs import atomic_save_tensors, latest_checkpoint, load_tensors
+from jointkl.errors import FitDivergedError, InputError
+from jointkl.runs import atomic_save_tensors, checkpoint_files, latest_checkpoint, load_tensors
 
 __all__ = [
     "LoopState",
@@ -29,7 +30,25 @@ __all__ = [
     "latest_checkpoint",
     "load_params",
     "check_checkpointing",
+    "retention",
 ]
+
+# How many checkpoints a folder keeps (the newest); None keeps all. The command line sets it
+# for its run directories (a Langevin checkpoint holds every draw so far, so ten of them can
+# take gigabytes); the Python API keeps all unless asked.
+_keep: int | None = None
+
+
+@contextmanager
+def retention(keep: int | None) -> Iterator[None]:
+    """Inside the block, :meth:`LoopState.save` keeps only the newest ``keep`` checkpoints of
+    its folder (``None`` or 0: all)."""
+    global _keep
+    previous, _keep = _keep, keep or None
+    try:
+        yield
+    finally:
+        _keep = previous
 
 
 @dataclass
@@ -53,9 +72,33 @@ class LoopState:
     history: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def finite(self) -> bool:
+        """Whether every floating parameter is finite (a state worth keeping)."""
+        return all(
+            bool(torch.isfinite(v).all())
+            for v in self.params.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
+
     def save(self, folder: str | Path) -> Path:
-        """Write this state as ``folder/step-XXXXXXXX.pt`` (atomically); returns the path."""
-        return atomic_save_tensors(
+        """Write this state as ``folder/step-XXXXXXXX.pt`` (atomically); returns the path.
+
+        A state whose parameters are not finite is never written (it would replace the last
+        good one as the checkpoint a resume starts from): :class:`FitDivergedError`. Under
+        :func:`retention`, older checkpoints beyond the newest ``keep`` are then removed."""
+        if not self.finite():
+            bad = sorted(
+                k
+                for k, v in self.params.items()
+                if isinstance(v, torch.Tensor)
+                and v.is_floating_point()
+                and not bool(torch.isfinite(v).all())
+            )
+            raise FitDivergedError(
+                f"parameters {bad[:5]} are not finite after step {self.step}; that state was "
+                f"not checkpointed (the last good checkpoint stays the newest)"
+            )
+        path = atomic_save_tensors(
             {
                 "step": int(self.step),
                 "params": {k: v.detach().clone() for k, v in self.params.items()},
@@ -66,6 +109,11 @@ class LoopState:
             },
             checkpoint_path(folder, self.step),
         )
+        if _keep is not None:
+            for old in checkpoint_files(folder)[:-_keep]:
+                if old != path:
+                    old.unlink(missing_ok=True)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> LoopState:

@@ -4,7 +4,12 @@ The loop carries one :class:`~jointkl.checkpoint.LoopState`: after every step it
 objective to ``state.history`` and advances ``state.step``; the parameters in ``state.params``
 are the live tensors the optimiser moves. A checkpoint is that state on disk, written every
 ``checkpoint_every`` steps, when the loop ends or is interrupted, and — when a step meets a
-NaN/inf, which applies no update — as the last good state before the error propagates.
+NaN/inf, which applies no update — as the last good state before the error propagates (only
+if its parameters are finite: an update can overshoot to ±inf with a finite loss, and such a
+state must not become the newest checkpoint; the older good one then stays the newest).
+
+Under :func:`jointkl.signals.stop_on_signals` (the command line), SIGINT and SIGTERM end the
+loop at the next step boundary, like an early stop, with the reason saying which signal.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jointkl.checkpoint import LoopState
 from jointkl.errors import FitDivergedError
+from jointkl.signals import ForcedStop, polling, signal_name, stop_requested
 
 __all__ = ["StepLoop"]
 
@@ -47,6 +53,10 @@ class StepLoop:
 
     def run(self, state: LoopState, step: Callable[[int], float]) -> tuple[bool, str]:
         """Advance ``state`` to :attr:`steps`; returns (converged, stop reason)."""
+        with polling():
+            return self._run(state, step)
+
+    def _run(self, state: LoopState, step: Callable[[int], float]) -> tuple[bool, str]:
         converged, reason = False, "max steps"
         bar = tqdm(
             range(state.step, self.steps),
@@ -75,10 +85,16 @@ class StepLoop:
                 if self.stop is not None and self.stop(value):
                     converged, reason = True, "early stopping"
                     break
+                signum = stop_requested()
+                if signum is not None:  # SIGINT/SIGTERM under the CLI: a step boundary
+                    reason = f"interrupted by {signal_name(signum)} after step {state.step}"
+                    break
+        except ForcedStop:
+            raise  # mid-step (a second signal): the state may be half-updated; save nothing
         except KeyboardInterrupt:
             reason = f"interrupted after step {state.step}"
         except FitDivergedError:
-            if self.save is not None and state.step > 0:
+            if self.save is not None and state.step > 0 and state.finite():
                 self.save()  # the last good state: the bad step applied nothing
             raise
         finally:
