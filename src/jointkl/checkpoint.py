@@ -31,6 +31,8 @@ __all__ = [
     "load_params",
     "check_checkpointing",
     "retention",
+    "forget_checkpoint",
+    "with_step_size",
 ]
 
 # How many checkpoints a folder keeps (the newest); None keeps all. The command line sets it
@@ -71,6 +73,7 @@ class LoopState:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    saved: Path | None = field(default=None, repr=False, compare=False)  # last written here
 
     def finite(self) -> bool:
         """Whether every floating parameter is finite (a state worth keeping)."""
@@ -109,6 +112,7 @@ class LoopState:
             },
             checkpoint_path(folder, self.step),
         )
+        self.saved = path
         if _keep is not None:
             for old in checkpoint_files(folder)[:-_keep]:
                 if old != path:
@@ -148,6 +152,40 @@ class LoopState:
         """Put torch's global generator back where this state recorded it."""
         if "torch" in self.rng:
             torch.set_rng_state(self.rng["torch"])
+
+
+def forget_checkpoint(state: LoopState) -> None:
+    """After ``state``'s parameters met a NaN/inf: remove the checkpoint written of them (if
+    the last save was at this very step), so that the newest checkpoint left is a good one."""
+    if state.saved is not None and state.saved.name == checkpoint_path(".", state.step).name:
+        state.saved.unlink(missing_ok=True)
+        state.saved = None
+
+
+def with_step_size(optim_state: Any, lr: float) -> Any:
+    """A copy of a saved optimiser state whose param groups take the step size ``lr`` (their
+    ``lr``, ``initial_lr`` and ``step_size`` entries): a resume with another ``lr`` (after a
+    divergence) must step with it, not with the one the checkpoint recorded. The moments and
+    everything else are kept."""
+    if isinstance(optim_state, Mapping):
+        out = {}
+        for k, v in optim_state.items():
+            if k == "param_groups" and isinstance(v, list):
+                out[k] = [
+                    {
+                        **g,
+                        **{key: lr for key in ("lr", "initial_lr", "step_size") if key in g},
+                    }
+                    if isinstance(g, Mapping)
+                    else g
+                    for g in v
+                ]
+            else:
+                out[k] = with_step_size(v, lr)
+        return out
+    if isinstance(optim_state, list):
+        return [with_step_size(v, lr) for v in optim_state]
+    return optim_state
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

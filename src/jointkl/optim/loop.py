@@ -4,9 +4,10 @@ The loop carries one :class:`~jointkl.checkpoint.LoopState`: after every step it
 objective to ``state.history`` and advances ``state.step``; the parameters in ``state.params``
 are the live tensors the optimiser moves. A checkpoint is that state on disk, written every
 ``checkpoint_every`` steps, when the loop ends or is interrupted, and — when a step meets a
-NaN/inf, which applies no update — as the last good state before the error propagates (only
-if its parameters are finite: an update can overshoot to ±inf with a finite loss, and such a
-state must not become the newest checkpoint; the older good one then stays the newest).
+NaN/inf — nothing: the parameters that met it (the result of the previous update, which may
+have overshot to ±inf, or to a finite point where the objective is not finite) are not a state
+worth resuming, and a checkpoint already written of them is removed, so the newest remaining
+checkpoint holds parameters whose objective was evaluated finite.
 
 Under :func:`jointkl.signals.stop_on_signals` (the command line), SIGINT and SIGTERM end the
 loop at the next step boundary, like an early stop, with the reason saying which signal.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from jointkl.checkpoint import LoopState
+from jointkl.checkpoint import LoopState, forget_checkpoint
 from jointkl.errors import FitDivergedError
 from jointkl.signals import ForcedStop, polling, signal_name, stop_requested
 
@@ -94,8 +95,11 @@ class StepLoop:
         except KeyboardInterrupt:
             reason = f"interrupted after step {state.step}"
         except FitDivergedError:
-            if self.save is not None and state.step > 0 and state.finite():
-                self.save()  # the last good state: the bad step applied nothing
+            # The parameters after state.step updates are the ones that met the NaN/inf:
+            # never a checkpoint (a resume from them would diverge again at once, whatever
+            # the lr). A checkpoint of an earlier step holds parameters whose objective was
+            # evaluated finite, so the newest of those is the last good state.
+            forget_checkpoint(state)
             raise
         finally:
             bar.close()
