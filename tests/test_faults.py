@@ -578,3 +578,13 @@ def test_text_commands_on_odd_input_answer_in_one_line_or_work(tmp_path, capsys,
         assert snapshot(tmp_path) == before
     else:
         assert (tmp_path / "lex.tsv").is_file()
+
+
+def test_license_ships_in_the_repository_and_the_wheel_metadata():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the jointkl authors" in text
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
