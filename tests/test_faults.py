@@ -581,10 +581,17 @@ def test_text_commands_on_odd_input_answer_in_one_line_or_work(tmp_path, capsys,
 
 
 def test_license_ships_in_the_repository_and_the_wheel_metadata():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = Path(__file__).resolve().parents[1]
     text = (root / "LICENSE").read_text()
     assert text.startswith("MIT License") and "Copyright (c) 2026 the jointkl authors" in text
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+
+
+def test_a_step_count_far_beyond_the_default_is_warned_about(tmp_path, capsys):
+    argv = ["fit", "gmm", "--engine", "svi", "--set", "steps=1e9", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--data", str(tmp_path / "missing.csv")]) == 2  # stops before work
+    err = capsys.readouterr().err
+    assert "warning: 1000000000 steps is 1e+06 times svi's default" in err
+    assert not (tmp_path / "r").exists()
