@@ -238,12 +238,15 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     interrupted and the exit status is 128 + the signal."""
     from jointkl import signals
     from jointkl.checkpoint import retention
+    from jointkl.runs import CheckpointSkipped
     from jointkl.zoo import user_file_error
 
     where = f"; the earlier run at {run.final} is unchanged" if run.replacing else ""
     try:
         with signals.stop_on_signals(), retention(args.keep_checkpoints):
-            fit = engine.fit(pair, *data_args, **data_kwargs)
+            with warnings.catch_warnings():  # the resume point was said in one line already
+                warnings.simplefilter("ignore", CheckpointSkipped)
+                fit = engine.fit(pair, *data_args, **data_kwargs)
     except KeyboardInterrupt:
         signum = signals.stop_requested() or signal_number("SIGINT")
         name = signals.signal_name(signum)
