@@ -3,15 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first: a bare `torch` requirement would otherwise pull a
-	# multi-GB CUDA build on machines without a GPU.
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	# torch first, from $(TORCH_INDEX) (the CPU build by default): a bare `torch`
+	# requirement resolved against PyPI pulls the multi-GB CUDA build on Linux. When that
+	# index cannot be reached, pip's configured index is used instead (which may be the CUDA
+	# build). Choose another build with e.g. `make TORCH_INDEX=https://download.pytorch.org/whl/cu126`.
+	$(BIN)/pip install -q "torch==2.13.0" --index-url $(TORCH_INDEX) || $(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -66,7 +66,12 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint
+from jointkl.checkpoint import (
+    LoopState,
+    check_checkpointing,
+    checkpoint_path,
+    latest_checkpoint,
+)
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
@@ -428,7 +433,8 @@ class _Sampler:
     def run(self, state: LoopState, folder: Path | None) -> LoopState:
         """Advance ``state`` to the end, saving it every ``checkpoint_every`` steps into
         ``folder``, and at the end. On Ctrl-C the state of the last completed step is saved
-        and the interruption goes on; on divergence the last good state is saved and
+        and the interruption goes on; on divergence the checkpoint of the state that met it is removed
+        (the newest left holds finite-potential chains) and
         :class:`FitDivergedError` goes on."""
         every = self.s.checkpoint_every
         bar = tqdm(
@@ -446,8 +452,10 @@ class _Sampler:
                 state.save(folder)
             raise
         except FitDivergedError:
-            if folder is not None and state.step > 0:
-                state.save(folder)
+            # The chains of ``state`` met the NaN/inf: their checkpoint, if one was just
+            # written, is removed; the newest left holds positions with a finite potential.
+            if folder is not None:
+                checkpoint_path(folder, state.step).unlink(missing_ok=True)
             raise
         finally:
             bar.close()

@@ -58,7 +58,13 @@ import torch.nn.functional as F
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint, load_params
+from jointkl.checkpoint import (
+    LoopState,
+    check_checkpointing,
+    latest_checkpoint,
+    load_params,
+    with_step_size,
+)
 from jointkl.engine import Engine, Result, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
@@ -707,7 +713,8 @@ class NCE(Engine):
             if gamma is not None:
                 with torch.no_grad():
                     gamma.copy_(log_z)
-            opt.load_state_dict(state.optim)
+            # this run's lr, not the checkpoint's (a resume after a divergence lowers it)
+            opt.load_state_dict(with_step_size(state.optim, s.lr))
             state.restore_torch_rng()
         # The live tensors the optimiser moves: the model's unconstrained params, and γ.
         state.params = dict(store.named_parameters())

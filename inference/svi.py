@@ -34,7 +34,13 @@ from pyro.infer.autoguide import (
 )
 from pyro.poutine.util import site_is_subsample
 
-from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint, load_params
+from jointkl.checkpoint import (
+    LoopState,
+    check_checkpointing,
+    latest_checkpoint,
+    load_params,
+    with_step_size,
+)
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import DEFAULT_DRAWS, Fit
@@ -49,6 +55,7 @@ from jointkl.settings import (
     boolean,
     function,
     integer,
+    is_number,
     one_of,
     optional,
     or_callable,
@@ -89,7 +96,11 @@ def _early_stopping(value: Any, where: str) -> dict[str, float | int] | None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = {"tol": float(value), "window": 50}
-    if not isinstance(value, Mapping) or not value.get("tol", 0) > 0:
+    if (
+        not isinstance(value, Mapping)
+        or not is_number(value.get("tol", 0))
+        or not value.get("tol", 0) > 0
+    ):
         raise InputError(
             f"{where} must be a positive tolerance or {{'tol': >0, 'window': int}}, got {value!r}"
         )
@@ -377,7 +388,9 @@ class SVI(Engine):
         if latest is not None:
             state = LoopState.load(latest)
             load_params(store, state.params)
-            optim.set_state(state.optim)
+            # the step size of this run's settings, not the checkpoint's (a resume after a
+            # divergence lowers lr)
+            optim.set_state(with_step_size(state.optim, s.lr))
             state.restore_torch_rng()
         # The live unconstrained tensors the optimiser moves (named_parameters, unlike
         # get_state, leaves the param store untouched).

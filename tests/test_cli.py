@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jointkl.cli import main
+from jointkl.errors import InputError
 
 JOINTKL = [sys.executable, "-m", "jointkl.cli"]
 
@@ -120,9 +121,12 @@ def test_user_model_file_fits_through_the_cli(tmp_path):
     assert code == 0
     from jointkl import Fit
 
-    fit = Fit.load(out)  # rebuilt from the file spec
+    with pytest.raises(InputError, match="never runs code"):
+        Fit.load(out)  # a run directory is data: its model file is not imported unasked
+    fit = Fit.load(out, trust=True)  # rebuilt from the file spec, its hash checked
     assert abs(float(fit.params["slope"]) - 3.0) < 0.2
-    assert main(["diagnose", str(out)]) == 0
+    assert main(["diagnose", str(out)]) == 2
+    assert main(["diagnose", str(out), "--trust-model-file"]) == 0
 
 
 @pytest.mark.parametrize(

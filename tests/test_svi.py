@@ -1,4 +1,5 @@
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -90,11 +91,15 @@ def test_nan_objective_stops_with_message_and_keeps_last_good_params(tmp_path):
     engine = SVI(
         steps=200, lr=3.0, optim="sgd", progress=False, checkpoint_every=1, checkpoint_dir=tmp_path
     )
-    with pytest.raises(FitDivergedError, match="non-finite"):
+    with pytest.raises(FitDivergedError, match="non-finite") as e:
         engine.fit(model, x)
-    last = sorted(tmp_path.glob("step-*.pt"))[-1]
-    state = torch.load(last, weights_only=True)
-    assert torch.isfinite(state["params"]["s"]).all()
+    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    # The parameters that met the NaN (those after `bad` updates) are never left as a
+    # checkpoint: a resume from them diverges again whatever the lr (issue 16) ...
+    assert not (tmp_path / f"step-{bad:08d}.pt").exists()
+    for path in tmp_path.glob("step-*.pt"):  # ... and every checkpoint left is finite
+        assert torch.isfinite(torch.load(path, weights_only=True)["params"]["s"]).all()
+    assert torch.isfinite(pyro.param("s")).all()  # the bad step applied nothing
 
 
 def test_early_stopping_converges_before_max_steps():

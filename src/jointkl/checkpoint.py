@@ -13,15 +13,16 @@ never unpickles an arbitrary object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jointkl.errors import InputError
-from jointkl.runs import atomic_save_tensors, latest_checkpoint, load_tensors
+from jointkl.errors import FitDivergedError, InputError
+from jointkl.runs import atomic_save_tensors, checkpoint_files, latest_checkpoint, load_tensors
 
 __all__ = [
     "LoopState",
@@ -29,7 +30,27 @@ __all__ = [
     "latest_checkpoint",
     "load_params",
     "check_checkpointing",
+    "retention",
+    "forget_checkpoint",
+    "with_step_size",
 ]
+
+# How many checkpoints a folder keeps (the newest); None keeps all. The command line sets it
+# for its run directories (a Langevin checkpoint holds every draw so far, so ten of them can
+# take gigabytes); the Python API keeps all unless asked.
+_keep: int | None = None
+
+
+@contextmanager
+def retention(keep: int | None) -> Iterator[None]:
+    """Inside the block, :meth:`LoopState.save` keeps only the newest ``keep`` checkpoints of
+    its folder (``None`` or 0: all)."""
+    global _keep
+    previous, _keep = _keep, keep or None
+    try:
+        yield
+    finally:
+        _keep = previous
 
 
 @dataclass
@@ -52,10 +73,35 @@ class LoopState:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    saved: Path | None = field(default=None, repr=False, compare=False)  # last written here
+
+    def finite(self) -> bool:
+        """Whether every floating parameter is finite (a state worth keeping)."""
+        return all(
+            bool(torch.isfinite(v).all())
+            for v in self.params.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
 
     def save(self, folder: str | Path) -> Path:
-        """Write this state as ``folder/step-XXXXXXXX.pt`` (atomically); returns the path."""
-        return atomic_save_tensors(
+        """Write this state as ``folder/step-XXXXXXXX.pt`` (atomically); returns the path.
+
+        A state whose parameters are not finite is never written (it would replace the last
+        good one as the checkpoint a resume starts from): :class:`FitDivergedError`. Under
+        :func:`retention`, older checkpoints beyond the newest ``keep`` are then removed."""
+        if not self.finite():
+            bad = sorted(
+                k
+                for k, v in self.params.items()
+                if isinstance(v, torch.Tensor)
+                and v.is_floating_point()
+                and not bool(torch.isfinite(v).all())
+            )
+            raise FitDivergedError(
+                f"parameters {bad[:5]} are not finite after step {self.step}; that state was "
+                f"not checkpointed (the last good checkpoint stays the newest)"
+            )
+        path = atomic_save_tensors(
             {
                 "step": int(self.step),
                 "params": {k: v.detach().clone() for k, v in self.params.items()},
@@ -66,6 +112,12 @@ class LoopState:
             },
             checkpoint_path(folder, self.step),
         )
+        self.saved = path
+        if _keep is not None:
+            for old in checkpoint_files(folder)[:-_keep]:
+                if old != path:
+                    old.unlink(missing_ok=True)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> LoopState:
@@ -100,6 +152,40 @@ class LoopState:
         """Put torch's global generator back where this state recorded it."""
         if "torch" in self.rng:
             torch.set_rng_state(self.rng["torch"])
+
+
+def forget_checkpoint(state: LoopState) -> None:
+    """After ``state``'s parameters met a NaN/inf: remove the checkpoint written of them (if
+    the last save was at this very step), so that the newest checkpoint left is a good one."""
+    if state.saved is not None and state.saved.name == checkpoint_path(".", state.step).name:
+        state.saved.unlink(missing_ok=True)
+        state.saved = None
+
+
+def with_step_size(optim_state: Any, lr: float) -> Any:
+    """A copy of a saved optimiser state whose param groups take the step size ``lr`` (their
+    ``lr``, ``initial_lr`` and ``step_size`` entries): a resume with another ``lr`` (after a
+    divergence) must step with it, not with the one the checkpoint recorded. The moments and
+    everything else are kept."""
+    if isinstance(optim_state, Mapping):
+        out = {}
+        for k, v in optim_state.items():
+            if k == "param_groups" and isinstance(v, list):
+                out[k] = [
+                    {
+                        **g,
+                        **{key: lr for key in ("lr", "initial_lr", "step_size") if key in g},
+                    }
+                    if isinstance(g, Mapping)
+                    else g
+                    for g in v
+                ]
+            else:
+                out[k] = with_step_size(v, lr)
+        return out
+    if isinstance(optim_state, list):
+        return [with_step_size(v, lr) for v in optim_state]
+    return optim_state
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

@@ -58,15 +58,16 @@ def _params_of(obj: Any) -> set[str]:
     return {n for n, p in sig.parameters.items() if n != "self" and p.kind != p.VAR_KEYWORD}
 
 
-def _planned_steps(engine_cls: type, engine_kw: dict[str, Any]) -> int:
-    """How many steps a run of ``engine_cls`` with ``engine_kw`` takes (for the default
-    checkpoint interval): ``steps``, or ``warmup + num_samples`` for a sampler."""
-    params = inspect.signature(engine_cls).parameters
+def _planned_steps(settings: Any) -> int:
+    """How many steps a run with these (validated) engine settings takes, for the default
+    checkpoint interval: ``steps``, or ``warmup + num_samples`` for a sampler, or
+    ``max_iter``."""
 
     def value(key: str) -> int:
-        return int(engine_kw.get(key, params[key].default if key in params else 0) or 0)
+        v = getattr(settings, key, 0)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
-    return max(1, value("steps") or value("warmup") + value("num_samples"))
+    return max(1, value("steps") or value("warmup") + value("num_samples") or value("max_iter"))
 
 
 def route_settings(
@@ -101,72 +102,180 @@ def _resolve_model(spec: str, model_settings_fn):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    """``jointkl fit``: every check first (settings, model, data, the run directory), then
+    the fit, then the run's files; see :mod:`jointkl.runs` for the one-run rule and
+    :mod:`jointkl.resume` for what ``--resume`` reuses and refuses."""
     import torch
 
-    from jointkl.data.tables import bind_arguments, load_table
+    from jointkl import resume as resuming
+    from jointkl.data.tables import PrecisionWarning, bind_arguments, load_table
     from jointkl.engine import engine_class
-    from jointkl.runs import RunDir
+    from jointkl.runs import RunDir, tensor_digest
     from jointkl.zoo import hook
 
+    if args.draws < 1:
+        raise InputError(f"--draws must be a whole number >= 1, got {args.draws}")
+    engine_name = args.engine
+    if engine_name is None and not args.resume:
+        raise InputError("--engine is required (see `jointkl engines`)")
+    out = args.out or f"runs/{Path(args.model.split(':')[0]).stem}-{engine_name or 'run'}"
+    run = RunDir.claim(out, resume=args.resume, overwrite=args.overwrite)
+    saved = resuming.saved_config(run) if args.resume else None
+    if saved is not None:
+        resuming.check_same("--engine", engine_name, saved["engine"])
+        resuming.check_same("--seed", args.seed, saved["seed"])
+        engine_name = saved["engine"]
+    seed = args.seed if args.seed is not None else (saved["seed"] if saved else 0)
+
     settings = parse_settings(args.set or [])
-    engine_cls = engine_class(args.engine)
+    engine_cls = engine_class(engine_name)
     target, model_spec, model_cls = _resolve_model(args.model, None)
+    if saved is not None:
+        resuming.check_model(model_spec, saved)
     model_kw, engine_kw = route_settings(settings, model_cls, engine_cls)
-    # A zoo model may carry measured engine settings (e.g. batch size); --set overrides them.
-    defaults = hook(model_cls, "engine_defaults").get(args.engine, {})
-    engine_kw = {**defaults, **engine_kw}
+    engine_params = _params_of(engine_cls)
+    if saved is not None:
+        model_kw = {**(saved["model_spec"].get("settings") or {}), **model_kw}
+        engine_kw = {**resuming.engine_base(saved, engine_params), **engine_kw}
+    else:
+        # A zoo model may carry measured engine settings (e.g. batch size); --set overrides.
+        defaults = hook(model_cls, "engine_defaults").get(engine_name, {})
+        engine_kw = {**defaults, **engine_kw}
     if model_cls is not None:
         try:
             pair = model_cls(**model_kw)
         except TypeError as e:
             raise InputError(f"model {args.model!r}: {e}") from e
         model_spec["settings"] = pair.settings()
+        if saved is not None:
+            resuming.check_model_settings(model_spec["settings"], saved)
     else:
         pair = target
-    engine_params = _params_of(engine_cls)
-    if args.data:
-        table = load_table(args.data)
-        data_args, data_kwargs = bind_arguments(table, pair.model)
-        data_source = str(Path(args.data).resolve())
+    if "seed" in engine_params:
+        engine_kw.setdefault("seed", seed)
+    if "checkpoint_dir" in engine_params:
+        engine_kw["checkpoint_dir"] = str(run.checkpoints)
+        engine_kw["resume"] = bool(args.resume)
+    elif args.resume:
+        raise InputError(f"engine {engine_name!r} does not checkpoint; --resume is for svi")
+    try:
+        probe = engine_cls(**engine_kw)  # every engine setting checked before any work
+    except TypeError as e:
+        raise InputError(f"engine {engine_name!r}: {e}") from e
+    if saved is not None:
+        resuming.check_engine_config(probe.config, saved)
+    planned = _planned_steps(probe.settings)
+    usual = _planned_steps(engine_cls.Settings())
+    if planned > 100 * usual:
+        print(
+            f"jointkl: warning: {planned} steps is {planned / usual:.3g} times {engine_name}'s "
+            f"default; the progress bar shows the time this implies, and Ctrl-C stops at a "
+            f"step boundary keeping a checkpoint",
+            file=sys.stderr,
+        )
+
+    data_path = args.data
+    if data_path is None and saved is not None and Path(str(saved.get("data", ""))).is_file():
+        data_path = saved["data"]  # a resume reuses the run's data file unless told otherwise
+    if data_path:
+        table = load_table(data_path)
+        dtype = _data_dtype(args.dtype, probe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PrecisionWarning)
+            data_args, data_kwargs = bind_arguments(table, pair.model, dtype=dtype)
+        for w in caught:
+            print(f"jointkl: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+        data_source = str(Path(data_path).resolve())
     elif hook(pair, "default_data") is not None:
-        data_args, data_kwargs = pair.default_data(seed=args.seed)
+        data_args, data_kwargs = pair.default_data(seed=seed)
         data_source = f"default data of {args.model!r}"
     else:
         raise InputError(f"model {args.model!r} has no default dataset: pass --data PATH")
-
-    out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}-{args.engine}")
-    run = RunDir(out).create()
-    if "seed" in engine_params:
-        engine_kw.setdefault("seed", args.seed)
-    if "checkpoint_dir" in engine_params:
-        engine_kw.setdefault("checkpoint_dir", str(run.checkpoints))
-        engine_kw.setdefault(
-            "checkpoint_every", max(1, _planned_steps(engine_cls, engine_kw) // 10)
+    rows = _data_rows(data_args, data_kwargs)
+    if rows is not None and rows < 2:
+        raise InputError(
+            f"{data_source}: {rows} row(s); expected at least 2 (a fit and its "
+            f"leave-one-out check need two data points)"
         )
-        engine_kw.setdefault("resume", bool(args.resume))
-    elif args.resume:
-        raise InputError(f"engine {args.engine!r} does not checkpoint; --resume is for svi")
+    digest = tensor_digest(data_args, data_kwargs)
+    if saved is not None and saved.get("data_digest") not in (None, digest):
+        raise InputError(
+            f"--resume: the data ({data_source}) differ from the run's ({saved.get('data')}); "
+            f"resume with the same data, or start a new run"
+        )
+
+    if "checkpoint_dir" in engine_params:
+        engine_kw.setdefault("checkpoint_every", max(1, planned // 10))
+    engine = engine_cls(**engine_kw)
+    config = {
+        "command": " ".join(sys.argv),
+        "model": args.model,
+        "model_spec": model_spec,
+        "engine": engine_name,
+        "engine_config": {**engine.config, "checkpoint_dir": str(run.final / "checkpoints")},
+        "data": data_source,
+        "data_digest": digest,
+        "seed": seed,
+        "created": saved["created"] if saved else time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": "running",
+    }
+    if saved is not None:
+        config["resumed"] = [*saved.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
     try:
-        engine = engine_cls(**engine_kw)
-    except TypeError as e:
-        raise InputError(f"engine {args.engine!r}: {e}") from e
-    torch.manual_seed(args.seed)
-    run.write_config(
-        {
-            "command": " ".join(sys.argv),
-            "model": args.model,
-            "model_spec": model_spec,
-            "engine": args.engine,
-            "engine_config": engine.config,
-            "data": data_source,
-            "seed": args.seed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-    )
+        run.create()
+    except OSError as e:
+        raise InputError(f"cannot create the run directory {str(run.path)!r}: {e}") from e
+    if saved is None:
+        run.write_config(config)  # a run killed from here on can be resumed
+    else:
+        _say_resume_point(run)
     print(f"fitting {args.model} with {engine!r} on {data_source}", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        fit = engine.fit(pair, *data_args, **data_kwargs)
+    torch.manual_seed(seed)
+    return _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed)
+
+
+def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed) -> int:
+    """The fit and the run's files; on failure the run directory is left as the one-run
+    rule says (:meth:`~jointkl.runs.RunDir.discard`), on SIGINT/SIGTERM the run is marked
+    interrupted and the exit status is 128 + the signal."""
+    from jointkl import signals
+    from jointkl.checkpoint import retention
+    from jointkl.runs import CheckpointSkipped
+    from jointkl.zoo import user_file_error
+
+    caught: list = []
+    where = f"; the earlier run at {run.final} is unchanged" if run.replacing else ""
+    try:
+        with signals.stop_on_signals(), retention(args.keep_checkpoints):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("ignore", CheckpointSkipped)  # said in one line already
+                warnings.simplefilter("always", ConvergenceWarning)
+                fit = engine.fit(pair, *data_args, **data_kwargs)
+    except KeyboardInterrupt:
+        signum = signals.stop_requested() or signal_number("SIGINT")
+        name = signals.signal_name(signum)
+        if run.replacing or not run.latest_checkpoint():
+            run.discard()
+            print(f"jointkl: interrupted by {name}; nothing kept{where}", file=sys.stderr)
+        else:
+            run.write_config({**config, "status": f"interrupted by {name}"})
+            print(
+                f"jointkl: interrupted by {name}; checkpoint {run.latest_checkpoint()} kept; "
+                f"continue with --resume",
+                file=sys.stderr,
+            )
+        return signals.exit_status(signum)
+    except FitDivergedError as e:
+        run.discard()
+        kept = run.latest_checkpoint() if not run.replacing else None
+        tail = f"; last good checkpoint {kept}: --resume with a smaller lr" if kept else where
+        raise FitDivergedError(f"{str(e).splitlines()[0]}{tail}") from e
+    except Exception as e:
+        run.discard()
+        err = user_file_error(e, model_spec)
+        if err is not None:
+            raise err from e
+        raise
     for w in caught:  # an unconverged fit: one line on stderr; other warnings as usual
         if issubclass(w.category, ConvergenceWarning):
             print(f"warning: {w.message}", file=sys.stderr)
@@ -174,14 +283,80 @@ def cmd_fit(args: argparse.Namespace) -> int:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if fit.model_spec is None:
         fit.model_spec = model_spec
-    fit.save(run.path)
-    run.write_metrics({"step": i + 1, fit.objective: v} for i, v in enumerate(fit.history))
-    _write_inference_data(fit, run, args.draws, args.seed)
+    if "checkpoint_dir" in fit.config:
+        fit.config["checkpoint_dir"] = str(run.final / "checkpoints")
+    signum = signals.stop_requested()
+    try:
+        if signum is None:
+            _write_inference_data(fit, run, args.draws, seed)
+        else:
+            fit.info["interrupted"] = signals.signal_name(signum)
+        run.write_metrics({"step": i + 1, fit.objective: v} for i, v in enumerate(fit.history))
+        fit.save(run.path)  # fit.json last: its presence means the run's files are whole
+    except Exception as e:
+        run.discard()
+        err = user_file_error(e, model_spec)
+        if err is not None:
+            raise err from e
+        raise
+    if signum is not None:
+        name = signals.signal_name(signum)
+        if run.replacing:
+            run.discard()
+            print(f"jointkl: interrupted by {name}; nothing kept{where}", file=sys.stderr)
+        else:
+            run.write_config({**config, "status": f"interrupted by {name}"})
+            print(
+                f"jointkl: interrupted by {name} ({fit.info.get('stop_reason', '')}); the run "
+                f"is marked interrupted; continue with --resume",
+                file=sys.stderr,
+            )
+        return signals.exit_status(signum)
+    run.write_config({**config, "status": "finished"})
+    run.commit()
     print(f"{fit!r}")
     print(f"run directory: {run.path}")
     print(f"  inference data: {run.inference_data}")
     print(f"  plots:          {run.plots}/")
     return 0
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name))
+
+
+def _say_resume_point(run) -> None:
+    """One line on which checkpoint a resume starts from (and any newer unreadable one)."""
+    from jointkl.runs import CheckpointSkipped
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointSkipped)
+        latest = run.latest_checkpoint()
+    skipped = "; ".join(str(w.message) for w in caught)
+    start = f"resuming from {latest}" if latest else "no readable checkpoint: starting at step 0"
+    print(f"jointkl: {start}{f' ({skipped})' if skipped else ''}", file=sys.stderr)
+
+
+def _data_dtype(choice: str | None, engine: Any):
+    """The floating dtype of data read from a file: ``--dtype``, else the engine's own
+    ``dtype`` setting (EM: float64), else torch's default (float32: the networks' dtype)."""
+    import torch
+
+    if choice:
+        return {"float32": torch.float32, "float64": torch.float64}[choice]
+    own = getattr(engine.settings, "dtype", None)
+    return own if isinstance(own, torch.dtype) else torch.get_default_dtype()
+
+
+def _data_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    import torch
+
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return int(a.shape[0])
+    return None
 
 
 def _write_inference_data(fit, run, draws: int, seed: int):
@@ -196,7 +371,7 @@ def _write_inference_data(fit, run, draws: int, seed: int):
     return idata
 
 
-def _load_run(path: str):
+def _load_run(path: str, trust: bool = False):
     """(RunDir, Fit) of a run directory; an InputError (exit 2) when it is not one."""
     from jointkl.fit import Fit
     from jointkl.runs import RunDir
@@ -210,7 +385,7 @@ def _load_run(path: str):
             "fit ends)"
         )
     try:
-        return run, Fit.load(run.path)
+        return run, Fit.load(run.path, trust=trust)
     except InputError:
         raise
     except Exception as e:  # a damaged file: say which run, in one line
@@ -234,7 +409,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from jointkl.diagnostics import diagnose
     from jointkl.report import write_report
 
-    run, fit = _load_run(args.dir)
+    run, fit = _load_run(args.dir, trust=args.trust_model_file)
     idata = _run_inference_data(fit, run, args.draws)
     d = diagnose(fit, idata, run.plots)
     for line in d.facts:
@@ -384,6 +559,16 @@ def _threads(text: str) -> int:
     return n
 
 
+def _keep(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     # Small models on a busy machine run faster on one thread than on torch's default (all
     # cores): the kernels are too short to amortise the threads' synchronisation.
@@ -424,7 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a model with an engine and write a run directory")
     f.add_argument("model", help="a zoo name (see `jointkl models`) or path/to/file.py[:name]")
-    f.add_argument("--engine", required=True, help="engine name (see `jointkl engines`)")
+    f.add_argument(
+        "--engine", help="see `jointkl engines` (required, except with --resume: the run's)"
+    )
     f.add_argument("--data", help="CSV (header optional), .npy or .npz")
     f.add_argument(
         "--set",
@@ -436,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=None,
         help="the one seed: the engine's seed setting, the default data and the ArviZ "
-        "draws (default 0)",
+        "draws (default 0; with --resume, the run's)",
     )
     f.add_argument("--out", help="run directory (default runs/<model>-<engine>)")
     f.add_argument(
@@ -448,7 +635,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="posterior draws per chain for ArviZ (default: every draw of a sampler, 100 of "
         "an approximation)",
     )
-    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    f.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest readable checkpoint, with its saved "
+        "settings (only steps, lr, clip_norm, lr_schedule, early_stopping, checkpoint_every "
+        "may change)",
+    )
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (built beside it, swapped in only on success)",
+    )
+    f.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="floating dtype of --data (default: the engine's, e.g. EM float64; else float32)",
+    )
+    f.add_argument(
+        "--keep-checkpoints",
+        type=_keep,
+        default=3,
+        help="keep the newest N checkpoints (default 3; 0 keeps all)",
+    )
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
 
@@ -462,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_draws,
         default=200,
         help="posterior draws per chain when the run has no inference_data.nc (default 200)",
+    )
+    d.add_argument(
+        "--trust-model-file",
+        action="store_true",
+        help="import the model file the run names (checked against its recorded hash); "
+        "without it, loading a run never runs code from it",
     )
     _add_threads(d)
     d.set_defaults(func=cmd_diagnose)
@@ -495,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
     parser = build_parser()
@@ -506,10 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as e:
-        print(f"jointkl: error: {e}", file=sys.stderr)
+        # One line: Pyro appends its trace's shapes to errors raised inside a model.
+        print(f"jointkl: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except FitDivergedError as e:
-        print(f"jointkl: fit stopped: {e}", file=sys.stderr)
+        print(f"jointkl: fit stopped: {_first_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("jointkl: interrupted", file=sys.stderr)

@@ -188,26 +188,50 @@ class Fit:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, pair: Any = None) -> Fit:
-        """Read a fit written by :meth:`save`. ``pair`` is rebuilt from ``model_spec`` when
-        not given (zoo models and user files)."""
+    def load(cls, directory: str | Path, pair: Any = None, trust: bool = False) -> Fit:
+        """Read a fit written by :meth:`save`. Loading runs no code from the directory.
+
+        :param pair: the fitted model/guide pair; when ``None`` it is rebuilt from the
+            recorded ``model_spec``: a zoo model from the registry; a model from a user's
+            file only with ``trust=True`` and only if the file still has the content hash
+            recorded at fit time (else :class:`InputError`).
+        :param trust: allow importing (running) the model file the fit names.
+        Every defect of the directory (a missing, truncated or foreign file; missing keys)
+        is an :class:`InputError` naming the file and what was expected."""
         d = Path(directory)
         meta_path, tensor_path = d / "fit.json", d / "tensors.pt"
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise InputError(f"{p} not found: expected a fit saved by Fit.save()")
         try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{meta_path} is not valid JSON: {e}") from e
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{meta_path}: unsupported fit format {meta.get('format')!r}")
-        tensors = torch.load(tensor_path, weights_only=True, map_location="cpu")
-        args, kwargs = _join_args(tensors["data"], meta["data"])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise InputError(f"{meta_path}: unsupported fit format {got!r}; expected {FORMAT}")
+        missing = [k for k in _REQUIRED if k not in meta]
+        if missing:
+            raise InputError(f"{meta_path} lacks {missing}: expected a fit saved by Fit.save()")
+        try:
+            tensors = torch.load(tensor_path, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated, corrupted or foreign: one line, not a pickle trace
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise InputError(
+                f"{tensor_path} could not be read ({type(e).__name__}: {first[:160]}); "
+                f"expected the tensors of a fit saved by Fit.save()"
+            ) from e
+        lacking = [k for k in ("params", "state", "samples", "data") if k not in tensors]
+        if not isinstance(tensors, dict) or lacking:
+            raise InputError(f"{tensor_path} lacks {lacking}: expected a fit's tensors")
+        try:
+            args, kwargs = _join_args(tensors["data"], meta["data"])
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{meta_path}: its data entries do not match {tensor_path}") from e
         if pair is None and meta.get("model_spec"):
             from jointkl.zoo import build_pair
 
-            pair = build_pair(meta["model_spec"])
+            pair = build_pair(meta["model_spec"], trust=trust)
         return cls(
             engine=meta["engine"],
             config=meta["config"],
@@ -224,6 +248,9 @@ class Fit:
             args=args,
             kwargs=kwargs,
         )
+
+
+_REQUIRED = ("engine", "config", "history", "objective", "converged", "n_iter", "data")
 
 
 def _json_default(obj: Any) -> Any:

@@ -66,7 +66,8 @@ def is_number(value: Any) -> bool:
 
 
 def _is_whole(value: Any) -> bool:
-    return is_number(value) and float(value).is_integer()
+    # within int64: torch's seeds and counters are 64-bit, so 1e300 is no usable count
+    return is_number(value) and float(value).is_integer() and abs(float(value)) < 2.0**63
 
 
 def number(value: Any, where: str) -> float:

@@ -27,6 +27,7 @@ __all__ = [
     "model_class",
     "load_user_object",
     "build_pair",
+    "user_file_error",
 ]
 
 
@@ -152,16 +153,34 @@ def hook(pair: Any, name: str) -> Any:
     raise KeyError(f"{name!r} is not a hook of the model protocol")
 
 
-def load_user_object(spec: str) -> tuple[Any, dict[str, Any]]:
+def load_user_object(spec: str, digest: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``path/to/file.py:name`` (or ``file.py``, taking ``pair``, ``model`` in that order) ->
-    the object and the spec to rebuild it."""
+    the object and the spec to rebuild it: ``{"file": path, "name": attr, "sha256": ...}``.
+
+    This imports (runs) the file: call it only for a file the user named, never for a path
+    read from a run directory unless the caller trusts it (:func:`build_pair`).
+
+    :param digest: when given (``"sha256:<hex>"``), the file's content must hash to it (a
+        saved fit names the exact file it was fitted with), else :class:`InputError`.
+    :returns: the object (a class is instantiated with no arguments) and its spec. Every
+        failure (missing file, syntax error, an import that raises, no such name, an object
+        that is neither a pair nor a model function) is an :class:`InputError` of one line.
+    """
+    from jointkl.runs import file_digest
+
     path_s, _, attr = spec.partition(":")
     path = Path(path_s).expanduser().resolve()
     if not path.is_file():
         raise InputError(f"model file {path_s!r} not found")
     if path.suffix != ".py":
         raise InputError(f"model file {path_s!r} must be a .py file")
-    mod_name = f"jointkl_user_{abs(hash(str(path)))}"
+    actual = file_digest(path)
+    if digest is not None and actual != digest:
+        raise InputError(
+            f"model file {path_s!r} changed since the fit was saved (content hash {actual[:19]}"
+            f"..., the fit recorded {digest[:19]}...); pass the model itself to load it"
+        )
+    mod_name = f"jointkl_user_{actual.removeprefix('sha256:')[:16]}_{abs(hash(str(path)))}"
     module = sys.modules.get(mod_name)
     if module is None:
         s = importlib.util.spec_from_file_location(mod_name, path)
@@ -169,27 +188,95 @@ def load_user_object(spec: str) -> tuple[Any, dict[str, Any]]:
         sys.modules[mod_name] = module
         try:
             s.loader.exec_module(module)
-        except Exception as e:
+        except BaseException as e:
             del sys.modules[mod_name]
+            if not isinstance(e, Exception):
+                raise
+            where = _user_line(e, path)
+            first = str(e).splitlines()[0] if str(e) else ""
             raise InputError(
-                f"model file {path_s!r} failed to import: {type(e).__name__}: {e}"
+                f"model file {path_s!r} failed to import{where}: {type(e).__name__}: {first}"
             ) from e
     candidates = [attr] if attr else ["pair", "model"]
     for name in candidates:
         if hasattr(module, name):
             obj = getattr(module, name)
             if isinstance(obj, type):  # a class: instantiate with defaults
-                obj = obj()
-            return obj, {"file": str(path), "name": name}
+                try:
+                    obj = obj()
+                except Exception as e:
+                    raise InputError(
+                        f"model file {path_s!r}: {name}() failed{_user_line(e, path)}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    ) from e
+            model = getattr(obj, "model", obj)
+            if not callable(model):
+                raise InputError(
+                    f"model file {path_s!r}: {name} is a {type(obj).__name__}; expected a "
+                    f"model function, a pair (an object with .model), or a class of one"
+                )
+            return obj, {"file": str(path), "name": name, "sha256": actual}
     want = attr or "'pair' or 'model'"
     raise InputError(f"model file {path_s!r} defines no {want}")
 
 
-def build_pair(spec: dict[str, Any]) -> Any:
-    """Rebuild a pair from the ``model_spec`` recorded in a Fit."""
+def _user_line(error: BaseException, path: Path) -> str:
+    """`` (line N)`` for the innermost traceback frame in ``path``, or a syntax error's line."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" (line {error.lineno})"
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" (line {line})" if line else ""
+
+
+def user_file_error(error: BaseException, spec: dict[str, Any] | None) -> InputError | None:
+    """An :class:`InputError` of one line when ``error`` was raised inside the user's model
+    file named by ``spec`` (a model that raises on the data), else ``None`` (a fault of ours,
+    which keeps its traceback)."""
+    if not spec or "file" not in spec or isinstance(error, InputError):
+        return None
+    path = Path(spec["file"])
+    tb, inside = error.__traceback__, False
+    while tb is not None:
+        inside = inside or Path(tb.tb_frame.f_code.co_filename) == path
+        tb = tb.tb_next
+    if not inside:
+        return None
+    first = str(error).splitlines()[0] if str(error) else ""
+    return InputError(
+        f"the model in {path.name}{_user_line(error, path)} raised {type(error).__name__}: "
+        f"{first}; expected a model that runs on this data"
+    )
+
+
+def build_pair(spec: dict[str, Any], trust: bool = False) -> Any:
+    """Rebuild a pair from the ``model_spec`` recorded in a Fit.
+
+    A zoo model is rebuilt from the registry (no code from the run is run). A model from a
+    user's file is imported only with ``trust=True`` and only when the file still has the
+    content hash the fit recorded; otherwise :class:`InputError` asks for the pair."""
     if "zoo" in spec:
-        return model_class(spec["zoo"])(**spec.get("settings", {}))
+        try:
+            return model_class(spec["zoo"])(**spec.get("settings", {}))
+        except TypeError as e:
+            raise InputError(f"cannot rebuild zoo model {spec['zoo']!r}: {e}") from e
     if "file" in spec:
-        obj, _ = load_user_object(f"{spec['file']}:{spec['name']}")
+        if not trust:
+            raise InputError(
+                f"this fit's model comes from the file {spec['file']!r}; loading a run never "
+                f"runs code from it: pass the model (Fit.load(dir, pair=...)) or trust the "
+                f"file (trust=True, --trust-model-file)"
+            )
+        digest = spec.get("sha256")
+        if digest is None:
+            raise InputError(
+                f"this fit names the model file {spec['file']!r} without its content hash; "
+                f"pass the model itself (Fit.load(dir, pair=...))"
+            )
+        obj, _ = load_user_object(f"{spec['file']}:{spec.get('name', '')}", digest=digest)
         return as_pair(obj)
     raise InputError(f"cannot rebuild a model from spec {spec!r}")

@@ -4,7 +4,13 @@ The loop carries one :class:`~jointkl.checkpoint.LoopState`: after every step it
 objective to ``state.history`` and advances ``state.step``; the parameters in ``state.params``
 are the live tensors the optimiser moves. A checkpoint is that state on disk, written every
 ``checkpoint_every`` steps, when the loop ends or is interrupted, and — when a step meets a
-NaN/inf, which applies no update — as the last good state before the error propagates.
+NaN/inf — nothing: the parameters that met it (the result of the previous update, which may
+have overshot to ±inf, or to a finite point where the objective is not finite) are not a state
+worth resuming, and a checkpoint already written of them is removed, so the newest remaining
+checkpoint holds parameters whose objective was evaluated finite.
+
+Under :func:`jointkl.signals.stop_on_signals` (the command line), SIGINT and SIGTERM end the
+loop at the next step boundary, like an early stop, with the reason saying which signal.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from jointkl.checkpoint import LoopState
+from jointkl.checkpoint import LoopState, forget_checkpoint
 from jointkl.errors import FitDivergedError
+from jointkl.signals import ForcedStop, polling, signal_name, stop_requested
 
 __all__ = ["StepLoop"]
 
@@ -47,6 +54,10 @@ class StepLoop:
 
     def run(self, state: LoopState, step: Callable[[int], float]) -> tuple[bool, str]:
         """Advance ``state`` to :attr:`steps`; returns (converged, stop reason)."""
+        with polling():
+            return self._run(state, step)
+
+    def _run(self, state: LoopState, step: Callable[[int], float]) -> tuple[bool, str]:
         converged, reason = False, "max steps"
         bar = tqdm(
             range(state.step, self.steps),
@@ -75,11 +86,20 @@ class StepLoop:
                 if self.stop is not None and self.stop(value):
                     converged, reason = True, "early stopping"
                     break
+                signum = stop_requested()
+                if signum is not None:  # SIGINT/SIGTERM under the CLI: a step boundary
+                    reason = f"interrupted by {signal_name(signum)} after step {state.step}"
+                    break
+        except ForcedStop:
+            raise  # mid-step (a second signal): the state may be half-updated; save nothing
         except KeyboardInterrupt:
             reason = f"interrupted after step {state.step}"
         except FitDivergedError:
-            if self.save is not None and state.step > 0:
-                self.save()  # the last good state: the bad step applied nothing
+            # The parameters after state.step updates are the ones that met the NaN/inf:
+            # never a checkpoint (a resume from them would diverge again at once, whatever
+            # the lr). A checkpoint of an earlier step holds parameters whose objective was
+            # evaluated finite, so the newest of those is the last good state.
+            forget_checkpoint(state)
             raise
         finally:
             bar.close()
