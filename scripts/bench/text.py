@@ -1,6 +1,6 @@
 """Benchmark: minimum-entropy text on People's Daily, January 1998 (1.84 M characters).
 
-    python scripts/bench/text.py [--repeat 3] [--cases pipeline,viterbi,parse]
+    python scripts/bench/text.py [--repeat 3] [--cases pipeline,viterbi,sentence,parse]
 
 Prints one JSON object per case on stdout:
 
@@ -11,6 +11,11 @@ Prints one JSON object per case on stdout:
   the hand-written anchor a user would otherwise write — a Python dynamic programme per
   sentence over a dict of log-probabilities (as in the blog code the method comes from) —
   on the same pre-split chunks, with the fraction of chunks segmented identically.
+- ``sentence``: one sentence per call, as an interactive user would: ``Segmenter.segment(s)``
+  with the lexicon learned above, against jieba's ``lcut(s, HMM=False)`` (its dictionary DAG +
+  Viterbi, pure Python, with jieba's own 349 k-word dictionary), over every 4th line of the
+  corpus; milliseconds per sentence (best of ``--repeat``) and the fraction of sentences
+  where ``segment`` equals the batched ``segment_lines``.
 - ``parse``: ``TemplateParser.parse`` on sentences of 50, 100, 200 and 400 words (the
   segmented corpus's clauses run together, punctuation dropped), with templates learned
   from the segmented corpus (``TemplateFinder()`` defaults): seconds per sentence (best of
@@ -71,7 +76,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--em-iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cases", default="pipeline,viterbi,parse", help="comma-separated cases")
+    p.add_argument(
+        "--cases", default="pipeline,viterbi,sentence,parse", help="comma-separated cases"
+    )
     args = p.parse_args()
     cases = set(args.cases.split(","))
     torch.set_num_threads(args.threads)
@@ -122,8 +129,49 @@ def main() -> None:
 
     if "viterbi" in cases:
         viterbi_case(seg, lines, args.repeat)
+    if "sentence" in cases:
+        sentence_case(seg, lines, args.repeat)
     if "parse" in cases:
         parse_case(seg, pred, args.repeat)
+
+
+def sentence_case(seg: Segmenter, lines: list[str], repeat: int) -> None:
+    import jieba
+
+    jieba.setLogLevel(60)
+    jieba.initialize()  # load its dictionary before timing
+    sample = lines[::4]
+    fresh = Segmenter(seg.lexicon)
+    batched = fresh.segment_lines(sample)
+    fresh.segment(sample[0])  # build the word table before timing
+    ours = theirs = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        got = [fresh.segment(s) for s in sample]
+        ours = min(ours, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in sample:
+            jieba.lcut(s, HMM=False)
+        theirs = min(theirs, time.perf_counter() - t0)
+    same = sum(a == b for a, b in zip(got, batched, strict=True)) / len(sample)
+    print(
+        json.dumps(
+            {
+                "case": "sentence",
+                "sentences": len(sample),
+                "mean_characters": round(sum(map(len, sample)) / len(sample), 1),
+                "jointkl_ms_per_sentence": round(1e3 * ours / len(sample), 4),
+                "jieba_ms_per_sentence": round(1e3 * theirs / len(sample), 4),
+                "ratio_jointkl_over_jieba": round(ours / theirs, 3),
+                "identical_to_segment_lines": round(same, 6),
+                "jointkl_lexicon_words": len(fresh.lexicon),
+                "jieba_dictionary_words": sum(1 for c in jieba.dt.FREQ.values() if c > 0),
+                "jieba_version": jieba.__version__,
+                "load_average": round(os.getloadavg()[0], 2),
+            }
+        ),
+        flush=True,
+    )
 
 
 def viterbi_case(seg: Segmenter, lines: list[str], repeat: int) -> None:
