@@ -474,6 +474,43 @@ def test_word_finder_and_em_recover_a_planted_vocabulary():
     assert score_segmentation(gold, seg.segment_lines(lines)).f1 > 0.9
 
 
+def test_cli_words_passes_redundancy_and_reports_code_lengths(tmp_path, capsys):
+    from jointkl.data.peoples_daily import peoples_daily
+
+    corpus = tmp_path / "corpus.txt"
+    lines = ["".join(words) for words in peoples_daily()[:300]]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sizes = {}
+    for r in ("1", "6"):
+        out = tmp_path / f"lex{r}.tsv"
+        argv = ["words", str(corpus), "--out", str(out), "--min-proba", "1e-4"]
+        assert _cli([*argv, "--redundancy", r, "--code-lengths"]) == 0
+        want = WordFinder(min_proba=1e-4, redundancy=float(r)).fit(lines)
+        got = Lexicon.load(out).as_dict()
+        assert got.keys() == want.as_dict().keys()
+        sizes[r] = len(got)
+    assert sizes["6"] < sizes["1"]  # the flag reaches the word finder
+    err = capsys.readouterr().err
+    for stage in ("units", "cut", "min_proba", "redundancy"):
+        assert f"code length after {stage}: corpus" in err
+
+
+def test_word_finder_code_lengths_per_stage():
+    lines, _ = _word_corpus()
+    finder = WordFinder(min_proba=1e-3, code_lengths=True)
+    lex = finder.fit(lines)
+    bits = finder.code_length_
+    assert list(bits) == ["units", "cut", "min_proba", "redundancy"]
+    # Each figure is the code length of the corpus under that stage's lexicon: the last one
+    # is where EM starts, and merging units into the planted words shortens the code.
+    seg = Segmenter(lex).fit_em(lines, iters=1)
+    assert seg.bits_per_char_[0] == pytest.approx(bits["redundancy"], abs=1e-9)
+    assert bits["cut"] < bits["units"] - 1.0
+    assert bits["redundancy"] < bits["units"]
+    assert set(finder.lexicon_bits_) == set(bits)
+    assert finder.lexicon_bits_["units"] < finder.lexicon_bits_["cut"]
+
+
 def test_cli_words_segment_templates_parse(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     lines, _ = _word_corpus()

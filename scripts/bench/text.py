@@ -1,6 +1,6 @@
 """Benchmark: minimum-entropy text on People's Daily, January 1998 (1.84 M characters).
 
-    python scripts/bench/text.py [--repeat 3]
+    python scripts/bench/text.py [--repeat 3] [--cases pipeline,viterbi,sentence,parse]
 
 Prints one JSON object per case on stdout:
 
@@ -11,6 +11,15 @@ Prints one JSON object per case on stdout:
   the hand-written anchor a user would otherwise write — a Python dynamic programme per
   sentence over a dict of log-probabilities (as in the blog code the method comes from) —
   on the same pre-split chunks, with the fraction of chunks segmented identically.
+- ``sentence``: one sentence per call, as an interactive user would: ``Segmenter.segment(s)``
+  with the lexicon learned above, against jieba's ``lcut(s, HMM=False)`` (its dictionary DAG +
+  Viterbi, pure Python, with jieba's own 349 k-word dictionary), over every 4th line of the
+  corpus; milliseconds per sentence (best of ``--repeat``) and the fraction of sentences
+  where ``segment`` equals the batched ``segment_lines``.
+- ``parse``: ``TemplateParser.parse`` on sentences of 50, 100, 200 and 400 words (the
+  segmented corpus's clauses run together, punctuation dropped), with templates learned
+  from the segmented corpus (``TemplateFinder()`` defaults): seconds per sentence (best of
+  ``--repeat``) and the growth exponent log(t_2n / t_n) / log 2 between sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +34,14 @@ import time
 import torch
 
 from jointkl.data.peoples_daily import peoples_daily
-from jointkl.text import Segmenter, WordFinder, score_segmentation
+from jointkl.text import (
+    Segmenter,
+    TemplateFinder,
+    TemplateParser,
+    WordFinder,
+    clauses,
+    score_segmentation,
+)
 from jointkl.text.presplit import coded_chunks
 
 
@@ -60,7 +76,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--em-iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cases", default="pipeline,viterbi,sentence,parse", help="comma-separated cases"
+    )
     args = p.parse_args()
+    cases = set(args.cases.split(","))
     torch.set_num_threads(args.threads)
     gold = peoples_daily()
     lines = ["".join(words) for words in gold]
@@ -69,7 +89,8 @@ def main() -> None:
     # counts time spent waiting for a core, the CPU time does not.
     best: dict[str, float] = {}
     best_cpu: dict[str, float] = {}
-    for _ in range(args.repeat):
+    # The other cases need the fitted segmenter: one untimed run when pipeline is not asked.
+    for _ in range(args.repeat if "pipeline" in cases else 1):
         t, c = {}, {}
         w0, c0 = time.perf_counter(), time.process_time()
         lexicon = WordFinder().fit(lines)
@@ -84,33 +105,82 @@ def main() -> None:
             best[k] = min(best.get(k, math.inf), t[k])
             best_cpu[k] = min(best_cpu.get(k, math.inf), c[k])
     score = score_segmentation(gold, pred)
+    if "pipeline" in cases:
+        print(
+            json.dumps(
+                {
+                    "case": "pipeline",
+                    "characters": sum(map(len, lines)),
+                    "seconds": {k: round(v, 3) for k, v in best.items()},
+                    "cpu_seconds": {k: round(v, 3) for k, v in best_cpu.items()},
+                    "load_average": round(os.getloadavg()[0], 2),
+                    "peak_mb": round(peak_mb(), 1),
+                    "f1": round(score.f1, 4),
+                    "precision": round(score.precision, 4),
+                    "recall": round(score.recall, 4),
+                    "lexicon_words": len(seg.lexicon),
+                    "bits_per_char": [round(b, 5) for b in seg.bits_per_char_],
+                    "repeat": args.repeat,
+                    "threads": args.threads,
+                }
+            ),
+            flush=True,
+        )
+
+    if "viterbi" in cases:
+        viterbi_case(seg, lines, args.repeat)
+    if "sentence" in cases:
+        sentence_case(seg, lines, args.repeat)
+    if "parse" in cases:
+        parse_case(seg, pred, args.repeat)
+
+
+def sentence_case(seg: Segmenter, lines: list[str], repeat: int) -> None:
+    import jieba
+
+    jieba.setLogLevel(60)
+    jieba.initialize()  # load its dictionary before timing
+    sample = lines[::4]
+    fresh = Segmenter(seg.lexicon)
+    batched = fresh.segment_lines(sample)
+    fresh.segment(sample[0])  # build the word table before timing
+    ours = theirs = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        got = [fresh.segment(s) for s in sample]
+        ours = min(ours, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in sample:
+            jieba.lcut(s, HMM=False)
+        theirs = min(theirs, time.perf_counter() - t0)
+    same = sum(a == b for a, b in zip(got, batched, strict=True)) / len(sample)
     print(
         json.dumps(
             {
-                "case": "pipeline",
-                "characters": sum(map(len, lines)),
-                "seconds": {k: round(v, 3) for k, v in best.items()},
-                "cpu_seconds": {k: round(v, 3) for k, v in best_cpu.items()},
+                "case": "sentence",
+                "sentences": len(sample),
+                "mean_characters": round(sum(map(len, sample)) / len(sample), 1),
+                "jointkl_ms_per_sentence": round(1e3 * ours / len(sample), 4),
+                "jieba_ms_per_sentence": round(1e3 * theirs / len(sample), 4),
+                "ratio_jointkl_over_jieba": round(ours / theirs, 3),
+                "identical_to_segment_lines": round(same, 6),
+                "jointkl_lexicon_words": len(fresh.lexicon),
+                "jieba_dictionary_words": sum(1 for c in jieba.dt.FREQ.values() if c > 0),
+                "jieba_version": jieba.__version__,
                 "load_average": round(os.getloadavg()[0], 2),
-                "peak_mb": round(peak_mb(), 1),
-                "f1": round(score.f1, 4),
-                "precision": round(score.precision, 4),
-                "recall": round(score.recall, 4),
-                "lexicon_words": len(seg.lexicon),
-                "bits_per_char": [round(b, 5) for b in seg.bits_per_char_],
-                "repeat": args.repeat,
-                "threads": args.threads,
             }
         ),
         flush=True,
     )
 
+
+def viterbi_case(seg: Segmenter, lines: list[str], repeat: int) -> None:
     # Viterbi with a fixed lexicon: fresh segmenter (no cached lattices), same chunks.
     chunks = [c for line in lines for c in coded_chunks(line)]
     fresh = Segmenter(seg.lexicon)
     logp = dict(zip(fresh.lexicon.words, fresh.logp.tolist(), strict=True))
     ours = anchor = math.inf
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         t0 = time.perf_counter()
         got = fresh.segment_chunks(chunks)
         ours = min(ours, time.perf_counter() - t0)
@@ -128,6 +198,33 @@ def main() -> None:
                 "speedup": round(anchor / ours, 2),
                 "load_average": round(os.getloadavg()[0], 2),
                 "identical_fraction": round(same, 6),
+            }
+        ),
+        flush=True,
+    )
+
+
+def parse_case(seg: Segmenter, pred: list[list[str]], repeat: int) -> None:
+    sentences = [c for words in pred for c in clauses(words)]
+    parser = TemplateParser(TemplateFinder().fit(sentences))
+    words = [w for c in sentences for w in c]
+    rows = []
+    for n in (50, 100, 200, 400):
+        best = math.inf
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            tree = parser.parse(words[:n])
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"words": n, "seconds": round(best, 4), "blocks": len(tree.blocks)})
+    for a, b in zip(rows, rows[1:], strict=False):
+        b["growth_exponent"] = round(math.log(b["seconds"] / a["seconds"]) / math.log(2), 2)
+    print(
+        json.dumps(
+            {
+                "case": "parse",
+                "templates": len(parser.templates),
+                "sentences": rows,
+                "load_average": round(os.getloadavg()[0], 2),
             }
         ),
         flush=True,

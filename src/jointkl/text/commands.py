@@ -52,10 +52,19 @@ def cmd_words(args: argparse.Namespace) -> int:
         min_proba=args.min_proba,
         min_pmi=args.min_pmi,
         max_len=args.max_len,
+        redundancy=args.redundancy,
         progress=not args.quiet,
+        code_lengths=args.code_lengths,
     )
     lexicon = finder.fit(corpus)
     _say(args, f"lexicon: {len(lexicon)} words in {time.perf_counter() - t0:.1f} s")
+    for stage, bits in finder.code_length_.items():
+        lex_bits = finder.lexicon_bits_[stage]
+        _say(
+            args,
+            f"code length after {stage}: corpus {bits:.4f} + lexicon {lex_bits:.4f} "
+            f"= {bits + lex_bits:.4f} bits/char",
+        )
     if args.em_iters:
         seg = Segmenter(lexicon).fit_em(
             corpus, iters=args.em_iters, prune=args.prune, progress=not args.quiet
@@ -151,6 +160,11 @@ def add_commands(
     w.add_argument("--max-len", type=int, default=4, help="longest word, in characters")
     w.add_argument("--redundancy", type=float, default=3.5, help="redundancy rule scale")
     w.add_argument("--em-iters", type=int, default=0, help="EM iterations after the word finder")
+    w.add_argument(
+        "--code-lengths",
+        action="store_true",
+        help="report the code length (bits/char) after each stage (one corpus pass each)",
+    )
     w.add_argument(
         "--prune", type=float, default=None, help="EM: drop words below this expected count"
     )

@@ -36,9 +36,11 @@ import torch
 from jointkl.semiring import LogSemiring, MaxSemiring, Semiring
 from jointkl.text.bulk import paused_gc
 
-__all__ = ["semimarkov_forward", "codepoints", "WordIndex", "WordLattice"]
+__all__ = ["semimarkov_forward", "codepoints", "WordIndex", "WordLattice", "split_long", "TIE_NATS"]
 
 SEP = "\n"
+TIE_NATS = 1e-9
+"""Two segmentation scores closer than this (in nats) are a tie: the shortest last word wins."""
 _HASH_P = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijection mod 2^64
 
 
@@ -178,6 +180,31 @@ class WordIndex:
         return out
 
 
+def split_long(chunk: str, index: WordIndex, cap: int) -> tuple[list[str], int]:
+    """Split ``chunk`` into pieces of at most ``cap`` units at boundaries no word of
+    ``index`` crosses (the lattice factorises there); a boundary is forced only where no
+    such one lies within ``cap`` units. Returns the pieces and the number forced."""
+    none = len(index) + 2
+    edges = index.end_ids(index.dense(chunk).reshape(-1, 1), none)[:, :, 0]
+    n = len(chunk)
+    # crossed[p]: some word covers units p-1 and p (starts before p, ends at or after p).
+    crossed = np.zeros(n + 1, dtype=bool)
+    for k in range(1, edges.shape[1]):
+        ends = np.flatnonzero(edges[:, k] != none)  # word of length k+1 ends here
+        for d in range(k):  # it crosses the boundaries end-d, for d = 0 .. k-1
+            crossed[ends - d] = True
+    safe = np.flatnonzero(~crossed[1:n]) + 1  # boundaries 1 .. n-1 no word crosses
+    pieces, start, forced = [], 0, 0
+    while n - start > cap:
+        ok = safe[(safe > start) & (safe <= start + cap)]
+        cut = int(ok[-1]) if len(ok) else start + cap
+        forced += not len(ok)
+        pieces.append(chunk[start:cut])
+        start = cut
+    pieces.append(chunk[start:])
+    return pieces, forced
+
+
 class WordLattice:
     """The lattice of a batch of coded chunks under a :class:`WordIndex`.
 
@@ -259,23 +286,8 @@ class WordLattice:
 
     def _split_long(self, chunk: str, cap: int) -> list[str]:
         """Split ``chunk`` into pieces of at most ``cap`` units where no word crosses."""
-        edges = self.index.end_ids(self.index.dense(chunk).reshape(-1, 1), self.NONE)[:, :, 0]
-        n = len(chunk)
-        # crossed[p]: some word covers units p-1 and p (starts before p, ends at or after p).
-        crossed = np.zeros(n + 1, dtype=bool)
-        for k in range(1, edges.shape[1]):
-            ends = np.flatnonzero(edges[:, k] != self.NONE)  # word of length k+1 ends here
-            for d in range(k):  # it crosses the boundaries end-d, for d = 0 .. k-1
-                crossed[ends - d] = True
-        safe = np.flatnonzero(~crossed[1:n]) + 1  # boundaries 1 .. n-1 no word crosses
-        pieces, start = [], 0
-        while n - start > cap:
-            ok = safe[(safe > start) & (safe <= start + cap)]
-            cut = int(ok[-1]) if len(ok) else start + cap
-            self.n_forced += not len(ok)
-            pieces.append(chunk[start:cut])
-            start = cut
-        pieces.append(chunk[start:])
+        pieces, forced = split_long(chunk, self.index, cap)
+        self.n_forced += forced
         return pieces
 
     @property
@@ -308,8 +320,9 @@ class WordLattice:
         """``(T, B)`` bool, True where a word of the best (Viterbi) segmentation starts.
 
         Back-pointers are recomputed from the max-semiring forward values (the recursion
-        itself stays semiring-generic); ties go to the shortest last word, so the result is
-        deterministic.
+        itself stays semiring-generic); ties, up to ``TIE_NATS``, go to the shortest last
+        word, so the result is deterministic and the same for a chunk alone or packed
+        after others.
         """
         with torch.no_grad():
             scores = self.scores(logp, oov_logp)
@@ -323,7 +336,12 @@ class WordLattice:
                 ],
                 dim=1,
             )
-            back = (shifted + scores).max(dim=1).indices.cpu().numpy()  # (T, B); first max on ties
+            # The shortest last word within TIE_NATS of the best: a (near-)tie is decided the
+            # same way whatever the rounding of the row's earlier scores, so a chunk's words do
+            # not depend on which chunks share its row (argmax of a bool: the first True).
+            vals = shifted + scores
+            near = vals >= vals.max(dim=1, keepdim=True).values - TIE_NATS
+            back = near.to(torch.uint8).argmax(dim=1).cpu().numpy()  # (T, B)
         # Follow the back-pointers from each row's end (numpy: small ops, no dispatch cost).
         starts = np.zeros((T, B), dtype=bool)
         rows = np.arange(B)

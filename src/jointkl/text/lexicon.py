@@ -135,10 +135,19 @@ class WordFinder:
     :param redundancy: scale of the redundancy rule's threshold, in nats per extra unit.
     :param block_chars: units counted per vectorised block (memory vs. speed).
     :param progress: show a tqdm bar over the lines of each pass.
+    :param code_lengths: also measure the objective after each stage: the code length of the
+        corpus under the lexicon of that stage, in bits per unit (−log₂ Z / N with
+        p = count / total, the quantity ``Segmenter.fit_em`` lowers next). One lattice pass
+        over the corpus per stage.
 
     After :meth:`fit`: ``n_units_`` (units read), ``strong_pairs_`` (the kept pairs, as
     two-unit strings), ``fragments_`` (fragment counts, a Counter) and ``n_redundant_``
-    (words removed by the redundancy rule).
+    (words removed by the redundancy rule); with ``code_lengths``, ``code_length_`` maps each
+    stage to bits per unit: ``units`` (every unit its own word), ``cut`` (every fragment of
+    the cut, up to ``max_len`` units, is a word), ``min_proba`` (only fragments with
+    p > min_proba) and ``redundancy`` (after the redundancy rule: the lexicon returned), and
+    ``lexicon_bits_`` the bits per corpus unit of writing that stage's lexicon down
+    (:func:`lexicon_bits` / N).
     """
 
     def __init__(
@@ -149,6 +158,7 @@ class WordFinder:
         redundancy: float = 3.5,
         block_chars: int = 1 << 20,
         progress: bool = False,
+        code_lengths: bool = False,
     ):
         if not (isinstance(min_proba, (int, float)) and 0 <= min_proba < 1):
             raise InputError(f"min_proba must be in [0, 1), got {min_proba!r}")
@@ -166,6 +176,7 @@ class WordFinder:
         self.redundancy = float(redundancy)
         self.block_chars = block_chars
         self.progress = progress
+        self.code_lengths = bool(code_lengths)
 
     @property
     def strong_pairs_(self) -> set[str]:
@@ -241,14 +252,42 @@ class WordFinder:
         fragments = self._count_fragments(corpus, strong)
         self.fragments_ = fragments
         total = sum(fragments.values())
+        units = {u: max(float(fragments.get(u, 0)), 1.0) for u in map(chr, ukeys.tolist())}
         counts = {
             w: float(c) for w, c in fragments.items() if len(w) > 1 and c / total > self.min_proba
         }
         # Every unit stays a word (count at least 1), so every text has a segmentation.
-        for u in map(chr, ukeys.tolist()):
-            counts[u] = max(float(fragments.get(u, 0)), 1.0)
+        counts.update(units)
+        self.code_length_: dict[str, float] = {}
+        self.lexicon_bits_: dict[str, float] = {}
+        unit_counts = dict(zip(map(chr, ukeys.tolist()), ucounts.tolist(), strict=True))
+        spell = {u: -math.log2(c / n_units) for u, c in unit_counts.items()}
+        stages = [("units", unit_counts), ("cut", {**fragments, **units}), ("min_proba", counts)]
         counts, self.n_redundant_ = remove_redundant(counts, self.redundancy)
+        stages.append(("redundancy", counts))
+        if self.code_lengths:
+            for stage, c in stages:
+                self.code_length_[stage] = code_length(c, corpus)
+                self.lexicon_bits_[stage] = lexicon_bits(c, spell, self.max_len) / n_units
         return Lexicon(counts)
+
+
+def code_length(counts: Mapping[str, float], lines: Iterable[str] | str | os.PathLike) -> float:
+    """Code length of ``lines`` under the unigram lexicon ``counts`` (p = count / total), in
+    bits per unit: −Σ_chunks log₂ Z / N, Z summing over every segmentation of a chunk."""
+    from jointkl.text.segmenter import Segmenter  # segmenter imports this module
+
+    return Segmenter(Lexicon(dict(counts))).bits_per_char(lines)
+
+
+def lexicon_bits(
+    counts: Mapping[str, float], unit_bits: Mapping[str, float], max_len: int
+) -> float:
+    """Bits to write the lexicon itself down: each word spelled unit by unit with the unit
+    code ``unit_bits`` (−log₂ of a unit's frequency), plus log₂ ``max_len`` bits for its
+    length. With :func:`code_length` × N it is a two-part code: lexicon, then corpus."""
+    length = math.log2(max(max_len, 2))
+    return sum(length + sum(unit_bits[u] for u in w) for w in counts)
 
 
 def remove_redundant(

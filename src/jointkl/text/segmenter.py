@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from jointkl.errors import InputError
 from jointkl.text.bulk import paused_gc
 from jointkl.text.corpus import Corpus
-from jointkl.text.lattice import WordIndex, WordLattice
+from jointkl.text.lattice import TIE_NATS, WordIndex, WordLattice, split_long
 from jointkl.text.lexicon import Lexicon
 from jointkl.text.presplit import coded_chunks, decode_words, split_line
 
@@ -84,6 +84,7 @@ class Segmenter:
         self.oov_logp = math.log(0.5 / lexicon.total)
         self._single = torch.tensor([len(w) == 1 for w in lexicon.words])
         self._cache: tuple[list[str], list[WordLattice]] | None = None
+        self._table: dict[str, float] | None = None
 
     def clear_cache(self) -> None:
         """Forget the lattices kept from the last :meth:`fit_em` corpus (frees their memory)."""
@@ -138,10 +139,100 @@ class Segmenter:
         return out
 
     def segment(self, text: str) -> list[str]:
-        """The maximum-probability segmentation of ``text`` (punctuation tokens included)."""
+        """The maximum-probability segmentation of ``text`` (punctuation tokens included).
+
+        One sentence at a time this is a plain-Python dynamic programme over a dict of
+        log-probabilities, with no tensor work: for a short text the batched lattice's
+        fixed costs dominate. It is the same computation as :meth:`segment_lines` on
+        ``[text]`` — the same chunks, the same packing of chunks into rows of ``row_len``
+        units (a row's Viterbi score runs on across its chunks, so the floating-point sums,
+        and with them the choice among near-ties, are the same), the same long-chunk splits
+        and the same rule for ties (the shortest last word) — so the result is identical.
+        """
         if not isinstance(text, str):
             raise InputError(f"text must be a str, got {type(text).__name__}")
-        return self.segment_lines([text])[0]
+        line = split_line(text)
+        table = self._sentence_table()
+        cap = self.row_len - 1
+        used = self.row_len  # units used in the current row: the first chunk opens a row
+        score = 0.0
+        words: list[str] = []
+        for piece, is_chunk in zip(line.pieces, line.is_chunk, strict=True):
+            if not is_chunk:
+                words.append(piece)
+                continue
+            parts = [piece] if len(piece) <= cap else split_long(piece, self.index, cap)[0]
+            for part in parts:
+                if used + len(part) + 1 > self.row_len:
+                    used, score = 0, 0.0  # a new row: the Viterbi score starts again at 0
+                used += len(part) + 1
+                score = self._viterbi_part(part, score, table, words)
+        return decode_words(words, line.runs)
+
+    def _sentence_table(self) -> dict[str, float | None]:
+        """``{word: log p}`` (the lattice's Viterbi weights) for the words the lattice looks
+        for, and ``{prefix: None}`` for every proper prefix of such a word that is not a word
+        itself: a substring is extended only while it can still become a word."""
+        if self._table is None:
+            K = self.index.max_len
+            logp = self._viterbi_logp().tolist()
+            words = {w: lp for w, lp in zip(self.index.words, logp, strict=True) if len(w) <= K}
+            table: dict[str, float | None] = {
+                w[:k]: None for w in words for k in range(2, len(w)) if w[:k] not in words
+            }
+            table.update(words)
+            self._table = table
+            self._alphabet = set(map(chr, self.index.alphabet.tolist()))
+        return self._table
+
+    def _viterbi_part(
+        self, part: str, start: float, table: dict[str, float | None], out: list[str]
+    ) -> float:
+        """Append the Viterbi words of one coded chunk (piece) to ``out``; returns the row's
+        score after it. ``start`` is the row's score before it (0 at a row's start).
+
+        Forward relaxation from each start in turn (a substring is looked up only while it
+        is a word's prefix); then back from the end, the last word into each end is the
+        shortest within ``TIE_NATS`` of the best, as in the batched back-pointers.
+        """
+        K = self.index.max_len
+        get = table.get
+        oov, alphabet = self.oov_logp, self._alphabet
+        neg = -math.inf
+        m = len(part)
+        alpha = [start] + [neg] * m
+        for i in range(m):
+            a = alpha[i]
+            unit = part[i]
+            lp = get(unit)
+            if lp is None and unit not in alphabet:
+                lp = oov  # a unit the lexicon has never seen
+            if lp is not None and a + lp > alpha[i + 1]:
+                alpha[i + 1] = a + lp
+            for k in range(2, min(K, m - i) + 1):
+                sub = part[i : i + k]
+                if sub not in table:
+                    break  # no word starts with sub
+                lp = table[sub]
+                if lp is not None and a + lp > alpha[i + k]:
+                    alpha[i + k] = a + lp
+        # Back from the end: the shortest last word within TIE_NATS of the best, as the
+        # batched back-pointers (an unreachable end, -inf, takes one unit, as there).
+        j, rev = m, []
+        while j > 0:
+            k = 1
+            if alpha[j] > neg:
+                floor = alpha[j] - TIE_NATS
+                for k in range(1, min(K, j) + 1):
+                    lp = get(part[j - k : j])
+                    if lp is None and k == 1 and part[j - 1] not in alphabet:
+                        lp = oov
+                    if lp is not None and alpha[j - k] + lp >= floor:
+                        break
+            rev.append(part[j - k : j])
+            j -= k
+        out += reversed(rev)
+        return alpha[m]
 
     # -- EM ----------------------------------------------------------------------------------
 
@@ -229,6 +320,7 @@ class Segmenter:
             final = (logp.exp() * counts.sum()).tolist()
             self.lexicon = Lexicon(dict(zip(self.index.words, final, strict=True)))
             self.oov_logp = math.log(0.5 / self.lexicon.total)
+            self._table = None
         self._cache = (chunks, lattices)
         return self
 

@@ -361,108 +361,207 @@ class TemplateParser:
             raise InputError(f"null_score must be a finite number, got {null_score!r}")
         self.templates = templates
         self.null_score = float(null_score)
-        # Templates by their first word: a sentence only tries templates whose words it has.
+        # Templates by their rarest word (the one in fewest templates): a sentence only
+        # tries templates whose words it has, and looks at few that it has not.
+        in_templates = Counter(w for t in templates.templates for w in set(t) if w is not X)
         self._by_word: dict[str, list[int]] = defaultdict(list)
         for k, t in enumerate(templates.templates):
-            first = next(tok for tok in t if tok is not X)
-            self._by_word[first].append(k)
+            rarest = min((tok for tok in t if tok is not X), key=in_templates.__getitem__)
+            self._by_word[rarest].append(k)
+        # Per template: (its literal words as a set, the literals in order, gap[r] = an X
+        # between literal r and r+1, kind: 0 closed, 1 leading X, 2 trailing X, 3 both).
+        self._literals: list[tuple[frozenset, list[str], list[bool], int]] = []
+        for t in templates.templates:
+            lits = [tok for tok in t if tok is not X]
+            inner = t[1:] if t[0] is X else t
+            inner = inner[:-1] if inner[-1] is X else inner
+            gaps = []
+            for a, b in zip(inner, inner[1:], strict=False):
+                if a is not X:
+                    gaps.append(b is X)
+            kind = (t[0] is X) + 2 * (t[-1] is X)
+            self._literals.append((frozenset(lits), lits, gaps, kind))
 
-    def _alignments(self, words: Sequence[str]) -> dict[tuple[int, int], list]:
-        """Candidate blocks by span: ``(a, b) -> [(log p, template, arg spans)]``."""
-        n = len(words)
-        at: dict[str, list[int]] = defaultdict(list)
-        for i, w in enumerate(words):
-            at[w].append(i)
-        cands: dict[tuple[int, int], list] = defaultdict(list)
+    def _relevant(self, words: Sequence[str]) -> list[int]:
+        """Indices of the templates whose literal words all occur in ``words``, in order."""
         present = set(words)
+        out = []
         for w in present:
             for k in self._by_word.get(w, ()):
-                t = self.templates.templates[k]
-                lits = [tok for tok in t if tok is not X]
-                if not set(lits) <= present:
-                    continue
-                lead, trail = t[0] is X, t[-1] is X
-                # gap[r]: an X between literal r and r+1 (a trailing X is cut off the end).
-                gap = [b is X for a, b in zip(t, t[1:], strict=False) if a is not X][
-                    : len(lits) - 1
-                ]
-                for pos in _literal_positions(lits, gap, at):
-                    inner = [(pos[r] + 1, pos[r + 1]) for r in range(len(pos) - 1) if gap[r]]
-                    a_range = range(0, pos[0]) if lead else (pos[0],)
-                    b_range = range(pos[-1] + 2, n + 1) if trail else (pos[-1] + 1,)
-                    for a in a_range:
-                        for b in b_range:
-                            spans = ([(a, pos[0])] if lead else []) + inner
-                            spans += [(pos[-1] + 1, b)] if trail else []
-                            cands[(a, b)].append((self.templates.log_probs[k], t, spans))
-        return cands
+                if self._literals[k][0] <= present:
+                    out.append(k)
+        return sorted(out)
 
     def parse(self, words: Sequence[str]) -> Parse:
-        """Parse one segmented sentence (a list of words)."""
+        """Parse one segmented sentence (a list of words).
+
+        An interval dynamic programme over spans ``[a, b)`` of increasing length ``L``,
+        O(n³) array work for n words plus the literal placements of the templates present.
+        A block is taken apart into its *core* (first literal at ``p``, last at ``q``, the
+        inner placeholders filled) and its open ends: a leading X fills ``[a, p)`` and a
+        trailing X fills ``[q+1, b)``. Per span,
+
+            core_t(p, q) = log p(t) + max over the inner literals of Σ arg(inner fills),
+            block(a, b)  = max of  core(a, b-1)                          (no open end)
+                                   max_p arg(a, p) + core(p, b-1)        (leading X)
+                                   max_q core(a, q) + arg(q+1, b)        (trailing X)
+                                   max_q D(a, q) + arg(q+1, b)           (both; D(a, q) =
+                                                      max_p arg(a, p) + core(p, q))
+            seq(a, b)    = max_k seq(a, k) + item(k, b),   item = block, or null_score
+                                                           for one bare word,
+            arg(x, y)    = 0 for one word (the template covers it), seq(x, y) otherwise,
+
+        where each core is maximised over the templates of its kind (which ends are open).
+        Every term on the right is a shorter span, so one pass by length is exact; each
+        step is vectorised over the start ``a``. Ties keep the first: the shorter prefix
+        in ``seq``, then no open end, leading, trailing, both, then the more frequent template
+        and the leftmost literal positions.
+        """
         if isinstance(words, str):
             raise InputError("parse expects a list of words; segment the sentence first")
         words = list(words)
         n = len(words)
-        cands = self._alignments(words)
-        neg = float("-inf")
-        block = {}  # (a, b) -> (score, template, spans)
-        seq = {(i, i): (0.0, None) for i in range(n + 1)}  # (a, b) -> (score, split)
+        if n == 0:
+            return Parse([], 0.0)
+        neg = -np.inf
+        N = n + 1
+        at: dict[str, list[int]] = defaultdict(list)
+        for i, w in enumerate(words):
+            at[w].append(i)
 
-        def arg(a: int, b: int) -> float:
-            return 0.0 if b - a == 1 else seq[(a, b)][0]
+        # Every table is laid out (start, length): span [a, a+L) is [a, L]. Then each term of
+        # the recursions, for all starts a at once, is a slice or an anti-diagonal view of a
+        # table (no gather).
+        A = np.full((N, N), neg)  # arg(x, y)
+        S = np.full((N, N), neg)  # seq(a, b)
+        S[:, 0] = 0.0
+        A[:n, 1] = 0.0
+        S[:n, 1] = self.null_score
+        seq_c = np.zeros((N, N), dtype=np.int64)  # seq's last item starts at a + seq_c
+        seq_c[:n, 1] = 0
+        core = np.full((4, N, N), neg)  # best core per kind: 0 closed, 1 lead X, 2 trail X, 3 both
+        core_of: dict[tuple[int, int, int], int] = {}  # (kind, p, q) -> template index
+        lead_D = np.full((N, N), neg)  # D(a, q): leading fill [a, p) + both-open core (p, q)
+        lead_p = np.zeros((N, N), dtype=np.int64)  # its p - a
+        block = np.full((N, N), neg)
+        how = np.zeros((N, N), dtype=np.int64)  # the block's kind
+        cut = np.zeros((N, N), dtype=np.int64)  # p - a (lead) or q - a (trail, both)
 
-        for length in range(1, n + 1):
-            for a in range(0, n - length + 1):
-                b = a + length
-                best = (neg, None, None)
-                for lp, t, spans in cands.get((a, b), ()):
-                    s = lp + sum(arg(x, y) for x, y in spans)
-                    if s > best[0]:
-                        best = (s, t, spans)
-                if best[1] is not None:
-                    block[(a, b)] = best
-                # seq(a, b) = max_k seq(a, k) + item(k, b); an item is a block or a bare word.
-                top = (neg, None)
-                for k in range(a, b):
-                    item = block[(k, b)][0] if (k, b) in block else neg
-                    if b - k == 1:
-                        item = max(item, self.null_score)
-                    s = seq[(a, k)][0] + item
-                    if s > top[0]:
-                        top = (s, k)
-                seq[(a, b)] = top
+        # Literal placements of each template present, bucketed by the length of
+        # [first literal, this literal]: entry (k, r, p, j) puts literal r of template k at
+        # j with literal 0 at p; its best score needs only shorter spans.
+        relevant = self._relevant(words)
+        kinds = {self._literals[k][3] for k in relevant}  # the kinds of block that can occur
+        buckets: list[list[tuple[int, int, int, int]]] = [[] for _ in range(N)]
+        F: dict[tuple[int, int, int, int], tuple[float, int]] = {}
+        for k in relevant:
+            lits = self._literals[k][1]
+            firsts = at[lits[0]]
+            for p in firsts:
+                F[(k, 0, p, p)] = (0.0, -1)
+            for r in range(1, len(lits)):
+                for j in at[lits[r]]:
+                    for p in firsts:
+                        if p + r > j:
+                            break
+                        buckets[j - p + 1].append((k, r, p, j))
+
+        for L in range(2, N):
+            # Cores of length L: F[(k, r, p, j)] = (best Σ inner args, literal r-1's position).
+            for k, r, p, j in buckets[L]:
+                lits, gaps = self._literals[k][1], self._literals[k][2]
+                best, prev = neg, -1
+                if gaps[r - 1]:  # a placeholder between literal r-1 and r: fills [i+1, j)
+                    for i in at[lits[r - 1]]:
+                        if i > j - 2:
+                            break
+                        got = F.get((k, r - 1, p, i))
+                        if got is not None and got[0] + A[i + 1, j - i - 1] > best:
+                            best, prev = got[0] + A[i + 1, j - i - 1], i
+                else:
+                    got = F.get((k, r - 1, p, j - 1))
+                    if got is not None:
+                        best, prev = got[0], j - 1
+                if prev < 0:
+                    continue
+                F[(k, r, p, j)] = (best, prev)
+                if r == len(lits) - 1:
+                    kind = self._literals[k][3]
+                    score = self.templates.log_probs[k] + best
+                    if score > core[kind, p, L]:
+                        core[kind, p, L] = score
+                        core_of[(kind, p, j)] = k
+            M = N - L  # spans of length L start at a = 0 .. M-1
+            rows = np.arange(M)
+            # Blocks of length L, four kinds: closed core; leading fill [a, a+d) + core
+            # (d = 1 .. L-2); core or D (a, a+e) + trailing fill (e = 1 or 2 .. L-2).
+            cands = np.full((4, M), neg)
+            where = np.zeros((4, M), dtype=np.int64)
+            cands[0] = core[0, :M, L]
+            if L >= 3 and kinds & {1, 3}:
+                fills = A[:M, 1 : L - 1]
+                closed = fills + _antidiagonal(core[1], 1, L - 1, M, L - 2)
+                both = fills + _antidiagonal(core[3], 1, L - 1, M, L - 2)
+                cands[1] = closed.max(axis=1)
+                where[1] = 1 + closed.argmax(axis=1)
+                lead_D[:M, L] = both.max(axis=1)
+                lead_p[:M, L] = 1 + both.argmax(axis=1)
+            for kind, table, e0 in ((2, core[2], 1), (3, lead_D, 2)):
+                if L - 1 > e0 and kind in kinds:
+                    t = table[:M, e0 + 1 : L] + _antidiagonal(A, e0 + 1, L - e0 - 1, M, L - 1 - e0)
+                    cands[kind] = t.max(axis=1)
+                    where[kind] = e0 + t.argmax(axis=1)
+            kind = cands.argmax(axis=0)
+            block[:M, L] = cands[kind, rows]
+            how[:M, L] = kind
+            cut[:M, L] = where[kind, rows]
+            # seq(a, a+L) = max_c seq(a, a+c) + item(a+c, a+L); an item of one word is bare
+            # (a block has at least two words).
+            t = S[:M, :L] + _antidiagonal(block, 0, L, M, L)
+            t[:, L - 1] = S[:M, L - 1] + self.null_score
+            S[:M, L] = t.max(axis=1)
+            seq_c[:M, L] = t.argmax(axis=1)
+            A[:M, L] = S[:M, L]
 
         def items(a: int, b: int) -> list[str | Block]:
             out: list[str | Block] = []
             while b > a:
-                k = seq[(a, b)][1]
-                if b - k > 1:  # a multi-word item is always a block
-                    out.append(make_block(k, b))
-                else:
-                    out.append(words[k])
+                k = a + int(seq_c[a, b - a])
+                out.append(make_block(k, b) if b - k > 1 else words[k])
                 b = k
             return out[::-1]
 
+        def fill(x: int, y: int) -> list[str | Block]:
+            return [words[x]] if y - x == 1 else items(x, y)
+
         def make_block(a: int, b: int) -> Block:
-            s, t, spans = block[(a, b)]
-            args = [[words[x]] if y - x == 1 else items(x, y) for x, y in spans]
-            return Block(t, args, s)
+            kind, c = int(how[a, b - a]), int(cut[a, b - a])
+            p, q = a, b - 1
+            if kind == 1:
+                p = a + c
+            elif kind == 2:
+                q = a + c
+            elif kind == 3:
+                q = a + c
+                p = a + int(lead_p[a, q - a + 1])
+            k = core_of[(kind, p, q)]
+            lits, gaps = self._literals[k][1], self._literals[k][2]
+            pos = [q]
+            for r in range(len(lits) - 1, 0, -1):
+                pos.append(F[(k, r, p, pos[-1])][1])
+            pos.reverse()
+            args = [fill(a, p)] if kind in (1, 3) else []
+            args += [fill(pos[r] + 1, pos[r + 1]) for r in range(len(pos) - 1) if gaps[r]]
+            if kind in (2, 3):
+                args.append(fill(q + 1, b))
+            return Block(self.templates.templates[k], args, float(block[a, b - a]))
 
-        return Parse(items(0, n), seq[(0, n)][0])
+        return Parse(items(0, n), float(S[0, n]))
 
 
-def _literal_positions(
-    lits: Sequence[str], gap: Sequence[bool], at: Mapping[str, list[int]]
-) -> Iterator[list[int]]:
-    """Positions p_1 < ... < p_m of the literals: adjacent where no X, ≥ 2 apart where X."""
-    stack = [[p] for p in reversed(at[lits[0]])]
-    while stack:
-        pos = stack.pop()
-        r = len(pos)
-        if r == len(lits):
-            yield pos
-            continue
-        prev = pos[-1]
-        for p in reversed(at[lits[r]]):
-            if (p == prev + 1) if not gap[r - 1] else (p >= prev + 2):
-                stack.append(pos + [p])
+def _antidiagonal(table: np.ndarray, r0: int, c0: int, rows: int, cols: int) -> np.ndarray:
+    """The view ``V[i, j] = table[r0 + i + j, c0 - j]`` of a C-contiguous 2-D table (read only)."""
+    s0, s1 = table.strides
+    return np.ndarray(
+        (rows, cols), table.dtype, table, offset=r0 * s0 + c0 * s1, strides=(s0, s0 - s1)
+    )
