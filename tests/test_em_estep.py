@@ -14,6 +14,7 @@ from jointkl.inference.em.estep import (
     is_mixture,
     mixture_e_step,
 )
+from jointkl.inference.em.gaussian import linear_log_density
 from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 
 F64 = torch.float64
@@ -50,6 +51,9 @@ def moved(fm):
         (GaussianMixture(3, "full", priors=None), blobs()),
         (GaussianMixture(3, "diag"), blobs()),  # MAP globals: constant (prior) tables too
         (BernoulliMixture(3, priors=None), (blobs() > 0.5).to(F64)),
+        (GaussianMixture(3, "spherical"), blobs()),
+        (GaussianMixture(3, "diag", priors=None), blobs()),
+        (BernoulliMixture(3), (blobs() > 0.5).to(F64)),
     ],
 )
 def test_mixture_softmax_path_equals_the_generic_contraction(model, x):
@@ -61,6 +65,9 @@ def test_mixture_softmax_path_equals_the_generic_contraction(model, x):
     with torch.no_grad():
         tables = fm.tables(theta)
     ref_ll, ref_weights = generic(fm, tables)
+    # Every one of these observation tables takes the matrix-product form (cached features).
+    obs = [i for i, g in enumerate(fm.groups) if g.kind == "recipe" and g.value == "data"]
+    assert obs and all(linear_log_density(fm, i, theta) is not None for i in obs)
     assert ll == pytest.approx(ref_ll, rel=1e-12)
     for i, w in ref_weights.items():
         torch.testing.assert_close(weights[i].expand(w.shape), w, rtol=1e-9, atol=1e-12)

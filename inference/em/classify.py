@@ -391,7 +391,7 @@ def _distribution_signature(fn: Any) -> tuple[tuple, tuple]:
 
 def _copy_group(g: Group) -> Group:
     """A shallow copy of a group's fields, without its caches (its data will change)."""
-    return dataclasses.replace(g, moments=None, weighted=None)
+    return dataclasses.replace(g, moments=None, weighted=None, features={})
 
 
 def _take_rows(g: Group, infos: Mapping[str, SiteInfo]) -> None:

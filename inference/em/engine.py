@@ -102,7 +102,7 @@ class EMSettings(Settings):
     progress: bool = setting(True, boolean, json=False)
     reg_covar: float = setting(0.0, nonnegative_float)
     mstep_iter: int = setting(20, nonnegative_int)
-    kmeans_iter: int = setting(10, nonnegative_int)
+    kmeans_iter: int = setting(300, nonnegative_int)
     accelerate: str | None = setting(None, one_of(*ACCELERATORS))
     assign: str = setting("soft", one_of(*ASSIGNMENTS))
 
@@ -200,7 +200,7 @@ class EM(Engine):
         point (per element of the ``"data"`` plate; scikit-learn's convention).
     :param int n_init: restarts from different initialisations; the best final
         log-likelihood wins.
-    :param init: ``"kmeans++"`` (k-means++ seeding and a few Lloyd steps on the observations
+    :param init: ``"kmeans++"`` (greedy k-means++ seeding and Lloyd steps to convergence on the observations
         attached to each enumerated variable, then an M-step), ``"random"`` (random
         responsibilities, then an M-step, as scikit-learn's ``init_params="random"``), or a
         callable ``init(*args, seed=int, **kwargs) -> {name: value}`` giving initial values
@@ -211,7 +211,8 @@ class EM(Engine):
     :param float reg_covar: added to the diagonal of covariance (and to variance) estimates
         (scikit-learn's ``reg_covar``); 0 is exact EM.
     :param int mstep_iter: L-BFGS iterations of the gradient M-step per EM iteration.
-    :param int kmeans_iter: Lloyd iterations of the ``"kmeans++"`` initialisation.
+    :param int kmeans_iter: most Lloyd iterations of the ``"kmeans++"`` initialisation
+        (it stops earlier at convergence, as scikit-learn's ``KMeans(max_iter=300)``).
     :param str assign: ``"soft"`` (default: exact EM, responsibilities are the posterior)
         or ``"hard"`` (classification EM, mixtures only: each point is assigned wholly to its
         most probable component, and the history is the classification log-likelihood

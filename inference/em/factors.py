@@ -96,7 +96,7 @@ class Group:
     """Factor tables computed together; row r is site ``sites[r]``, whose roles are the
     enumerated variables ``roles[r]``. Tables are ``(rows, *cards, *plate_sizes)``.
 
-    ``moments`` and ``weighted`` are caches of the Gaussian fast paths
+    ``moments``, ``weighted`` and ``features`` are caches of the linear fast paths
     (:mod:`jointkl.inference.em.gaussian`): the data's moment features, and the last
     weighted sums of them with the weights tensor they were computed for. Each records what
     it was computed from, so a group whose ``data`` are replaced (stacking) recomputes it.
@@ -124,6 +124,9 @@ class Group:
     weighted: tuple[torch.Tensor, torch.Tensor] | None = field(
         default=None, repr=False, compare=False
     )
+    # Other linear-feature caches ("diagonal": [(x-c)^2, x-c, 1]; "bernoulli": [x, 1]), each
+    # (data it was computed from, features, weights tensor, weighted sums or None).
+    features: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:

@@ -28,6 +28,9 @@ __all__ = [
     "mvn_tril",
     "mvn_log_prob",
     "precision_tril",
+    "diagonal_features",
+    "weighted_diagonal",
+    "diagonal_precision",
     "DIAGONAL_VIEWS",
     "diagonal_sd",
 ]
@@ -154,24 +157,157 @@ def quadratic_log_density(
     return phi, coef
 
 
+def diagonal_features(g: Group, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Centre ``c`` and the diagonal features Φ_d = [(x - c)^2, x - c, 1] of every point,
+    ``(points, 2D + 1)``, cached on the group, and the largest squared distance from the
+    centre. A Gaussian with diagonal (or spherical) covariance has a log-density linear in
+    Φ_d, and its M-step statistics are Σ w Φ_d: one matrix product each, without the
+    D(D + 1)/2 cross products of :func:`data_moments`."""
+    cached = g.features.get("diagonal")
+    if cached is None or cached[0] is not x:
+        D = x.shape[-1]
+        flat = x.reshape(-1, D)
+        c = flat.mean(0)
+        xc = flat - c
+        phi = torch.cat([xc.square(), xc, torch.ones_like(xc[:, :1])], -1)
+        cached = (x, c, phi, float(xc.square().sum(-1).max()))
+        g.features["diagonal"] = cached
+        g.features.pop("diagonal:weighted", None)
+    return cached[1], cached[2], cached[3]
+
+
+def weighted_diagonal(g: Group, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
+    """Σ_n W[cell, n] Φ_d,n per cell, ``(cells, 2D + 1)``: the per-dimension scatter, the
+    first moment and the mass of every cell about the data's centre (see
+    :func:`diagonal_features`), kept on the group for the weights tensor ``W`` (the mean and
+    the variance update of one M-step share it); ``None`` unless ``W`` is
+    ``(1, *cells, points)`` over one plate of observations ``(1, 1.., points, D)``."""
+    if len(g.plates) != 1 or x.dim() != W.dim() + 1 or W.shape[0] != 1 or x.shape[0] != 1:
+        return None
+    if W.shape[-1] != x.shape[-2] or any(n != 1 for n in x.shape[1:-2]):
+        return None
+    cached = g.features.get("diagonal:weighted")
+    if cached is not None and cached[0] is W and cached[1] is x:
+        return cached[2]
+    _, phi, _ = diagonal_features(g, x)
+    cells = W.shape[1:-1]
+    S = (W.reshape(-1, W.shape[-1]) @ phi).reshape(cells + (phi.shape[-1],))
+    g.features["diagonal:weighted"] = (W, x, S)
+    return S
+
+
+def diagonal_precision(view: str, ins: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Precisions (..., D or 1) of a diagonal view's input (read directly from a precision
+    view, so that no rounding of a square root enters)."""
+    t = ins[0]
+    lam = t if view.endswith("precision") else t.pow(-2)
+    return lam if view.startswith("diag") else lam.unsqueeze(-1)
+
+
+def diagonal_log_density(
+    g: Group, x: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Diagonal-Gaussian log-densities of every point under every cell as one matrix product
+    with the cached features Φ_d (see :func:`diagonal_features`), returned as
+    ``(Φ_d, coef)``: with m = mu - c and precisions λ,
+
+        log N(x | mu, diag(1/λ)) = Σ_d [ -λ_d (x_d - c_d)^2 / 2 + λ_d m_d (x_d - c_d)
+                                         - λ_d m_d^2 / 2 + log(λ_d) / 2 ] - D/2 log 2π,
+
+    two matrix products' worth instead of a pass over (cells x points x D) differences.
+    Used only while the data's spread times the largest precision is below 1e8 (as
+    :func:`quadratic_log_density`); ``None`` otherwise.
+
+    :param x: the group's data; ``mu`` ``(.., D)``, ``lam`` ``(.., D or 1)``: per cell."""
+    D = x.shape[-1]
+    if x.shape[0] != 1 or not torch.is_floating_point(x) or x.dtype != torch.float64:
+        return None
+    c, phi, spread = diagonal_features(g, x)
+    lam = lam.reshape(-1, lam.shape[-1])
+    if spread * float(lam.detach().max()) > 1e8:
+        return None
+    C = max(lam.shape[0], mu.reshape(-1, D).shape[0])
+    lam = lam.expand(C, D)
+    mc = mu.reshape(-1, D).expand(C, D) - c
+    lm = lam * mc
+    const = -0.5 * (lm * mc).sum(-1) + 0.5 * lam.log().sum(-1) - 0.5 * D * LOG_2PI
+    coef = torch.cat([-0.5 * lam, lm, const.unsqueeze(-1)], -1)  # (C, 2D + 1)
+    return phi, coef
+
+
+def bernoulli_features(g: Group, x: torch.Tensor) -> torch.Tensor:
+    """The features Φ_b = [x, 1] of every point, ``(points, D + 1)``, cached on the group."""
+    cached = g.features.get("bernoulli")
+    if cached is None or cached[0] is not x:
+        flat = x.reshape(-1, x.shape[-1])
+        cached = (x, torch.cat([flat, torch.ones_like(flat[:, :1])], -1))
+        g.features["bernoulli"] = cached
+    return cached[1]
+
+
+def bernoulli_log_density(
+    g: Group, x: torch.Tensor, view: str, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Log-likelihoods of every point's D binary observations (one event) under every cell
+    as one matrix product with Φ_b = [x, 1] (see :func:`bernoulli_features`):
+
+        Σ_d x_d log p_d + (1 - x_d) log(1 - p_d) = Σ_d x_d logit(p_d) + Σ_d log(1 - p_d),
+
+    linear in x. ``None`` when a probability is exactly 0 or 1 (its logit is infinite; the
+    elementwise table scores the matching value 0 there).
+
+    :param view: ``"identity"`` (``t`` holds probabilities) or ``"sigmoid"`` (logits);
+        ``t``: ``(.., D)`` per cell."""
+    if x.shape[0] != 1 or not torch.is_floating_point(x):
+        return None
+    D = x.shape[-1]
+    t = t.reshape(-1, D)
+    if view == "sigmoid":
+        logit, log1m = t, torch.nn.functional.logsigmoid(-t)
+    else:
+        if bool(((t <= 0) | (t >= 1)).any()):
+            return None
+        log1m = torch.log1p(-t)
+        logit = t.log() - log1m
+    if not bool(torch.isfinite(logit).all()):
+        return None
+    coef = torch.cat([logit, log1m.sum(-1, keepdim=True)], -1)  # (C, D + 1)
+    return bernoulli_features(g, x), coef
+
+
 def linear_log_density(
     fm: FactorModel, i: int, theta: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(Φ, coef)`` with group ``i``'s table = Φ @ coef^T laid out ``(points, cells)``, for a
-    full-covariance Gaussian of observed data with parameters per cell (a mixture's
-    components); ``None`` for any other group. Lets a mixture's E-step evaluate its table a
-    block of points at a time instead of writing the whole table out."""
+    Gaussian (full, diagonal or spherical covariance) or a Bernoulli vector of observed
+    data with parameters per cell (a mixture's components); ``None`` for any other group.
+    Lets a mixture's E-step evaluate its table a block of points at a time instead of
+    writing the whole table out."""
     g = fm.groups[i]
-    if g.kind != "recipe" or g.family != "mvn" or g.value != "data" or g.n_event:
+    if g.kind != "recipe" or g.value != "data" or g.mask is not None:
         return None
-    if g.mask is not None:
+    cells = slice(1, 1 + len(g.cards))
+    if g.family == "bernoulli" and g.n_event == 1:
+        view, ins = fm.slot_inputs(g, "probs", theta)
+        if view not in ("identity", "sigmoid"):
+            return None
+        t = ins[0]
+        plates = t.shape[1 + len(g.cards) : 1 + len(g.cards) + len(g.plates)]
+        if t.shape[0] != 1 or any(n != 1 for n in plates) or t.shape[cells] != g.cards:
+            return None
+        return bernoulli_log_density(g, g.data, view, t)
+    if g.family != "mvn" or g.n_event:
         return None
     sv = {k: fm.slot_inputs(g, k, theta) for k in g.slots}
     view, ins = sv["scale_tril"]
-    if view in DIAGONAL_VIEWS or view == "const" or sv["loc"][0] == "const":
+    if view == "const" or sv["loc"][0] == "const":
         return None
+    if view in DIAGONAL_VIEWS:
+        mu, lam = sv["loc"][1][0], diagonal_precision(view, ins)
+        if not per_cell(g, mu, lam) or lam.shape[cells] != g.cards or mu.shape[cells] != g.cards:
+            return None
+        return diagonal_log_density(g, g.data, mu, lam)
     mu, L = sv["loc"][1][0], mvn_tril(view, ins)
-    cells = slice(1, 1 + len(g.cards))
     if not per_cell(g, mu, L) or L.shape[cells] != g.cards or mu.shape[cells] != g.cards:
         return None
     return quadratic_log_density(g, g.data, mu, L)

@@ -1,7 +1,8 @@
 """EM's initial values: k-means++ or random responsibilities then an M-step, or the user's.
 
-``"kmeans++"`` clusters the observations attached to each enumerated variable (k-means++
-seeding, Arthur & Vassilvitskii 2007, and a few Lloyd steps), ``"random"`` draws random
+``"kmeans++"`` clusters the observations attached to each enumerated variable (greedy
+k-means++ seeding, Arthur & Vassilvitskii 2007, and Lloyd steps to convergence, as
+scikit-learn's ``KMeans``), ``"random"`` draws random
 responsibilities (scikit-learn's ``init_params="random"``); either labelling gives the
 weights of one M-step from the model's own initial values. A callable gives initial values of
 (some of) the parameters and MAP globals directly.
@@ -27,6 +28,12 @@ __all__ = ["initial_theta", "initial_labels"]
 # Initial responsibilities mix the k-means labels with a little uniform mass, so that no
 # discrete emission probability starts at an exact (and, under EM, absorbing) zero.
 LABEL_SMOOTHING = 0.05
+# Families whose M-step has no absorbing zero to avoid: their k-means labels are kept hard
+# (as scikit-learn's GaussianMixture starts), so the initial means are the cluster means.
+CONTINUOUS_FAMILIES = ("normal", "mvn")
+# Lloyd's stopping tolerance, relative to the data's mean per-coordinate variance
+# (scikit-learn's KMeans default tol).
+KMEANS_TOL = 1e-4
 
 
 def initial_theta(
@@ -88,7 +95,9 @@ def initial_labels(
     """Initial marginals of every enumerated variable, ``(plates..., card)``.
 
     ``"kmeans++"``: the observations attached to a variable (sites that depend on it alone)
-    are clustered by k-means++ seeding and ``iters`` Lloyd steps; variables of one stacked
+    are clustered by greedy k-means++ seeding and at most ``iters`` Lloyd steps (to
+    convergence, see :func:`_kmeans`); Gaussian observations keep hard labels, discrete
+    ones get ``LABEL_SMOOTHING`` uniform mass; variables of one stacked
     group (all time steps of an HMM) share the clustering. Others, and ``"random"``: uniform
     random responsibilities.
     """
@@ -111,7 +120,8 @@ def initial_labels(
             live = None
             if g.mask is not None:  # padding (masked observations) places no centre
                 live = g.mask[:, 0].expand((x.shape[0],) + sizes).reshape(-1)
-            lab = _kmeans(pts, var.card, gen, iters, live)
+            smooth = g.family not in CONTINUOUS_FAMILIES
+            lab = _kmeans(pts, var.card, gen, iters, live, smooth)
             if lab is None:
                 continue
             lab = lab.reshape((len(vs),) + sizes + (var.card,))
@@ -125,38 +135,65 @@ def initial_labels(
     return labels
 
 
+def _nearest(xt: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centre of every column of ``xt`` (the points transposed,
+    ``(D, n)``): argmin_c ‖c‖² - 2 c·x (‖x‖² is the same for every centre), one
+    ``(k, D) @ (D, n)`` product (faster than ``(n, D) @ (D, k)`` for few centres)."""
+    scores = torch.addmm(centres.square().sum(-1, keepdim=True), centres, xt, alpha=-2)
+    return scores.T.min(-1).indices
+
+
 def _kmeans(
     x: torch.Tensor,
     k: int,
     gen: torch.Generator,
     iters: int,
     live: torch.Tensor | None = None,
+    smooth: bool = True,
 ) -> torch.Tensor | None:
-    """Soft labels of every row of ``x`` from k-means++ and Lloyd steps on the ``live`` rows."""
+    """Labels of every row of ``x`` from greedy k-means++ seeding and Lloyd steps on the
+    ``live`` rows, as scikit-learn's ``KMeans(n_init=1)`` computes them: each new centre is
+    the best (lowest potential Σ min_c ‖x - c‖²) of 2 + ⌊log k⌋ candidates drawn with
+    probability ∝ D(x)² (Arthur & Vassilvitskii 2007), then at most ``iters`` Lloyd steps,
+    stopping when the assignments no longer change or the centres move by less than
+    ``KMEANS_TOL`` times the data's mean per-coordinate variance (summed squared shift).
+    ``smooth``: mix ``LABEL_SMOOTHING`` uniform mass into the one-hot labels."""
     every = x
     x = x if live is None else x[live]
     n = x.shape[0]
     if n < k:
         return None
+    trials = 2 + int(math.log(k))
     centres = x[torch.randint(n, (1,), generator=gen)]
     d2 = (x - centres[0]).square().sum(-1)
     for _ in range(1, k):
-        # k-means++ (Arthur & Vassilvitskii 2007): next centre with probability ∝ D(x)^2.
         total = d2.sum()
         p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
-        i = torch.multinomial(p, 1, generator=gen)
-        centres = torch.cat([centres, x[i]])
-        d2 = torch.minimum(d2, (x - x[i]).square().sum(-1))
+        cand = x[torch.multinomial(p, trials, replacement=True, generator=gen)]  # (t, D)
+        dc = torch.cdist(cand, x).square_()  # (t, n)
+        dc = torch.minimum(dc, d2)
+        best = int(dc.sum(-1).argmin())
+        centres = torch.cat([centres, cand[best : best + 1]])
+        d2 = dc[best]
+    tol = KMEANS_TOL * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
+    assign = None
+    xt = x.T.contiguous()
     for _ in range(iters):
-        assign = torch.cdist(x, centres).argmin(-1)
+        new_assign = _nearest(xt, centres)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
         counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         new = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-        if torch.equal(new, centres):
-            break
+        shift = float((new - centres).square().sum())
         centres = new
-    assign = torch.cdist(every, centres).argmin(-1)
+        if shift <= tol:
+            break
+    assign = _nearest(xt if live is None else every.T.contiguous(), centres)
     onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
     if live is not None:  # padding says nothing of its label
         onehot = torch.where(live.unsqueeze(-1), onehot, 1.0 / k)
+    if not smooth:
+        return onehot
     return (1 - LABEL_SMOOTHING) * onehot + LABEL_SMOOTHING / k

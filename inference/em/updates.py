@@ -16,9 +16,11 @@ from jointkl.inference.em.factors import index_part
 from jointkl.inference.em.gaussian import (
     DIAGONAL_VIEWS,
     data_moments,
+    diagonal_features,
     diagonal_sd,
     moment_parts,
     mvn_tril,
+    weighted_diagonal,
     weighted_moments,
 )
 from jointkl.inference.em.statistics import (
@@ -150,11 +152,17 @@ def mvn_loc_update(
     w = trailing(W[gi], 1)
     target = target_shape(fm, gi, slot, which, theta)  # (1, cells.., D)
     S = None
+    diagonal = fm.slot_inputs(gi, "scale_tril", theta)[0] in DIAGONAL_VIEWS
     if tuple(target[:-1]) == tuple(W[gi].shape[:-1]) + (1,):  # cells, the plate summed
-        S = weighted_moments(fm.groups[gi], x, W[gi])
+        g = fm.groups[gi]
+        S = weighted_diagonal(g, x, W[gi]) if diagonal else weighted_moments(g, x, W[gi])
     if S is not None:  # the statistics _mvn_scale reads too, in the same pass over W
-        c = data_moments(fm.groups[gi], x)[0]
-        _, m1, n = moment_parts(S, D)
+        if diagonal:
+            c = diagonal_features(fm.groups[gi], x)[0]
+            m1, n = S[..., D : 2 * D], S[..., -1]
+        else:
+            c = data_moments(fm.groups[gi], x)[0]
+            _, m1, n = moment_parts(S, D)
         s0 = n.reshape(target[:-1] + (1,))
         s1 = (m1 + n.unsqueeze(-1) * c).reshape(target)
     else:
@@ -185,6 +193,45 @@ def mvn_loc_update(
     return {name: to_param(fm, gi, slot, which, old.shape, mu)}
 
 
+def diagonal_residuals(
+    fm: FactorModel,
+    gi: int,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    W: torch.Tensor,
+    target: tuple[int, ...],
+    view: str,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(Σ w, Σ w (x - mu)^2)`` per cell of a diagonal (``target`` ``(1, cells.., 1, D)``)
+    or spherical (``(1, cells.., 1)``, summed over D, the mass times D) view, from the cached
+    weighted features Σ w [(x - c)^2, x - c, 1] (:func:`weighted_diagonal`):
+
+        Σ w (x - mu)^2 = Σ w (x - c)^2 - 2 m Σ w (x - c) + m^2 Σ w,   m = mu - c,
+
+    one matrix product with the responsibilities instead of a pass over (cells x points x D)
+    differences. ``None`` when the mean is not one per cell or the layout differs (the
+    caller sums directly), or where the subtraction cancels more than 8 digits."""
+    g = fm.groups[gi]
+    D = x.shape[-1]
+    cells = tuple(W.shape[:-1])
+    spherical = not view.startswith("diag")
+    want = cells + ((1,) if spherical else (1, D))
+    if tuple(target) != want or tuple(mu.shape) not in (cells + (1, D),):
+        return None
+    S = weighted_diagonal(g, x, W)
+    if S is None:
+        return None
+    c = diagonal_features(g, x)[0]
+    m2, m1, n = S[..., :D], S[..., D : 2 * D], S[..., -1:]
+    m = mu.reshape(m1.shape) - c
+    s2 = m2 - 2 * m * m1 + n * m.square()
+    if not bool(((s2 > 1e-8 * m2) | (m2 == 0)).all()):
+        return None
+    if spherical:
+        return (n * D).reshape(target), s2.sum(-1).reshape(target)
+    return n.expand(m1.shape).reshape(target), s2.reshape(target)
+
+
 def mvn_scale_update(
     fm: FactorModel, theta: Theta, W: Weights, up: Update, reg: float
 ) -> dict[str, torch.Tensor]:
@@ -208,12 +255,16 @@ def mvn_scale_update(
     _, (mu,) = fm.slot_inputs(gi, "loc", theta)
     view = up.view
     if view in DIAGONAL_VIEWS:
-        diff = x - mu
         target = target_shape(fm, gi, slot, which, theta)
-        if view.startswith("diag"):
+        moments = diagonal_residuals(fm, gi, x, mu, W[gi], target, view)
+        if moments is not None:
+            s0, s2 = moments
+        elif view.startswith("diag"):
+            diff = x - mu
             s2 = wsum(target, trailing(W[gi], 1), diff.square())
             s0 = wsum(target[:-1] + (1,), trailing(W[gi], 1)).expand(target)
         else:
+            diff = x - mu
             s2 = wsum(target, W[gi], diff.square().sum(-1))
             s0 = wsum(target, W[gi]) * D
         S2 = to_param(fm, gi, slot, which, old.shape, s2)
