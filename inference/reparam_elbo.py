@@ -25,16 +25,22 @@ loses a score-function term, and a resumed run reproduces the numbers of an unbr
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.kl import kl_divergence
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn.module import _is_module_local_param_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import Independent
+from torch.distributions import Independent, biject_to
 
 from jointkl.minibatch import ScaleDataPlate
 from jointkl.sites import DATA_PLATE
@@ -81,6 +87,109 @@ class _SitePass(Messenger):
 
     def _pyro_post_param(self, msg) -> None:
         self.params[msg["name"]] = msg["value"].unconstrained()
+
+
+class _AutoNormalSites:
+    """An :class:`~pyro.infer.autoguide.AutoNormal` guide's step without its call through
+    Pyro: the same draws, values, log-densities and gradients, read straight from the param
+    store.
+
+    Each call of AutoNormal re-creates its plates, fetches every loc and scale through a
+    ``pyro.param`` message (a PyroModule attribute look-up, the handler stack), builds the
+    transform to the site's support and two distribution objects per latent, all with the
+    same result every step: the guide's structure is its prototype trace, fixed once built.
+    This computes, per latent site in the prototype's order, what AutoNormal's ``forward``
+    does,
+
+        u = loc + ε·scale,  ε ~ N(0, I)        (site ``<name>_unconstrained``, auxiliary)
+        z = T(u),  log-density log|det ∂T⁻¹/∂z|   (site ``<name>``, a Delta at z)
+
+    with T = ``biject_to(support)``, loc and scale the constrained params (``store[name]``,
+    exactly what ``pyro.param`` returns), so the torch RNG is consumed in the same order. It
+    returns the sites in the format of :class:`_SitePass`, so the ELBO is summed by the same
+    code. :meth:`plan` builds one only for a guide it can reproduce: AutoNormal's own
+    ``forward`` and ``_get_loc_and_scale``, no ``create_plates``, no subsampled plate, and
+    each loc and scale already in the param store; :meth:`applies` re-checks per step that no
+    outer handler would have seen the guide's messages and that the prototype is unchanged.
+    """
+
+    def __init__(self, guide: AutoNormal, entries: list[tuple]):
+        self.guide = guide
+        self.prototype = guide.prototype_trace
+        self.entries = entries
+
+    @classmethod
+    def plan(cls, guide: Any) -> _AutoNormalSites | None:
+        """The plan for ``guide``, or None when its step must go through Pyro."""
+        if (
+            not isinstance(guide, AutoNormal)
+            or type(guide).forward is not AutoNormal.forward
+            or type(guide)._get_loc_and_scale is not AutoNormal._get_loc_and_scale
+            or guide.prototype_trace is None
+            or guide.create_plates is not None
+            or guide.master is not None
+            or _is_module_local_param_enabled()
+        ):
+            return None
+        store = pyro.get_param_store()
+        entries = []
+        for name, site in guide.prototype_trace.iter_stochastic_nodes():
+            frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+            if any(f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
+                return None  # a subsampled plate slices the params: Pyro's job
+            names = []
+            for module in (guide.locs, guide.scales):
+                path, _, attr = name.rpartition(".")
+                owner = attrgetter(path)(module) if path else module
+                names.append(owner._pyro_get_fullname(attr))
+            if not all(n in store for n in names):
+                return None
+            transform = biject_to(site["fn"].support)
+            event_dim = site["fn"].event_dim
+            aux_event_dim = guide._event_dims[name]
+            entries.append((name, names[0], names[1], transform, event_dim, aux_event_dim, frames))
+        return cls(guide, entries)
+
+    def applies(self, guide: Any) -> bool:
+        """This plan stands for this call of ``guide``: same guide and prototype, and no
+        handler outside the ELBO (a user's ``poutine`` context) that would see its messages."""
+        return guide is self.guide and guide.prototype_trace is self.prototype and not _PYRO_STACK
+
+    def sites(self) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+        """One draw of the guide: (sites by name, as :class:`_SitePass` keeps them;
+        unconstrained params by name, in the order the guide touches them)."""
+        store = pyro.get_param_store()
+        raw = store._params
+        sites: dict[str, dict] = {}
+        params: dict[str, torch.Tensor] = {}
+        for name, loc_name, scale_name, transform, event_dim, aux_event_dim, frames in self.entries:
+            loc, scale = store[loc_name], store[scale_name]
+            params[loc_name], params[scale_name] = raw[loc_name], raw[scale_name]
+            q = dist.Normal(loc, scale, validate_args=False)
+            u = q.rsample()
+            value = transform(u)
+            log_density = transform.inv.log_abs_det_jacobian(value, u)
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+            sites[name + "_unconstrained"] = _guide_site(q.to_event(aux_event_dim), u, frames)
+            delta = dist.Delta(
+                value, log_density=log_density, event_dim=event_dim, validate_args=False
+            )
+            sites[name] = _guide_site(delta, value, frames)
+        return sites, params
+
+
+def _guide_site(fn, value: torch.Tensor, frames: tuple) -> dict[str, Any]:
+    """A guide sample site with the keys the ELBO sum and the model's replay read."""
+    return {
+        "name": None,
+        "fn": fn,
+        "value": value,
+        "is_observed": False,
+        "infer": {},
+        "scale": 1.0,
+        "mask": None,
+        "cond_indep_stack": frames,
+    }
 
 
 def _rng_state() -> tuple:
@@ -144,6 +253,10 @@ class ReparamELBO:
         self._calls = 0
         self.reparameterised = True  # False once a step needed the general estimator
         self.last_params: list[torch.Tensor] = []
+        # An AutoNormal guide's step computed without Pyro's per-call machinery (built on the
+        # first pathwise step; None: the guide is run through Pyro).
+        self._autonormal: _AutoNormalSites | None = None
+        self._planned_for: Any = None
 
     def _negative_elbo(self, model, guide, args, kwargs) -> torch.Tensor | None:
         """−ELBO from one guide draw, or None (RNG rewound) when the general class must run."""
@@ -151,13 +264,21 @@ class ReparamELBO:
         if self._calls == 1 or not self.reparameterised:
             return None
         rng = _rng_state()
-        with _SitePass() as guide_pass:
-            guide(*args, **kwargs)
-        with _SitePass(replay=guide_pass.sites) as model_pass:
+        if self._planned_for is not guide:
+            self._planned_for, self._autonormal = guide, _AutoNormalSites.plan(guide)
+        if self._autonormal is not None and self._autonormal.applies(guide):
+            guide_sites, guide_params = self._autonormal.sites()
+            guide_invalid = False
+        else:
+            with _SitePass() as guide_pass:
+                guide(*args, **kwargs)
+            guide_sites, guide_params = guide_pass.sites, guide_pass.params
+            guide_invalid = guide_pass.invalid
+        with _SitePass(replay=guide_sites) as model_pass:
             model(*args, **kwargs)
-        guide_sites = dict(guide_pass.sites)
+        guide_sites = dict(guide_sites)
         if (
-            guide_pass.invalid
+            guide_invalid
             or model_pass.invalid
             or not all(g["fn"].has_rsample for g in guide_sites.values())
         ):
@@ -167,7 +288,7 @@ class ReparamELBO:
             self.reparameterised = False
             _set_rng_state(rng)
             return None
-        self.last_params = list({**guide_pass.params, **model_pass.params}.values())
+        self.last_params = list({**guide_params, **model_pass.params}.values())
         elbo: Any = 0.0
         k = self.data_scale
         for name, site in model_pass.sites.items():
