@@ -58,22 +58,37 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "em",
         "em.py",
-        (),
+        ("--cases", "defaults,gmm,hmm,hard"),
         ("scikit-learn", "hmmlearn", "pomegranate"),
-        "EM at the default mixture / HMM settings against scikit-learn, hmmlearn, pomegranate",
+        "EM at the defaults (and from a shared start) against scikit-learn, hmmlearn, pomegranate",
     ),
-    Benchmark("crf", "crf.py", (), ("pytorch-crf",), "LinearChainCRF against pytorch-crf"),
-    Benchmark("text", "text.py", (), ("jieba",), "unsupervised segmentation pipeline"),
+    Benchmark(
+        "crf",
+        "crf.py",
+        ("--threads", "1", "--repeat", "21"),
+        ("pytorch-crf",),
+        "LinearChainCRF log-likelihood + backward and Viterbi against pytorch-crf",
+    ),
+    Benchmark(
+        "text",
+        "text.py",
+        (),
+        ("jieba", "nlp-zero"),
+        "unsupervised segmentation: pipeline, per-sentence segmentation against jieba, parsing",
+    ),
     Benchmark(
         "svi",
         "svi_overhead.py",
-        (),
+        ("--cases", "vae-fit,regression-fit", "--rounds", "5", "--fit-steps", "1000"),
         (),
         "SVI whole fit against a hand-written PyTorch loop (same optimiser)",
     ),
     Benchmark("optim", "optim_overhead.py", (), (), "jointkl.optim step against torch.optim"),
-    Benchmark("nce", "nce.py", (), (), "NCE / negative sampling"),
+    Benchmark("nce", "nce.py", (), (), "NCE / negative sampling against a full softmax"),
     Benchmark("langevin", "langevin.py", (), ("pyro-ppl",), "Langevin against Pyro's NUTS"),
+    Benchmark(
+        "postfit", "postfit.py", (), ("arviz",), "post-fit work (to_arviz, netCDF, plots) vs fit"
+    ),
 )
 
 
