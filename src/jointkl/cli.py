@@ -113,7 +113,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from jointkl.runs import RunDir, tensor_digest
     from jointkl.zoo import hook
 
-    if args.draws < 1:
+    if args.draws is not None and args.draws < 1:
         raise InputError(f"--draws must be a whole number >= 1, got {args.draws}")
     engine_name = args.engine
     if engine_name is None and not args.resume:
