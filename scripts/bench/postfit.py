@@ -50,6 +50,7 @@ CASES = (
     "energy/nce",
     "skipgram/nce",
     "energy/langevin",
+    "vae/langevin",
 )
 
 
