@@ -322,11 +322,10 @@ def loo_report(idata) -> Any:
 
 
 # ---------------------------------------------------------------------- plots
-def _save(fig, path: Path, laid_out: bool = False) -> Path:
-    """Write ``fig`` as a PNG; ``laid_out``: its margins are set already (no "tight" pass)."""
+def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     # A figure with a layout engine is already laid out; "tight" would draw it twice.
-    tight = None if laid_out or fig.get_layout_engine() is not None else "tight"
+    tight = None if fig.get_layout_engine() is not None else "tight"
     fig.savefig(buf, format="png", dpi=100, bbox_inches=tight)
     plt.close(fig)
     return atomic_write_bytes(buf.getvalue(), path)
@@ -468,6 +467,7 @@ def _panel_grid(nrows: int, ncols: int, width: float, height: float) -> dict[str
 
 def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
     import arviz as az
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
     entries = _posterior_entries(idata, notes)
     cap = PAGE_PANELS * MAX_PAGES
@@ -488,6 +488,8 @@ def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
             figsize=(3.6 * ncols, 2.6 * nrows),
             squeeze=False,
             gridspec_kw=_panel_grid(nrows, ncols, 3.6, 2.6),
+            # margins set above: a layout engine that does nothing (no "tight" pass either)
+            layout=PlaceHolderLayoutEngine(adjust_compatible=True, colorbar_gridspec=True),
         )
         for ax, (label, draws) in zip(axes.ravel(), page, strict=False):
             finite = draws[np.isfinite(draws)]
@@ -511,8 +513,7 @@ def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
         for ax in axes.ravel()[len(page) :]:
             ax.set_visible(False)
         fig.suptitle(f"Posterior draws, page {p} of {len(pages)}")
-        path = out / _page_name("posterior", p, numbered=True)
-        written.append(_save(fig, path, laid_out=True))
+        written.append(_save(fig, out / _page_name("posterior", p, numbered=True)))
     return written
 
 
