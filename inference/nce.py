@@ -197,6 +197,30 @@ def pointwise_log_density(
     return g, global_term
 
 
+def _refuse_latents(model: Callable, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a model with latent sites before any noise reaches it: run on noise, such a
+    model (a mixture of binary data, a VAE) fails on its own data checks first, with a
+    message that does not say what NCE needs. Leaves the param store empty."""
+    try:
+        with torch.no_grad():
+            tr = poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (the model's own error surfaces at the first pass)
+        return
+    finally:
+        pyro.clear_param_store()
+    latent = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not site_is_subsample(s) and not s["is_observed"]
+    ]
+    if latent:
+        raise InputError(
+            f"NCE: the model has latent sample site(s) {latent}; NCE needs a fully observed "
+            "unnormalised density (pyro.factor or observed sites only): sum the latents out "
+            "in the energy, or fit with SVI/EM"
+        )
+
+
 def _float_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.dtype.is_floating_point else torch.get_default_dtype()
 
@@ -578,6 +602,7 @@ class NCE(Engine):
 
         pyro.clear_param_store()
         model = pair.model
+        _refuse_latents(model, args, kwargs)
 
         def batch_terms(idx, drawn=None):
             """G and log q at a batch of data and its noise; idx=None is the whole data.

@@ -484,7 +484,16 @@ class SVI(Engine):
                     key = "lr" if "lr" in group else "step_size"  # jointkl.optim: step size ε
                     group.setdefault("initial_lr", group[key])
                     group[key] = group["initial_lr"] * lr_factor
-        optim(params)
+        try:
+            optim(params)
+        except RuntimeError as e:
+            if "sparse" not in str(e):
+                raise
+            raise InputError(
+                f"SVI: optim={self.settings.optim!r} cannot take the model's sparse gradients "
+                "(embedding lookups with sparse=True); use optim='sgd' or 'adagrad', or an "
+                "engine made for the model (NCE for an unnormalised one)"
+            ) from e
         for p in params:
             # None, not zeros: the next backward assigns instead of allocating and adding
             # (torch's zero_grad(set_to_none=True)); optimisers skip None-grad params.

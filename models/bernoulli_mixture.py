@@ -22,6 +22,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.ops.indexing import Vindex
 
 from jointkl.errors import InputError
 from jointkl.settings import check_all, one_of, positive_float, positive_int
@@ -132,8 +133,9 @@ class BernoulliMixture(ZooModel):
             a, b = (torch.tensor(v, **opts) for v in self.beta)
             with pyro.plate("components", K, dim=-1):
                 probs = pyro.sample("probs", dist.Beta(a, b).expand([D]).to_event(1))
+            probs = probs.unsqueeze(-3)  # batch dims left of "components" stay left of "data"
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample(
                 "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
             )
-            pyro.sample("obs", dist.Bernoulli(probs[z]).to_event(1), obs=x)
+            pyro.sample("obs", dist.Bernoulli(Vindex(probs)[..., z, :]).to_event(1), obs=x)

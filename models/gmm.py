@@ -30,6 +30,7 @@ import torch
 from jointkl.models.wishart import PrecisionWishart
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
+from pyro.ops.indexing import Vindex
 
 from jointkl.errors import InputError
 from jointkl.settings import check_all, one_of, positive_float, positive_int
@@ -198,11 +199,16 @@ class GaussianMixture(ZooModel):
     def model(self, x: torch.Tensor) -> None:
         x = self._check(x)
         weights, locs, tril = self._globals(x)
+        if self.priors is not None:
+            # the "components" plate's dim becomes the "data" plate's once indexed by z: a
+            # singleton keeps batch dims left of it (draws, particles) left of the data plate
+            locs, tril = locs.unsqueeze(-3), tril.unsqueeze(-4)
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample(
                 "assignment", dist.Categorical(weights), infer={"enumerate": "parallel"}
             )
-            pyro.sample("obs", dist.MultivariateNormal(locs[z], scale_tril=tril[z]), obs=x)
+            loc, scale_tril = Vindex(locs)[..., z, :], Vindex(tril)[..., z, :, :]
+            pyro.sample("obs", dist.MultivariateNormal(loc, scale_tril=scale_tril), obs=x)
 
     # -------------------------------------------------------------- prediction
     def predict_proba(self, x: torch.Tensor, fit) -> torch.Tensor:

@@ -32,6 +32,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
+from pyro.ops.indexing import Vindex
 
 from jointkl.errors import InputError
 from jointkl.settings import check_all, one_of, optional, positive_float, positive_int
@@ -287,10 +288,11 @@ class HMM(ZooModel):
 
     def _emission(self, g: dict[str, torch.Tensor], s: torch.Tensor):
         if self.emission == "categorical":
-            return dist.Categorical(g["emit"][s])
+            return dist.Categorical(Vindex(g["emit"])[..., s, :])
         if "scale_tril" in g:
-            return dist.MultivariateNormal(g["locs"][s], scale_tril=g["scale_tril"][s])
-        return dist.Normal(g["locs"][s], g["scales"][s]).to_event(1)
+            loc, tril = Vindex(g["locs"])[..., s, :], Vindex(g["scale_tril"])[..., s, :, :]
+            return dist.MultivariateNormal(loc, scale_tril=tril)
+        return dist.Normal(Vindex(g["locs"])[..., s, :], Vindex(g["scales"])[..., s, :]).to_event(1)
 
     def model(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """``x``: (S, T[, D]) sequences; ``lengths``: (S,) their lengths when they differ
@@ -298,11 +300,18 @@ class HMM(ZooModel):
         x = self._check(x)
         lengths = self._check_lengths(lengths, x)
         g = self._globals(x, lengths)
+        if self.priors is not None:
+            # the "states" plate's dim becomes the "data" plate's once indexed by a state: a
+            # singleton keeps batch dims left of it (draws, particles) left of the data plate
+            g = {
+                k: v if k == "init" else v.unsqueeze(-4 if k == "scale_tril" else -3)
+                for k, v in g.items()
+            }
         S, T = x.shape[:2]
         with pyro.plate("data", S, dim=-1):
             s = None
             for t in pyro.markov(range(T)):
-                probs = g["init"] if t == 0 else g["trans"][s]
+                probs = g["init"] if t == 0 else Vindex(g["trans"])[..., s, :]
                 s = pyro.sample(
                     f"state_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
                 )

@@ -43,8 +43,6 @@ TINY = {
 
 # Fits that raise instead of fitting or refusing (bugs outside diagnose; see the report).
 KNOWN_FIT_CRASHES = {
-    ("skipgram", "svi"): "Adam does not support sparse gradients (SkipGram under SVI)",
-    ("vae", "em"): "dtype mismatch (float64 data, float32 networks) in EM's probe",
 }
 
 _DATA: dict[str, tuple] = {}

@@ -65,6 +65,12 @@ def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
     return v
 
 
+def _is_deterministic(site: Mapping[str, Any]) -> bool:
+    """A ``pyro.deterministic`` site: a function of other sites with no density of its own,
+    so no factor of the model (the converter computes it per posterior draw)."""
+    return bool(site["infer"].get("_deterministic", False))
+
+
 def refuse_continuous_latent(name: str, site: Mapping[str, Any]) -> None:
     """Raise InputError if ``site`` is a continuous latent inside the data plate."""
     in_data = any(f.name == DATA_PLATE for f in site["cond_indep_stack"])
@@ -144,7 +150,7 @@ class Compiler:
                 v = self.cast(s["value"].detach(), c)
                 fm.free[name] = Free(name, "param", c, v.shape)
                 fm.init[name] = v.clone()
-            if s["type"] != "sample":
+            if s["type"] != "sample" or _is_deterministic(s):
                 continue
             if s["is_observed"]:
                 observed.append(name)
@@ -214,9 +220,17 @@ class Compiler:
     def sample_sites(self) -> list[str]:
         """The sample sites, checked to be the same, with the same shapes, in every probe."""
         t0 = self.traces[0]
-        sites = [n for n, s in t0.nodes.items() if s["type"] == "sample" and n not in ("_RETURN",)]
+        sites = [
+            n
+            for n, s in t0.nodes.items()
+            if s["type"] == "sample" and n not in ("_RETURN",) and not _is_deterministic(s)
+        ]
         for tr_ in self.traces[1:]:
-            other = [n for n, s in tr_.nodes.items() if s["type"] == "sample"]
+            other = [
+                n
+                for n, s in tr_.nodes.items()
+                if s["type"] == "sample" and not _is_deterministic(s)
+            ]
             if other != sites or any(
                 tr_.nodes[n]["log_prob"].shape != t0.nodes[n]["log_prob"].shape for n in sites
             ):

@@ -444,8 +444,30 @@ def _posterior_entries(idata, notes: list[str]) -> list[tuple[str, np.ndarray]]:
     return entries
 
 
+def _panel_grid(nrows: int, ncols: int, width: float, height: float) -> dict[str, float]:
+    """Fixed margins (inches) for a grid of ``width`` x ``height`` inch panels with a
+    suptitle, two-line panel titles and axis labels, as ``subplots`` gridspec fractions.
+    Every panel of these pages has the same furniture, so the spacing a layout engine
+    would find is known in advance: measuring every tick label of a page (constrained
+    layout) took about a third of the plotting time of a mixture's posterior pages."""
+    left, right, top, bottom = 0.75, 0.15, 0.85, 0.45  # top: suptitle + first row's titles
+    gap_w, gap_h = 0.8, 0.95  # between panels: y tick labels; x label + next titles
+    fig_w, fig_h = width * ncols, height * nrows
+    ax_w = (fig_w - left - right - gap_w * (ncols - 1)) / ncols
+    ax_h = (fig_h - top - bottom - gap_h * (nrows - 1)) / nrows
+    return {
+        "left": left / fig_w,
+        "right": 1 - right / fig_w,
+        "top": 1 - top / fig_h,
+        "bottom": bottom / fig_h,
+        "wspace": gap_w / ax_w,
+        "hspace": gap_h / ax_h,
+    }
+
+
 def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
     import arviz as az
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
     entries = _posterior_entries(idata, notes)
     cap = PAGE_PANELS * MAX_PAGES
@@ -461,7 +483,13 @@ def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
         ncols = min(3, len(page))
         nrows = math.ceil(len(page) / ncols)
         fig, axes = plt.subplots(
-            nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False, layout="constrained"
+            nrows,
+            ncols,
+            figsize=(3.6 * ncols, 2.6 * nrows),
+            squeeze=False,
+            gridspec_kw=_panel_grid(nrows, ncols, 3.6, 2.6),
+            # margins set above: a layout engine that does nothing (no "tight" pass either)
+            layout=PlaceHolderLayoutEngine(adjust_compatible=True, colorbar_gridspec=True),
         )
         for ax, (label, draws) in zip(axes.ravel(), page, strict=False):
             finite = draws[np.isfinite(draws)]
