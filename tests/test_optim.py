@@ -429,9 +429,11 @@ def test_step_loop_carries_the_state_saves_it_and_keeps_the_last_good_one(tmp_pa
     with pytest.raises(FitDivergedError):
         loop.run(state, step)
     assert state.step == 7 and state.history == [float(i) for i in range(7)]
-    assert saved == [3, 6, 7]  # every 3 steps, then the last good state
-    back = LoopState.load(tmp_path / "step-00000007.pt")
-    assert back.step == 7 and back.history == state.history and float(back.params["w"]) == 7.0
+    # every 3 steps; the state that met the divergence is never saved, so the newest
+    # checkpoint (step 6) is the last state whose objective was evaluated finite
+    assert saved == [3, 6] and not (tmp_path / "step-00000007.pt").exists()
+    back = LoopState.load(tmp_path / "step-00000006.pt")
+    assert back.step == 6 and back.history == state.history[:6] and float(back.params["w"]) == 6.0
 
     def interrupt(i, value):
         if i == 8:

@@ -28,8 +28,8 @@ from jointkl.text import (
     split_line,
 )
 from jointkl.text.commands import add_commands
-from jointkl.text.lexicon import remove_redundant
 from jointkl.text.presplit import coded_chunks, decode_words
+from jointkl.text.wordfinder import remove_redundant
 
 # -- pre-splitting ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ makes the average code length per character, −Σ p_w log p_w / Σ p_w len(w), 
 
 from jointkl.text.corpus import Corpus
 from jointkl.text.lattice import WordIndex, WordLattice, semimarkov_forward
-from jointkl.text.lexicon import Lexicon, WordFinder
+from jointkl.text.lexicon import Lexicon
 from jointkl.text.presplit import split_line
 from jointkl.text.scoring import SegmentationScore, score_segmentation
 from jointkl.text.segmenter import Segmenter
@@ -23,6 +23,7 @@ from jointkl.text.templates import (
     Templates,
     clauses,
 )
+from jointkl.text.wordfinder import WordFinder
 
 __all__ = [
     "Corpus",

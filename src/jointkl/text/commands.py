@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jointkl.errors import InputError
-from jointkl.text.lexicon import Lexicon, WordFinder
+from jointkl.text.lexicon import Lexicon
 from jointkl.text.segmenter import Segmenter
 from jointkl.text.templates import TemplateFinder, TemplateParser, Templates, clauses
+from jointkl.text.wordfinder import WordFinder
 
 __all__ = ["add_commands", "cmd_words", "cmd_segment", "cmd_templates", "cmd_parse"]
 
