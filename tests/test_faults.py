@@ -275,13 +275,22 @@ def test_bad_settings_on_the_command_line_create_nothing(tmp_path, capsys, setti
 
 @pytest.mark.parametrize(
     "flags, needle",
-    [(["--draws", "0"], "--draws must be a whole number >= 1"), ([], "--engine is required")],
+    [([], "--engine is required")],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, needle):
     argv = ["fit", "gmm", "--out", tmp_path / "run", *flags]
     if flags:
         argv += ["--engine", "em"]
     refused(argv, capsys, tmp_path, needle)
+
+
+def test_a_bad_draws_count_is_refused_by_the_parser_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "gmm", "--engine", "em", "--out", str(tmp_path / "run"), "--draws", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["jointkl fit: error: argument --draws: expected a whole number >= 1, got '0'"]
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- model files
@@ -324,7 +333,7 @@ def model(x):
 def test_loading_a_run_never_imports_its_model_file(tmp_path, capsys):
     model_file = tmp_path / "m.py"
     model_file.write_text(USER_MODEL)
-    np.savetxt(tmp_path / "x.csv", np.random.default_rng(0).normal(size=(20, 1)), delimiter=",")
+    np.savetxt(tmp_path / "x.csv", np.random.default_rng(0).normal(size=(20, 2)), delimiter=",")
     out = tmp_path / "run"
     argv = ["fit", f"{model_file}:model", "--engine", "svi", "--data", tmp_path / "x.csv"]
     argv += ["--out", out, "--set", "steps=5", "--set", "progress=false", "--draws", "5"]
