@@ -25,6 +25,16 @@ from jointkl.fit import Fit
 from jointkl.runs import latest_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """These cases are about files, signals and refusals, not plots: ``jointkl fit`` writes
+    every file of a run except the PNGs (drawing them is ~90 % of a small fit's time; the
+    plots have tests of their own)."""
+    import jointkl.diagnostics
+
+    monkeypatch.setattr(jointkl.diagnostics, "write_plots", lambda fit, idata, out_dir: [])
+
+
 @pytest.fixture
 def csv2(tmp_path):
     rng = np.random.default_rng(0)
