@@ -88,6 +88,7 @@ from jointkl.settings import (
     positive_int,
     setting,
 )
+from jointkl.signals import ForcedStop, polling, signal_name, stop_requested
 from jointkl.sites import DATA_PLATE, trace_model
 
 __all__ = ["Langevin", "LangevinSettings", "LogJoint"]
@@ -307,34 +308,47 @@ class Langevin(Engine):
             state = sampler.run(state, folder)
         elapsed = time.perf_counter() - t0
 
-        draws, extra = state.params["draws"], state.extra
-        C, S = draws.shape[:2]
+        extra, stopped = state.extra, sampler.stopped  # stopped: by SIGINT/SIGTERM, early
+        theta = state.params["theta"]
+        C = theta.shape[0]
+        # The draws kept so far: all of them, or those before the stop (none in warmup).
+        kept = max(0, state.step - s.warmup) if "draws" in state.params else 0
         with torch.no_grad():
-            values, _ = target.constrained(draws.reshape(C * S, -1))
-        samples = {n: v.reshape(C, S, *v.shape[1:]) for n, v in values.items()}
-        rhat = _max_rhat(samples) if C > 1 and S >= 4 else math.nan
+            current, _ = target.constrained(theta)
+            if kept:
+                draws = state.params["draws"][:, :kept]
+                values, _ = target.constrained(draws.reshape(C * kept, -1))
+                samples = {n: v.reshape(C, kept, *v.shape[1:]) for n, v in values.items()}
+                params = {n: v.mean((0, 1)) for n, v in samples.items()}
+            else:  # stopped before sampling: no draws, the chains' mean position
+                samples, params = {}, {n: v.mean(0) for n, v in current.items()}
+        rhat = _max_rhat(samples) if C > 1 and kept >= 4 else math.nan
+        info = {
+            "step_size": extra["eps"],
+            "max_rhat": rhat,
+            "seconds": elapsed,
+            "gradients": extra["gradients"],
+            "data_size": target.data_size,
+            **extra["info"],
+        }
+        if stopped is not None:
+            info["stop_reason"] = stopped
         return Result(
-            params={n: v.mean((0, 1)) for n, v in samples.items()},
+            params=params,
             history=state.history,
             objective="potential",
-            converged=bool(rhat < 1.05),
+            converged=bool(rhat < 1.05) and stopped is None,
             n_iter=state.step,
-            state={"preconditioner": extra["precond"], "last": draws[:, -1].clone()},
+            state={"preconditioner": extra["precond"], "last": theta.clone()},
             samples=samples,
-            info={
-                "step_size": extra["eps"],
-                "max_rhat": rhat,
-                "seconds": elapsed,
-                "gradients": extra["gradients"],
-                "data_size": target.data_size,
-                **extra["info"],
-            },
+            info=info,
         )
 
     @classmethod
     def draws_kind(cls, fit: Any) -> tuple[str, str]:
-        """The sampler's own chains (``to_arviz`` keeps every draw unless told otherwise)."""
-        return "markov_chain", "sgld"
+        """The sampler's own chains (``to_arviz`` keeps every draw unless told otherwise); a
+        run stopped before sampling has none, only the chains' mean position."""
+        return ("markov_chain", "sgld") if fit.samples else ("point_estimate", "")
 
 
 @dataclass(frozen=True)
@@ -382,6 +396,7 @@ class _Sampler:
                 for c in range(settings.num_chains)
             ]
         self.spent = 0  # gradient-equivalents spent in the current advance()
+        self.stopped: str | None = None  # why run() ended before the last step, if it did
 
     # ------------------------------------------------------------------ the state
     def initial(self) -> LoopState:
@@ -432,22 +447,32 @@ class _Sampler:
     # ------------------------------------------------------------------ the loop
     def run(self, state: LoopState, folder: Path | None) -> LoopState:
         """Advance ``state`` to the end, saving it every ``checkpoint_every`` steps into
-        ``folder``, and at the end. On Ctrl-C the state of the last completed step is saved
-        and the interruption goes on; on divergence the checkpoint of the state that met it is removed
-        (the newest left holds finite-potential chains) and
-        :class:`FitDivergedError` goes on."""
+        ``folder``, and at the end. A stop request (SIGINT/SIGTERM under the command line,
+        :mod:`jointkl.signals`) ends the loop at the next step boundary: the state is saved
+        and returned, :attr:`stopped` saying why. On Ctrl-C otherwise the state of
+        the last completed step is saved and the interruption goes on (a step never changes
+        the state it starts from, so even a stop mid-step leaves that state whole); on
+        divergence the checkpoint of the state that met it is removed (the newest left holds
+        finite-potential chains) and :class:`FitDivergedError` goes on."""
         every = self.s.checkpoint_every
         bar = tqdm(
             total=self.total, initial=state.step, disable=not self.s.progress, desc="langevin"
         )
         try:
-            while state.step < self.total:
-                new = self.advance(state)
-                if folder is not None and every and new.step // every > state.step // every:
-                    new.save(folder)
-                bar.update(new.step - state.step)
-                state = new
-        except KeyboardInterrupt:
+            with polling():
+                while state.step < self.total:
+                    new = self.advance(state)
+                    if folder is not None and every and new.step // every > state.step // every:
+                        new.save(folder)
+                    bar.update(new.step - state.step)
+                    state = new
+                    signum = stop_requested()
+                    if signum is not None and state.step < self.total:
+                        self.stopped = (
+                            f"interrupted by {signal_name(signum)} after step {state.step}"
+                        )
+                        break
+        except (KeyboardInterrupt, ForcedStop):
             if folder is not None:
                 state.save(folder)
             raise

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,16 @@ from jointkl.data.tables import PrecisionWarning, bind_arguments, load_table
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
 from jointkl.runs import latest_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """These cases are about files, signals and refusals, not plots: ``jointkl fit`` writes
+    every file of a run except the PNGs (drawing them is ~90 % of a small fit's time; the
+    plots have tests of their own)."""
+    import jointkl.diagnostics
+
+    monkeypatch.setattr(jointkl.diagnostics, "write_plots", lambda fit, idata, out_dir: [])
 
 
 # ---------------------------------------------------------------------- helpers
@@ -184,7 +195,7 @@ def test_em_fits_float64_csv_without_loss(tmp_path, capsys):
     x = 1e6 + np.concatenate([rng.normal(-0.05, 0.01, (30, 1)), rng.normal(0.05, 0.01, (30, 1))])
     np.savetxt(tmp_path / "x.csv", x, delimiter=",")
     out = tmp_path / "run"
-    argv = fit_argv(tmp_path / "x.csv", out, "em", "--set", "n_components=2", "--draws", "5")
+    argv = fit_argv(tmp_path / "x.csv", out, "em", "--set", "n_components=2", "--draws", "2")
     argv += ["--set", "covariance=diag"]
     assert main([*map(str, argv), "--set", "progress=false"]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -275,13 +286,22 @@ def test_bad_settings_on_the_command_line_create_nothing(tmp_path, capsys, setti
 
 @pytest.mark.parametrize(
     "flags, needle",
-    [(["--draws", "0"], "--draws must be a whole number >= 1"), ([], "--engine is required")],
+    [([], "--engine is required")],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, needle):
     argv = ["fit", "gmm", "--out", tmp_path / "run", *flags]
     if flags:
         argv += ["--engine", "em"]
     refused(argv, capsys, tmp_path, needle)
+
+
+def test_a_bad_draws_count_is_refused_by_the_parser_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "gmm", "--engine", "em", "--out", str(tmp_path / "run"), "--draws", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["jointkl fit: error: argument --draws: expected a whole number >= 1, got '0'"]
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- model files
@@ -324,10 +344,10 @@ def model(x):
 def test_loading_a_run_never_imports_its_model_file(tmp_path, capsys):
     model_file = tmp_path / "m.py"
     model_file.write_text(USER_MODEL)
-    np.savetxt(tmp_path / "x.csv", np.random.default_rng(0).normal(size=(20, 1)), delimiter=",")
+    np.savetxt(tmp_path / "x.csv", np.random.default_rng(0).normal(size=(20, 2)), delimiter=",")
     out = tmp_path / "run"
     argv = ["fit", f"{model_file}:model", "--engine", "svi", "--data", tmp_path / "x.csv"]
-    argv += ["--out", out, "--set", "steps=5", "--set", "progress=false", "--draws", "5"]
+    argv += ["--out", out, "--set", "steps=5", "--set", "progress=false", "--draws", "2"]
     assert main([str(a) for a in argv]) == 0
     spec = json.loads((out / "fit.json").read_text())["model_spec"]
     assert spec["sha256"].startswith("sha256:") and spec["file"] == str(model_file)
@@ -357,7 +377,7 @@ def svi_argv(data, out, steps=20, *extra):
     return [
         "fit", "gmm", "--engine", "svi", "--data", str(data), "--out", str(out),
         "--set", "n_components=2", "--set", "covariance=diag", "--set", f"steps={steps}",
-        "--set", "checkpoint_every=5", "--set", "progress=false", "--draws", "5", *extra,
+        "--set", "checkpoint_every=5", "--set", "progress=false", "--draws", "2", *extra,
     ]  # fmt: skip
 
 
@@ -436,7 +456,7 @@ def test_resume_reuses_saved_settings_and_continues_exactly(tmp_path, capsys, cs
     assert main(svi_argv(csv2, whole, 30)) == 0
     assert main(svi_argv(csv2, cut, 15)) == 0
     capsys.readouterr()
-    argv = ["fit", "gmm", "--out", str(cut), "--resume", "--set", "steps=30", "--draws", "5"]
+    argv = ["fit", "gmm", "--out", str(cut), "--resume", "--set", "steps=30", "--draws", "2"]
     assert main(argv) == 0
     assert "resuming from" in capsys.readouterr().err
     a, b = Fit.load(whole), Fit.load(cut)
@@ -467,7 +487,7 @@ def test_divergence_keeps_only_good_checkpoints_and_resume_with_smaller_lr_works
     out = tmp_path / "run"
     argv = ["fit", f"{tmp_path / 'w.py'}:model", "--engine", "svi", "--data", str(csv2)]
     argv += ["--out", str(out), "--set", "optim=sgd", "--set", "checkpoint_every=1"]
-    argv += ["--set", "progress=false", "--draws", "5"]
+    argv += ["--set", "progress=false", "--draws", "2"]
     assert main([*argv, "--set", "steps=10", "--set", "lr=0.001"]) == 0
     capsys.readouterr()
     assert main([*argv, "--resume", "--set", "steps=40", "--set", "lr=1e30"]) == 1
@@ -512,6 +532,21 @@ def test_checkpoints_are_pruned_and_files_get_the_usual_mode(tmp_path, csv2):
     assert len(set(modes.values())) == 1, modes  # fit.json like inference_data.nc
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished 5-step SVI run, fitted once for the cases that damage a copy of it."""
+    root = tmp_path_factory.mktemp("finished")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-3, 0.5, (20, 2)), rng.normal(3, 0.5, (20, 2))])
+    np.savetxt(root / "d.csv", x, delimiter=",", header="a,b", comments="")
+    with pytest.MonkeyPatch.context() as patch:  # no PNGs, as in no_plots
+        import jointkl.diagnostics
+
+        patch.setattr(jointkl.diagnostics, "write_plots", lambda fit, idata, out_dir: [])
+        assert main(svi_argv(root / "d.csv", root / "run", 5)) == 0
+    return root / "run"
+
+
 @pytest.mark.parametrize(
     "damage, needle",
     [
@@ -521,9 +556,8 @@ def test_checkpoints_are_pruned_and_files_get_the_usual_mode(tmp_path, csv2):
         ("remove fit.json", "fit.json not found"),
     ],
 )
-def test_damaged_run_loads_with_one_line_errors(tmp_path, capsys, csv2, damage, needle):
-    out = tmp_path / "run"
-    assert main(svi_argv(csv2, out, 5)) == 0
+def test_damaged_run_loads_with_one_line_errors(tmp_path, finished_run, damage, needle):
+    out = shutil.copytree(finished_run, tmp_path / "run")
     if damage == "truncate tensors":
         (out / "tensors.pt").write_bytes((out / "tensors.pt").read_bytes()[:200])
     elif damage == "drop keys":
@@ -538,9 +572,8 @@ def test_damaged_run_loads_with_one_line_errors(tmp_path, capsys, csv2, damage, 
         Fit.load(out)
 
 
-def test_resume_with_a_corrupt_config_is_refused(tmp_path, capsys, csv2):
-    out = tmp_path / "run"
-    assert main(svi_argv(csv2, out, 5)) == 0
+def test_resume_with_a_corrupt_config_is_refused(tmp_path, capsys, csv2, finished_run):
+    out = shutil.copytree(finished_run, tmp_path / "run")
     (out / "config.json").write_text("{}")
     refused(svi_argv(csv2, out, 10, "--resume"), capsys, tmp_path, "lacks")
 

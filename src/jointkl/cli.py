@@ -272,7 +272,7 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
         raise FitDivergedError(f"{str(e).splitlines()[0]}{tail}") from e
     except Exception as e:
         run.discard()
-        err = user_file_error(e, model_spec)
+        err = user_file_error(e, model_spec) or _dtype_error(e, args, data_args, data_kwargs)
         if err is not None:
             raise err from e
         raise
@@ -319,6 +319,25 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     print(f"  inference data: {run.inference_data}")
     print(f"  plots:          {run.plots}/")
     return 0
+
+
+def _dtype_error(error: BaseException, args, data_args, data_kwargs) -> InputError | None:
+    """One line for a model whose own tensors (a network's weights) are float32 fitted on
+    data asked to be float64 (``--dtype float64``): torch refuses to mix the two inside the
+    model, which would otherwise end in a traceback."""
+    import torch
+
+    text = str(error)
+    mixed = "dtype" in text or "scalar type" in text
+    if args.dtype != "float64" or not isinstance(error, RuntimeError) or not mixed:
+        return None
+    wide = [a for a in [*data_args, *data_kwargs.values()] if isinstance(a, torch.Tensor)]
+    if not any(a.dtype == torch.float64 for a in wide):
+        return None
+    return InputError(
+        f"model {args.model!r} takes float32 data (its networks' weights are float32), not "
+        f"--dtype float64; omit --dtype or give --dtype float32"
+    )
 
 
 def signal_number(name: str) -> int:
@@ -529,7 +548,7 @@ def cmd_segment_model(args: argparse.Namespace) -> int:
     run = Path(args.model)
     if not (run / "fit.json").is_file():
         raise InputError(f"--model {args.model!r}: no fit.json there; expected a run directory")
-    fit = Fit.load(run)
+    fit = Fit.load(run, trust=args.trust_model_file)
     if not callable(getattr(fit.pair, "segment", None)):
         raise InputError(f"--model {args.model!r}: its model ({fit.model_spec}) cannot segment")
     path = Path(args.text)

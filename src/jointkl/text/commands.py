@@ -177,6 +177,12 @@ def add_commands(
     source.add_argument("--lexicon", help="lexicon TSV from `words`")
     if segment_model is not None:
         source.add_argument("--model", help="run directory of a supervised segmenter")
+        s.add_argument(
+            "--trust-model-file",
+            action="store_true",
+            help="with --model: import the model file the run names (checked against its "
+            "recorded hash); without it, loading a run never runs code from it",
+        )
     s.add_argument("text", help="text to segment, or a UTF-8 file to segment line by line")
     s.add_argument("--out", help="write the segmented lines here instead of stdout")
 
