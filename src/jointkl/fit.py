@@ -101,6 +101,7 @@ class Fit:
             objective=self.objective,
             log_density_offset=engine.log_density_offset(self),
             num_samples=num_samples,
+            sample_stats=engine.sample_stats(self, num_samples, seed),
         )
 
     def posterior_draws(self, num_samples: int = 500, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -195,6 +195,7 @@ def to_inference_data(
     objective: str = "loss",
     log_density_offset: float = 0.0,
     num_samples: int = 500,
+    sample_stats: Mapping[str, torch.Tensor] | None = None,
 ):
     """Build the InferenceData of ``model`` on its data (see the module docstring).
 
@@ -204,6 +205,9 @@ def to_inference_data(
     :param log_density_offset: a constant added to every pointwise log-likelihood (e.g.
         −log Z, when the model's density is known up to an estimated normaliser).
     :param num_samples: draws per chain when ``draws`` is empty (a model with no latents).
+    :param sample_stats: per-draw sampler statistics ``(chain, draw)`` by ArviZ name (an
+        MCMC engine's ``diverging``, ``tree_depth``, ...), put in ``sample_stats`` beside
+        the objective's history.
     """
     import arviz as az
 
@@ -212,7 +216,9 @@ def to_inference_data(
     if not observed:
         # An objective-only model (e.g. InfoMax): no likelihood to compare with data, so only
         # the posterior draws (if any) and the objective trace.
-        return _without_observations(draws, history, objective)
+        idata = _without_observations(draws, history, objective)
+        _add_sample_stats(idata, sample_stats)
+        return idata
     nesting = max_plate_nesting(base)
     chains, ndraw = next(iter(draws.values())).shape[:2] if draws else (1, num_samples)
 
@@ -266,7 +272,27 @@ def to_inference_data(
             dims=dims,
         )
     _add_history(idata, history, objective)
+    _add_sample_stats(idata, sample_stats)
     return idata
+
+
+def _add_sample_stats(idata, stats: Mapping[str, torch.Tensor] | None) -> None:
+    """Add (chain, draw) statistics to the ``sample_stats`` group (made if absent)."""
+    import xarray as xr
+
+    if not stats:
+        return
+    data = {}
+    for k, v in stats.items():
+        a = v.detach().cpu().numpy()
+        data[k] = (("chain", "draw"), a)
+    chains, ndraw = next(iter(data.values()))[1].shape
+    coords = {"chain": np.arange(chains), "draw": np.arange(ndraw)}
+    group = xr.Dataset(data, coords=coords)
+    if "sample_stats" in idata.groups():
+        idata.sample_stats = xr.merge([idata.sample_stats, group])
+    else:
+        idata.add_groups(sample_stats=group)
 
 
 def _add_history(idata, history, objective: str) -> None:
