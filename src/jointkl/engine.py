@@ -181,6 +181,13 @@ class Engine:
         return None
 
     @classmethod
+    def sample_stats(cls, fit: Fit, num_samples: int | None, seed: int) -> dict[str, torch.Tensor]:
+        """Per-draw sampler statistics under ArviZ's names (``diverging``, ``tree_depth``,
+        ...), each ``(chain, draw)`` and thinned like :meth:`posterior_draws`, for the
+        ``sample_stats`` group. Default: none."""
+        return {}
+
+    @classmethod
     def log_density_offset(cls, fit: Fit) -> float:
         """A constant added to every pointwise log-likelihood (e.g. −log Z for a model whose
         density the engine knows only up to a normaliser it estimated). Default: 0."""

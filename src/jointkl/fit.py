@@ -146,6 +146,7 @@ class Fit:
             seed=seed,
             num_predictive=num_samples or DEFAULT_DRAWS,
             progress=progress,
+            sample_stats=engine.sample_stats(self, num_samples, seed),
         )
 
     def posterior_draws(

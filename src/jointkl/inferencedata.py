@@ -440,6 +440,7 @@ def to_inference_data(
     seed: int = 0,
     num_predictive: int = 100,
     progress: bool = False,
+    sample_stats: Mapping[str, torch.Tensor] | None = None,
 ):
     """Build the InferenceData of ``model`` on its data (see the module docstring).
 
@@ -457,6 +458,9 @@ def to_inference_data(
     :param num_predictive: posterior-predictive draws of a point estimate (no posterior
         draws to follow).
     :param progress: show a progress bar over the draws.
+    :param sample_stats: per-draw sampler statistics ``(chain, draw)`` by ArviZ name (an
+        MCMC engine's ``diverging``, ``tree_depth``, ...), put in ``sample_stats`` beside
+        the objective's history.
     """
     import arviz as az
 
@@ -623,6 +627,7 @@ def to_inference_data(
     if "log_likelihood" in idata.groups():
         idata.log_likelihood.attrs.update(ll_attrs)
     _add_history(idata, history, objective, attrs)
+    _add_sample_stats(idata, sample_stats)
     return idata
 
 
@@ -634,6 +639,25 @@ def _row_of(v: torch.Tensor, event_dim: int, r: int, lay: _Layout) -> torch.Tens
         return v  # does not depend on the draw
     idx = batch - lay.nesting - 1
     return v.squeeze(idx) if v.shape[idx] == 1 else v.select(idx, r)
+
+
+def _add_sample_stats(idata, stats: Mapping[str, torch.Tensor] | None) -> None:
+    """Add (chain, draw) statistics to the ``sample_stats`` group (made if absent)."""
+    import xarray as xr
+
+    if not stats:
+        return
+    data = {}
+    for k, v in stats.items():
+        a = v.detach().cpu().numpy()
+        data[k] = (("chain", "draw"), a)
+    chains, ndraw = next(iter(data.values()))[1].shape
+    coords = {"chain": np.arange(chains), "draw": np.arange(ndraw)}
+    group = xr.Dataset(data, coords=coords)
+    if "sample_stats" in idata.groups():
+        idata.sample_stats = xr.merge([idata.sample_stats, group])
+    else:
+        idata.add_groups(sample_stats=group)
 
 
 def _add_history(idata, history, objective: str, attrs: Mapping[str, Any] | None = None) -> None:
