@@ -8,7 +8,8 @@ Cases (one JSON object each on stdout):
   so that neither stops early): ``EM().fit(GaussianMixture(8, cov), x)`` for full, diag and
   spherical against scikit-learn's ``GaussianMixture(8, covariance_type=cov)`` at N=20k (and
   N=200k without ``--quick``), D=4, overlapping clusters; ``BernoulliMixture()`` on the
-  binarised digits against a NumPy Bernoulli-mixture EM; ``HMM()`` on its default data and
+  binarised digits against a NumPy Bernoulli-mixture EM (and both from the anchor's k-means
+  start, a *same start* row, as for every covariance); ``HMM()`` on its default data and
   ``HMM(6)`` on 100 x 500 steps against hmmlearn's ``GaussianHMM``. Times, iteration counts
   and the per-point log-likelihood gap (anchor minus jointkl's log-likelihood, the prior
   left out).
