@@ -8,7 +8,8 @@ Cases (one JSON object each on stdout):
   so that neither stops early): ``EM().fit(GaussianMixture(8, cov), x)`` for full, diag and
   spherical against scikit-learn's ``GaussianMixture(8, covariance_type=cov)`` at N=20k (and
   N=200k without ``--quick``), D=4, overlapping clusters; ``BernoulliMixture()`` on the
-  binarised digits against a NumPy Bernoulli-mixture EM; ``HMM()`` on its default data and
+  binarised digits against a NumPy Bernoulli-mixture EM (and both from the anchor's k-means
+  start, a *same start* row, as for every covariance); ``HMM()`` on its default data and
   ``HMM(6)`` on 100 x 500 steps against hmmlearn's ``GaussianHMM``. Times, iteration counts
   and the per-point log-likelihood gap (anchor minus jointkl's log-likelihood, the prior
   left out).
@@ -561,28 +562,41 @@ def default_gmm_rows(args, n: int, covs: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def numpy_bernoulli_mixture(x: np.ndarray, k: int, tol: float, max_iter: int, seed: int):
+def bernoulli_m_step(x: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The anchor's M-step: weights and probabilities (clipped to [1e-10, 1 - 1e-10]) from
+    responsibilities ``r``."""
+    nk = r.sum(0) + 10 * np.finfo(float).eps
+    return nk / len(x), np.clip((r.T @ x) / nk[:, None], 1e-10, 1 - 1e-10)
+
+
+def bernoulli_kmeans_start(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The anchor's start: ``KMeans(k, n_init=1, random_state=seed)`` hard labels, then one
+    M-step (scikit-learn's mixture initialisation)."""
+    from sklearn.cluster import KMeans
+
+    labels = KMeans(k, n_init=1, random_state=seed).fit(x).labels_
+    return bernoulli_m_step(x, np.eye(k)[labels])
+
+
+def numpy_bernoulli_mixture(
+    x: np.ndarray, k: int, tol: float, max_iter: int, seed: int, start=None
+):
     """The anchor: Bernoulli-mixture EM written in NumPy as scikit-learn writes its mixtures
     (k-means responsibilities to start, log-space E-step with logsumexp, probabilities kept
     in [1e-10, 1 - 1e-10], stop when the mean log-likelihood changes by less than ``tol``).
+    ``start``: given (weights, probs) instead of the k-means start.
     Returns (weights, probs, mean log-likelihood, iterations)."""
     from scipy.special import logsumexp
-    from sklearn.cluster import KMeans
-
-    n = len(x)
-    labels = KMeans(k, n_init=1, random_state=seed).fit(x).labels_
-    r = np.eye(k)[labels]
 
     def m_step(r):
-        nk = r.sum(0) + 10 * np.finfo(float).eps
-        return nk / n, np.clip((r.T @ x) / nk[:, None], 1e-10, 1 - 1e-10)
+        return bernoulli_m_step(x, r)
 
     def e_step(w, p):
         lp = x @ np.log(p).T + (1 - x) @ np.log1p(-p).T + np.log(w)
         norm = logsumexp(lp, axis=1)
         return norm.mean(), np.exp(lp - norm[:, None])
 
-    w, p = m_step(r)
+    w, p = bernoulli_kmeans_start(x, k, seed) if start is None else start
     ll = -np.inf
     for it in range(1, max_iter + 1):
         new, r = e_step(w, p)
@@ -616,6 +630,44 @@ def default_bmm_row(args) -> dict:
         "case": "defaults",
         "row": f"BernoulliMixture() (K={k}) on binarised digits, N={len(x)}, D={x.shape[1]}",
         "anchor": "NumPy Bernoulli-mixture EM (k-means start, tol 1e-3)",
+        "n": len(x),
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "ratio": times["jointkl"] / times["numpy"],
+        "iterations": {"jointkl": fit.n_iter, "numpy": int(res["numpy"][3])},
+        "loglik_per_point": ll,
+        "loglik_gap_per_point": ll["numpy"] - ll["jointkl"],
+        "jointkl_objective": fit.objective,
+        "jointkl_compile_seconds": fit.info["compile_seconds"],
+    }
+
+
+def same_start_bmm_row(args) -> dict:
+    """jointkl's ``BernoulliMixture()`` and the NumPy anchor from the anchor's own start
+    (:func:`bernoulli_kmeans_start`, given to EM as ``init=``): the same iterates up to the
+    Beta(1.001, 1.001) prior's smoothing and the anchor's clipping."""
+    (x,), _ = BernoulliMixture.default_data()
+    x = x.double()
+    k = BernoulliMixture().n_components
+    xn = x.numpy()
+    start = bernoulli_kmeans_start(xn, k, args.seed)
+    init = {"weights": torch.as_tensor(start[0]), "probs": torch.as_tensor(start[1])}
+    res, times, cpu = interleaved(
+        {
+            "numpy": lambda: numpy_bernoulli_mixture(xn, k, 1e-3, MAX_ITER, args.seed, start),
+            "jointkl": lambda: EM(max_iter=MAX_ITER, progress=False, init=lambda x, seed: init).fit(
+                BernoulliMixture(), x
+            ),
+        },
+        args.repeat,
+        args.threads,
+    )
+    fit = res["jointkl"]
+    ll = {"jointkl": fit.info["log_likelihood"] / len(x), "numpy": float(res["numpy"][2])}
+    return {
+        "case": "defaults",
+        "row": f"BernoulliMixture() (K={k}), same start (the anchor's k-means)",
+        "anchor": "NumPy Bernoulli-mixture EM (same start, tol 1e-3)",
         "n": len(x),
         "seconds": times,
         "cpu_seconds": cpu,
@@ -676,6 +728,7 @@ def case_defaults(args) -> list[dict]:
     if not args.quick:
         rows += default_gmm_rows(args, 200_000, covs)
     rows.append(default_bmm_row(args))
+    rows.append(same_start_bmm_row(args))
     (x,), _ = HMM().default_data(args.seed)
     rows.append(default_hmm_row(args, "HMM() on its default data (20 x 100 steps)", x, 3))
     x = hmm_sample(100, 500, 6, args.seed)
