@@ -24,6 +24,7 @@ of the speed.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -186,9 +187,28 @@ class Potential:
         """U (C,) and ∇U (C, dim) at the rows of ``theta`` (chains are independent, so the
         gradient of ΣU gives every chain's own gradient in one backward pass); by the
         compiled graph when :meth:`compile` made one for this batch size."""
-        if self.graph is not None and theta.shape[0] == self.num_chains:
-            return self.graph(theta)
-        return self.eager_value_and_grad(theta)
+        try:
+            if self.graph is not None and theta.shape[0] == self.num_chains:
+                return self.graph(theta)
+            return self.eager_value_and_grad(theta)
+        except RuntimeError:
+            # The model cannot be evaluated at some chain's point (e.g. a precision matrix
+            # that is singular in floating point far out in the tails): that chain's
+            # potential is +inf, which the sampler treats as a divergence, as Stan does.
+            return self.guarded_value_and_grad(theta)
+
+    def guarded_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`eager_value_and_grad` chain by chain, with U = +inf and ∇U = 0 where the
+        model raises."""
+        us, gs = [], []
+        for c in range(theta.shape[0]):
+            try:
+                u, g = self.eager_value_and_grad(theta[c : c + 1])
+            except RuntimeError:
+                u, g = theta.new_full((1,), math.inf), torch.zeros_like(theta[c : c + 1])
+            us.append(u)
+            gs.append(g)
+        return torch.cat(us), torch.cat(gs)
 
     def eager_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
