@@ -42,8 +42,7 @@ TINY = {
 }
 
 # Fits that raise instead of fitting or refusing (bugs outside diagnose; see the report).
-KNOWN_FIT_CRASHES = {
-}
+KNOWN_FIT_CRASHES = {}
 
 _DATA: dict[str, tuple] = {}
 
