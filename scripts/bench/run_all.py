@@ -87,6 +87,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("nce", "nce.py", (), (), "NCE / negative sampling against a full softmax"),
     Benchmark("langevin", "langevin.py", (), ("pyro-ppl",), "Langevin against Pyro's NUTS"),
     Benchmark(
+        "nuts",
+        "nuts.py",
+        (),
+        ("pyro-ppl",),
+        "NUTS (chains batched, compiled potential) against Pyro's MCMC(NUTS): ESS per second",
+    ),
+    Benchmark(
         "postfit", "postfit.py", (), ("arviz",), "post-fit work (to_arviz, netCDF, plots) vs fit"
     ),
 )
