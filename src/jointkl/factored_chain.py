@@ -307,16 +307,18 @@ def viterbi(
     m = (L + 1) // 2  # forward half: positions 0..m-1; backward half: L-1 down to m
     K = (T + 1) // 2  # the longest half
     N = 2 * B
-    # Each row reversed within its length: rev[b, s] = h[b, L_b - 1 - s] (clamped past it).
+    # State-major emissions (K, C, 2B), read from h in one indexing operation: column b < B
+    # is row b's forward half, column B + b row b reversed within its length
+    # (x[s, :, B + b] = h[b, L_b - 1 - s], clamped at 0 past it).
     pos = torch.arange(T, device=dev)
-    back = L.unsqueeze(-1) - 1 - pos  # (B, T): position t seen from the end
-    rev = h.gather(1, back.clamp(min=0)[:, :K].unsqueeze(-1).expand(B, K, C))
-    # State-major, columns n = 0..2B-1: forward halves first, reversed ones after.
-    x = torch.stack([h[:, :K], rev]).permute(2, 3, 0, 1).reshape(K, C, N)
+    back = L.unsqueeze(-1) - 1 - pos  # (B, T): position t counted from the end
+    rows = torch.arange(B, device=dev)
+    at = torch.cat([pos[:K].expand(B, K), back[:, :K].clamp(min=0)]) + T * rows.repeat(2)[:, None]
+    x = h.reshape(B * T, C).index_select(0, at.t().reshape(-1)).view(K, N, C)
+    x = x.transpose(1, 2).contiguous()
     v0 = (x[0].view(C, 2, B) + torch.stack([start, end], -1).unsqueeze(-1)).view(C, N)
     both = torch.stack([g, g.t()], -1).unsqueeze(-1).expand(C, C, 2, B).reshape(C, C, N)
     values, pointers = _max_plus_forward(v0, both, x)
-    rows = torch.arange(B, device=dev)
     fwd = values[m - 1, :, rows]  # best prefix ending at m-1 in each tag, (B, C)
     n_back = L - m  # positions in the backward half (0 for length 1)
     bwd = values[(n_back - 1).clamp(min=0), :, rows + B]  # best suffix from m in each tag
