@@ -614,3 +614,56 @@ def test_empty_batch_and_several_batch_dimensions(method):
     ref = LinearChainCRF(h.reshape(6, 7, 4), A, lengths=lengths.reshape(6), method="sequential")
     assert torch.allclose(crf.log_partition.reshape(6), ref.log_partition, atol=1e-12)
     assert torch.equal(crf.mode.reshape(6, 7), ref.mode)
+
+
+def _tie_rule_path(h, g, start, end, L: int) -> list[int]:
+    """The path the factored Viterbi's documented tie rule picks, written out per position:
+    best prefixes up to m - 1 = ceil(L/2) - 1, best suffixes from m, the first best join pair
+    (y_{m-1}, y_m) in row-major order, then the lowest tag attaining each max going outwards."""
+    h, g, start, end = h.tolist(), g.tolist(), start.tolist(), end.tolist()
+    C, m = len(g), (L + 1) // 2
+    pre = [[start[i] + h[0][i] for i in range(C)]]
+    for t in range(1, m):
+        pre.append([max(pre[-1][i] + g[i][j] for i in range(C)) + h[t][j] for j in range(C)])
+    if L == 1:
+        ends = [pre[0][j] + end[j] for j in range(C)]
+        return [ends.index(max(ends))]
+    suf = {L - 1: [h[L - 1][k] + end[k] for k in range(C)]}
+    for t in range(L - 2, m - 1, -1):
+        suf[t] = [max(suf[t + 1][k] + g[i][k] for k in range(C)) + h[t][i] for i in range(C)]
+    joins = [pre[m - 1][j] + g[j][k] + suf[m][k] for j in range(C) for k in range(C)]
+    best = joins.index(max(joins))
+    y = {m - 1: best // C, m: best % C}
+    for t in range(m - 2, -1, -1):
+        s = [pre[t][i] + g[i][y[t + 1]] for i in range(C)]
+        y[t] = s.index(max(s))
+    for t in range(m + 1, L):
+        s = [g[y[t - 1]][k] + suf[t][k] for k in range(C)]
+        y[t] = s.index(max(s))
+    return [y[t] for t in range(L)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_viterbi_breaks_ties_by_its_documented_rule(dtype):
+    """Scores in {0, 1} (exact in floating point, so many paths tie): the factored Viterbi
+    returns a best path, and the one its tie rule names (docs/models/crf.md)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 40, 9, 3
+
+    def draw(*shape):
+        return torch.randint(0, 2, shape, generator=g).to(dtype)
+
+    h, trans, start, end = draw(B, T, C), draw(C, C), draw(C), draw(C)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0], lengths[1] = T, 1
+    crf = LinearChainCRF(h, trans, start, end, lengths=lengths, method="factored")
+    path, score = crf.viterbi()
+    best = LinearChainCRF(h, trans, start, end, lengths=lengths, method="sequential").viterbi()[1]
+    assert torch.equal(score, best)  # a best path
+    ties = 0
+    for b in range(B):
+        L = int(lengths[b])
+        assert path[b, :L].tolist() == _tie_rule_path(h[b], trans, start, end, L), b
+        assert (path[b, L:] == 0).all()
+        ties += sum(s == float(best[b]) for s in _enumerate(crf, b).values()) > 1
+    assert ties >= B // 2  # the case does exercise ties

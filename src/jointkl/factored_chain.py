@@ -15,11 +15,12 @@ most of its time on per-operation overhead (a few tags, tens of positions):
   gives ``beta``, and ``alpha_t * beta_t`` are the node marginals (the gradient with respect
   to the emissions), ``Σ_t alpha_t^T (X_{t+1} beta_{t+1}) * E`` the transition counts, in one
   pass instead of autograd through ``T`` small operations.
-- :func:`viterbi` (max semiring): ``v_{t+1} = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]`` over a
-  ``(B, C, C)`` tensor per step (an addition and one ``max`` with indices), meet in the
-  middle: the first half of each sequence forward and the second half as a forward recursion
-  over the reversed sequence, as one batch of ``2B`` rows in ``ceil(T/2)`` steps; the path is
-  read back by pointer doubling (:func:`jointkl.chain.chain_backtrack`).
+- :func:`viterbi` (max semiring): ``v_{t+1} = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]``,
+  state-major over a ``(C, C, 2B)`` tensor per step (an addition, an ``amax`` and the
+  emission's addition into preallocated buffers; the back-pointers of all steps are recovered
+  afterwards in three bulk operations), meet in the middle: the first half of each sequence
+  forward and the second half as a forward recursion over the reversed sequence, as one batch
+  of ``2B`` columns in ``ceil(T/2)`` steps; the path is read back by one ``take`` a step.
 
 Neither masks positions past a sequence's end inside the loop: the recursion up to position
 ``L - 1`` does not depend on later positions, so it runs over the whole padded length and the
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from jointkl.chain import chain_backtrack, chain_contract
+from jointkl.chain import chain_contract
 from jointkl.semiring import LogSemiring
 
 __all__ = ["RESCALE_EVERY", "SCALE_FLOOR", "log_partition", "viterbi", "generic_log_partition"]
@@ -238,24 +239,41 @@ def log_partition(
 
 
 def _max_plus_forward(v0: torch.Tensor, g: torch.Tensor, x: torch.Tensor):
-    """``v_{t+1}[j] = max_i (v_t[i] + g[b, i, j]) + x[b, t+1, j]`` from ``v0 (B, C)``, with
-    per-row transitions ``g (B, C, C)`` and emissions ``x (B, K, C)``: all vectors ``(B, K, C)``
-    and back-pointers ``(B, K-1, C)``."""
-    best = v0.unsqueeze(-1)  # (B, C, 1): the previous tag along dim 1
-    values, pointers = [v0.unsqueeze(1)], []
-    for x_t in x[:, 1:].unsqueeze(2).unbind(1):  # (B, 1, C) each
-        # An addition, max (with indices) over the previous tag, the emission added after
-        # (not folded into a (K, B, C, C) tensor first: that costs more than it saves).
-        # keepdim: the (B, 1, C) result is read back as (B, C, 1) by a transposed view.
-        v, arg = (best + g).max(1, keepdim=True)
-        v.add_(x_t)
-        values.append(v)
-        pointers.append(arg)
-        best = v.transpose(1, 2)
-    if not pointers:
-        empty = torch.zeros(len(v0), 0, v0.shape[1], dtype=torch.long, device=v0.device)
-        return v0.unsqueeze(1), empty
-    return torch.cat(values, 1), torch.cat(pointers, 1)
+    """Max-plus forward vectors and back-pointers, state-major.
+
+    ``v_{t+1}[j] = max_i (v_t[i] + g[i, j]) + x[t+1, j]`` (per column ``n``) from ``v0 (C, N)``,
+    transitions ``g (C, C, N)`` and emissions ``x (K, C, N)``: the vectors ``(K, C, N)`` and the
+    back-pointers ``(K-1, C, N)``, ``pointers[t, j] = min { i : v_t[i] + g[i, j] = max }``
+    (the lowest tag attaining the max).
+
+    Why this shape: per step only an addition, an ``amax`` over the leading dimension (an
+    elementwise max of ``C`` contiguous slices, vectorised; ``max`` with indices is not, and
+    cost 5x the ``amax`` at ``C = 20``) and the emission's addition, all written into
+    preallocated buffers, so a step is three operations. The pointers are then recovered for
+    all steps at once: the sum attaining the max equals it exactly (the max is one of the
+    sums), so ``pointer = min i with sum == max``, found as ``C - max_i ((sum == max) · (C - i))``
+    by one comparison (with a floating-point result: a boolean one is not vectorised), one
+    product and one ``amax``.
+    """
+    C, N = v0.shape
+    K = x.shape[0]
+    values = v0.new_empty(K, C, N)
+    values[0] = v0
+    sums = v0.new_empty(K - 1, C, C, N)
+    best = v0.new_empty(K - 1, C, N)  # max_i (v_t[i] + g[i, j]), before the emission
+    # Views made once (unbind), not one indexing operation per step.
+    prev = values.unsqueeze(2).unbind(0)  # (C, 1, N): the previous tag along dim 0
+    nxt, s_t, b_t, x_t = values.unbind(0), sums.unbind(0), best.unbind(0), x.unbind(0)
+    for t in range(K - 1):
+        # Addition in pytorch-crf's order, (v + g) + x, so that the forward values are the
+        # same floating-point numbers as its own.
+        torch.add(prev[t], g, out=s_t[t])
+        torch.amax(s_t[t], 0, out=b_t[t])
+        torch.add(b_t[t], x_t[t + 1], out=nxt[t + 1])
+    weights = torch.arange(C, 0, -1, dtype=sums.dtype, device=sums.device).view(1, C, 1, 1)
+    hit = torch.eq(sums, best.unsqueeze(1), out=sums)  # 1.0 where the sum is the max
+    pointers = C - hit.mul_(weights).amax(1).long()
+    return values, pointers
 
 
 @torch.no_grad()
@@ -271,10 +289,16 @@ def viterbi(
     Same arguments as :func:`log_partition`. Meet in the middle: the forward max-plus
     recursion over the first ``m = ceil(L/2)`` positions of each sequence and the backward one
     over the rest (a forward recursion on the reversed sequence with transposed transitions,
-    start and end swapped) run as one batch of ``2B`` rows, ``ceil(T/2)`` steps instead of
-    ``T``; the two halves are joined at the best ``(y_{m-1}, y_m)`` pair and each is read back
-    by pointer doubling. Exact; when several paths tie, which one is returned is not
-    specified.
+    start and end swapped) run as one batch of ``2B`` columns, ``ceil(T/2)`` steps instead of
+    ``T`` (:func:`_max_plus_forward`); the two halves are joined at the best
+    ``(y_{m-1}, y_m)`` pair and each is read back from its pointers (:func:`_backtrack`).
+
+    Ties (several best paths): the join takes the first best pair ``(y_{m-1}, y_m)`` in
+    row-major order (lowest ``y_{m-1}``, then lowest ``y_m``); going back from ``y_{m-1}``
+    each earlier position takes the lowest tag whose best prefix leads to the tag after it,
+    and going forward from ``y_m`` each later position the lowest tag whose best suffix
+    follows the tag before it. pytorch-crf (a full forward pass, backtracked from the last
+    position with the lowest tag) may return another of the tied paths.
     """
     B, T, C = h.shape
     h, g, start, end = h.detach(), trans.detach(), start.detach(), end.detach()
@@ -282,18 +306,22 @@ def viterbi(
     L = lengths if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     m = (L + 1) // 2  # forward half: positions 0..m-1; backward half: L-1 down to m
     K = (T + 1) // 2  # the longest half
-    # Each row reversed within its length: rev[b, s] = h[b, L_b - 1 - s] (clamped past it).
+    N = 2 * B
+    # State-major emissions (K, C, 2B), read from h in one indexing operation: column b < B
+    # is row b's forward half, column B + b row b reversed within its length
+    # (x[s, :, B + b] = h[b, L_b - 1 - s], clamped at 0 past it).
     pos = torch.arange(T, device=dev)
-    rev_idx = (L.unsqueeze(-1) - 1 - pos).clamp_(min=0)[:, :K]
-    rev = h.gather(1, rev_idx.unsqueeze(-1).expand(B, K, C))
-    H = torch.cat([h[:, :K], rev], 0)  # (2B, K, C)
-    v0 = H[:, 0] + torch.cat([start.expand(B, C), end.expand(B, C)], 0)
-    both = torch.stack([g, g.t()]).repeat_interleave(B, 0)  # (2B, C, C)
-    values, pointers = _max_plus_forward(v0, both, H)
+    back = L.unsqueeze(-1) - 1 - pos  # (B, T): position t counted from the end
     rows = torch.arange(B, device=dev)
-    fwd = values[rows, m - 1]  # best prefix ending at m-1 in each tag, (B, C)
+    at = torch.cat([pos[:K].expand(B, K), back[:, :K].clamp(min=0)]) + T * rows.repeat(2)[:, None]
+    x = h.reshape(B * T, C).index_select(0, at.t().reshape(-1)).view(K, N, C)
+    x = x.transpose(1, 2).contiguous()
+    v0 = (x[0].view(C, 2, B) + torch.stack([start, end], -1).unsqueeze(-1)).view(C, N)
+    both = torch.stack([g, g.t()], -1).unsqueeze(-1).expand(C, C, 2, B).reshape(C, C, N)
+    values, pointers = _max_plus_forward(v0, both, x)
+    fwd = values[m - 1, :, rows]  # best prefix ending at m-1 in each tag, (B, C)
     n_back = L - m  # positions in the backward half (0 for length 1)
-    bwd = values[rows + B, (n_back - 1).clamp(min=0)]  # best suffix from m in each tag
+    bwd = values[(n_back - 1).clamp(min=0), :, rows + B]  # best suffix from m in each tag
     # Join: best (y_{m-1}, y_m) = argmax fwd[j] + g[j, k] + bwd[k]; a length-1 row has no
     # backward half and ends at m - 1 = 0: fwd[j] + end[j].
     pair = (fwd.unsqueeze(-1) + g + bwd.unsqueeze(1)).flatten(1).max(-1).indices
@@ -301,13 +329,35 @@ def viterbi(
     single = n_back == 0
     j = torch.where(single, alone, torch.div(pair, C, rounding_mode="floor"))
     k = torch.where(single, 0, pair % C)
-    halves = chain_backtrack(
-        pointers, torch.cat([j, k]), torch.cat([m, n_back.clamp(min=1)])
-    )  # (2B, K): forward half in order, backward half reversed
-    # Position t reads the forward half for t < m, the backward half at L-1-t for m <= t < L.
-    fwd_half, bwd_half = halves[:B], halves[B:]
-    src = torch.where(pos < m.unsqueeze(-1), pos, K + (L.unsqueeze(-1) - 1 - pos)).clamp_(
-        0, 2 * K - 1
+    # (K, 2B) tags encoded as tag * 2B + column: forward halves in order, backward reversed.
+    states = _backtrack(pointers, torch.cat([j, k]), torch.cat([m, n_back.clamp(min=1)]))
+    # Position t reads the forward half at t (t < m), the backward half at L-1-t (t >= m).
+    src = torch.where(
+        pos < m.unsqueeze(-1), pos * N + rows.unsqueeze(-1), back * N + B + rows.unsqueeze(-1)
     )
-    path = torch.cat([fwd_half, bwd_half], 1).gather(1, src)
-    return path.masked_fill_(pos >= L.unsqueeze(-1), 0)
+    path = states.take(src.clamp_(min=0)).div_(N, rounding_mode="floor")
+    return path.masked_fill_(back < 0, 0)
+
+
+def _backtrack(pointers: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The states ``(K, N)`` of each column's best path, encoded ``state * N + column``.
+
+    ``pointers (K-1, C, N)`` map the state at ``t+1`` to the one at ``t``; column ``n`` ends at
+    position ``lengths[n] - 1`` in state ``last[n]`` (later positions repeat it). One
+    ``take`` per position: with the pointers encoded as flat indices of their own step's
+    ``(C, N)`` map, following one is a single indexing operation into a preallocated buffer
+    (measured cheaper than pointer doubling's ``log2 K`` gathers over all states at the
+    few-hundred-step lengths this is for).
+    """
+    K1, C, N = pointers.shape
+    cols = torch.arange(N, device=pointers.device)
+    # Identity past each column's last position, so its last state is carried back to it.
+    used = torch.arange(K1, device=pointers.device).view(K1, 1, 1) < (lengths - 1)
+    ident = torch.arange(C, device=pointers.device).view(1, C, 1)
+    flat = torch.where(used, pointers, ident).mul_(N).add_(cols)
+    out = torch.empty(K1 + 1, N, dtype=torch.long, device=pointers.device)
+    torch.add(cols, last, alpha=N, out=out[K1])
+    maps, steps = flat.unbind(0), out.unbind(0)
+    for t in range(K1 - 1, -1, -1):
+        torch.take(maps[t], steps[t + 1], out=steps[t])
+    return out
