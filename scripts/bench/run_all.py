@@ -175,7 +175,7 @@ def section(bench: Benchmark, rows: list[dict], seconds: float, threads: int) ->
         f"- measured: {time.strftime('%Y-%m-%d')}, {seconds:.0f} s for the whole benchmark",
         "",
     ]
-    return "\n".join(head) + table(rows) + "\n"
+    return "\n".join(head) + "\n" + table(rows) + "\n"  # a blank line ends the list
 
 
 def replace_section(page: str, name: str, body: str) -> str:
