@@ -38,6 +38,8 @@ TINY = {
     "num_warmup": 20,
     "warmup_steps": 20,
     "num_chains": 2,
+    "draws": DRAWS,  # NUTS
+    "max_tree_depth": 4,  # NUTS: a tiny warmup leaves a poor step size; cap the tree
     "progress": False,
 }
 

@@ -203,12 +203,21 @@ class Potential:
         us, gs = [], []
         for c in range(theta.shape[0]):
             try:
-                u, g = self.eager_value_and_grad(theta[c : c + 1])
-            except RuntimeError:
+                u, g = self.one_chain_value_and_grad(theta[c])
+            except (RuntimeError, ValueError):
                 u, g = theta.new_full((1,), math.inf), torch.zeros_like(theta[c : c + 1])
             us.append(u)
             gs.append(g)
         return torch.cat(us), torch.cat(gs)
+
+    def one_chain_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (1,) and ∇U (1, dim) at one point ``theta`` (dim,), by one model run of its own."""
+        with torch.enable_grad():
+            t = theta.detach()[None].requires_grad_()
+            values, log_det = self.constrained(t)
+            u = -(self._log_joint({n: v[0] for n, v in values.items()}, None) + log_det)
+            (g,) = torch.autograd.grad(u.sum(), t)
+        return u.detach().reshape(1), g
 
     def eager_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
