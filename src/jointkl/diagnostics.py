@@ -369,7 +369,14 @@ def _clear_pages(out: Path, stem: str) -> None:
 
 
 def _trace_pages(idata, names: list[str], out: Path, notes: list[str]) -> list[Path]:
-    import arviz as az
+    """One row per variable: left, each entry's density (a histogram of its draws, all
+    chains pooled, drawn as a step curve); right, each entry's draws in order, one line
+    per entry and chain (colour: entry, line style: chain). Drawn as line collections on
+    fixed margins: ArviZ's ``plot_trace`` draws a kernel density estimate and a line
+    object per entry and chain and lays out every tick label, several seconds a page for a
+    mixture's 48 precision entries."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
     written = []
     pages = [names[i : i + PAGE_PANELS] for i in range(0, len(names), PAGE_PANELS)]
@@ -380,21 +387,59 @@ def _trace_pages(idata, names: list[str], out: Path, notes: list[str]) -> list[P
             + _short_list(rest)
         )
         pages = pages[:MAX_PAGES]
-    n_chain = int(idata.posterior.sizes.get("chain", 1))
+    post = idata.posterior
+    n_chain = int(post.sizes.get("chain", 1))
+    styles = ["solid", "dashed", "dotted", "dashdot"]
     for i, page in enumerate(pages, 1):
-        axes = az.plot_trace(
-            idata,
-            var_names=page,
-            compact=True,
-            backend_kwargs={"layout": "constrained"},
+        nrows = len(page)
+        fig, axes = plt.subplots(
+            nrows,
+            2,
+            figsize=(12.0, 2.4 * nrows + 0.4),
+            squeeze=False,
+            gridspec_kw=_panel_grid(nrows, 2, 6.0, 2.4 + 0.4 / nrows),
+            layout=PlaceHolderLayoutEngine(adjust_compatible=True, colorbar_gridspec=True),
         )
-        axes = np.atleast_2d(axes)
-        for row in axes:
-            row[0].set_xlabel("value")
-            row[0].set_ylabel("density")
-            row[1].set_xlabel("draw")
-            row[1].set_ylabel("value")
-        fig = axes[0, 0].figure
+        for row, name in zip(axes, page, strict=True):
+            values = np.asarray(post[name].values, dtype=float)
+            chains, draws = values.shape[:2]
+            flat = values.reshape(chains, draws, -1)  # (chain, draw, entry)
+            n_entry = flat.shape[2]
+            colours = [f"C{e % 10}" for e in range(n_entry)]
+            dens, lines, line_colours, line_styles = [], [], [], []
+            steps = np.arange(draws, dtype=float)
+            for e in range(n_entry):
+                x = flat[:, :, e]
+                finite = x[np.isfinite(x)]
+                if finite.size and np.ptp(finite) > 0:
+                    h, edges = np.histogram(finite, bins=min(30, max(5, finite.size // 10)))
+                    h = h / (h.sum() * np.diff(edges))
+                    xs = np.repeat(edges, 2)[1:-1]
+                    dens.append(np.column_stack([xs, np.repeat(h, 2)]))
+                for c in range(chains):
+                    lines.append(np.column_stack([steps, x[c]]))
+                    line_colours.append(colours[e])
+                    line_styles.append(styles[c % len(styles)])
+            left, right = row
+            if dens:
+                left.add_collection(LineCollection(dens, colors=colours[: len(dens)], linewidths=1))
+                left.autoscale_view()
+            right.add_collection(
+                LineCollection(
+                    lines, colors=line_colours, linestyles=line_styles, linewidths=0.6, alpha=0.7
+                )
+            )
+            right.autoscale_view()
+            shape = tuple(values.shape[2:])
+            what = f"{name} {shape}, {n_entry} entries" if shape else name
+            for ax in row:
+                ax.set_title(what, fontsize=9, y=1.0)
+                ax.xaxis.set_major_locator(_FEW_TICKS())
+                ax.yaxis.set_major_locator(_FEW_TICKS())
+            left.set_xlabel("value")
+            left.set_ylabel("density")
+            right.set_xlabel("draw (line style: chain)")
+            right.set_ylabel("value")
         part = f" (page {i} of {len(pages)})" if len(pages) > 1 else ""
         fig.suptitle(f"Trace of the posterior draws, {n_chain} chain(s){part}")
         written.append(_save(fig, out / _page_name("trace", i, numbered=False)))
@@ -437,11 +482,32 @@ def _posterior_entries(idata, notes: list[str]) -> list[tuple[str, np.ndarray]]:
                 f"posterior plots: {name} left out: constant in every draw (a point "
                 "estimate, no posterior spread)"
             )
+        first: dict[bytes, str] = {}  # an entry's draws -> the first entry with the same
+        copies = []
         for ix in idxs:
             if not const[ix]:
-                draws = values[(slice(None), slice(None), *ix)].reshape(-1)
-                entries.append((_index_label(name, ix), draws.astype(float)))
+                draws = values[(slice(None), slice(None), *ix)].reshape(-1).astype(float)
+                label = _index_label(name, ix)
+                key = draws.tobytes()
+                if key in first:  # a symmetric matrix's mirror entry: the same panel again
+                    copies.append(f"{label} = {first[key]}")
+                    continue
+                first[key] = label
+                entries.append((label, draws))
+        if copies:
+            notes.append(
+                f"posterior plots: {len(copies)} entries of {name} drawn once: identical "
+                "draws to an earlier entry (e.g. a symmetric matrix's mirror half): "
+                + _short_list(copies)
+            )
     return entries
+
+
+def _FEW_TICKS():  # noqa: N802 — a locator class's stand-in
+    """At most five ticks an axis: every tick is a text to lay out and draw."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=4)
 
 
 def _panel_grid(nrows: int, ncols: int, width: float, height: float) -> dict[str, float]:
@@ -507,7 +573,10 @@ def _posterior_pages(idata, out: Path, notes: list[str]) -> list[Path]:
                     lo, hi = az.hdi(finite, hdi_prob=HDI_PROB)
                     ax.axvspan(lo, hi, color="C1", alpha=0.15)
                     title += f", {HDI_PROB:.0%} HDI [{lo:.3g}, {hi:.3g}] (shaded)"
-            ax.set_title(title, fontsize=9)
+            # a fixed title height: matplotlib's automatic one measures the tick labels
+            ax.set_title(title, fontsize=9, y=1.0)
+            ax.xaxis.set_major_locator(_FEW_TICKS())
+            ax.yaxis.set_major_locator(_FEW_TICKS())
             ax.set_xlabel("value (the parameter's own units)")
             ax.set_ylabel("density")
         for ax in axes.ravel()[len(page) :]:

@@ -558,6 +558,19 @@ def to_inference_data(
         else:
             p_chains, p_draws = 1, max(1, num_predictive)
             p_flat = {}
+        keep = p_draws
+        biggest = max((base.nodes[n]["value"].numel() for n in valued), default=1)
+        if biggest * p_chains * keep > PREDICTIVE_ELEMENTS:
+            keep = max(1, PREDICTIVE_ELEMENTS // (biggest * p_chains))
+        if keep < p_draws and not determ:
+            # Only ``keep`` draws a chain are stored: the rest are not re-sampled at all
+            # (a VAE's 1,437 × 64 pixels a draw made this most of its conversion time).
+            # Deterministic sites belong to the posterior: with any, every draw runs.
+            p_draws = keep
+            if p_flat:
+                p_flat = {
+                    k: v[:, :keep].reshape(chains * keep, *v.shape[2:]) for k, v in draws.items()
+                }
         p_total = p_chains * p_draws
 
         def pp_fn(d, lay):
@@ -594,13 +607,12 @@ def to_inference_data(
         values = _cat([o[0] for o in outs])
         for n in determ:
             det[n] = _numpy(values[n]).reshape(p_chains, p_draws, *values[n].shape[1:])
-        keep = p_draws
-        biggest = max((values[n][0].numel() for n in valued), default=1)
-        if biggest * p_chains * keep > PREDICTIVE_ELEMENTS:
-            keep = max(1, PREDICTIVE_ELEMENTS // (biggest * p_chains))
+        keep = min(keep, p_draws)
         for n in valued:
             v = values[n].reshape(p_chains, p_draws, *values[n].shape[1:])[:, :keep]
-            predictive[n] = _numpy(v)
+            # the model's own dtype (float32 for most): doubling it would add nothing but
+            # bytes to write (a VAE's predictive pixels are most of its netCDF file)
+            predictive[n] = v.detach().cpu().numpy()
 
     posterior = {k: _numpy(v) for k, v in draws.items()}
     posterior.update(det)
