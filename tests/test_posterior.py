@@ -196,3 +196,16 @@ def test_vae_log_likelihood_is_an_importance_sampled_marginal():
     # IWAE_32 sits above the ELBO on average (log p(x) >= IWAE_k >= ELBO)
     elbo = elbo_per_datum(vae.model, vae.guide, x, num_samples=32, seed=4)
     assert ll["x"].values[0, 0].mean() > float(elbo.mean())
+
+
+def test_mirror_entries_of_a_symmetric_posterior_are_drawn_once_and_named(tmp_path):
+    from jointkl.diagnostics import draw_plots
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, 30, 3, 3))
+    sym = a + np.swapaxes(a, -1, -2)  # 6 distinct entries of 9
+    d = draw_plots(None, az.from_dict(posterior={"prec": sym}), tmp_path)
+    note = next(n for n in d.notes if n.startswith("posterior plots: 3 entries of prec"))
+    assert "prec[1, 0] = prec[0, 1]" in note
+    assert (tmp_path / "posterior-1.png").is_file() and (tmp_path / "trace.png").is_file()
+    assert not (tmp_path / "posterior-2.png").exists()  # 6 panels: one page

@@ -9,13 +9,15 @@ Plots (matplotlib, Agg), written into the run's ``plots/`` folder, each with a t
 labelled axes:
 
 * ``objective.png`` — the objective per step, named as the fit recorded it (``fit.objective``);
-* ``trace.png`` (``trace-2.png`` … when more than :data:`PAGE_PANELS` variables) — ArviZ's
-  trace plot of the small posterior variables;
+* ``trace.png`` (``trace-2.png`` … when more than :data:`PAGE_PANELS` variables) — the trace
+  of the small posterior variables, one row each: every entry's density (histogram, chains
+  pooled) and its draws per chain;
 * ``posterior-1.png``, ``posterior-2.png`` … — one panel per scalar entry of the small
   posterior variables, at most :data:`PAGE_PANELS` panels a page: the draws' histogram, the
   mean and the 94% highest-density interval. Entries that are constant in every draw (a
   Cholesky factor's zeros and unit diagonal) and variables too large to draw are left out and
-  named in a note;
+  named in a note; an entry with the same draws as an earlier one (a symmetric matrix's
+  mirror half) is drawn once, the pairs named in a note;
 * ``ppc.png`` (``ppc-2.png`` …) — the posterior predictive check, one panel per observed
   feature (the last axis of an observed variable with 2 … 12 entries there), otherwise one
   panel per observed variable (its values pooled);
