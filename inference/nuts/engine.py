@@ -12,13 +12,14 @@ import numpy as np
 import pyro
 import torch
 from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
+from jointkl.inference.nuts.discrete import discrete_draws
 from jointkl.inference.nuts.potential import INIT_STRATEGIES, Potential, describe
 from jointkl.inference.nuts.trajectory import step_function, transition
 from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import InputError
-from jointkl.fit import Fit
+from jointkl.fit import Fit, stored_draws
 from jointkl.settings import (
     Settings,
     boolean,
@@ -164,6 +165,18 @@ class NUTS(Engine):
                 **describe(target),
             },
         )
+
+    @classmethod
+    def posterior_draws(
+        cls, fit: Fit, num_samples: int | None, seed: int, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """The stored draws of the continuous latents (thinned to ``num_samples`` per chain
+        when given) and, for each, one draw of every enumerated discrete latent from its
+        conditional posterior p(z | x, θ) (:func:`~jointkl.inference.nuts.discrete.discrete_draws`,
+        seeded by ``seed``): together, draws of the joint posterior."""
+        draws = stored_draws(fit, num_samples, seed)
+        draws.update(discrete_draws(fit.pair.model, fit.args, fit.kwargs, draws, seed))
+        return draws
 
     @classmethod
     def draws_kind(cls, fit: Fit) -> tuple[str, str]:
