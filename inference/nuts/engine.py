@@ -101,8 +101,9 @@ class NUTS(Engine):
     :param int seed: the one seed (starts, momenta, directions, multinomial draws).
     :param bool progress: show a tqdm progress bar.
 
-    ``Fit.samples``: draws by latent site in the constrained space, ``(chain, draw,
-    *site_shape)``; ``Fit.state``: the ArviZ sample statistics as ``"sample_stats.<name>"``
+    ``Fit.samples``: draws by continuous latent site in the constrained space, ``(chain,
+    draw, *site_shape)`` (:meth:`posterior_draws` adds a draw of the enumerated discrete
+    sites given each); ``Fit.state``: the ArviZ sample statistics as ``"sample_stats.<name>"``
     (``(chain, draw)`` each: ``lp``, ``acceptance_rate``, ``diverging``, ``energy``,
     ``step_size``, ``tree_depth``, ``n_steps``), the inverse mass matrix and the last draws;
     ``Fit.info``: ``divergences`` (after warmup), ``warmup_divergences``, ``max_rhat``,
