@@ -161,3 +161,22 @@ def test_cli_hmm(tmp_path):
     agree = (drawn == states).mean()
     assert max(agree, 1 - agree) > 0.9, agree
     assert SAMPLE_STATS <= set(idata.sample_stats.data_vars)
+
+
+def test_vectorised_path_in_chunks(monkeypatch):
+    """The outer plate of draws split into chunks (a small memory budget) gives each draw's
+    own most probable assignment."""
+    from jointkl.inference.nuts import discrete
+
+    # 15 site elements per draw (p, z, obs) × 2 values of z: 2 draws per run
+    monkeypatch.setattr(discrete, "CHUNK_ELEMENTS", 60)
+    gen = torch.Generator().manual_seed(1)
+    values = {"p": torch.rand(2, 9, generator=gen) * 0.8 + 0.1}
+    r = responsibilities(values["p"].reshape(-1), X, LOCS.expand(18, 2))
+    runs = []
+    real = discrete._run
+    monkeypatch.setattr(discrete, "_run", lambda *a: runs.append(a[6]) or real(*a))
+    z = discrete_draws(mixture, (X,), {}, values, seed=0, temperature=0)["z"]
+    assert torch.equal(z.reshape(-1, len(X)), (r > 0.5).long())
+    batched = [b for b in runs if b is not None]
+    assert batched == [3] + [2] * 9  # the check on 3 draws, then 18 draws in chunks of 2

@@ -25,7 +25,7 @@ from jointkl.sites import max_plate_nesting, trace_model
 __all__ = ["discrete_draws", "enumerated_sites"]
 
 DRAWS_PLATE = "_nuts_discrete_draws"
-CHUNK_ELEMENTS = 2**22  # most enumerated-site elements × draws per vectorised run
+CHUNK_ELEMENTS = 2**24  # most (site elements × enumerated values) × draws per vectorised run
 
 
 def enumerated_sites(model, args: tuple, kwargs: dict) -> dict[str, tuple[int, ...]]:
@@ -129,7 +129,9 @@ def discrete_draws(
         torch.manual_seed(seed)
         fast = min(pads.values()) >= 0 and _vectorisation_holds(vectorised, one_by_one, min(B, 3))
         if fast:
-            per_draw = max(1, sum(int(torch.Size(s).numel()) for s in sites.values()))
+            # an observed site's density is computed for every enumerated value of the
+            # assignment it depends on: its elements times the largest support bound it
+            per_draw = max(1, _elements(tr) * _largest_support(tr, names))
             chunk = max(1, CHUNK_ELEMENTS // per_draw)
             parts = [
                 vectorised(slice(i, min(B, i + chunk)), temperature) for i in range(0, B, chunk)
@@ -138,6 +140,20 @@ def discrete_draws(
         else:
             out = one_by_one(range(B), temperature)
     return {n: v.reshape(C, S, *sites[n]).long() for n, v in out.items()}
+
+
+def _elements(tr) -> int:
+    """Elements of all sample sites' values in one run of the model."""
+    return sum(
+        int(s["value"].numel())
+        for s in tr.nodes.values()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    )
+
+
+def _largest_support(tr, names: list[str]) -> int:
+    """The most values any one enumerated site takes."""
+    return max(int(tr.nodes[n]["fn"].enumerate_support(expand=False).shape[0]) for n in names)
 
 
 def _vectorisation_holds(vectorised, one_by_one, k: int) -> bool:
