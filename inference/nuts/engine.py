@@ -12,13 +12,14 @@ import numpy as np
 import pyro
 import torch
 from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
+from jointkl.inference.nuts.discrete import discrete_draws
 from jointkl.inference.nuts.potential import INIT_STRATEGIES, Potential, describe
 from jointkl.inference.nuts.trajectory import step_function, transition
 from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import InputError
-from jointkl.fit import Fit
+from jointkl.fit import Fit, stored_draws
 from jointkl.settings import (
     Settings,
     boolean,
@@ -100,8 +101,9 @@ class NUTS(Engine):
     :param int seed: the one seed (starts, momenta, directions, multinomial draws).
     :param bool progress: show a tqdm progress bar.
 
-    ``Fit.samples``: draws by latent site in the constrained space, ``(chain, draw,
-    *site_shape)``; ``Fit.state``: the ArviZ sample statistics as ``"sample_stats.<name>"``
+    ``Fit.samples``: draws by continuous latent site in the constrained space, ``(chain,
+    draw, *site_shape)`` (:meth:`posterior_draws` adds a draw of the enumerated discrete
+    sites given each); ``Fit.state``: the ArviZ sample statistics as ``"sample_stats.<name>"``
     (``(chain, draw)`` each: ``lp``, ``acceptance_rate``, ``diverging``, ``energy``,
     ``step_size``, ``tree_depth``, ``n_steps``), the inverse mass matrix and the last draws;
     ``Fit.info``: ``divergences`` (after warmup), ``warmup_divergences``, ``max_rhat``,
@@ -164,6 +166,18 @@ class NUTS(Engine):
                 **describe(target),
             },
         )
+
+    @classmethod
+    def posterior_draws(
+        cls, fit: Fit, num_samples: int | None, seed: int, num_chains: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """The stored draws of the continuous latents (thinned to ``num_samples`` per chain
+        when given) and, for each, one draw of every enumerated discrete latent from its
+        conditional posterior p(z | x, θ) (:func:`~jointkl.inference.nuts.discrete.discrete_draws`,
+        seeded by ``seed``): together, draws of the joint posterior."""
+        draws = stored_draws(fit, num_samples, seed)
+        draws.update(discrete_draws(fit.pair.model, fit.args, fit.kwargs, draws, seed))
+        return draws
 
     @classmethod
     def draws_kind(cls, fit: Fit) -> tuple[str, str]:

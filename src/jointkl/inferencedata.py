@@ -538,7 +538,10 @@ def to_inference_data(
                     for k in lo
                 )
 
-            rows = _cat(passes.run(flat, total, ll_fn, ll_check))
+            # Draws of enumerated sites (a sampler's assignments) are not conditioned on:
+            # the pointwise log-likelihood sums them out, as its "marginal" label says.
+            ll_flat = {k: v for k, v in flat.items() if not is_enumerated(base.nodes[k])}
+            rows = _cat(passes.run(ll_flat, total, ll_fn, ll_check))
             ll = {k: _numpy(v).reshape(chains, ndraw, *v.shape[1:]) for k, v in rows.items()}
         if log_density_offset:
             ll = {k: v + log_density_offset for k, v in ll.items()}
