@@ -253,18 +253,8 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
                 fit = engine.fit(pair, *data_args, **data_kwargs)
     except KeyboardInterrupt:
         signum = signals.stop_requested() or signal_number("SIGINT")
-        name = signals.signal_name(signum)
-        if run.replacing or not run.latest_checkpoint():
-            run.discard()
-            print(f"jointkl: interrupted by {name}; nothing kept{where}", file=sys.stderr)
-        else:
-            run.write_config({**config, "status": f"interrupted by {name}"})
-            print(
-                f"jointkl: interrupted by {name}; checkpoint {run.latest_checkpoint()} kept; "
-                f"continue with --resume",
-                file=sys.stderr,
-            )
-        return signals.exit_status(signum)
+        kept = not run.replacing and run.latest_checkpoint()
+        return _interrupted(run, config, signum, where, kept and f"; checkpoint {kept} kept")
     except FitDivergedError as e:
         run.discard()
         kept = run.latest_checkpoint() if not run.replacing else None
@@ -300,18 +290,11 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
             raise err from e
         raise
     if signum is not None:
-        name = signals.signal_name(signum)
-        if run.replacing:
-            run.discard()
-            print(f"jointkl: interrupted by {name}; nothing kept{where}", file=sys.stderr)
-        else:
-            run.write_config({**config, "status": f"interrupted by {name}"})
-            print(
-                f"jointkl: interrupted by {name} ({fit.info.get('stop_reason', '')}); the run "
-                f"is marked interrupted; continue with --resume",
-                file=sys.stderr,
-            )
-        return signals.exit_status(signum)
+        kept = (
+            not run.replacing
+            and f" ({fit.info.get('stop_reason', '')}); the run is marked interrupted"
+        )
+        return _interrupted(run, config, signum, where, kept)
     run.write_config({**config, "status": "finished"})
     run.commit()
     print(f"{fit!r}")
@@ -319,6 +302,21 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     print(f"  inference data: {run.inference_data}")
     print(f"  plots:          {run.plots}/")
     return 0
+
+
+def _interrupted(run, config, signum: int, where: str, kept: str | None) -> int:
+    """A fit stopped by a signal: the run marked interrupted when something of it is kept
+    (``kept`` says what, as it follows the signal's name), else discarded; one line on stderr; exit status 128 + signal."""
+    from jointkl import signals
+
+    name = signals.signal_name(signum)
+    if kept:
+        run.write_config({**config, "status": f"interrupted by {name}"})
+        print(f"jointkl: interrupted by {name}{kept}; continue with --resume", file=sys.stderr)
+    else:
+        run.discard()
+        print(f"jointkl: interrupted by {name}; nothing kept{where}", file=sys.stderr)
+    return signals.exit_status(signum)
 
 
 def _dtype_error(error: BaseException, args, data_args, data_kwargs) -> InputError | None:
