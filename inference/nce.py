@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from jointkl import distributed
 from jointkl.checkpoint import (
     LoopState,
     check_checkpointing,
@@ -329,6 +330,8 @@ def _gaussian(x: torch.Tensor) -> NoiseModel:
             f"NCE: noise='gaussian' needs real-valued data, got {x.dtype}; use "
             "noise='unigram^0.75' for categorical data"
         )
+    if distributed.active():  # the data set's moments, not this rank's rows'
+        return _gaussian_of_shards(x)
     if x.dim() == 1:
         sd = x.std().clamp_min(1e-6) if len(x) > 1 else x.new_ones(())
         return NoiseModel(dist.Normal(x.mean(), sd, validate_args=False), "gaussian")
@@ -348,6 +351,31 @@ def _gaussian(x: torch.Tensor) -> NoiseModel:
     )
 
 
+def _gaussian_of_shards(x: torch.Tensor) -> NoiseModel:
+    """The Gaussian noise of :func:`_gaussian` from the whole data set's moments when each
+    rank holds a shard: N and Σx summed over ranks give the mean, then Σ(x − mean)(x −
+    mean)ᵀ summed over ranks the covariance (two passes, as the one-process formula)."""
+    if x.dim() not in (1, 2):
+        raise InputError(
+            f"NCE: noise='gaussian' needs data of shape (N,) or (N, D), got {tuple(x.shape)}"
+        )
+    flat = x.reshape(len(x), -1).to(torch.float64)
+    first = distributed.all_reduce_sum(torch.cat([flat.new_tensor([len(x)]), flat.sum(0)]))
+    n, mean = first[0], first[1:] / first[0]
+    xc = flat - mean
+    cov = distributed.all_reduce_sum(xc.T @ xc) / max(1.0, float(n) - 1)
+    mean, cov = mean.to(x.dtype), cov.to(x.dtype)
+    if x.dim() == 1:
+        sd = cov[0, 0].sqrt().clamp_min(1e-6) if n > 1 else x.new_ones(())
+        return NoiseModel(dist.Normal(mean[0], sd, validate_args=False), "gaussian")
+    cov = cov + 1e-6 * cov.diagonal().mean().clamp_min(1e-6) * torch.eye(
+        x.shape[1], dtype=x.dtype, device=x.device
+    )
+    return NoiseModel(
+        dist.MultivariateNormal(mean, covariance_matrix=cov, validate_args=False), "gaussian"
+    )
+
+
 def _unigram(x: torch.Tensor, alpha: float, name: str) -> NoiseModel:
     if x.dtype.is_floating_point or x.dtype == torch.bool or x.dim() != 1:
         raise InputError(
@@ -358,6 +386,9 @@ def _unigram(x: torch.Tensor, alpha: float, name: str) -> NoiseModel:
         raise InputError(f"NCE: noise={name!r}: category ids must be >= 0, found {int(x.min())}")
     # word2vec's smoothed unigram: frequencies to the power α (0.75) flatten the head.
     counts = torch.bincount(x).to(torch.get_default_dtype())
+    if distributed.active():  # the whole data set's frequencies, not this rank's rows'
+        k = int(distributed.all_reduce_max(torch.tensor([len(counts)]))[0])
+        counts = distributed.all_reduce_sum(torch.nn.functional.pad(counts, (0, k - len(counts))))
     probs = counts**alpha
     return NoiseModel(dist.Categorical(probs=probs / probs.sum(), validate_args=False), name)
 
@@ -580,6 +611,14 @@ class NCE(Engine):
         s = self.settings
         x = args[0]
         n, nu = len(x), s.nu
+        # Under a process group the data are this rank's rows (jointkl.distributed).
+        if distributed.active() and s.optim == "lbfgs":
+            raise InputError(
+                "NCE: optim='lbfgs' does not run data-parallel (its line search is one "
+                "process's loop); use a stochastic optimiser, or one process"
+            )
+        shard = distributed.Shard.of_local(n) if distributed.active() else None
+        big_n = shard.n if shard is not None else n
         per_args, per_kwargs = sliceable_arguments(args, kwargs, n)
         ctx = (args[1:], kwargs)
         ctx_per = ({i - 1 for i in per_args if i > 0}, per_kwargs)
@@ -604,10 +643,13 @@ class NCE(Engine):
         model = pair.model
         _refuse_latents(model, args, kwargs)
 
-        def batch_terms(idx, drawn=None):
+        def batch_terms(idx, drawn=None, pos=None, global_b=None):
             """G and log q at a batch of data and its noise; idx=None is the whole data.
 
             ``drawn``: a fixed (y, log q(y), log q(x)) to reuse (L-BFGS), else fresh noise.
+            ``pos``, ``global_b`` (data-parallel runs): the batch's positions in a global
+            batch of ``global_b`` rows, whose per-datum noise is drawn whole on every rank
+            and cut to these rows, so the ranks' draws are the 1-process run's.
             """
             b_args, b_kwargs = (
                 (args, kwargs)
@@ -621,6 +663,9 @@ class NCE(Engine):
                 with torch.no_grad():
                     if shared:
                         y, logq_n = noise.sample_shared(nu)  # (ν, ...), (ν,)
+                    elif pos is not None and not noise.conditional:
+                        y, logq_n = noise.sample(global_b, nu)
+                        y, logq_n = y[pos], logq_n[pos]
                     else:
                         y, logq_n = noise.sample(b, nu, c_args, c_kwargs)  # (B, ν, ...)
                     drawn = (y, logq_n, noise.log_prob(b_args[0], c_args, c_kwargs))
@@ -638,9 +683,16 @@ class NCE(Engine):
         # One pass creates the model's params and seeds γ at the importance-sampling estimate
         # log Z ≈ log mean_j e^{G(y_j) − log q(y_j)}, y_j ~ q: near the optimum from step 0.
         first_idx = None if s.batch_size is None else torch.arange(min(n, s.batch_size))
+        first, counted = {}, True
+        if shard is not None:  # this rank's part of the 1-process first batch
+            gb = min(big_n, s.batch_size or big_n)
+            pos, first_idx = shard.part(torch.arange(gb))
+            first = {"pos": pos, "global_b": gb}
+            if len(first_idx) == 0:  # none of it here: one row creates the params
+                first_idx, first, counted = torch.arange(1), {}, False
         with torch.no_grad():
             try:
-                _, g_n, _, logq_n, _, _ = batch_terms(first_idx)
+                _, g_n, _, logq_n, _, _ = batch_terms(first_idx, **first)
             except ValueError as e:
                 if isinstance(e, InputError):
                     raise
@@ -651,7 +703,10 @@ class NCE(Engine):
                     + " ".join(str(e).splitlines()[:2])
                 ) from e
             w = (g_n - logq_n).reshape(-1)
-            log_z0 = float(torch.logsumexp(w, 0) - math.log(w.numel()))
+            if shard is None:
+                log_z0 = float(torch.logsumexp(w, 0) - math.log(w.numel()))
+            else:
+                log_z0 = _log_mean_exp_of_shards(w if counted else w[:0])
             if scores is not None:
                 _check_candidate_scores(scores, model, args, kwargs, (per_args, per_kwargs))
         if not math.isfinite(log_z0):
@@ -672,7 +727,7 @@ class NCE(Engine):
             per = nce_loss(g_d, g_n, lq_d, lq_n, s.variant, gamma)
             # Sites outside the data plate (a prior on θ) enter once per data set: −log p(θ)/N
             # per datum, the MAP analogue of the NCE objective.
-            return per.mean() - global_term / n
+            return per.mean() - global_term / big_n
 
         t0 = time.perf_counter()
         # The first pass above ran with Pyro's validation (the model's sites checked the
@@ -682,7 +737,7 @@ class NCE(Engine):
                 history, n_iter, converged, reason = self._run_lbfgs(params, batch_terms, objective)
             else:
                 history, n_iter, converged, reason = self._run_stochastic(
-                    params, gamma if learn_z else None, batch_terms, objective, n
+                    params, gamma if learn_z else None, batch_terms, objective, big_n, shard
                 )
         elapsed = time.perf_counter() - t0
 
@@ -690,7 +745,7 @@ class NCE(Engine):
         info: dict[str, Any] = {
             "stop_reason": reason,
             "seconds": elapsed,
-            "data_size": n,
+            "data_size": big_n,
             "noise": noise.description,
             "shared_noise": bool(shared),
             "noise_scores": "candidate_scores" if scores is not None else "model",
@@ -711,9 +766,10 @@ class NCE(Engine):
             info=info,
         )
 
-    def _run_stochastic(self, params, gamma, batch_terms, objective, n):
+    def _run_stochastic(self, params, gamma, batch_terms, objective, n, shard=None):
         """The step loop; its whole progress is one LoopState, checkpointed and resumed when
-        ``checkpoint_dir`` is set. ``gamma``: the learned γ, or ``None``."""
+        ``checkpoint_dir`` is set. ``gamma``: the learned γ, or ``None``; ``n``: the rows
+        over all ranks; ``shard``: this rank's rows in a data-parallel run, else ``None``."""
         s = self.settings
         store = pyro.get_param_store()
         opt = SparseAwareOptimizer(s.optim, s.lr, params, owner="NCE")
@@ -724,6 +780,7 @@ class NCE(Engine):
             order = BatchOrder(n, s.batch_size, s.seed, drop_last=True, stream=1)
         state = LoopState(0)
         latest = latest_checkpoint(s.checkpoint_dir) if s.resume else None
+        latest = distributed.broadcast_object(latest)  # every rank resumes from one file
         if latest is not None:
             state = LoopState.load(latest)
             saved = dict(state.params)
@@ -745,18 +802,30 @@ class NCE(Engine):
         state.params = dict(store.named_parameters())
         if gamma is not None:
             state.params["log_Z"] = gamma
+        distributed.broadcast_start(params if shard is not None else [])
 
         def save() -> None:
             state.optim = opt.state_dict()
             state.rng = LoopState.torch_rng()
-            state.save(s.checkpoint_dir)
+            if distributed.is_main():  # rank 0 alone writes; the state is every rank's
+                state.save(s.checkpoint_dir)
 
         def step(i: int) -> float:
-            loss = objective(batch_terms(None if order is None else order.indices(i)))
-            value = float(loss.detach())
+            idx = None if order is None else order.indices(i)
+            if shard is None:
+                loss = objective(batch_terms(idx))
+            else:  # this rank's part of the global batch, weighted by w_r = B_r/B
+                whole = torch.arange(n) if idx is None else idx
+                pos, local = shard.part(whole)
+                weight = len(local) / len(whole)
+                terms = batch_terms(local, pos=pos, global_b=len(whole)) if len(local) else None
+                loss = objective(terms) if terms is not None else None
+            value = float(loss.detach()) if loss is not None else 0.0
             opt.zero_grad()
-            if math.isfinite(value):
+            if loss is not None and math.isfinite(value):
                 loss.backward()
+            if shard is not None:
+                value = distributed.all_reduce_step(params, weight, value, i)
             if not (math.isfinite(value) and grads_finite(params)):
                 opt.zero_grad()
                 raise FitDivergedError(
@@ -777,7 +846,7 @@ class NCE(Engine):
             save=save if s.checkpoint_dir is not None else None,
             checkpoint_every=s.checkpoint_every,
             on_step=s.on_step,
-            progress=s.progress,
+            progress=s.progress and distributed.is_main(),
             desc="nce",
             smoothing=0.05,
         )
@@ -858,6 +927,16 @@ class NCE(Engine):
 
 
 # ---------------------------------------------------------------------- helpers
+def _log_mean_exp_of_shards(w: torch.Tensor) -> float:
+    """log mean_j e^{w_j} over the ranks' ``w`` together: each rank's log-sum-exp, shifted
+    by their maximum m, summed as m + log Σ_r e^{lse_r − m}, minus the log of the count."""
+    w = w.to(torch.float64)
+    lse = torch.logsumexp(w, 0) if w.numel() else w.new_tensor(-math.inf)
+    m = distributed.all_reduce_max(lse.reshape(1).clone())
+    total = distributed.all_reduce_sum(torch.stack([(lse - m[0]).exp(), w.new_tensor(w.numel())]))
+    return float(m[0] + total[0].log() - total[1].log())
+
+
 def _check_candidate_scores(scores, model, args, kwargs, per_datum, rows: int = 16):
     """Refuse a ``candidate_scores`` hook that does not agree with the model: scoring the
     first rows' own data as candidates must give the model's G on its diagonal."""

@@ -34,6 +34,7 @@ from pyro.infer.autoguide import (
 )
 from pyro.poutine.util import site_is_subsample
 
+from jointkl import distributed
 from jointkl.checkpoint import (
     LoopState,
     check_checkpointing,
@@ -280,7 +281,7 @@ class SVI(Engine):
                 for f in site["cond_indep_stack"]:
                     if f.name == DATA_PLATE:
                         data_size = f.size
-        if s.batch_size is not None:
+        if s.batch_size is not None or distributed.active():
             local = [
                 n
                 for n in latent
@@ -288,8 +289,9 @@ class SVI(Engine):
             ]
             if local and guide_kind in GUIDES:
                 raise InputError(
-                    f"SVI: mini-batching with local latent site(s) {local} needs an amortised "
-                    f"guide (an encoder), not the {guide_kind!r} autoguide"
+                    f"SVI: mini-batching or a data-parallel run with local latent site(s) "
+                    f"{local} needs an amortised guide (an encoder), not the {guide_kind!r} "
+                    f"autoguide"
                 )
         nesting = max_plate_nesting(tr)
         common = dict(num_particles=s.num_particles, vectorize_particles=s.vectorize_particles)
@@ -352,7 +354,11 @@ class SVI(Engine):
         s = self.settings
         pyro.clear_param_store()
         model = pair.model
-        if s.batch_size is None:
+        # Under a process group the data are this rank's rows (jointkl.distributed): the
+        # batches are the parts of the global ones that fall in this rank's shard.
+        parallel = distributed.active()
+        shard = None
+        if s.batch_size is None and not parallel:
             order = None
             guide, elbo, info = self._setup(pair, args, kwargs, args, kwargs, None)
             init_model, init_guide, init_args, init_kwargs = model, guide, args, kwargs
@@ -361,21 +367,41 @@ class SVI(Engine):
             # conditional model over a large output (a full softmax over 50k words) would
             # otherwise pay a full-data pass just to create its parameters, whose shapes do
             # not depend on the batch for a model written with the "data" plate.
+            rng = torch.get_rng_state()
             n = data_plate_size(model, args, kwargs)
+            if s.batch_size is None:  # data-parallel only: the draws of a 1-process full batch
+                torch.set_rng_state(rng)
             if n is None:
                 raise InputError(
                     f"SVI: batch_size needs a pyro.plate({DATA_PLATE!r}, N) in the model"
                 )
-            # A batch larger than the data is the whole data (in a seeded order) each step.
-            order = BatchOrder(n, min(s.batch_size, n), s.seed, drop_last=False, stream=0)
             sliced = sliceable_arguments(args, kwargs, n)
+            if parallel:
+                shard = distributed.Shard.of_local(n)
+            big_n = shard.n if shard is not None else n
+            # A batch larger than the data is the whole data (in a seeded order) each step;
+            # no batch_size (data-parallel only) is all rows every step.
+            order = None
+            if s.batch_size is not None:
+                order = BatchOrder(big_n, min(s.batch_size, big_n), s.seed, stream=0)
 
-            def batch(step: int) -> tuple[tuple, dict, float]:
-                idx = order.indices(step)
-                return (*slice_arguments(args, kwargs, sliced, idx), order.scale(idx))
+            def batch(step: int) -> tuple[tuple, dict, float, float]:
+                """(args, kwargs, data-plate factor, this rank's weight w_r = B_r/B)."""
+                idx = order.indices(step) if order is not None else None
+                if shard is None:
+                    return (*slice_arguments(args, kwargs, sliced, idx), order.scale(idx), 1.0)
+                local = torch.arange(n) if idx is None else shard.part(idx)[1]
+                weight = len(local) / (big_n if idx is None else len(idx))
+                scale = big_n / max(1, len(local))
+                return (*slice_arguments(args, kwargs, sliced, local), scale, weight)
 
-            init_args, init_kwargs, scale = batch(0)
-            guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, n)
+            if shard is None:
+                init_args, init_kwargs, scale, _ = batch(0)
+            else:  # this rank's part of batch 0 may be empty: its first rows create params
+                probe = torch.arange(min(n, order.batch_size if order else n))
+                init_args, init_kwargs = slice_arguments(args, kwargs, sliced, probe)
+                scale = big_n / len(probe)
+            guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, big_n)
             init_model, init_guide = self._scaled(elbo, model, guide, scale)
 
         # Create every param (model and guide) once, so a checkpoint can be poured in.
@@ -385,6 +411,7 @@ class SVI(Engine):
         store = pyro.get_param_store()
         state = LoopState(0)
         latest = latest_checkpoint(s.checkpoint_dir) if s.resume else None
+        latest = distributed.broadcast_object(latest)  # every rank resumes from one file
         if latest is not None:
             state = LoopState.load(latest)
             load_params(store, state.params)
@@ -395,19 +422,26 @@ class SVI(Engine):
         # The live unconstrained tensors the optimiser moves (named_parameters, unlike
         # get_state, leaves the param store untouched).
         state.params = dict(store.named_parameters())
+        # every parameter in one order on every rank: the all-reduce buffer's layout
+        every = [state.params[k] for k in sorted(state.params)] if parallel else None
+        distributed.broadcast_start(every or [])
 
         def save() -> None:
             state.optim = optim.get_state()
             state.rng = LoopState.torch_rng()
-            state.save(s.checkpoint_dir)
+            if distributed.is_main():  # rank 0 alone writes; the state is every rank's
+                state.save(s.checkpoint_dir)
 
         def step(i: int) -> float:
-            if order is None:
+            weight = 1.0
+            if order is None and shard is None:
                 b_args, b_kwargs, m, g = args, kwargs, model, guide
             else:
-                b_args, b_kwargs, scale = batch(i)
+                b_args, b_kwargs, scale, weight = batch(i)
                 m, g = self._scaled(elbo, model, guide, scale)
-            return self._step(elbo, m, g, optim, self._lr_factor(i), b_args, b_kwargs, i)
+            return self._step(
+                elbo, m, g, optim, self._lr_factor(i), b_args, b_kwargs, i, every, weight
+            )
 
         es = s.early_stopping
         loop = StepLoop(
@@ -416,7 +450,7 @@ class SVI(Engine):
             checkpoint_every=s.checkpoint_every,
             on_step=s.on_step,
             stop=_EarlyStopping(es["tol"], es["window"], state.history) if es else None,
-            progress=s.progress,
+            progress=s.progress and distributed.is_main(),
             desc="svi",
         )
         t0 = time.perf_counter()
@@ -449,9 +483,15 @@ class SVI(Engine):
             guide=guide,  # in memory: a callable guide cannot be rebuilt from disk
         )
 
-    def _step(self, elbo, model, guide, optim, lr_factor, args, kwargs, step) -> float:
+    def _step(
+        self, elbo, model, guide, optim, lr_factor, args, kwargs, step, every=None, weight=1.0
+    ) -> float:
+        """One update; ``every`` (data-parallel runs: all parameters in one order) and
+        ``weight`` (this rank's w_r) sum the ranks' gradients and losses before it."""
         try:
-            if isinstance(elbo, ReparamELBO):  # it notes the params it touched itself
+            if every is not None and weight == 0:  # no row of this batch on this rank
+                loss, params = 0.0, []
+            elif isinstance(elbo, ReparamELBO):  # it notes the params it touched itself
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
                 params = elbo.last_params
             else:
@@ -468,6 +508,9 @@ class SVI(Engine):
                 ) from e
             raise
         loss = float(loss)
+        if every is not None:
+            loss = distributed.all_reduce_step(every, weight, loss, step)
+            params = [p for p in every if p.grad is not None]
         if not (math.isfinite(loss) and grads_finite(params)):
             pyro.infer.util.zero_grads(set(params))
             what = "loss" if not math.isfinite(loss) else "gradient"

@@ -1,0 +1,377 @@
+"""Data parallelism on ``torch.distributed``: one process per rank, launched by torchrun.
+
+The gradient engines (SVI, NCE) are data-parallel by construction: their loss is a sum over
+the data points of a mini-batch plus global terms. Under a process group of P ranks:
+
+* **Data.** Rank r holds the contiguous rows ``[lo_r, hi_r)`` of the N rows
+  (:func:`shard_bounds`: the first ``N mod P`` ranks get one row more). The command line
+  hands each rank its rows; in Python, each rank passes its own shard to ``engine.fit``.
+* **Batches.** Every rank draws the *same global* batch order (the
+  :class:`~jointkl.minibatch.BatchOrder` of a 1-process run with the same N, batch size and
+  seed: a permutation of row ids, no data) and keeps the ids of each global batch that fall
+  in its shard (:meth:`Shard.part`). The union over ranks of step b's parts is exactly the
+  1-process run's batch b, whatever P is, so a run's batch sequence does not depend on P
+  and a run resumed with another P continues the same sequence.
+* **Loss and gradients.** Rank r evaluates its part (B_r of the B rows) with the data-plate
+  factor N/B_r and weighs the result by w_r = B_r/B: (N/B) Σ_{i∈r} ℓ_i + w_r·G, where G are
+  the global terms. Since Σ_r w_r = 1, the sum over ranks is the 1-process loss
+  (N/B) Σ_i ℓ_i + G, and so is the gradient sum. :func:`all_reduce_step` sums the weighted
+  gradients, the weighted loss and a touched-flag per parameter in **one** flat buffer per
+  step (one ``all_reduce``); the optimiser then takes the same step on every rank.
+* **Randomness.** Ranks start from rank 0's parameters and torch RNG state
+  (:func:`broadcast_start`), so random draws of a fixed shape (global latents, shared or
+  per-batch noise drawn for the whole global batch) are the same on every rank and equal to
+  a 1-process run's. Draws whose shape follows the rank's rows (an amortised guide's local
+  latents, per-context noise) are drawn per rank: an equally valid estimator, not the
+  1-process numbers.
+* **Files.** Rank 0 alone writes (the run directory, checkpoints, the progress bar); the
+  checkpoint holds the global step, the parameters, the optimiser state and rank 0's RNG,
+  nothing per rank, so a run resumes under any P.
+* **Faults.** The process group has a timeout (:data:`TIMEOUT`); a rank that dies makes its
+  peers' next ``all_reduce`` fail (:class:`RankFailedError`, one line), and torchrun stops
+  the others. Checkpoints are written atomically, so the last good one stays intact.
+
+With no process group (a plain process) every query answers as a single rank (0 of 1) and
+nothing here communicates.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from jointkl.errors import InputError
+
+__all__ = [
+    "TIMEOUT",
+    "RankFailedError",
+    "Shard",
+    "initialise",
+    "active",
+    "rank",
+    "world_size",
+    "is_main",
+    "shard_bounds",
+    "local_shard",
+    "all_reduce_step",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "broadcast_start",
+    "broadcast_object",
+    "launch",
+    "comm_seconds",
+]
+
+# How long a collective waits for a peer before failing: long enough for a slow step on a
+# loaded machine, short enough that a hung peer ends the run instead of holding it forever.
+TIMEOUT = timedelta(minutes=5)
+# The test hook that kills one rank mid-fit ("RANK:STEP"); read only in _fault_hook.
+KILL_ENV = "JOINTKL_TEST_KILL_RANK_AT_STEP"
+
+_comm = {"seconds": 0.0, "calls": 0}
+
+
+class RankFailedError(RuntimeError):
+    """A collective failed: another rank of the run stopped (died, or timed out)."""
+
+
+def initialise(device: str | torch.device | None = None) -> bool:
+    """Join the process group torchrun describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), once.
+
+    :param device: the device the engines run on: NCCL for CUDA, gloo otherwise.
+    :returns: whether a process group of more than one rank is active.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
+    return dist.get_world_size() > 1
+
+
+def active() -> bool:
+    """Whether this process is one rank of a process group of more than one."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and shows progress (rank 0, or no process group)."""
+    return rank() == 0
+
+
+def shard_bounds(n: int, r: int, p: int) -> tuple[int, int]:
+    """Rank ``r``'s contiguous rows ``[lo, hi)`` of ``n`` rows split over ``p`` ranks: sizes
+    differ by at most one, the first ``n mod p`` ranks taking the extra row."""
+    base, extra = divmod(n, p)
+    lo = r * base + min(r, extra)
+    return lo, lo + base + (1 if r < extra else 0)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows ``[lo, hi)`` of ``n`` rows in all.
+
+    :param n: rows over all ranks (the 1-process data size N).
+    :param lo: the first row this rank holds.
+    :param hi: one past the last row this rank holds.
+    """
+
+    n: int
+    lo: int
+    hi: int
+
+    @classmethod
+    def of_local(cls, n_local: int) -> Shard:
+        """The shard of a rank holding ``n_local`` rows, the ranks' rows in rank order: N
+        and the offset come from an all-gather of the ranks' row counts. Refuses a rank
+        with no rows (it could not trace the model)."""
+        if not active():
+            return cls(n_local, 0, n_local)
+        counts = torch.zeros(world_size(), dtype=torch.int64)
+        counts[rank()] = n_local
+        _all_reduce(counts)
+        if int(counts.min()) == 0:
+            raise InputError(
+                f"data-parallel fit: rank {int(counts.argmin())} has no rows; use fewer "
+                f"processes than data rows ({int(counts.sum())})"
+            )
+        lo = int(counts[: rank()].sum())
+        return cls(int(counts.sum()), lo, lo + n_local)
+
+    def part(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the global batch ``idx`` (global row ids): (its positions in
+        ``idx``, the local row ids)."""
+        mine = (idx >= self.lo) & (idx < self.hi)
+        pos = mine.nonzero().squeeze(-1)
+        return pos, idx[pos] - self.lo
+
+
+def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dict]:
+    """This rank's contiguous rows (:func:`shard_bounds`) of every per-data-point argument
+    (a tensor whose first dimension is ``n``); other arguments unchanged. Without a process
+    group, the arguments themselves."""
+    if not active():
+        return args, kwargs
+    lo, hi = shard_bounds(n, rank(), world_size())
+    if hi <= lo:
+        raise InputError(
+            f"data-parallel fit: {n} rows cannot give each of {world_size()} processes a row; "
+            f"use fewer processes"
+        )
+
+    def cut(a):
+        per_point = isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
+        return a[lo:hi] if per_point else a
+
+    return tuple(cut(a) for a in args), {k: cut(a) for k, a in kwargs.items()}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (``t`` itself without a process group)."""
+    if active():
+        _all_reduce(t)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elementwise maximum over the ranks, in place."""
+    if active():
+        _all_reduce(t, dist.ReduceOp.MAX)
+    return t
+
+
+def _all_reduce(t: torch.Tensor, op: Any = None) -> None:
+    """Sum ``t`` over the ranks in place, timed; a failed peer becomes a one-line error."""
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RankFailedError(
+            f"rank {rank()}: another process of the run stopped ({first}); the run ends"
+        ) from e
+    finally:
+        _comm["seconds"] += time.perf_counter() - t0
+        _comm["calls"] += 1
+
+
+def comm_seconds(reset: bool = False) -> tuple[float, int]:
+    """(seconds spent in all-reduce calls, number of calls) in this process so far."""
+    out = (_comm["seconds"], _comm["calls"])
+    if reset:
+        _comm.update(seconds=0.0, calls=0)
+    return out
+
+
+def _fault_hook(step: int) -> None:
+    """Testing only: ``JOINTKL_TEST_KILL_RANK_AT_STEP=R:S`` kills rank R (SIGKILL: no
+    clean-up, as a crashed node) when it reaches step S."""
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        r, s = (int(v) for v in spec.split(":"))
+        if r == rank() and s == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def all_reduce_step(
+    params: Sequence[torch.Tensor], weight: float, value: float, step: int
+) -> float:
+    """One data-parallel step's communication: sum over ranks of ``weight``·grad for every
+    parameter, and of ``weight``·``value`` (the loss), in one flat buffer and one
+    ``all_reduce``. Gradients are written back in place; a parameter no rank touched keeps
+    ``grad = None`` (an optimiser skips it, as in a 1-process run). Sparse gradients are
+    summed densely.
+
+    :param params: every parameter, in the same order on every rank.
+    :param weight: w_r = B_r/B, this rank's share of the global batch (0 for an empty part).
+    :param value: this rank's loss at its part, evaluated with the data-plate factor N/B_r.
+    :param step: the step (for the test fault hook).
+    :returns: the global loss Σ_r w_r·value_r (non-finite when any rank's is).
+    """
+    _fault_hook(step)
+    if not active():
+        return value
+    sizes = [p.numel() for p in params]
+    total, k_all = sum(sizes), len(params)
+    ref = params[0] if params else torch.zeros(())
+    # [gradients | touched flag per param | sparse flag per param | loss], float64 so that
+    # the sum adds no rounding of its own beyond the float32 gradients'.
+    buf = torch.zeros(total + 2 * k_all + 1, dtype=torch.float64, device=ref.device)
+    at = 0
+    for k, (p, size) in enumerate(zip(params, sizes, strict=True)):
+        if p.grad is not None:
+            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            buf[at : at + size] = g.reshape(-1) * weight
+            buf[total + k] = 1.0
+            buf[total + k_all + k] = float(p.grad.is_sparse)
+        at += size
+    buf[-1] = value * weight if weight else 0.0
+    _all_reduce(buf)
+    at = 0
+    for k, (p, size) in enumerate(zip(params, sizes, strict=True)):
+        p.grad = None
+        if buf[total + k] > 0:
+            g = buf[at : at + size].reshape(p.shape).to(p.dtype)
+            # an embedding's row-sparse gradient stays row-sparse (the rows any rank touched)
+            p.grad = g.to_sparse(1) if buf[total + k_all + k] > 0 else g
+        at += size
+    return float(buf[-1])
+
+
+def broadcast_start(params: Sequence[torch.Tensor]) -> None:
+    """Give every rank rank 0's parameter values and torch RNG state (the ranks then start
+    as one run, whatever each one's data-dependent initialisation gave)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    rng = torch.get_rng_state()
+    dist.broadcast(rng, src=0)
+    torch.set_rng_state(rng)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a path, a decision); ``obj`` itself without a group."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Run ``jointkl <argv>`` as ``nproc`` processes under torchrun (single node,
+    standalone rendezvous) and return the exit status: 0, or the first failed rank's.
+
+    A rank that dies ends the whole run (torchrun stops the others); one line on stderr
+    says which rank and how, and where the last good checkpoint is.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if nproc < 1:
+        raise InputError(f"--nproc must be a whole number >= 1, got {nproc}")
+    cores = os.cpu_count() or 1
+    if nproc > cores:
+        print(
+            f"jointkl: warning: --nproc {nproc} exceeds this machine's {cores} core(s); the "
+            f"processes will share cores",
+            file=sys.stderr,
+        )
+    # torchrun's agent logs every start and stop; its failure summary is replaced by one line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its notice
+    try:
+        run(
+            parse_args(
+                [
+                    "--standalone",
+                    "--nnodes=1",
+                    f"--nproc-per-node={nproc}",
+                    "--max-restarts=0",
+                    "-m",
+                    "jointkl",
+                    *argv,
+                ]
+            )
+        )
+    except ChildFailedError as e:
+        r, failure = e.get_first_failure()
+        how = (
+            f"killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exit status {failure.exitcode}"
+        )
+        print(
+            f"jointkl: rank {r} of {nproc} stopped ({how}); the whole run was stopped"
+            f"{_checkpoint_note(argv)}",
+            file=sys.stderr,
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def _checkpoint_note(argv: Sequence[str]) -> str:
+    """The clause naming the last good checkpoint of the run directory ``--out`` names."""
+    from pathlib import Path
+
+    from jointkl.runs import latest_checkpoint
+
+    out = None
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            out = argv[i + 1]
+        elif a.startswith("--out="):
+            out = a.split("=", 1)[1]
+    if out is None:
+        return ""
+    latest = latest_checkpoint(Path(out) / "checkpoints")
+    if latest is None:
+        return "; no checkpoint was written"
+    return f"; last good checkpoint {latest}: continue with --resume (any --nproc)"
