@@ -586,6 +586,7 @@ class NCE(Engine):
     """
 
     name = "nce"
+    data_parallel = True
     description = "noise-contrastive estimation: unnormalised models, log Z learned (no latents)"
     Settings = NCESettings
     settings: NCESettings

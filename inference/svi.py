@@ -229,6 +229,7 @@ class SVI(Engine):
     """
 
     name = "svi"
+    data_parallel = True
     description = "stochastic variational inference: gradient steps on the ELBO (any latents)"
     Settings = SVISettings
     settings: SVISettings

@@ -107,6 +107,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     :mod:`jointkl.resume` for what ``--resume`` reuses and refuses."""
     import torch
 
+    from jointkl import distributed
     from jointkl import resume as resuming
     from jointkl.data.tables import PrecisionWarning, bind_arguments, load_table
     from jointkl.engine import engine_class
@@ -119,7 +120,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if engine_name is None and not args.resume:
         raise InputError("--engine is required (see `jointkl engines`)")
     out = args.out or f"runs/{Path(args.model.split(':')[0]).stem}-{engine_name or 'run'}"
+    # Under torchrun every rank makes every check; rank 0 alone writes (jointkl.distributed).
+    parallel = distributed.initialise(getattr(args, "device", None))
+    main_rank = distributed.is_main()
     run = RunDir.claim(out, resume=args.resume, overwrite=args.overwrite)
+    run.path, run.final = distributed.broadcast_object((run.path, run.final))  # one folder
     saved = resuming.saved_config(run) if args.resume else None
     if saved is not None:
         resuming.check_same("--engine", engine_name, saved["engine"])
@@ -129,6 +134,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     settings = parse_settings(args.set or [])
     engine_cls = engine_class(engine_name)
+    if parallel and not engine_cls.data_parallel:
+        raise InputError(
+            f"engine {engine_name!r} does not run data-parallel; --nproc > 1 (or torchrun) "
+            f"is for svi and nce"
+        )
     target, model_spec, model_cls = _resolve_model(args.model, None)
     if saved is not None:
         resuming.check_model(model_spec, saved)
@@ -166,7 +176,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         resuming.check_engine_config(probe.config, saved)
     planned = _planned_steps(probe.settings)
     usual = _planned_steps(engine_cls.Settings())
-    if planned > 100 * usual:
+    if planned > 100 * usual and main_rank:
         print(
             f"jointkl: warning: {planned} steps is {planned / usual:.3g} times {engine_name}'s "
             f"default; the progress bar shows the time this implies, and Ctrl-C stops at a "
@@ -183,7 +193,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PrecisionWarning)
             data_args, data_kwargs = bind_arguments(table, pair.model, dtype=dtype)
-        for w in caught:
+        for w in caught if main_rank else ():
             print(f"jointkl: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
         data_source = str(Path(data_path).resolve())
     elif hook(pair, "default_data") is not None:
@@ -221,6 +231,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     }
     if saved is not None:
         config["resumed"] = [*saved.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
+    distributed.barrier()  # every rank has read the folder before rank 0 writes in it
+    if not main_rank:  # the fit on this rank's rows; rank 0 writes the run
+        return _fit_rank(engine, pair, data_args, data_kwargs)
     try:
         run.create()
     except OSError as e:
@@ -229,7 +242,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         run.write_config(config)  # a run killed from here on can be resumed
     else:
         _say_resume_point(run)
-    print(f"fitting {args.model} with {engine!r} on {data_source}", file=sys.stderr)
+    nproc = f" on {distributed.world_size()} processes" if parallel else ""
+    print(f"fitting {args.model}{nproc} with {engine!r} on {data_source}", file=sys.stderr)
     torch.manual_seed(seed)
     return _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed)
 
@@ -240,17 +254,23 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     interrupted and the exit status is 128 + the signal."""
     from jointkl import signals
     from jointkl.checkpoint import retention
+    from jointkl.distributed import local_shard
     from jointkl.runs import CheckpointSkipped
     from jointkl.zoo import user_file_error
 
     caught: list = []
     where = f"; the earlier run at {run.final} is unchanged" if run.replacing else ""
+    # under a process group, the engine sees this rank's rows; the Fit gets all of them
+    shard_args, shard_kwargs = local_shard(
+        data_args, data_kwargs, _data_rows(data_args, data_kwargs)
+    )
     try:
         with signals.stop_on_signals(), retention(args.keep_checkpoints):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("ignore", CheckpointSkipped)  # said in one line already
                 warnings.simplefilter("always", ConvergenceWarning)
-                fit = engine.fit(pair, *data_args, **data_kwargs)
+                fit = engine.fit(pair, *shard_args, **shard_kwargs)
+                fit.args, fit.kwargs = data_args, data_kwargs
     except KeyboardInterrupt:
         signum = signals.stop_requested() or signal_number("SIGINT")
         kept = not run.replacing and run.latest_checkpoint()
@@ -301,6 +321,21 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     print(f"run directory: {run.path}")
     print(f"  inference data: {run.inference_data}")
     print(f"  plots:          {run.plots}/")
+    return 0
+
+
+def _fit_rank(engine, pair, data_args, data_kwargs) -> int:
+    """A rank other than 0 of a data-parallel fit: the fit on its rows, no files, no output
+    but errors (rank 0 reports the run)."""
+    from jointkl import signals
+    from jointkl.distributed import local_shard
+
+    shard_args, shard_kwargs = local_shard(
+        data_args, data_kwargs, _data_rows(data_args, data_kwargs)
+    )
+    with signals.stop_on_signals(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.fit(pair, *shard_args, **shard_kwargs)
     return 0
 
 
@@ -676,6 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="keep the newest N checkpoints (default 3; 0 keeps all)",
     )
+    f.add_argument(
+        "--nproc",
+        type=_threads,
+        default=None,
+        help="data-parallel fit on this many processes (svi, nce): relaunches itself under "
+        "torchrun, each process taking its share of the rows (default 1)",
+    )
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
 
@@ -733,6 +775,33 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``jointkl fit … --nproc P``: the same command on P processes under torchrun, after
+    refusing an engine that does not run data-parallel (one line, before any start)."""
+    from jointkl.distributed import launch
+    from jointkl.engine import engine_class
+
+    if args.engine is not None and not engine_class(args.engine).data_parallel:
+        raise InputError(
+            f"engine {args.engine!r} does not run data-parallel; --nproc > 1 is for svi and nce"
+        )
+    return launch(_without_nproc(argv), args.nproc)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line with ``--nproc P`` (or ``--nproc=P``) taken out: what each
+    process of the relaunched run executes."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
     parser = build_parser()
@@ -742,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        if (getattr(args, "nproc", None) or 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args, sys.argv[1:] if argv is None else list(argv))
         return int(args.func(args) or 0)
     except InputError as e:
         # One line: Pyro appends its trace's shapes to errors raised inside a model.
@@ -749,6 +820,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FitDivergedError as e:
         print(f"jointkl: fit stopped: {_first_line(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from jointkl.distributed import RankFailedError
+
+        if not isinstance(e, RankFailedError):
+            raise
+        print(f"jointkl: {_first_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("jointkl: interrupted", file=sys.stderr)

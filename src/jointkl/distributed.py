@@ -38,6 +38,7 @@ nothing here communicates.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -67,6 +68,7 @@ __all__ = [
     "all_reduce_max",
     "broadcast_start",
     "broadcast_object",
+    "barrier",
     "launch",
     "comm_seconds",
 ]
@@ -209,7 +211,9 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> None:
     try:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # gloo's text starts with its source location; its first sentence says what happened
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())
+        first = text.split(". ")[0].splitlines()[0][:160] if text else type(e).__name__
         raise RankFailedError(
             f"rank {rank()}: another process of the run stopped ({first}); the run ends"
         ) from e
@@ -294,6 +298,15 @@ def broadcast_start(params: Sequence[torch.Tensor]) -> None:
     torch.set_rng_state(rng)
 
 
+def barrier() -> None:
+    """Wait until every rank arrives here (nothing without a process group)."""
+    if active():
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise RankFailedError(f"rank {rank()}: another process of the run stopped") from e
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (a path, a decision); ``obj`` itself without a group."""
     if not active():
@@ -325,7 +338,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
             file=sys.stderr,
         )
     # torchrun's agent logs every start and stop; its failure summary is replaced by one line
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its notice
     try:
         run(

@@ -73,6 +73,9 @@ class Engine:
     name: ClassVar[str] = "engine"
     description: ClassVar[str] = ""
     Settings: ClassVar[type[Settings]] = Settings
+    # Whether ``fit`` under a process group takes each rank's shard of the rows and combines
+    # the ranks' work itself (jointkl.distributed); the command line refuses --nproc > 1 else.
+    data_parallel: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
