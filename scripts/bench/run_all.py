@@ -96,6 +96,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "postfit", "postfit.py", (), ("arviz",), "post-fit work (to_arviz, netCDF, plots) vs fit"
     ),
+    Benchmark(
+        "scaling",
+        "scaling.py",
+        (),
+        (),
+        "data-parallel SVI and NCE at 1 and 2 gloo processes; ring all-reduce cost model",
+    ),
 )
 
 

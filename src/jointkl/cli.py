@@ -1,6 +1,7 @@
 """The ``jointkl`` command line.
 
     jointkl fit MODEL --engine ENGINE [--data PATH] [--set key=value ...] [--seed N] [--out DIR]
+                [--nproc P]   (data-parallel svi/nce on P processes under torchrun)
     jointkl diagnose DIR
     jointkl compare RUN RUN ... [--out DIR]
     jointkl models [NAME] | jointkl engines [NAME]
