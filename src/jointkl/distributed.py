@@ -191,6 +191,22 @@ def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dic
     return tuple(cut(a) for a in args), {k: cut(a) for k, a in kwargs.items()}
 
 
+def _on_wire(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the backend can send it: NCCL moves only CUDA tensors (a CPU one goes via
+    the current GPU); gloo sends CPU tensors as they are."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    """Rank 0's ``t`` into ``t`` on every rank."""
+    wire = _on_wire(t)
+    dist.broadcast(wire, src=0)
+    if wire is not t:
+        t.copy_(wire)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks, in place (``t`` itself without a process group)."""
     if active():
@@ -209,7 +225,10 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> None:
     """Sum ``t`` over the ranks in place, timed; a failed peer becomes a one-line error."""
     t0 = time.perf_counter()
     try:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        wire = _on_wire(t)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM if op is None else op)
+        if wire is not t:
+            t.copy_(wire)
     except RuntimeError as e:
         # gloo's text starts with its source location; its first sentence says what happened
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())
@@ -292,10 +311,14 @@ def broadcast_start(params: Sequence[torch.Tensor]) -> None:
         return
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=0)
+            _broadcast(p.data)
     rng = torch.get_rng_state()
-    dist.broadcast(rng, src=0)
+    _broadcast(rng)
     torch.set_rng_state(rng)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # draws made on the GPU
+        cuda_rng = torch.cuda.get_rng_state()
+        _broadcast(cuda_rng)
+        torch.cuda.set_rng_state(cuda_rng)
 
 
 def barrier() -> None:
