@@ -20,6 +20,7 @@ these steps:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,15 @@ import pyro.poutine as poutine
 import torch
 from jointkl.inference.em.classify import Classifier
 from jointkl.inference.em.estep import chain_plan
-from jointkl.inference.em.factors import Free, Group, Var, plates_of, transform_for
+from jointkl.inference.em.factors import (
+    Free,
+    Group,
+    Var,
+    canonical,
+    plates_of,
+    transform_for,
+)
+from jointkl.inference.em.families import FAMILIES, unwrap
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
@@ -44,6 +53,10 @@ __all__ = ["compile_model"]
 
 # Seed offset of the random probe of θ from the fit's seed (any fixed value does).
 PROBE_SEED_OFFSET = 7919
+# Probing and classifying run on the first SLICE_ROWS elements of the "data" plate (then
+# are checked on all of them) when it has at least SLICE_MIN_POINTS.
+SLICE_ROWS = 32
+SLICE_MIN_POINTS = 128
 
 
 def compile_model(fm: FactorModel, seed: int) -> None:
@@ -94,12 +107,16 @@ class Compiler:
         tr = self.initial_trace()
         enumerated = self.free_variables(tr)
         fm.nesting = max_plate_nesting(tr)
-        self.traces = self.probe_traces()
-        sites = self.sample_sites()
-        self.plates(sites)
-        self.enumerated_variables(enumerated)
+        found = self.on_a_slice(tr, enumerated)
+        if found is None:  # the whole data, as the module docstring says
+            self.traces = self.probe_traces(fm)
+            sites = self.sample_sites()
+            self.plates(sites)
+            self.enumerated_variables(enumerated)
+            candidates = Classifier(fm, self.traces, self.thetas).classify(sites)
+        else:
+            sites, candidates = found
         order = {n: i for i, n in enumerate(sites)}
-        candidates = Classifier(fm, self.traces, self.thetas).classify(sites)
         fm.groups = self.stack(candidates, order)
         fm.chain = chain_plan(fm)
         fm.chain_method = "auto"
@@ -201,11 +218,142 @@ class Compiler:
             return t(t.inv(v))
         return v
 
-    # ------------------------------------------------------------------ 2. the probes
-    def probe_traces(self) -> list:
-        """Enumerated traces at θ0 and at a random probe of θ (random values make an
-        accidental match of a wrong recipe a measure-zero event)."""
+    # ------------------------------------------------------------------ 2-4 on a slice
+    def on_a_slice(self, tr, enumerated: list[str]) -> tuple[list[str], list[Group]] | None:
+        """Steps 2-4 on the first ``SLICE_ROWS`` elements of the ``"data"`` plate, then
+        bound to the whole data and checked on it; ``(sites, groups)``, or ``None`` when
+        that cannot be done (the caller then runs them on the whole data).
+
+        Probing and classifying score every site on every point (for a mixture, Pyro's
+        log-density of all N points, once per probe); on a slice they cost the same for any
+        N. The slice is the model run on its arguments cut to their first ``SLICE_ROWS``
+        rows: every tensor argument whose leading dim is the data plate's size. It is taken
+        only when the model's structure survives the cut (the same sites, the same plates
+        but the data plate's size), every factor group is a recipe (or a fixed table
+        outside the data plate), and one enumerated trace of the whole data, at the random
+        probe of θ, gives every site's log-density the compiled groups compute (to
+        rounding). Per-point constants, observed values and masks are read from that trace.
+        """
         fm = self.fm
+        n = next(
+            (
+                f.size
+                for s in tr.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+                if f.name == DATA_PLATE
+            ),
+            None,
+        )
+        if n is None or n < SLICE_MIN_POINTS:
+            return None
+        cut = [False]
+
+        def head(a: Any) -> Any:
+            if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == n:
+                cut[0] = True
+                return a[:SLICE_ROWS]
+            return a
+
+        part = copy.copy(fm)
+        part.args = tuple(head(a) for a in fm.args)
+        part.kwargs = {k: head(a) for k, a in fm.kwargs.items()}
+        if not cut[0]:
+            return None
+        try:
+            self.traces = self.probe_traces(part)
+            sites = self.sample_sites()
+            self.plates(sites)
+            if fm.plate_sizes.get(DATA_PLATE) != SLICE_ROWS or any(
+                f.name != DATA_PLATE and fm.plate_sizes.get(f.name, f.size) != f.size
+                for s in tr.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+            ):
+                return None
+            self.enumerated_variables(enumerated)
+            args, kwargs = part.args, part.kwargs
+            part = copy.copy(fm)  # now with the slice's plates and variables
+            part.args, part.kwargs = args, kwargs
+            part.plate_sizes = dict(fm.plate_sizes)
+            candidates = Classifier(part, self.traces, self.thetas).classify(sites)
+        except Exception:  # noqa: BLE001 (the whole data's compilation decides, and says why)
+            return None
+        fm.plate_sizes[DATA_PLATE] = n
+        fm.n_points = n
+        if not self.bind(sites, candidates):
+            return None
+        return sites, candidates
+
+    def bind(self, sites: list[str], groups: list[Group]) -> bool:
+        """Give the groups classified on a slice the whole data's values (observations,
+        masks, constants, fixed tables, table shapes) from one enumerated trace of the whole
+        data at the random probe; ``True`` if every group then reproduces that trace."""
+        fm = self.fm
+        if any(
+            g.kind == "traced" or (g.kind == "fixed" and DATA_PLATE in g.plates) for g in groups
+        ):
+            return False
+        theta = self.thetas[1]
+        with torch.no_grad():
+            whole = fm.trace(theta)
+        names = [
+            n
+            for n, s in whole.nodes.items()
+            if s["type"] == "sample" and n != "_RETURN" and not _is_deterministic(s)
+        ]
+        if names != sites:
+            return False
+        reader = Classifier(fm, [whole], [theta])
+        infos = {n: reader.site_info(n) for n in sites}
+        for g in groups:
+            rows = [infos[n] for n in g.sites]
+            if any(
+                (i.roles, i.plates, i.cards, i.value) != (r, g.plates, g.cards, g.value)
+                or i.shape != rows[0].shape
+                for i, r in zip(rows, g.roles, strict=True)
+            ):
+                return False
+            g.shape = rows[0].shape
+            if g.kind == "fixed":
+                site = whole.nodes[g.sites[0]]
+                if g.fn is None:
+                    g.table = torch.cat([i.lps[0] for i in rows])
+                else:
+                    g.fn = site["fn"]
+                    g.dims = (site["infer"]["_dim_to_symbol"], rows[0].axes[0])
+                continue
+            g.data = None if rows[0].data is None else torch.cat([i.data for i in rows])
+            if g.data is not None and g.family == "categorical":
+                g.data = g.data.long()
+            g.mask = None if rows[0].mask is None else torch.cat([i.mask for i in rows])
+            family = FAMILIES[g.family]
+            for k, slot in g.slots.items():
+                if slot.const is None:
+                    continue
+                spec = family.slot(k)
+                slot.const = torch.cat(
+                    [
+                        canonical(
+                            getattr(unwrap(whole.nodes[n]["fn"])[0], spec.attr).detach(),
+                            g.n_event + spec.rank,
+                            whole.nodes[n]["infer"]["_dim_to_symbol"],
+                            i.axes[0],
+                            g.n_axes,
+                            n,
+                        )
+                        for n, i in zip(g.sites, rows, strict=True)
+                    ]
+                )
+            if not all(reader.rows_match(g, rows, traces=(0,))):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ 2. the probes
+    def probe_traces(self, fm: FactorModel) -> list:
+        """Enumerated traces of ``fm`` (the model on the whole data, or on a slice) at θ0
+        and at a random probe of θ (random values make an accidental match of a wrong
+        recipe a measure-zero event)."""
         g = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
         probe = {}
         for k, f in fm.free.items():
