@@ -28,7 +28,7 @@ import opt_einsum
 import pyro
 import pyro.poutine as poutine
 import torch
-from jointkl.inference.em.classify import Classifier
+from jointkl.inference.em.classify import Classifier, _distribution_signature
 from jointkl.inference.em.estep import chain_plan
 from jointkl.inference.em.factors import (
     Free,
@@ -36,9 +36,11 @@ from jointkl.inference.em.factors import (
     Var,
     canonical,
     plates_of,
+    site_axes,
+    site_log_prob,
     transform_for,
 )
-from jointkl.inference.em.families import FAMILIES, unwrap
+from jointkl.inference.em.families import FAMILIES, family_of, unwrap
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
@@ -66,12 +68,17 @@ def compile_model(fm: FactorModel, seed: int) -> None:
 
 
 def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
-    """A site's value in the initial trace: a draw for a discrete site; a global's prior
-    median, unless that leaves the support (an elementwise median of Dirichlet draws does
-    not sum to one): then the transform of zero (uniform probabilities, identity
-    correlations, ...)."""
-    if site["infer"].get("enumerate") == "parallel" or site["fn"].support.is_discrete:
-        return site["fn"].sample()
+    """A site's value in the initial trace: an enumerated site's first value (everywhere:
+    a value only runs the model, and a draw of every data point's value would be a third
+    of this trace's time); a draw for another discrete site; a global's prior median, unless
+    that leaves the support (an elementwise median of Dirichlet draws does not sum to one):
+    then the transform of zero (uniform probabilities, identity correlations, ...)."""
+    fn = site["fn"]
+    if site["infer"].get("enumerate") == "parallel" and fn.has_enumerate_support:
+        first = fn.enumerate_support(expand=False)[0]
+        return first.expand(fn.batch_shape + fn.event_shape).clone()
+    if site["infer"].get("enumerate") == "parallel" or fn.support.is_discrete:
+        return fn.sample()
     v = init_to_median(site)
     if not bool(site["fn"].support.check(v).all()):
         v = init_to_feasible(site)
@@ -281,22 +288,31 @@ class Compiler:
             return None
         fm.plate_sizes[DATA_PLATE] = n
         fm.n_points = n
-        if not self.bind(sites, candidates):
+        try:
+            bound = self.bind(sites, candidates)
+        except Exception:  # noqa: BLE001 (as above)
+            bound = False
+        if not bound:
             return None
         return sites, candidates
 
     def bind(self, sites: list[str], groups: list[Group]) -> bool:
         """Give the groups classified on a slice the whole data's values (observations,
-        masks, constants, fixed tables, table shapes) from one enumerated trace of the whole
-        data at the random probe; ``True`` if every group then reproduces that trace."""
+        masks, per-point constants, fixed tables, table shapes), read from one enumerated
+        trace of the whole data at the random probe; ``True`` if every site of it is what its
+        group computes: the same distribution classes, unscaled, and every parameter the
+        recipe's (the family's log-density of given parameters and values was checked
+        against Pyro's on the slice; Pyro's log-densities of the whole data, which would
+        cost as much as the whole compilation, are not computed)."""
         fm = self.fm
         if any(
             g.kind == "traced" or (g.kind == "fixed" and DATA_PLATE in g.plates) for g in groups
         ):
             return False
         theta = self.thetas[1]
+        tables = {n for g in groups if g.kind == "fixed" and g.fn is None for n in g.sites}
         with torch.no_grad():
-            whole = fm.trace(theta)
+            whole = fm.trace(theta, log_prob=lambda name, site: name in tables)
         names = [
             n
             for n, s in whole.nodes.items()
@@ -305,49 +321,85 @@ class Compiler:
         if names != sites:
             return False
         reader = Classifier(fm, [whole], [theta])
-        infos = {n: reader.site_info(n) for n in sites}
+        var_symbol = reader.var_symbols[0]
+        n_points = fm.plate_sizes[DATA_PLATE]
         for g in groups:
-            rows = [infos[n] for n in g.sites]
-            if any(
-                (i.roles, i.plates, i.cards, i.value) != (r, g.plates, g.cards, g.value)
-                or i.shape != rows[0].shape
-                for i, r in zip(rows, g.roles, strict=True)
-            ):
-                return False
-            g.shape = rows[0].shape
+            if DATA_PLATE in g.plates:  # the data plate's axis: SLICE_ROWS, or 1 (broadcast)
+                a = len(g.cards) + g.plates.index(DATA_PLATE)
+                if g.shape[a] == SLICE_ROWS:
+                    g.shape = g.shape[:a] + (n_points,) + g.shape[a + 1 :]
+            rows = []
+            for n, roles in zip(g.sites, g.roles, strict=True):
+                site, part = whole.nodes[n], self.traces[0].nodes[n]
+                if _distribution_signature(site["fn"])[0] != _distribution_signature(part["fn"])[0]:
+                    return False
+                axes = site_axes(site, roles, g.plates, var_symbol, fm.plate_dims)
+                rows.append((n, site, site["infer"]["_dim_to_symbol"], axes))
             if g.kind == "fixed":
-                site = whole.nodes[g.sites[0]]
+                n, site, d2s, axes = rows[0]
                 if g.fn is None:
-                    g.table = torch.cat([i.lps[0] for i in rows])
+                    g.table = torch.cat(
+                        [canonical(site_log_prob(s), 0, d, ax, g.n_axes, m) for m, s, d, ax in rows]
+                    )
                 else:
-                    g.fn = site["fn"]
-                    g.dims = (site["infer"]["_dim_to_symbol"], rows[0].axes[0])
+                    g.fn, g.dims = site["fn"], (d2s, axes)
                 continue
-            g.data = None if rows[0].data is None else torch.cat([i.data for i in rows])
-            if g.data is not None and g.family == "categorical":
-                g.data = g.data.long()
-            g.mask = None if rows[0].mask is None else torch.cat([i.mask for i in rows])
-            family = FAMILIES[g.family]
-            for k, slot in g.slots.items():
-                if slot.const is None:
-                    continue
-                spec = family.slot(k)
-                slot.const = torch.cat(
-                    [
-                        canonical(
-                            getattr(unwrap(whole.nodes[n]["fn"])[0], spec.attr).detach(),
-                            g.n_event + spec.rank,
-                            whole.nodes[n]["infer"]["_dim_to_symbol"],
-                            i.axes[0],
-                            g.n_axes,
-                            n,
-                        )
-                        for n, i in zip(g.sites, rows, strict=True)
-                    ]
-                )
-            if not all(reader.rows_match(g, rows, traces=(0,))):
+            if not all(self.bound_rows(g, rows, reader)):
                 return False
         return True
+
+    def bound_rows(self, g: Group, rows: list[tuple], reader: Classifier) -> list[bool]:
+        """Bind a recipe group's rows ``(site name, whole-data site, dim -> symbol, symbol ->
+        axis)`` to the whole data (its observations, masks and constant slots) and say, per
+        row, whether the site is unscaled, of the group's family, and has the recipe's
+        parameters at the probe."""
+        family = FAMILIES[g.family]
+        ok = []
+        data, masks = [], []
+        consts: dict[str, list[torch.Tensor]] = {
+            k: [] for k, s in g.slots.items() if s.const is not None
+        }
+        for (n, site, d2s, axes), roles in zip(rows, g.roles, strict=True):
+            fn, r = unwrap(site["fn"])
+            good = family_of(fn) == g.family and r == g.n_event
+            own = g.value == "own"
+            scale = site["scale"]
+            good = good and (
+                own or scale is None or (not isinstance(scale, torch.Tensor) and scale == 1.0)
+            )
+            if g.value == "data":
+                x = canonical(
+                    site["value"], len(site["fn"].event_shape), d2s, axes, g.n_axes, n
+                ).detach()
+                data.append(x.long() if g.family == "categorical" else x)
+            mask = None if own else site["mask"]
+            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+                masks.append(canonical(mask.detach(), 0, d2s, axes, g.n_axes, n))
+            else:
+                good = good and mask is None
+            for k, slot in g.slots.items():
+                spec = family.slot(k)
+                target = getattr(fn, spec.attr)
+                if slot.const is not None:
+                    consts[k].append(
+                        canonical(target.detach(), g.n_event + spec.rank, d2s, axes, g.n_axes, n)
+                    )
+                    continue
+                index = [
+                    tuple(("var", roles[a]) if kind == "role" else (kind, a) for kind, a in ix)
+                    for ix in slot.index
+                ]
+                choice = tuple(zip(slot.params, index, slot.pad, strict=True))
+                size = target.shape[-1] if target.dim() else None
+                good = good and reader.recipes.reproduces(choice, slot.view, target, 0, size)
+            ok.append(bool(good))
+        if (g.mask is None) != (not masks) or (masks and len(masks) != g.rows):
+            return [False]
+        g.data = torch.cat(data) if data else g.data
+        g.mask = torch.cat(masks) if masks else None
+        for k, parts in consts.items():
+            g.slots[k].const = torch.cat(parts)
+        return ok
 
     # ------------------------------------------------------------------ 2. the probes
     def probe_traces(self, fm: FactorModel) -> list:
