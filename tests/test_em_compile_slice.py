@@ -110,6 +110,22 @@ def test_a_slice_compiles_the_zoo_models_as_the_whole_data_does(model, x, monkey
     assert_same_factor_model(sliced, whole)
 
 
+def test_masks_of_padded_sequences_are_read_from_the_whole_data(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 7, dtype=F64, generator=g)
+    lengths = torch.randint(2, 8, (200,), generator=g)
+    lengths[:32] = 7  # the slice has no padding: its masks are all True
+    model = HMM(2).model
+    sliced, kept = compiled(model, (x, lengths), whole=False, monkeypatch=monkeypatch)
+    whole, _ = compiled(model, (x, lengths), whole=True, monkeypatch=monkeypatch)
+    assert kept
+    assert any(g.mask is not None and not bool(g.mask.all()) for g in sliced.groups)
+    assert_same_factor_model(sliced, whole)
+    for a, b in zip(sliced.groups, whole.groups, strict=True):
+        if b.mask is not None:
+            assert torch.equal(a.mask.expand(b.mask.shape), b.mask)
+
+
 def test_per_point_and_whole_data_constants_are_read_from_the_whole_data(monkeypatch):
     x = blobs()[:, 0]
     c = torch.linspace(0.5, 2.0, N, dtype=F64)
