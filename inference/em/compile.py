@@ -16,6 +16,10 @@ these steps:
 6. **E-step plan**: whether the variables form a chain
    (:func:`~jointkl.inference.em.estep.chain_plan`), and the einsum symbols of the generic
    contraction.
+
+Steps 2-4 run on the first ``SLICE_ROWS`` elements of the ``"data"`` plate when it has at
+least ``SLICE_MIN_POINTS``, and the groups found are bound to the whole data and checked on
+it (:meth:`Compiler.on_a_slice`); when that cannot be done they run on the whole data.
 """
 
 from __future__ import annotations
