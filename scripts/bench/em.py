@@ -727,7 +727,7 @@ def default_hmm_row(args, label: str, x: torch.Tensor, k: int) -> dict:
 def case_defaults(args) -> Iterator[dict]:
     """The rows named by ``--rows`` (gmm, bmm, hmm), each as soon as it is measured; the
     mixtures at N = 20k, and 200k without ``--quick`` (``--sizes`` names others)."""
-    covs = ("full", "diag", "spherical")
+    covs = tuple(args.covs.split(","))
     which = set(args.rows.split(","))
     if "gmm" in which:
         sizes = args.sizes or ("20000" if args.quick else "20000,200000")
@@ -805,6 +805,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument(
         "--rows", default="gmm,bmm,hmm", help="defaults case: which rows (gmm, bmm, hmm)"
+    )
+    p.add_argument(
+        "--covs", default="full,diag,spherical", help="defaults case: the mixtures' covariances"
     )
     p.add_argument("--sizes", default=None, help="defaults case: the mixtures' N, comma-separated")
     p.add_argument(
