@@ -16,10 +16,15 @@ these steps:
 6. **E-step plan**: whether the variables form a chain
    (:func:`~jointkl.inference.em.estep.chain_plan`), and the einsum symbols of the generic
    contraction.
+
+Steps 2-4 run on the first ``SLICE_ROWS`` elements of the ``"data"`` plate when it has at
+least ``SLICE_MIN_POINTS``, and the groups found are bound to the whole data and checked on
+it (:meth:`Compiler.on_a_slice`); when that cannot be done they run on the whole data.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +32,19 @@ import opt_einsum
 import pyro
 import pyro.poutine as poutine
 import torch
-from jointkl.inference.em.classify import Classifier
+from jointkl.inference.em.classify import Classifier, _distribution_signature
 from jointkl.inference.em.estep import chain_plan
-from jointkl.inference.em.factors import Free, Group, Var, plates_of, transform_for
+from jointkl.inference.em.factors import (
+    Free,
+    Group,
+    Var,
+    canonical,
+    plates_of,
+    site_axes,
+    site_log_prob,
+    transform_for,
+)
+from jointkl.inference.em.families import FAMILIES, family_of, unwrap
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
@@ -44,6 +59,10 @@ __all__ = ["compile_model"]
 
 # Seed offset of the random probe of θ from the fit's seed (any fixed value does).
 PROBE_SEED_OFFSET = 7919
+# Probing and classifying run on the first SLICE_ROWS elements of the "data" plate (then
+# are checked on all of them) when it has at least SLICE_MIN_POINTS.
+SLICE_ROWS = 32
+SLICE_MIN_POINTS = 128
 
 
 def compile_model(fm: FactorModel, seed: int) -> None:
@@ -53,12 +72,17 @@ def compile_model(fm: FactorModel, seed: int) -> None:
 
 
 def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
-    """A site's value in the initial trace: a draw for a discrete site; a global's prior
-    median, unless that leaves the support (an elementwise median of Dirichlet draws does
-    not sum to one): then the transform of zero (uniform probabilities, identity
-    correlations, ...)."""
-    if site["infer"].get("enumerate") == "parallel" or site["fn"].support.is_discrete:
-        return site["fn"].sample()
+    """A site's value in the initial trace: an enumerated site's first value (everywhere:
+    a value only runs the model, and a draw of every data point's value would be a third
+    of this trace's time); a draw for another discrete site; a global's prior median, unless
+    that leaves the support (an elementwise median of Dirichlet draws does not sum to one):
+    then the transform of zero (uniform probabilities, identity correlations, ...)."""
+    fn = site["fn"]
+    if site["infer"].get("enumerate") == "parallel" and fn.has_enumerate_support:
+        first = fn.enumerate_support(expand=False)[0]
+        return first.expand(fn.batch_shape + fn.event_shape).clone()
+    if site["infer"].get("enumerate") == "parallel" or fn.support.is_discrete:
+        return fn.sample()
     v = init_to_median(site)
     if not bool(site["fn"].support.check(v).all()):
         v = init_to_feasible(site)
@@ -94,12 +118,16 @@ class Compiler:
         tr = self.initial_trace()
         enumerated = self.free_variables(tr)
         fm.nesting = max_plate_nesting(tr)
-        self.traces = self.probe_traces()
-        sites = self.sample_sites()
-        self.plates(sites)
-        self.enumerated_variables(enumerated)
+        found = self.on_a_slice(tr, enumerated)
+        if found is None:  # the whole data, as the module docstring says
+            self.traces = self.probe_traces(fm)
+            sites = self.sample_sites()
+            self.plates(sites)
+            self.enumerated_variables(enumerated)
+            candidates = Classifier(fm, self.traces, self.thetas).classify(sites)
+        else:
+            sites, candidates = found
         order = {n: i for i, n in enumerate(sites)}
-        candidates = Classifier(fm, self.traces, self.thetas).classify(sites)
         fm.groups = self.stack(candidates, order)
         fm.chain = chain_plan(fm)
         fm.chain_method = "auto"
@@ -201,11 +229,187 @@ class Compiler:
             return t(t.inv(v))
         return v
 
-    # ------------------------------------------------------------------ 2. the probes
-    def probe_traces(self) -> list:
-        """Enumerated traces at θ0 and at a random probe of θ (random values make an
-        accidental match of a wrong recipe a measure-zero event)."""
+    # ------------------------------------------------------------------ 2-4 on a slice
+    def on_a_slice(self, tr, enumerated: list[str]) -> tuple[list[str], list[Group]] | None:
+        """Steps 2-4 on the first ``SLICE_ROWS`` elements of the ``"data"`` plate, then
+        bound to the whole data and checked on it; ``(sites, groups)``, or ``None`` when
+        that cannot be done (the caller then runs them on the whole data).
+
+        Probing and classifying score every site on every point (for a mixture, Pyro's
+        log-density of all N points, once per probe); on a slice they cost the same for any
+        N. The slice is the model run on its arguments cut to their first ``SLICE_ROWS``
+        rows: every tensor argument whose leading dim is the data plate's size. It is taken
+        only when the model's structure survives the cut (the same sites, the same plates
+        but the data plate's size), every factor group is a recipe (or a fixed table
+        outside the data plate), and one enumerated trace of the whole data, at the random
+        probe of θ, gives every site's log-density the compiled groups compute (to
+        rounding). Per-point constants, observed values and masks are read from that trace.
+        """
         fm = self.fm
+        n = next(
+            (
+                f.size
+                for s in tr.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+                if f.name == DATA_PLATE
+            ),
+            None,
+        )
+        if n is None or n < SLICE_MIN_POINTS:
+            return None
+        cut = [False]
+
+        def head(a: Any) -> Any:
+            if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == n:
+                cut[0] = True
+                return a[:SLICE_ROWS]
+            return a
+
+        part = copy.copy(fm)
+        part.args = tuple(head(a) for a in fm.args)
+        part.kwargs = {k: head(a) for k, a in fm.kwargs.items()}
+        if not cut[0]:
+            return None
+        try:
+            self.traces = self.probe_traces(part)
+            sites = self.sample_sites()
+            self.plates(sites)
+            if fm.plate_sizes.get(DATA_PLATE) != SLICE_ROWS or any(
+                f.name != DATA_PLATE and fm.plate_sizes.get(f.name, f.size) != f.size
+                for s in tr.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+            ):
+                return None
+            self.enumerated_variables(enumerated)
+            args, kwargs = part.args, part.kwargs
+            part = copy.copy(fm)  # now with the slice's plates and variables
+            part.args, part.kwargs = args, kwargs
+            part.plate_sizes = dict(fm.plate_sizes)
+            candidates = Classifier(part, self.traces, self.thetas).classify(sites)
+        except Exception:  # noqa: BLE001 (the whole data's compilation decides, and says why)
+            return None
+        fm.plate_sizes[DATA_PLATE] = n
+        fm.n_points = n
+        try:
+            bound = self.bind(sites, candidates)
+        except Exception:  # noqa: BLE001 (as above)
+            bound = False
+        if not bound:
+            return None
+        return sites, candidates
+
+    def bind(self, sites: list[str], groups: list[Group]) -> bool:
+        """Give the groups classified on a slice the whole data's values (observations,
+        masks, per-point constants, fixed tables, table shapes), read from one enumerated
+        trace of the whole data at the random probe; ``True`` if every site of it is what its
+        group computes: the same distribution classes, unscaled, and every parameter the
+        recipe's (the family's log-density of given parameters and values was checked
+        against Pyro's on the slice; Pyro's log-densities of the whole data, which would
+        cost as much as the whole compilation, are not computed)."""
+        fm = self.fm
+        if any(
+            g.kind == "traced" or (g.kind == "fixed" and DATA_PLATE in g.plates) for g in groups
+        ):
+            return False
+        theta = self.thetas[1]
+        tables = {n for g in groups if g.kind == "fixed" and g.fn is None for n in g.sites}
+        with torch.no_grad():
+            whole = fm.trace(theta, log_prob=lambda name, site: name in tables)
+        names = [
+            n
+            for n, s in whole.nodes.items()
+            if s["type"] == "sample" and n != "_RETURN" and not _is_deterministic(s)
+        ]
+        if names != sites:
+            return False
+        reader = Classifier(fm, [whole], [theta])
+        var_symbol = reader.var_symbols[0]
+        n_points = fm.plate_sizes[DATA_PLATE]
+        for g in groups:
+            if DATA_PLATE in g.plates:  # the data plate's axis: SLICE_ROWS, or 1 (broadcast)
+                a = len(g.cards) + g.plates.index(DATA_PLATE)
+                if g.shape[a] == SLICE_ROWS:
+                    g.shape = g.shape[:a] + (n_points,) + g.shape[a + 1 :]
+            rows = []
+            for n, roles in zip(g.sites, g.roles, strict=True):
+                site, part = whole.nodes[n], self.traces[0].nodes[n]
+                if _distribution_signature(site["fn"])[0] != _distribution_signature(part["fn"])[0]:
+                    return False
+                axes = site_axes(site, roles, g.plates, var_symbol, fm.plate_dims)
+                rows.append((n, site, site["infer"]["_dim_to_symbol"], axes))
+            if g.kind == "fixed":
+                n, site, d2s, axes = rows[0]
+                if g.fn is None:
+                    g.table = torch.cat(
+                        [canonical(site_log_prob(s), 0, d, ax, g.n_axes, m) for m, s, d, ax in rows]
+                    )
+                else:
+                    g.fn, g.dims = site["fn"], (d2s, axes)
+                continue
+            if not all(self.bound_rows(g, rows, reader)):
+                return False
+        return True
+
+    def bound_rows(self, g: Group, rows: list[tuple], reader: Classifier) -> list[bool]:
+        """Bind a recipe group's rows ``(site name, whole-data site, dim -> symbol, symbol ->
+        axis)`` to the whole data (its observations, masks and constant slots) and say, per
+        row, whether the site is unscaled, of the group's family, and has the recipe's
+        parameters at the probe."""
+        family = FAMILIES[g.family]
+        ok = []
+        data, masks = [], []
+        consts: dict[str, list[torch.Tensor]] = {
+            k: [] for k, s in g.slots.items() if s.const is not None
+        }
+        for (n, site, d2s, axes), roles in zip(rows, g.roles, strict=True):
+            fn, r = unwrap(site["fn"])
+            good = family_of(fn) == g.family and r == g.n_event
+            own = g.value == "own"
+            scale = site["scale"]
+            good = good and (
+                own or scale is None or (not isinstance(scale, torch.Tensor) and scale == 1.0)
+            )
+            if g.value == "data":
+                x = canonical(
+                    site["value"], len(site["fn"].event_shape), d2s, axes, g.n_axes, n
+                ).detach()
+                data.append(x.long() if g.family == "categorical" else x)
+            mask = None if own else site["mask"]
+            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+                masks.append(canonical(mask.detach(), 0, d2s, axes, g.n_axes, n))
+            else:
+                good = good and mask is None
+            for k, slot in g.slots.items():
+                spec = family.slot(k)
+                target = getattr(fn, spec.attr)
+                if slot.const is not None:
+                    consts[k].append(
+                        canonical(target.detach(), g.n_event + spec.rank, d2s, axes, g.n_axes, n)
+                    )
+                    continue
+                index = [
+                    tuple(("var", roles[a]) if kind == "role" else (kind, a) for kind, a in ix)
+                    for ix in slot.index
+                ]
+                choice = tuple(zip(slot.params, index, slot.pad, strict=True))
+                size = target.shape[-1] if target.dim() else None
+                good = good and reader.recipes.reproduces(choice, slot.view, target, 0, size)
+            ok.append(bool(good))
+        if (g.mask is None) != (not masks) or (masks and len(masks) != g.rows):
+            return [False]
+        g.data = torch.cat(data) if data else g.data
+        g.mask = torch.cat(masks) if masks else None
+        for k, parts in consts.items():
+            g.slots[k].const = torch.cat(parts)
+        return ok
+
+    # ------------------------------------------------------------------ 2. the probes
+    def probe_traces(self, fm: FactorModel) -> list:
+        """Enumerated traces of ``fm`` (the model on the whole data, or on a slice) at θ0
+        and at a random probe of θ (random values make an accidental match of a wrong
+        recipe a measure-zero event)."""
         g = torch.Generator().manual_seed(self.seed + PROBE_SEED_OFFSET)
         probe = {}
         for k, f in fm.free.items():

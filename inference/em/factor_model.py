@@ -87,8 +87,16 @@ class FactorModel:
         globs = {k: v for k, v in theta.items() if self.free[k].kind == "global"}
         return poutine.condition(poutine.substitute(self.model, data=params), data=globs)
 
-    def trace(self, theta: Mapping[str, torch.Tensor], enum: bool = True):
-        """A trace of the model at θ (enumerated, log-densities computed, dims symbolised)."""
+    def trace(
+        self,
+        theta: Mapping[str, torch.Tensor],
+        enum: bool = True,
+        log_prob: Callable[[str, Any], bool] | None = None,
+    ):
+        """A trace of the model at θ (enumerated, log-densities computed, dims symbolised).
+
+        :param log_prob: ``(name, site) -> bool``: compute only those sites' log-densities
+            (``None``: all of them)."""
         m = self._substituted(theta)
         if enum:
             m = poutine.enum(m, first_available_dim=-self.nesting - 1)
@@ -99,7 +107,7 @@ class FactorModel:
             tr = prune_subsample_sites(tr)
             # Log-densities without Pyro's per-site nan/inf warnings (checked by the caller:
             # a non-finite log-likelihood stops the fit).
-            tr.compute_log_prob()
+            tr.compute_log_prob(log_prob or (lambda name, site: True))
         tr.symbolize_dims()
         return tr
 

@@ -38,6 +38,7 @@ changes torch's).
 
     python scripts/bench/em.py                   # every case
     python scripts/bench/em.py --cases gmm,hmm --quick
+    python scripts/bench/em.py --cases defaults --rows gmm --sizes 200000
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 # One thread for every library (set before NumPy loads its BLAS): on a shared machine,
 # multi-threaded kernels mostly measure contention. --threads N changes torch's count only.
@@ -722,18 +724,23 @@ def default_hmm_row(args, label: str, x: torch.Tensor, k: int) -> dict:
     }
 
 
-def case_defaults(args) -> list[dict]:
-    covs = ("full", "diag", "spherical")
-    rows = default_gmm_rows(args, 20_000, covs)
-    if not args.quick:
-        rows += default_gmm_rows(args, 200_000, covs)
-    rows.append(default_bmm_row(args))
-    rows.append(same_start_bmm_row(args))
-    (x,), _ = HMM().default_data(args.seed)
-    rows.append(default_hmm_row(args, "HMM() on its default data (20 x 100 steps)", x, 3))
-    x = hmm_sample(100, 500, 6, args.seed)
-    rows.append(default_hmm_row(args, "HMM(6) on 100 x 500 steps", x, 6))
-    return rows
+def case_defaults(args) -> Iterator[dict]:
+    """The rows named by ``--rows`` (gmm, bmm, hmm), each as soon as it is measured; the
+    mixtures at N = 20k, and 200k without ``--quick`` (``--sizes`` names others)."""
+    covs = tuple(args.covs.split(","))
+    which = set(args.rows.split(","))
+    if "gmm" in which:
+        sizes = args.sizes or ("20000" if args.quick else "20000,200000")
+        for n in sizes.split(","):
+            yield from default_gmm_rows(args, int(n), covs)
+    if "bmm" in which:
+        yield default_bmm_row(args)
+        yield same_start_bmm_row(args)
+    if "hmm" in which:
+        (x,), _ = HMM().default_data(args.seed)
+        yield default_hmm_row(args, "HMM() on its default data (20 x 100 steps)", x, 3)
+        x = hmm_sample(100, 500, 6, args.seed)
+        yield default_hmm_row(args, "HMM(6) on 100 x 500 steps", x, 6)
 
 
 # --------------------------------------------------------------------------- soft -> hard
@@ -797,6 +804,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per contender (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument(
+        "--rows", default="gmm,bmm,hmm", help="defaults case: which rows (gmm, bmm, hmm)"
+    )
+    p.add_argument(
+        "--covs", default="full,diag,spherical", help="defaults case: the mixtures' covariances"
+    )
+    p.add_argument("--sizes", default=None, help="defaults case: the mixtures' N, comma-separated")
+    p.add_argument(
         "--pyro-budget", type=float, default=600.0, help="most seconds for the Pyro tutorial recipe"
     )
     args = p.parse_args(argv)
@@ -814,7 +828,7 @@ def main(argv=None) -> int:
         if name not in cases:
             p.error(f"unknown case {name!r}; cases: {', '.join(cases)}")
         res = cases[name](args)
-        for r in res if isinstance(res, list) else [res]:
+        for r in [res] if isinstance(res, dict) else res:
             emit({**r, **meta, "repeat": args.repeat})
     return 0
 
