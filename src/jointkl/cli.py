@@ -151,6 +151,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             resuming.check_model_settings(model_spec["settings"], saved)
     else:
         pair = target
+    if args.device is not None:  # --device over --set device=... and the run's own
+        engine_kw["device"] = args.device
     if "seed" in engine_params:
         engine_kw.setdefault("seed", seed)
     if "checkpoint_dir" in engine_params:
@@ -216,6 +218,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "data": data_source,
         "data_digest": digest,
         "seed": seed,
+        "device": _device_of(engine, data_args, data_kwargs),
         "created": saved["created"] if saved else time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "running",
     }
@@ -232,6 +235,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitting {args.model} with {engine!r} on {data_source}", file=sys.stderr)
     torch.manual_seed(seed)
     return _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed)
+
+
+def _device_of(engine, data_args, data_kwargs) -> str:
+    """The device the fit runs on (its ``device`` setting resolved: ``auto`` named)."""
+    from jointkl.device import resolve_device
+
+    name = getattr(engine.settings, "device", None)
+    return str(resolve_device(name, data_args, data_kwargs))
+
+
+def _load_device(args: argparse.Namespace) -> str:
+    """``--device`` of a command that loads a fit, checked (one line, exit 2, when bad)."""
+    from jointkl.settings import compute_device
+
+    return compute_device(getattr(args, "device", None), "--device") or "cpu"
 
 
 def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed) -> int:
@@ -388,7 +406,7 @@ def _write_inference_data(fit, run, draws: int, seed: int):
     return idata
 
 
-def _load_run(path: str, trust: bool = False):
+def _load_run(path: str, trust: bool = False, device: str = "cpu"):
     """(RunDir, Fit) of a run directory; an InputError (exit 2) when it is not one."""
     from jointkl.fit import Fit
     from jointkl.runs import RunDir
@@ -402,7 +420,7 @@ def _load_run(path: str, trust: bool = False):
             "fit ends)"
         )
     try:
-        return run, Fit.load(run.path, trust=trust)
+        return run, Fit.load(run.path, trust=trust, device=device)
     except InputError:
         raise
     except Exception as e:  # a damaged file: say which run, in one line
@@ -426,7 +444,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from jointkl.diagnostics import diagnose
     from jointkl.report import write_report
 
-    run, fit = _load_run(args.dir, trust=args.trust_model_file)
+    run, fit = _load_run(args.dir, trust=args.trust_model_file, device=_load_device(args))
     idata = _run_inference_data(fit, run, args.draws)
     d = diagnose(fit, idata, run.plots)
     for line in d.facts:
@@ -470,7 +488,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from jointkl.comparison import COMPARE_COLUMNS, compare, compare_plot
 
     notes: list[str] = []
-    table = compare(args.runs, draws=args.draws, warnings_out=notes)
+    table = compare(args.runs, draws=args.draws, warnings_out=notes, device=_load_device(args))
     with pd.option_context("display.max_columns", 20, "display.width", 200):
         print(
             table[[c for c in COMPARE_COLUMNS if c in table]].to_string(
@@ -546,7 +564,7 @@ def cmd_segment_model(args: argparse.Namespace) -> int:
     run = Path(args.model)
     if not (run / "fit.json").is_file():
         raise InputError(f"--model {args.model!r}: no fit.json there; expected a run directory")
-    fit = Fit.load(run, trust=args.trust_model_file)
+    fit = Fit.load(run, trust=args.trust_model_file, device=_load_device(args))
     if not callable(getattr(fit.pair, "segment", None)):
         raise InputError(f"--model {args.model!r}: its model ({fit.model_spec}) cannot segment")
     path = Path(args.text)
@@ -596,6 +614,20 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: torch's own choice; 1 is often fastest for "
         "small models)",
     )
+
+
+def _add_device(parser: argparse.ArgumentParser, loads: bool) -> None:
+    if loads:
+        text = (
+            "where the loaded fit's parameters and data live: cpu (default), cuda, cuda:N "
+            "or auto (cuda when available, else cpu)"
+        )
+    else:
+        text = (
+            "where the fit computes: cpu, cuda, cuda:N or auto (cuda when available, else "
+            "cpu); default: the engine's device setting (the data's device: cpu)"
+        )
+    parser.add_argument("--device", default=None, metavar="DEVICE", help=text)
 
 
 def _version() -> str:
@@ -676,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="keep the newest N checkpoints (default 3; 0 keeps all)",
     )
+    _add_device(f, loads=False)
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
 
@@ -696,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="import the model file the run names (checked against its recorded hash); "
         "without it, loading a run never runs code from it",
     )
+    _add_device(d, loads=True)
     _add_threads(d)
     d.set_defaults(func=cmd_diagnose)
 
@@ -712,12 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="posterior draws per chain for a run without inference_data.nc (default 200)",
     )
+    _add_device(c, loads=True)
     _add_threads(c)
     c.set_defaults(func=cmd_compare)
 
     from jointkl.text.commands import add_commands
 
     add_commands(sub, segment_model=cmd_segment_model)  # words, segment, templates, parse
+    _add_device(sub.choices["segment"], loads=True)
 
     m = sub.add_parser("models", help="list the zoo models, or one model's settings")
     m.add_argument("name", nargs="?", help="a model: list its settings, defaults and meanings")
