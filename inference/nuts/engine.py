@@ -235,11 +235,11 @@ class _Chains:
         stats = {
             "lp": torch.empty(C, S, **opts),
             "acceptance_rate": torch.empty(C, S, **opts),
-            "diverging": torch.empty(C, S, dtype=torch.bool),
+            "diverging": torch.empty(C, S, dtype=torch.bool, device=theta.device),
             "energy": torch.empty(C, S, **opts),
             "step_size": torch.empty(C, S, **opts),
-            "tree_depth": torch.empty(C, S, dtype=torch.long),
-            "n_steps": torch.empty(C, S, dtype=torch.long),
+            "tree_depth": torch.empty(C, S, dtype=torch.long, device=theta.device),
+            "n_steps": torch.empty(C, S, dtype=torch.long, device=theta.device),
         }
         history, warmup_divergences = [], 0
         bar = tqdm(total=W + S, disable=not s.progress, desc="nuts")
