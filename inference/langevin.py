@@ -217,7 +217,10 @@ class LogJoint:
                 with InitMessenger(init_to_uniform(radius=2.0)):
                     tr = poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
                 rows.append(self.unconstrained({n: tr.nodes[n]["value"] for n in self.names}))
-        return torch.stack(rows)
+        rows = torch.stack(rows)
+        # the chains live with the data (a prior written with Python numbers, Normal(0., 10.),
+        # draws its values on the CPU even when the engine moved the data to a GPU)
+        return rows.to(data_device(self.args, self.kwargs, rows.device))
 
 
 @dataclass(frozen=True)

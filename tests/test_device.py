@@ -27,6 +27,7 @@ from jointkl.settings import compute_device
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+GPU = f"cuda:{torch.cuda.current_device()}" if CUDA else None  # what "cuda" resolves to
 
 
 def normal_model(y):
@@ -119,7 +120,7 @@ def test_resolve_device():
     assert resolve_device(None, (x,), {}) == torch.device("cpu")
     assert resolve_device(None, (), {}) == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if CUDA else "cpu")
+    assert str(resolve_device("auto")) == (GPU if CUDA else "cpu")
     # None follows the data, wherever they are (meta: a device with no data at all)
     assert resolve_device(None, ("text", x.to("meta")), {}) == torch.device("meta")
     assert compute_device(None, "X: device") is None
@@ -211,7 +212,7 @@ def test_the_run_directory_records_the_device(tmp_path, capsys):
     argv += ["--device", "auto", "--draws", "2", "--set", "progress=false"]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    resolved = "cuda:0" if CUDA else "cpu"
+    resolved = GPU if CUDA else "cpu"
     assert config["device"] == resolved
     assert config["engine_config"]["device"] == "auto"  # as asked: a resume resolves it again
     fit = json.loads((out / "fit.json").read_text())
@@ -278,12 +279,14 @@ def test_fit_on_cuda_then_load_on_the_cpu(name, tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_a_cuda_fit_is_close_to_the_cpu_fit(name):
-    cpu, gpu = _fit(name, device="cpu"), _fit(name, device="cuda")
-    if name in ("em", "nce"):  # deterministic given the seed: only rounding differs
-        for k, v in _tensors(cpu).items():
-            torch.testing.assert_close(_tensors(gpu)[k].cpu(), v, rtol=1e-3, atol=1e-3)
+def test_an_em_fit_on_cuda_matches_the_cpu_fit():
+    # EM draws its initialisation on the CPU whatever the device, so the two fits take the
+    # same path and differ by rounding only (the stochastic engines use the device's RNG)
+    cpu, gpu = _fit("em", device="cpu"), _fit("em", device="cuda")
+    ours, theirs = _tensors(cpu), _tensors(gpu)
+    assert ours.keys() == theirs.keys()
+    for k, v in ours.items():
+        torch.testing.assert_close(theirs[k].cpu(), v, rtol=1e-6, atol=1e-8)
 
 
 @needs_cuda
@@ -304,6 +307,6 @@ def test_cli_fit_on_cuda_and_diagnose_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["fit", "gmm", "--engine", "svi", "--data", str(_csv(tmp_path)), "--out", str(out)]
     assert main([*argv, "--device", "cuda", "--draws", "2", "--set", "steps=20"]) == 0
-    assert json.loads((out / "config.json").read_text())["device"] == "cuda:0"
+    assert json.loads((out / "config.json").read_text())["device"] == GPU
     assert main(["diagnose", str(out)]) == 0
     assert main(["diagnose", str(out), "--device", "cuda"]) == 0

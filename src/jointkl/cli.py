@@ -689,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its newest readable checkpoint, with its saved "
         "settings (only steps, lr, clip_norm, lr_schedule, early_stopping, checkpoint_every "
-        "may change)",
+        "and --device may change)",
     )
     f.add_argument(
         "--overwrite",

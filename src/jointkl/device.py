@@ -20,12 +20,15 @@ from torch import nn
 __all__ = ["resolve_device", "data_device", "moved", "move_modules", "follow"]
 
 
-def data_device(args: Iterable[Any], kwargs: Mapping[str, Any]) -> torch.device:
-    """The device of the first tensor among the data arguments (the CPU when there is none)."""
+def data_device(
+    args: Iterable[Any], kwargs: Mapping[str, Any], default: torch.device | None = None
+) -> torch.device:
+    """The device of the first tensor among the data arguments (``default``, else the CPU,
+    when there is none)."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a.device
-    return torch.device("cpu")
+    return default if default is not None else torch.device("cpu")
 
 
 def resolve_device(
@@ -35,13 +38,16 @@ def resolve_device(
 
     :param name: a checked ``device`` setting: ``"auto"`` is CUDA when
         ``torch.cuda.is_available()`` else the CPU; ``None`` is where the data already are
-        (:func:`data_device`: the CPU for data read from files); any other string is itself.
+        (:func:`data_device`: the CPU for data read from files); ``"cuda"`` is the current
+        CUDA device with its index (``cuda:0``); any other string is itself.
     :param args, kwargs: the data arguments (read only when ``name`` is ``None``).
     """
     if name is None:
         return data_device(args, kwargs or {})
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # named with its index, as a tensor's .device names it
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
