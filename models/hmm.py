@@ -176,7 +176,11 @@ class HMM(ZooModel):
         order = flat[:, 0].argsort()
         idx = (q * (len(order) - 1)).round().long()
         vals["locs"] = flat[order[idx]].clone()
-        sd = flat.std(0).clamp_min(1e-3) if len(flat) > 1 else flat.new_ones(flat.shape[1])
+        sd = (
+            flat.std(0).clamp_min(1e-3)
+            if len(flat) > 1
+            else torch.ones(flat.shape[1], device=x.device)
+        )
         vals["scales"] = sd.expand(K, -1).clone()
         if self.covariance == "full":
             vals["corr_chol"] = (

@@ -175,6 +175,7 @@ def test_cpu_and_auto_give_the_same_fit_as_no_setting(name):
         assert fit.history == base.history
 
 
+@pytest.mark.filterwarnings("ignore:SVI")
 def test_a_vae_fit_keeps_its_networks_and_params_on_the_data_device():
     x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     vae = VAE(latent_dim=2, hidden=[8])
@@ -290,6 +291,7 @@ def test_an_em_fit_on_cuda_matches_the_cpu_fit():
 
 
 @needs_cuda
+@pytest.mark.filterwarnings("ignore:SVI")
 def test_a_vae_fits_on_cuda_and_loads_on_the_cpu(tmp_path):
     x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     vae = VAE(latent_dim=2, hidden=[8])
