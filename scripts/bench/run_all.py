@@ -96,6 +96,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "postfit", "postfit.py", (), ("arviz",), "post-fit work (to_arviz, netCDF, plots) vs fit"
     ),
+    Benchmark(
+        "devices",
+        "devices.py",
+        (),
+        (),
+        "the same fit with device=None (anchor), 'cpu' and, where available, 'cuda'",
+    ),
 )
 
 

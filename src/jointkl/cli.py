@@ -249,7 +249,13 @@ def _load_device(args: argparse.Namespace) -> str:
     """``--device`` of a command that loads a fit, checked (one line, exit 2, when bad)."""
     from jointkl.settings import compute_device
 
-    return compute_device(getattr(args, "device", None), "--device") or "cpu"
+    value = getattr(args, "device", None)
+    try:
+        return compute_device(value, "--device") or "cpu"
+    except InputError as e:
+        if "must be" not in str(e):  # cuda asked for where there is none: said as it is
+            raise
+        raise InputError(f"--device must be cpu, cuda, cuda:N or auto, got {value!r}") from None
 
 
 def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed) -> int:
