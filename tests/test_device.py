@@ -283,11 +283,16 @@ def test_fit_on_cuda_then_load_on_the_cpu(name, tmp_path):
 def test_an_em_fit_on_cuda_matches_the_cpu_fit():
     # EM draws its initialisation on the CPU whatever the device, so the two fits take the
     # same path and differ by rounding only (the stochastic engines use the device's RNG)
-    cpu, gpu = _fit("em", device="cpu"), _fit("em", device="cuda")
+    # (two components for two blobs: no flat direction for rounding to wander along)
+    x = _blobs()
+    cpu, gpu = (
+        EM(max_iter=20, progress=False, device=d).fit(GaussianMixture(n_components=2), x)
+        for d in ("cpu", "cuda")
+    )
     ours, theirs = _tensors(cpu), _tensors(gpu)
     assert ours.keys() == theirs.keys()
     for k, v in ours.items():
-        torch.testing.assert_close(theirs[k].cpu(), v, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(theirs[k].cpu(), v, rtol=1e-5, atol=1e-7)
 
 
 @needs_cuda
