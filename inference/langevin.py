@@ -72,6 +72,7 @@ from jointkl.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
 )
+from jointkl.device import data_device, moved
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
@@ -79,6 +80,7 @@ from jointkl.optim import AdaptiveFlow
 from jointkl.settings import (
     Settings,
     boolean,
+    compute_device,
     integer,
     nonnegative_int,
     one_of,
@@ -215,7 +217,10 @@ class LogJoint:
                 with InitMessenger(init_to_uniform(radius=2.0)):
                     tr = poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
                 rows.append(self.unconstrained({n: tr.nodes[n]["value"] for n in self.names}))
-        return torch.stack(rows)
+        rows = torch.stack(rows)
+        # the chains live with the data (a prior written with Python numbers, Normal(0., 10.),
+        # draws its values on the CPU even when the engine moved the data to a GPU)
+        return rows.to(data_device(self.args, self.kwargs, rows.device))
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ class LangevinSettings(Settings):
     batch_size: int | None = setting(None, optional(positive_int))
     noise_tolerance: float = setting(0.05, positive_float)
     seed: int = setting(0, integer)
+    device: str | None = setting(None, compute_device)
     checkpoint_every: int | None = setting(None, optional(positive_int))
     checkpoint_dir: str | None = setting(None, path_or_none)
     resume: bool = setting(False, boolean)
@@ -270,6 +276,9 @@ class Langevin(Engine):
         inflation of a posterior variance that gradient noise may cause (ε ≤ tol/max PV).
         Larger mixes faster and is less exact.
     :param int seed: the one seed for starts, noise and mini-batches.
+    :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
+        (CUDA when available, else the CPU) or ``None`` (where the data already are: the
+        CPU for data read from files); data and parameters move there once, at bind time.
     :param checkpoint_every: save the sampler's state every N steps (warmup and sampling
         counted together) into ``checkpoint_dir``; ``None``: only at the end, on interruption
         (Ctrl-C) and on divergence (the last good state), when ``checkpoint_dir`` is set.
@@ -411,7 +420,7 @@ class _Sampler:
                 "stage_step": 0,
                 "entered": False,
                 "eps": self.s.step_size,
-                "precond": torch.ones(self.target.dim, dtype=theta.dtype),
+                "precond": torch.ones(self.target.dim, dtype=theta.dtype, device=theta.device),
                 "noise": None,
                 "halvings": 0,
                 "tunings": 0,
@@ -439,7 +448,16 @@ class _Sampler:
             )
         state.restore_torch_rng()
         self.gen.set_state(state.rng["chains"])
+        # checkpoints are read onto the CPU: the chains continue on the data's device
+        device = data_device(self.target.args, self.target.kwargs)
+        state.params, state.extra = moved(state.params, device), moved(state.extra, device)
         return state
+
+    def normal(self, theta: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise of ``theta``'s shape from the chains' generator: drawn on
+        the CPU (the same stream on every device, so a fit is reproducible across devices),
+        then put on ``theta``'s device."""
+        return torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype).to(theta.device)
 
     def rng(self) -> dict[str, torch.Tensor]:
         return {**LoopState.torch_rng(), "chains": self.gen.get_state()}
@@ -528,7 +546,7 @@ class _Sampler:
             extra["eps"] = self.step_size(theta, precond, extra)
             extra["precond"] = precond
             extra["tunings"] += 1
-        extra["noise"] = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
+        extra["noise"] = self.normal(theta)
         extra["halvings"] = 0
         if stage.kind == "sample":
             params["draws"] = theta.new_zeros(theta.shape[0], stage.length, theta.shape[1])
@@ -586,7 +604,7 @@ class _Sampler:
         if tuning:
             params["previous"] = theta
         h = eps * self.schedule(t) if not tuning else eps
-        fresh = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype)
+        fresh = self.normal(theta)
         # Euler–Maruyama drift, noise averaged over consecutive steps (Leimkuhler–Matthews).
         theta = theta - h * precond * grads + (h * precond / 2).sqrt() * (extra["noise"] + fresh)
         extra["noise"] = fresh
@@ -627,14 +645,14 @@ class _Sampler:
         coordinates, else Hutchinson's estimator E[z ⊙ ∇²U z] with Rademacher z. Kept
         positive: a non-convex spot must not give a negative or infinite preconditioner."""
         d = self.target.dim
-        est = torch.zeros(d, dtype=theta.dtype)
+        est = torch.zeros(d, dtype=theta.dtype, device=theta.device)
         for c, row in enumerate(theta):
             idx = self.probe_batch(c, tuning, 0)
             if d <= probes:  # e_i ⊙ ∇²U e_i picks the i-th diagonal entry: sum the rows
-                z = torch.eye(d, dtype=theta.dtype)
+                z = torch.eye(d, dtype=theta.dtype, device=theta.device)
                 est += (z * self.target.hvp(row, z, idx)).sum(0)
             else:  # E[z ⊙ ∇²U z] = diag ∇²U for Rademacher z: average the probes
-                z = torch.randint(0, 2, (probes, d), generator=self.gen).to(theta.dtype) * 2 - 1
+                z = torch.randint(0, 2, (probes, d), generator=self.gen).to(theta) * 2 - 1
                 est += (z * self.target.hvp(row, z, idx)).mean(0)
             self.spent += 2 * len(z)
         est = (est / len(theta)).abs()
@@ -650,7 +668,7 @@ class _Sampler:
         root = precond.sqrt()
         kappa = 0.0
         for c, row in enumerate(theta):
-            v = torch.randn(self.target.dim, generator=self.gen, dtype=theta.dtype)
+            v = torch.randn(self.target.dim, generator=self.gen, dtype=theta.dtype).to(theta.device)
             idx = self.probe_batch(c, tuning, 1)
             lam = 0.0
             for _ in range(iters):
@@ -711,5 +729,5 @@ def _stages(s: LangevinSettings) -> list[_Stage]:
 def _max_rhat(samples: dict[str, torch.Tensor]) -> float:
     import arviz as az
 
-    data = az.convert_to_dataset({k: v.detach().double().numpy() for k, v in samples.items()})
+    data = az.convert_to_dataset({k: v.detach().cpu().double().numpy() for k, v in samples.items()})
     return float(np.nanmax([float(az.rhat(data)[k].max()) for k in samples]))

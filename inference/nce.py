@@ -77,6 +77,7 @@ from jointkl.optim.sparse import SparseAwareOptimizer
 from jointkl.settings import (
     Settings,
     boolean,
+    compute_device,
     function,
     integer,
     is_number,
@@ -504,6 +505,7 @@ class NCESettings(Settings):
     shared_noise: bool | None = setting(None, optional(boolean))
     clip_norm: float | None = setting(None, optional(positive_float))
     seed: int = setting(0, integer)
+    device: str | None = setting(None, compute_device)
     checkpoint_every: int | None = setting(None, optional(positive_int))
     checkpoint_dir: str | None = setting(None, path_or_none)
     resume: bool = setting(False, boolean)
@@ -574,6 +576,9 @@ class NCE(Engine):
         rows, as per-datum noise is.
     :param clip_norm: clip the global gradient norm (``None``: no clipping).
     :param int seed: the one seed for parameter initialisation, noise and batch order.
+    :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
+        (CUDA when available, else the CPU) or ``None`` (where the data already are: the
+        CPU for data read from files); data and parameters move there once, at bind time.
     :param checkpoint_every: save the :class:`~jointkl.checkpoint.LoopState` every N steps
         into ``checkpoint_dir`` (stochastic optimisers; an L-BFGS solve writes none).
     :param checkpoint_dir: folder for ``step-XXXXXXXX.pt`` checkpoints; the state is also
@@ -714,7 +719,7 @@ class NCE(Engine):
             log_z0 = 0.0
         learn_z = s.variant == "binary" and s.log_z == "learn"
         fixed_z = s.log_z if is_number(s.log_z) else 0.0
-        gamma = torch.tensor(log_z0 if learn_z else fixed_z, dtype=_float_dtype(x))
+        gamma = torch.tensor(log_z0 if learn_z else fixed_z, dtype=_float_dtype(x), device=x.device)
         gamma.requires_grad_(learn_z)
         store = pyro.get_param_store()
         params = [p for _, p in store.named_parameters()]

@@ -54,6 +54,7 @@ from jointkl.optim.stationarity import loss_trend, trend_window
 from jointkl.settings import (
     Settings,
     boolean,
+    compute_device,
     function,
     integer,
     is_number,
@@ -132,6 +133,7 @@ class SVISettings(Settings):
     checkpoint_dir: str | None = setting(None, path_or_none)
     resume: bool = setting(False, boolean)
     seed: int = setting(0, integer)
+    device: str | None = setting(None, compute_device)
     jit: bool = setting(False, boolean)
     progress: bool = setting(True, boolean, json=False)
     on_step: Callable[[int, float], None] | None = setting(None, optional(function), json=False)
@@ -222,6 +224,9 @@ class SVI(Engine):
         saved when the fit ends, is interrupted, or stops on a NaN/inf (the last good state).
     :param bool resume: continue from the latest checkpoint in ``checkpoint_dir`` if any.
     :param int seed: the one seed for initialisation, ELBO noise and batch order.
+    :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
+        (CUDA when available, else the CPU) or ``None`` (where the data already are: the
+        CPU for data read from files); data and parameters move there once, at bind time.
     :param bool jit: use the JIT-compiled TraceEnum loss (enum only).
     :param bool progress: show a tqdm progress bar with the running loss.
     :param on_step: called as ``on_step(step, loss)`` after every step; raising

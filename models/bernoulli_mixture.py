@@ -98,7 +98,7 @@ class BernoulliMixture(ZooModel):
         K = self.n_components
         rows = x[torch.randint(len(x), (K,), generator=g)]
         probs = 0.5 * rows + 0.5 * x.mean(0).clamp(0.05, 0.95)
-        return {"weights": torch.full((K,), 1.0 / K, dtype=x.dtype), "probs": probs}
+        return {"weights": x.new_full((K,), 1.0 / K), "probs": probs}
 
     # -------------------------------------------------------------- the model
     def _check(self, x: Any) -> torch.Tensor:

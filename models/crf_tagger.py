@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from jointkl.data.cws import PAD, CharVocab, bigram_ids, encode_texts, words_from_tags
+from jointkl.device import follow
 from jointkl.distributions import LinearChainCRF, bmes_constraints
 from jointkl.errors import InputError
 from jointkl.settings import check_all, nonnegative_int, number, one_of, positive_int
@@ -351,12 +352,13 @@ class CRFTagger(ZooModel):
         if bool((chars < 0).any()) or bool((chars >= self.vocab_size).any()):
             raise InputError(f"CRFTagger: chars must be token ids in 0..{self.vocab_size - 1}")
 
-    def _module(self) -> TaggerNet:
+    def _module(self, chars: torch.Tensor) -> TaggerNet:
         # A fresh param store means a new fit: start from a new network drawn from the global
-        # RNG, which the engine has seeded, so the seed fixes the initial weights.
+        # RNG, which the engine has seeded, so the seed fixes the initial weights. It is built
+        # on the CPU and follows the data to their device once, before it is registered.
         if not any(k.startswith(f"{MODULE}$$$") for k in pyro.get_param_store().keys()):
             self.net = self._build()
-        return pyro.module(MODULE, self.net)
+        return pyro.module(MODULE, follow(self.net, chars))
 
     def crf(self, emissions: torch.Tensor, lengths: torch.Tensor) -> LinearChainCRF:
         """The CRF over tag sequences given emission scores ``(N, T, C)``."""
@@ -378,7 +380,7 @@ class CRFTagger(ZooModel):
         self, chars: torch.Tensor, lengths: torch.Tensor, tags: torch.Tensor | None = None
     ) -> None:
         self._check(chars, lengths, tags)
-        net = self._module()
+        net = self._module(chars)
         net.train()
         # Crop to this batch's longest row: a mini-batch rarely needs the global padding.
         T = int(lengths.max())
@@ -404,6 +406,9 @@ class CRFTagger(ZooModel):
         """Tags ``(N, T)`` (padding 0) for token ids, with the current weights: the Viterbi path
         (``loss="crf"``) or each position's most probable tag (``loss="softmax"``)."""
         self._check(chars, lengths, None)
+        # the data to the network's device (a fit loaded with Fit.load(dir, device=...))
+        device = next(self.net.parameters()).device
+        chars, lengths = chars.to(device), lengths.to(device)
         self.net.eval()
         with torch.no_grad():
             emissions = self.net(chars, lengths)

@@ -213,15 +213,16 @@ class EnergyModel(ZooModel):
         engine_class(fit.engine).activate(fit)
         x0, x1, y0, y1 = bounds
         dtype = fit.args[0].dtype if fit.args else torch.get_default_dtype()
-        xs = torch.linspace(x0, x1, grid, dtype=dtype)
-        ys = torch.linspace(y0, y1, grid, dtype=dtype)
+        device = fit.args[0].device if fit.args else None  # where the fit's params are
+        xs = torch.linspace(x0, x1, grid, dtype=dtype, device=device)
+        ys = torch.linspace(y0, y1, grid, dtype=dtype, device=device)
         pts = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
         with torch.no_grad():
             g = -self.energy_of(pts).reshape(grid, grid)
         cell = float((xs[1] - xs[0]) * (ys[1] - ys[0]))
         grid_log_z = float(torch.logsumexp(g.reshape(-1), 0)) + math.log(cell)
         log_z = float(fit.params["log_Z"]) if "log_Z" in fit.params else grid_log_z
-        return xs, ys, g - log_z, grid_log_z
+        return xs.cpu(), ys.cpu(), (g - log_z).cpu(), grid_log_z
 
     def plot_density(
         self,

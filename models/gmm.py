@@ -118,9 +118,9 @@ class GaussianMixture(ZooModel):
         for _ in range(1, K):
             d2 = torch.cdist(x, torch.stack(centres)).min(-1).values ** 2
             p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
-            centres.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
-        sd = x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones(x.shape[1])
-        vals = {"weights": torch.full((K,), 1.0 / K), "locs": torch.stack(centres)}
+            centres.append(x[torch.multinomial(p.cpu(), 1, generator=g)].squeeze(0))  # CPU draws
+        sd = x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones(x.shape[1], device=x.device)
+        vals = {"weights": torch.full((K,), 1.0 / K, device=x.device), "locs": torch.stack(centres)}
         if self.priors is None:  # standard deviations (the model's params)
             spread = sd.expand(K, -1) if self.covariance != "spherical" else sd.mean().expand(K)
             vals["scales"] = spread.clone()

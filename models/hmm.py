@@ -155,31 +155,37 @@ class HMM(ZooModel):
         x = self._check(x)
         lengths = self._check_lengths(lengths, x)
         if lengths is not None:
-            x = x[torch.arange(x.shape[1]) < lengths.unsqueeze(-1)].unsqueeze(0)
+            x = x[torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(-1)].unsqueeze(0)
         g = torch.Generator().manual_seed(seed)
         K = self.n_states
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         vals = {
-            "init": torch.full((K,), 1.0 / K, dtype=dtype),
-            "trans": torch.full((K, K), 1.0 / K, dtype=dtype),
+            "init": torch.full((K,), 1.0 / K, dtype=dtype, device=x.device),
+            "trans": torch.full((K, K), 1.0 / K, dtype=dtype, device=x.device),
         }
         if self.emission == "categorical":
             M = self._symbols(x)
             freq = torch.bincount(x.reshape(-1), minlength=M).to(dtype) + 1.0
-            noise = 1 + 0.2 * torch.rand(K, M, generator=g, dtype=dtype)
+            noise = 1 + 0.2 * torch.rand(K, M, generator=g, dtype=dtype).to(x.device)
             emit = freq / freq.sum() * noise
             vals["emit"] = emit / emit.sum(-1, keepdim=True)
             return vals
         flat = x.reshape(-1, x.shape[-1])
-        q = torch.linspace(0.1, 0.9, K, dtype=dtype)
+        q = torch.linspace(0.1, 0.9, K, dtype=dtype, device=x.device)
         # Means at quantiles of the first coordinate's order: distinct, deterministic.
         order = flat[:, 0].argsort()
         idx = (q * (len(order) - 1)).round().long()
         vals["locs"] = flat[order[idx]].clone()
-        sd = flat.std(0).clamp_min(1e-3) if len(flat) > 1 else torch.ones(flat.shape[1])
+        sd = (
+            flat.std(0).clamp_min(1e-3)
+            if len(flat) > 1
+            else torch.ones(flat.shape[1], device=x.device)
+        )
         vals["scales"] = sd.expand(K, -1).clone()
         if self.covariance == "full":
-            vals["corr_chol"] = torch.eye(flat.shape[1], dtype=dtype).expand(K, -1, -1).clone()
+            vals["corr_chol"] = (
+                torch.eye(flat.shape[1], dtype=dtype, device=x.device).expand(K, -1, -1).clone()
+            )
         return vals
 
     # -------------------------------------------------------------- the model
@@ -216,7 +222,7 @@ class HMM(ZooModel):
         if lengths is None:
             return None
         S, T = x.shape[:2]
-        lengths = torch.as_tensor(lengths)
+        lengths = torch.as_tensor(lengths, device=x.device)
         if lengths.is_floating_point() and bool((lengths == lengths.round()).all()):
             lengths = lengths.long()
         if lengths.shape != (S,) or lengths.is_floating_point() or lengths.dtype == torch.bool:

@@ -53,6 +53,7 @@ from pyro.distributions.kl import kl_divergence
 from torch import nn
 from torch.nn.functional import softplus
 
+from jointkl.device import follow
 from jointkl.errors import InputError
 from jointkl.settings import (
     check_all,
@@ -368,6 +369,8 @@ class InfoMax(ZooModel):
             )
         if self.encoder is None:
             self._build(d)
+        for net in (self.encoder, self.global_critic, self.local_critic):
+            follow(net, x)  # built on the CPU: to the data's device, once
         return x
 
     # -------------------------------------------------------------- the pair
@@ -445,7 +448,7 @@ class InfoMax(ZooModel):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             loc, scale, local = self.encoder(x)
-            z = loc + scale * torch.randn(loc.shape, generator=g, dtype=loc.dtype)
+            z = loc + scale * torch.randn(loc.shape, generator=g, dtype=loc.dtype).to(loc.device)
             return float(self._mutual_information(x, z, local, "all").mean())
 
     def diagnostic_plots(self, fit, out_dir) -> list:

@@ -30,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from jointkl.device import follow
 from jointkl.errors import InputError
 from jointkl.settings import check_all, one_of, optional, positive_float, positive_int
 from jointkl.zoo import ZooModel, register_model
@@ -200,6 +201,8 @@ class VAE(ZooModel):
             )
         if self.encoder is None or self.decoder is None:
             self._build(x.shape[1])
+        for net in (self.encoder, self.decoder, self.obs_scale):
+            follow(net, x)  # built on the CPU: to the data's device, once
         return x
 
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:

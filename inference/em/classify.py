@@ -299,7 +299,7 @@ class Classifier:
         self, g: Group, infos: list[SiteInfo], traces: tuple[int, ...] = (0, 1)
     ) -> list[bool]:
         """Per row: does the recipe reproduce the site's log-density in the given traces?"""
-        ok = torch.ones(g.rows, dtype=torch.bool)
+        ok = torch.ones(g.rows, dtype=torch.bool, device=self.fm.device)
         for k in traces:
             with torch.no_grad():
                 tab = self.fm.recipe_table(g, self.thetas[k])

@@ -45,6 +45,7 @@ from jointkl.fit import DEFAULT_DRAWS, Fit
 from jointkl.settings import (
     Settings,
     boolean,
+    compute_device,
     nonnegative_float,
     nonnegative_int,
     one_of,
@@ -99,6 +100,7 @@ class EMSettings(Settings):
     )
     dtype: torch.dtype = setting(torch.float64, float_dtype)
     seed: int = setting(0, nonnegative_int)
+    device: str | None = setting(None, compute_device)
     progress: bool = setting(True, boolean, json=False)
     reg_covar: float = setting(0.0, nonnegative_float)
     mstep_iter: int = setting(20, nonnegative_int)
@@ -207,6 +209,9 @@ class EM(Engine):
         of (some of) the parameters and MAP globals.
     :param dtype: ``torch.float64`` (default) or ``torch.float32``; floating data is cast to it.
     :param int seed: the one seed for probes, initialisation and restarts.
+    :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
+        (CUDA when available, else the CPU) or ``None`` (where the data already are: the
+        CPU for data read from files); data and parameters move there once, at bind time.
     :param bool progress: show a tqdm bar per restart.
     :param float reg_covar: added to the diagonal of covariance (and to variance) estimates
         (scikit-learn's ``reg_covar``); 0 is exact EM.

@@ -33,6 +33,8 @@ from jointkl.inference.em.factors import (
 from jointkl.inference.em.families import FAMILIES
 from pyro.poutine.util import prune_subsample_sites
 
+from jointkl.device import data_device
+
 __all__ = ["FactorModel"]
 
 
@@ -78,6 +80,8 @@ class FactorModel:
     ):
         self.model, self.args, self.kwargs = model, args, dict(kwargs)
         self.dtype = dtype
+        # where the data are (the engine moved them there): every table and statistic
+        self.device = data_device(args, kwargs)
         self.responsibilities = None
         compile_model(self, seed)
 
@@ -264,6 +268,8 @@ class FactorModel:
                 lab = lab.reshape(shape)
                 w = lab if w is None else w * lab
             if w is None:
-                w = torch.ones((1,) * len(full), dtype=next(iter(labels.values())).dtype)
+                w = torch.ones(
+                    (1,) * len(full), dtype=next(iter(labels.values())).dtype, device=self.device
+                )
             out[gi] = w.expand(full)
         return self.masked(out)

@@ -77,7 +77,7 @@ def _given(fm: FactorModel, theta: dict[str, torch.Tensor], given: Any) -> dict[
                 f"EM: init gave a value for {k!r}, which is not a parameter or MAP "
                 f"global of the model; known: {sorted(fm.free)}"
             )
-        v = torch.as_tensor(v, dtype=fm.dtype)
+        v = torch.as_tensor(v, dtype=fm.dtype, device=fm.device)
         if v.shape != fm.free[k].shape:
             raise InputError(
                 f"EM: init value of {k!r} has shape {tuple(v.shape)}, expected "
@@ -130,7 +130,7 @@ def initial_labels(
     for v, var in fm.vars.items():
         if v not in labels:
             sizes = tuple(fm.plate_sizes[p] for p in var.plates)
-            r = torch.rand(sizes + (var.card,), generator=gen, dtype=dtype)
+            r = torch.rand(sizes + (var.card,), generator=gen, dtype=dtype).to(fm.device)
             labels[v] = r / r.sum(-1, keepdim=True)
     return labels
 
@@ -172,7 +172,8 @@ def _kmeans(
     for _ in range(1, k):
         total = d2.sum()
         p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
-        cand = x[torch.multinomial(p, trials, replacement=True, generator=gen)]  # (t, D)
+        # drawn on the CPU with the CPU generator: the same centres on every device
+        cand = x[torch.multinomial(p.cpu(), trials, replacement=True, generator=gen)]  # (t, D)
         dc = torch.cdist(cand, x).square_()  # (t, n)
         dc = torch.minimum(dc, d2)
         best = int(dc.sum(-1).argmin())

@@ -30,7 +30,7 @@ def laplace_draws(
     gen = torch.Generator().manual_seed(seed)
     mean, factor = lap["mean"], lap["factor"]
     total = num_chains * num_samples
-    eps = torch.randn(total, factor.shape[1], generator=gen, dtype=mean.dtype)
+    eps = torch.randn(total, factor.shape[1], generator=gen, dtype=mean.dtype).to(mean.device)
     u = mean + eps @ factor.T
     out, start = {}, 0
     for name, shape, size in zip(lap["names"], lap["shapes"], lap["sizes"], strict=True):
@@ -101,7 +101,7 @@ def _laplace_factor(fm, names, ts, theta, us, mean, sizes) -> torch.Tensor:
     lam, V = torch.linalg.eigh(P)
     floor = lam.abs().max().clamp_min(1.0) * 1e-8
     lam = torch.where(lam > floor, lam, floor.expand_as(lam) * 1e8)
-    factor = torch.zeros(mean.numel(), idx.numel(), dtype=mean.dtype)
+    factor = torch.zeros(mean.numel(), idx.numel(), dtype=mean.dtype, device=mean.device)
     factor[idx] = V / lam.sqrt()
     return factor
 

@@ -114,7 +114,7 @@ def counts(
 
     :param W: the E-step's weights by group; ``uses``: where ``name`` enters a recipe.
     """
-    total = torch.zeros(fm.free[name].shape, dtype=dtype)
+    total = torch.zeros(fm.free[name].shape, dtype=dtype, device=fm.device)
     for gi, slot, which in uses:
         g = fm.groups[gi]
         K = fm.free[name].shape[-1]
@@ -143,7 +143,7 @@ def weighted_sums(
 
     :param theta: θ (the recipe's indexing); ``W``: the E-step's weights by group.
     """
-    s0 = torch.zeros(shape, dtype=dtype)
+    s0 = torch.zeros(shape, dtype=dtype, device=fm.device)
     s1 = torch.zeros_like(s0)
     for gi, slot, which in uses:
         w = trailing(W[gi], fm.groups[gi].n_event)

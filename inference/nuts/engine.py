@@ -23,6 +23,7 @@ from jointkl.fit import Fit, stored_draws
 from jointkl.settings import (
     Settings,
     boolean,
+    compute_device,
     integer,
     nonnegative_int,
     one_of,
@@ -70,6 +71,7 @@ class NUTSSettings(Settings):
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
     seed: int = setting(0, integer)
+    device: str | None = setting(None, compute_device)
     progress: bool = setting(True, boolean, json=False)
 
 
@@ -99,6 +101,9 @@ class NUTS(Engine):
         operations (``torch.fx``), kept only if it matches the eager potential at random
         points; ``False``: run the model through Pyro at every step.
     :param int seed: the one seed (starts, momenta, directions, multinomial draws).
+    :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
+        (CUDA when available, else the CPU) or ``None`` (where the data already are: the
+        CPU for data read from files); data and parameters move there once, at bind time.
     :param bool progress: show a tqdm progress bar.
 
     ``Fit.samples``: draws by continuous latent site in the constrained space, ``(chain,
@@ -230,11 +235,11 @@ class _Chains:
         stats = {
             "lp": torch.empty(C, S, **opts),
             "acceptance_rate": torch.empty(C, S, **opts),
-            "diverging": torch.empty(C, S, dtype=torch.bool),
+            "diverging": torch.empty(C, S, dtype=torch.bool, device=theta.device),
             "energy": torch.empty(C, S, **opts),
             "step_size": torch.empty(C, S, **opts),
-            "tree_depth": torch.empty(C, S, dtype=torch.long),
-            "n_steps": torch.empty(C, S, dtype=torch.long),
+            "tree_depth": torch.empty(C, S, dtype=torch.long, device=theta.device),
+            "n_steps": torch.empty(C, S, dtype=torch.long, device=theta.device),
         }
         history, warmup_divergences = [], 0
         bar = tqdm(total=W + S, disable=not s.progress, desc="nuts")

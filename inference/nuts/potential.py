@@ -45,6 +45,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
 
+from jointkl.device import data_device
 from jointkl.errors import InputError
 from jointkl.sites import max_plate_nesting, trace_model
 
@@ -108,7 +109,9 @@ class Potential:
         self.dim = start
         self.graph = None
         self.dtype = next(iter(tr.nodes[n]["value"] for n in self.names)).dtype
-        self.device = tr.nodes[self.names[0]]["value"].device
+        # the chains live with the data (a prior written with Python numbers, Normal(0., 10.),
+        # draws its values on the CPU even when the engine moved the data to a GPU)
+        self.device = data_device(args, kwargs, tr.nodes[self.names[0]]["value"].device)
         if mode == "loop" or num_chains == 1:
             self.vectorised = False
         else:

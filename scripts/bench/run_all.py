@@ -103,6 +103,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         (),
         "data-parallel SVI and NCE at 1 and 2 gloo processes; ring all-reduce cost model",
     ),
+    Benchmark(
+        "devices",
+        "devices.py",
+        (),
+        (),
+        "the same fit with device=None (anchor), 'cpu' and, where available, 'cuda'",
+    ),
 )
 
 

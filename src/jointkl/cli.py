@@ -162,6 +162,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             resuming.check_model_settings(model_spec["settings"], saved)
     else:
         pair = target
+    if args.device is not None:  # --device over --set device=... and the run's own
+        engine_kw["device"] = args.device
     if "seed" in engine_params:
         engine_kw.setdefault("seed", seed)
     if "checkpoint_dir" in engine_params:
@@ -227,6 +229,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "data": data_source,
         "data_digest": digest,
         "seed": seed,
+        "device": _device_of(engine, data_args, data_kwargs),
         "created": saved["created"] if saved else time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "running",
     }
@@ -247,6 +250,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitting {args.model}{nproc} with {engine!r} on {data_source}", file=sys.stderr)
     torch.manual_seed(seed)
     return _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed)
+
+
+def _device_of(engine, data_args, data_kwargs) -> str:
+    """The device the fit runs on (its ``device`` setting resolved: ``auto`` named)."""
+    from jointkl.device import resolve_device
+
+    name = getattr(engine.settings, "device", None)
+    return str(resolve_device(name, data_args, data_kwargs))
+
+
+def _load_device(args: argparse.Namespace) -> str:
+    """``--device`` of a command that loads a fit, checked (one line, exit 2, when bad)."""
+    from jointkl.settings import compute_device
+
+    value = getattr(args, "device", None)
+    try:
+        return compute_device(value, "--device") or "cpu"
+    except InputError as e:
+        if "must be" not in str(e):  # cuda asked for where there is none: said as it is
+            raise
+        raise InputError(f"--device must be cpu, cuda, cuda:N or auto, got {value!r}") from None
 
 
 def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, args, seed) -> int:
@@ -424,7 +448,7 @@ def _write_inference_data(fit, run, draws: int, seed: int):
     return idata
 
 
-def _load_run(path: str, trust: bool = False):
+def _load_run(path: str, trust: bool = False, device: str = "cpu"):
     """(RunDir, Fit) of a run directory; an InputError (exit 2) when it is not one."""
     from jointkl.fit import Fit
     from jointkl.runs import RunDir
@@ -438,7 +462,7 @@ def _load_run(path: str, trust: bool = False):
             "fit ends)"
         )
     try:
-        return run, Fit.load(run.path, trust=trust)
+        return run, Fit.load(run.path, trust=trust, device=device)
     except InputError:
         raise
     except Exception as e:  # a damaged file: say which run, in one line
@@ -462,7 +486,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from jointkl.diagnostics import diagnose
     from jointkl.report import write_report
 
-    run, fit = _load_run(args.dir, trust=args.trust_model_file)
+    run, fit = _load_run(args.dir, trust=args.trust_model_file, device=_load_device(args))
     idata = _run_inference_data(fit, run, args.draws)
     d = diagnose(fit, idata, run.plots)
     for line in d.facts:
@@ -506,7 +530,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from jointkl.comparison import COMPARE_COLUMNS, compare, compare_plot
 
     notes: list[str] = []
-    table = compare(args.runs, draws=args.draws, warnings_out=notes)
+    table = compare(args.runs, draws=args.draws, warnings_out=notes, device=_load_device(args))
     with pd.option_context("display.max_columns", 20, "display.width", 200):
         print(
             table[[c for c in COMPARE_COLUMNS if c in table]].to_string(
@@ -582,7 +606,7 @@ def cmd_segment_model(args: argparse.Namespace) -> int:
     run = Path(args.model)
     if not (run / "fit.json").is_file():
         raise InputError(f"--model {args.model!r}: no fit.json there; expected a run directory")
-    fit = Fit.load(run, trust=args.trust_model_file)
+    fit = Fit.load(run, trust=args.trust_model_file, device=_load_device(args))
     if not callable(getattr(fit.pair, "segment", None)):
         raise InputError(f"--model {args.model!r}: its model ({fit.model_spec}) cannot segment")
     path = Path(args.text)
@@ -632,6 +656,20 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: torch's own choice; 1 is often fastest for "
         "small models)",
     )
+
+
+def _add_device(parser: argparse.ArgumentParser, loads: bool) -> None:
+    if loads:
+        text = (
+            "where the loaded fit's parameters and data live: cpu (default), cuda, cuda:N "
+            "or auto (cuda when available, else cpu)"
+        )
+    else:
+        text = (
+            "where the fit computes: cpu, cuda, cuda:N or auto (cuda when available, else "
+            "cpu); default: the engine's device setting (the data's device: cpu)"
+        )
+    parser.add_argument("--device", default=None, metavar="DEVICE", help=text)
 
 
 def _version() -> str:
@@ -693,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its newest readable checkpoint, with its saved "
         "settings (only steps, lr, clip_norm, lr_schedule, early_stopping, checkpoint_every "
-        "may change)",
+        "and --device may change)",
     )
     f.add_argument(
         "--overwrite",
@@ -719,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel fit on this many processes (svi, nce): relaunches itself under "
         "torchrun, each process taking its share of the rows (default 1)",
     )
+    _add_device(f, loads=False)
     _add_threads(f)
     f.set_defaults(func=cmd_fit)
 
@@ -739,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="import the model file the run names (checked against its recorded hash); "
         "without it, loading a run never runs code from it",
     )
+    _add_device(d, loads=True)
     _add_threads(d)
     d.set_defaults(func=cmd_diagnose)
 
@@ -755,12 +795,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="posterior draws per chain for a run without inference_data.nc (default 200)",
     )
+    _add_device(c, loads=True)
     _add_threads(c)
     c.set_defaults(func=cmd_compare)
 
     from jointkl.text.commands import add_commands
 
     add_commands(sub, segment_model=cmd_segment_model)  # words, segment, templates, parse
+    _add_device(sub.choices["segment"], loads=True)
 
     m = sub.add_parser("models", help="list the zoo models, or one model's settings")
     m.add_argument("name", nargs="?", help="a model: list its settings, defaults and meanings")

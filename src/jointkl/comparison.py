@@ -24,7 +24,7 @@ __all__ = ["compare", "compare_plot", "COMPARE_COLUMNS"]
 COMPARE_COLUMNS = ["rank", "elpd_loo", "p_loo", "elpd_diff", "weight", "se", "dse", "warning"]
 
 
-def _inference_data(item: Any, draws: int, seed: int) -> tuple[Any, Any]:
+def _inference_data(item: Any, draws: int, seed: int, device: str = "cpu") -> tuple[Any, Any]:
     """(InferenceData, Fit or None) of a run directory, a Fit or an InferenceData."""
     import arviz as az
 
@@ -42,7 +42,7 @@ def _inference_data(item: Any, draws: int, seed: int) -> tuple[Any, Any]:
             raise InputError(f"run directory {str(item)!r} not found")
         if not (run.path / "fit.json").is_file():
             raise InputError(f"{str(item)!r} is not a run directory: it has no fit.json")
-        fit = Fit.load(run.path)
+        fit = Fit.load(run.path, device=device)
         if run.inference_data.is_file():
             return az.from_netcdf(str(run.inference_data)), fit
         return fit.to_arviz(num_samples=draws, seed=seed), fit
@@ -124,6 +124,7 @@ def compare(
     draws: int = 200,
     seed: int = 0,
     warnings_out: list[str] | None = None,
+    device: str = "cpu",
 ):
     """``az.compare`` by PSIS-LOO over runs of the same data.
 
@@ -135,6 +136,7 @@ def compare(
     :param seed: the seed of that conversion.
     :param warnings_out: a list that receives ArviZ's warnings, one line each (else they are
         dropped: the ``warning`` column says whether a model's LOO is unreliable).
+    :param device: where run directories' fits are loaded (``Fit.load(dir, device=...)``).
     :returns: a pandas DataFrame indexed by name, best first, with the columns ``rank``,
         ``elpd_loo``, ``p_loo``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``,
         ``scale``.
@@ -152,7 +154,7 @@ def compare(
     if len(items) < 2:
         raise InputError(f"compare needs at least two runs, got {len(items)}")
     names = _names(items, names)
-    loaded = [_inference_data(item, draws, seed) for item in items]
+    loaded = [_inference_data(item, draws, seed, device) for item in items]
     observed = [_observed(idata) for idata, _ in loaded]
     if all(observed):
         data = observed

@@ -5,7 +5,8 @@ An engine is configured in its constructor, is stateless between fits, and expos
 scikit-learn's ``BaseMixture.fit``) whose steps are the same for every engine:
 
 1. wrap the pair (:func:`~jointkl.pair.as_pair`) and check it (:meth:`Engine.check_pair`);
-2. check and bind the data (:meth:`Engine.bind_data`: NaN/inf refused, dtypes cast);
+2. check and bind the data (:meth:`Engine.bind_data`: NaN/inf refused, data and the pair's
+   networks moved once to the ``device`` setting, dtypes cast);
 3. seed (:meth:`Engine.seed`: one seed for everything random);
 4. run the engine's loop (:meth:`Engine.run`, the one method an engine must write), which
    returns a :class:`Result`;
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import pyro
 import torch
 
+from jointkl.device import data_device, move_modules, moved, resolve_device
 from jointkl.errors import InputError
 from jointkl.fit import Fit, point_draws, stored_draws
 from jointkl.minibatch import check_finite_data
@@ -108,6 +110,7 @@ class Engine:
         t0 = time.perf_counter()
         result = self.run(pair, args, kwargs)
         result.info.setdefault("seconds", time.perf_counter() - t0)
+        result.info.setdefault("device", str(data_device(args, kwargs)))
         return self.build_fit(pair, args, kwargs, result)
 
     def check_pair(self, pair: Any) -> None:
@@ -115,9 +118,15 @@ class Engine:
         any pair (engines that need a model structure check it when they trace it)."""
 
     def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        """Check the data (NaN/inf refused) and return them as the loop will use them."""
+        """Check the data (NaN/inf refused) and return them as the loop will use them: on
+        the device of the ``device`` setting (:func:`jointkl.device.resolve_device`; ``None``
+        leaves them where they are), with the ``nn.Module`` networks the pair holds moved
+        there too. This is the one move of a fit: the loop and the model's parameters then
+        live on that device."""
         check_finite_data(args, kwargs)
-        return args, dict(kwargs)
+        device = resolve_device(getattr(self.settings, "device", None), args, kwargs)
+        move_modules(pair, device)
+        return moved(tuple(args), device), moved(dict(kwargs), device)
 
     def seed(self) -> None:
         """Seed torch's and Pyro's global RNG from the one ``seed`` setting."""

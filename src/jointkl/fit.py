@@ -189,7 +189,9 @@ class Fit:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, pair: Any = None, trust: bool = False) -> Fit:
+    def load(
+        cls, directory: str | Path, pair: Any = None, trust: bool = False, device: Any = "cpu"
+    ) -> Fit:
         """Read a fit written by :meth:`save`. Loading runs no code from the directory.
 
         :param pair: the fitted model/guide pair; when ``None`` it is rebuilt from the
@@ -197,8 +199,16 @@ class Fit:
             file only with ``trust=True`` and only if the file still has the content hash
             recorded at fit time (else :class:`InputError`).
         :param trust: allow importing (running) the model file the fit names.
+        :param device: where the loaded parameters, samples and data live: ``"cpu"`` (the
+            default, whatever device the fit ran on), ``"cuda"``, ``"cuda:N"`` or ``"auto"``
+            (checked as an engine's ``device`` setting); the networks of a given ``pair``
+            move there too. ``fit.info["device"]`` still says where the fit ran.
         Every defect of the directory (a missing, truncated or foreign file; missing keys)
         is an :class:`InputError` naming the file and what was expected."""
+        from jointkl.device import move_modules, resolve_device
+        from jointkl.settings import compute_device
+
+        target = resolve_device(compute_device(device, "Fit.load: device") or "cpu")
         d = Path(directory)
         meta_path, tensor_path = d / "fit.json", d / "tensors.pt"
         for p in (meta_path, tensor_path):
@@ -215,7 +225,7 @@ class Fit:
         if missing:
             raise InputError(f"{meta_path} lacks {missing}: expected a fit saved by Fit.save()")
         try:
-            tensors = torch.load(tensor_path, weights_only=True, map_location="cpu")
+            tensors = torch.load(tensor_path, weights_only=True, map_location=target)
         except Exception as e:  # truncated, corrupted or foreign: one line, not a pickle trace
             first = str(e).splitlines()[0] if str(e) else ""
             raise InputError(
@@ -233,6 +243,8 @@ class Fit:
             from jointkl.zoo import build_pair
 
             pair = build_pair(meta["model_spec"], trust=trust)
+        if pair is not None:
+            move_modules(pair, target)
         return cls(
             engine=meta["engine"],
             config=meta["config"],

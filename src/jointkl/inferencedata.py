@@ -55,6 +55,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
+from jointkl.device import data_device
 from jointkl.errors import InputError
 from jointkl.sites import DATA_PLATE, in_data_plate, is_enumerated, max_plate_nesting, trace_model
 
@@ -318,7 +319,7 @@ def _log_density_rows(model, args, kwargs, draw, sampled, names, lay: _Layout, p
     with torch.no_grad(), lay.plate():
         tr = poutine.trace(m).get_trace(*args, **kwargs)
     B = lay.batch or 1
-    total = torch.zeros(B, dtype=torch.float64)
+    total = torch.zeros(B, dtype=torch.float64, device=data_device(args, kwargs))
     for n in names:
         lp = tr.nodes[n]["fn"].log_prob(tr.nodes[n]["value"])
         lp = lp.reshape((1,) * (lay.rank - lp.dim()) + tuple(lp.shape)) if lay.batch else lp

@@ -26,9 +26,19 @@ __all__ = [
     "check_model",
 ]
 
-# Settings a resume may change: the loop's length and step size, its checkpoint interval.
+# Settings a resume may change: the loop's length and step size, its checkpoint interval,
+# and the device (a checkpoint is read onto the CPU and moved to the run's device).
 RESUMABLE = frozenset(
-    {"steps", "lr", "clip_norm", "lr_schedule", "early_stopping", "checkpoint_every", "progress"}
+    {
+        "steps",
+        "lr",
+        "clip_norm",
+        "lr_schedule",
+        "early_stopping",
+        "checkpoint_every",
+        "progress",
+        "device",
+    }
 )
 # Settings the command line itself sets per run directory.
 _RUN_LOCAL = frozenset({"checkpoint_dir", "resume"})

@@ -49,6 +49,7 @@ __all__ = [
     "or_callable",
     "function",
     "path_or_none",
+    "compute_device",
     "check_all",
 ]
 
@@ -179,6 +180,33 @@ def path_or_none(value: Any, where: str) -> str | None:
     if not isinstance(value, (str, Path)):
         raise InputError(f"{where} must be a path or None, got {value!r}")
     return str(value)
+
+
+def compute_device(value: Any, where: str) -> str | None:
+    """A compute device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (CUDA when
+    ``torch.cuda.is_available()``, else the CPU) or ``None`` (the caller's default), kept as
+    the normalised string (a ``torch.device`` is accepted as its string). ``"cuda"`` on a machine without CUDA, and
+    ``"cuda:N"`` beyond the visible devices, are refused here, before any work starts."""
+    expected = "'cpu', 'cuda', 'cuda:N', 'auto' or None"
+    if value is None:
+        return None
+    if isinstance(value, torch.device):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be {expected}, got {value!r}")
+    text = value.strip().lower()
+    kind, sep, index = text.partition(":")
+    if not (text in ("cpu", "cuda", "auto") or (kind == "cuda" and sep and index.isdigit())):
+        raise InputError(f"{where} must be {expected}, got {value!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{where} {text!r} requested but torch.cuda.is_available() is False")
+        if sep and int(index) >= torch.cuda.device_count():
+            raise InputError(
+                f"{where} {text!r} requested but torch.cuda.device_count() is "
+                f"{torch.cuda.device_count()} (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    return text
 
 
 # ---------------------------------------------------------------------- the dataclass
