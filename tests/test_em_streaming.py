@@ -146,9 +146,22 @@ def test_streamed_data_refusals(tmp_path):
         )
     with pytest.raises(InputError, match="squarem"):
         EM(progress=False, accelerate="squarem").fit(GaussianMixture(2), memmap(tmp_path, x))
-    seqs = np.zeros((4, 6), dtype=np.int64)
-    with pytest.raises(InputError, match="EM: data streamed in blocks of rows need a mixture"):
-        EM(progress=False).fit(HMM(n_states=2, n_symbols=3), seqs)
+    (seqs,), _ = HMM(n_states=2).default_data()
+    with pytest.raises(
+        InputError, match="several blocks of rows need a mixture .* raise block_rows"
+    ):
+        EM(progress=False, block_rows=7).fit(HMM(n_states=2), seqs.numpy())
+    with pytest.raises(InputError, match=r"\['scales'\] would need the gradient M-step"):
+        EM(progress=False).fit(HMM(n_states=2, priors="weak"), seqs.numpy())
+
+
+def test_hmm_sequences_in_one_block_follow_the_in_memory_iterates():
+    model = HMM(n_states=3)
+    (x,), _ = model.default_data()
+    whole = EM(progress=False, max_iter=5, tol=0).fit(model, x)
+    streamed = EM(progress=False, max_iter=5, tol=0).fit(model, Rows(x.numpy()))
+    assert streamed.info["streamed"]["passes"] == 6
+    assert_same_fit(whole, streamed)
 
 
 WORKER = textwrap.dedent(
@@ -156,7 +169,7 @@ WORKER = textwrap.dedent(
     import json, sys
     import numpy as np, torch, torch.distributed as dist
     from jointkl.inference import EM
-    from jointkl.models import BernoulliMixture, GaussianMixture
+    from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 
     rank, size, init, path, out = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
@@ -172,6 +185,10 @@ WORKER = textwrap.dedent(
     f = EM(progress=False, max_iter=4, tol=0).fit(BernoulliMixture(n_components=2), xb)
     res["bernoulli"] = {"params": {k: v.tolist() for k, v in f.params.items()},
                         "history": f.history, "streamed": f.info["streamed"]}
+    seqs = torch.from_numpy(np.load(path.replace("x.npy", "h.npy")))
+    f = EM(progress=False, max_iter=4, tol=0).fit(HMM(n_states=3), seqs)
+    res["hmm"] = {"params": {k: v.tolist() for k, v in f.params.items()},
+                  "history": f.history, "streamed": f.info["streamed"]}
     json.dump(res, open(out + str(rank), "w"))
     dist.destroy_process_group()
     """
@@ -183,6 +200,8 @@ def test_two_gloo_processes_follow_the_one_process_iterates(tmp_path):
     xb = bernoulli_data(301)
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "b.npy", xb.numpy())
+    (seqs,), _ = HMM(n_states=3).default_data()  # 20 sequences: 10 a rank
+    np.save(tmp_path / "h.npy", seqs.numpy())
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -221,3 +240,11 @@ def test_two_gloo_processes_follow_the_one_process_iterates(tmp_path):
         for k, v in r["bernoulli"]["params"].items():
             assert torch.allclose(torch.tensor(v, dtype=torch.float64), one.params[k], atol=1e-10)
         assert np.allclose(r["bernoulli"]["history"], one.history, rtol=1e-12, atol=0)
+    one = EM(progress=False, max_iter=4, tol=0).fit(HMM(n_states=3), seqs)
+    assert [r["hmm"]["streamed"]["rank_rows"] for r in ranks] == [[0, 10], [10, 20]]
+    for r in ranks:
+        for k, v in r["hmm"]["params"].items():
+            assert torch.allclose(
+                torch.tensor(v, dtype=one.params[k].dtype), one.params[k], atol=1e-10
+            )
+        assert np.allclose(r["hmm"]["history"], one.history, rtol=1e-12, atol=0)

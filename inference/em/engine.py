@@ -361,7 +361,7 @@ class EM(Engine):
             return sub_steps, sub_args
 
         result = self._restarts(steps, start_from, kwargs, t_start, broadcast_theta)
-        result.info["compile_seconds"] = t_compiled - t_start
+        result.info["compile_seconds"] = t_compiled - t_start + stream.compile_seconds
         result.info["streamed"] = {
             "block_rows": block,
             "init_rows": int(sub.shape[0]),

@@ -34,6 +34,7 @@ row-source argument (other arguments are passed whole). Anything else is refused
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from jointkl.inference.em.gaussian import (
     weighted_moments,
 )
 from jointkl.inference.em.mstep import SingularCovariance, Update
-from jointkl.inference.em.statistics import counts, target_shape, weighted_sums
+from jointkl.inference.em.statistics import counts, target_shape, to_param, weighted_sums, wsum
 from jointkl.inference.em.updates import (
     categorical_from_counts,
     diagonal_scale_from_sums,
@@ -76,7 +77,15 @@ __all__ = [
 ]
 
 # Closed-form updates whose statistics are sums over points (and so stream).
-STREAMED_KINDS = ("categorical", "bernoulli", "poisson", "mvn_loc", "mvn_scale")
+STREAMED_KINDS = (
+    "categorical",
+    "bernoulli",
+    "poisson",
+    "normal_loc",
+    "normal_scale",
+    "mvn_loc",
+    "mvn_scale",
+)
 # The working set of one block by default: its data, moment features and responsibilities.
 BLOCK_BYTES = 64 * 2**20
 
@@ -118,6 +127,7 @@ def read_rows(x: Any, a: int, b: int, dtype: torch.dtype, where: str) -> torch.T
     refused, naming the rows."""
     block = x[a:b]
     t = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, copy=True))
+    release_pages(x, a, b)
     if t.dtype.is_floating_point:
         t = t.to(dtype)
         if not bool(torch.isfinite(t).all()):
@@ -125,6 +135,23 @@ def read_rows(x: Any, a: int, b: int, dtype: torch.dtype, where: str) -> torch.T
                 f"data {where}: rows {a}..{b - 1} hold NaN/inf value(s); clean or drop them first"
             )
     return t
+
+
+def release_pages(x: Any, a: int, b: int) -> None:
+    """Unmap rows [a, b) of a ``numpy.memmap`` from this process once copied (madvise
+    ``MADV_DONTNEED``): the pages stay in the OS's file cache, but no longer count in the
+    process's resident memory, which then stays about one block whatever the file's size."""
+    mm = getattr(x, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or not x.flags.c_contiguous or b <= a:
+        return
+    row = x.itemsize * math.prod(x.shape[1:])
+    start = int(x.offset) + a * row
+    first = start - start % mmap.PAGESIZE  # madvise needs a page-aligned start
+    try:
+        mm.madvise(advice, first, start + (b - a) * row - first)
+    except (OSError, ValueError):  # a view whose offset is not the mapping's: leave it
+        return
 
 
 def subsample_rows(x: Any, m: int, seed: int, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -142,6 +169,8 @@ def subsample_rows(x: Any, m: int, seed: int, dtype: torch.dtype, where: str) ->
     if isinstance(x, np.ndarray | torch.Tensor):
         rows = x[idx.numpy()] if isinstance(x, np.ndarray) else x[idx]
         t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows))
+        # the reads mapped pages all over the file (and their neighbours): unmap them
+        release_pages(x, 0, n)
     else:
         t = torch.cat([read_rows(x, int(i), int(i) + 1, dtype, where) for i in idx])
     if t.dtype.is_floating_point:
@@ -170,10 +199,16 @@ class RowStream:
     dtype: torch.dtype
     seed: int
     templates: dict[int, tuple[FactorModel, list[int]]] = field(default_factory=dict)
+    compile_seconds: float = 0.0
 
     @property
     def where(self) -> str:
         return f"argument {self.pos}"
+
+    @property
+    def single(self) -> bool:
+        """This process's rows are one block: compiled once, never re-read or swapped."""
+        return self.stop - self.start <= self.block_rows
 
     def block_args(self, block: torch.Tensor) -> tuple:
         return self.args[: self.pos] + (block,) + self.args[self.pos + 1 :]
@@ -183,12 +218,17 @@ class RowStream:
         observed values (whose ``data`` are swapped per block)."""
         n = block.shape[0]
         if n not in self.templates:
+            t0 = time.perf_counter()
             fm = FactorModel(self.model, self.block_args(block), self.kwargs, self.seed, self.dtype)
-            self.templates[n] = (fm, data_groups(fm, block))
+            self.templates[n] = (fm, [] if self.single else data_groups(fm, block))
+            self.compile_seconds += time.perf_counter() - t0
         return self.templates[n]
 
     def blocks(self) -> Iterator[FactorModel]:
         """Each block's FactorModel (valid until the next block is read)."""
+        if self.single and self.templates:
+            yield next(iter(self.templates.values()))[0]
+            return
         for a in range(self.start, self.stop, self.block_rows):
             b = min(a + self.block_rows, self.stop)
             block = read_rows(self.args[self.pos], a, b, self.dtype, self.where)
@@ -205,7 +245,10 @@ def data_groups(fm: FactorModel, block: torch.Tensor) -> list[int]:
     new block can replace them); refuses a model whose tables depend on the data otherwise."""
     why = refusal(fm)
     if why:
-        raise InputError(f"EM: data streamed in blocks of rows need {why}")
+        raise InputError(
+            f"EM: data streamed in several blocks of rows need {why} (other models are "
+            "streamed only when a process's rows fit one block: raise block_rows)"
+        )
     out = []
     flat = block.reshape(-1)
     for gi, g in enumerate(fm.groups):
@@ -270,6 +313,11 @@ def block_statistics(
                 lambda gi, dt=dtype: (None, fm.value(gi, dt).to(dt)),
             )
             stats[f"s0:{name}"], stats[f"s1:{name}"] = s0, s1
+        elif up.kind in ("normal_loc", "normal_scale"):
+            ((gi, _, _),) = up.uses
+            key = f"normal:{gi}"
+            if key not in stats:
+                stats[key] = normal_moments(fm, gi, theta, W[gi], centre)
         elif up.kind in ("mvn_loc", "mvn_scale"):
             ((gi, _, _),) = up.uses
             key = f"moments:{gi}"
@@ -278,6 +326,24 @@ def block_statistics(
         else:  # planned out by StreamedSteps.check
             raise AssertionError(up.kind)
     return stats
+
+
+def normal_moments(
+    fm: FactorModel,
+    gi: int,
+    theta: Mapping[str, torch.Tensor],
+    W: torch.Tensor,
+    centre: torch.Tensor,
+) -> torch.Tensor:
+    """[Σ w, Σ w (x - c), Σ w (x - c)^2] per cell of a Normal group's ``loc`` slot input (its
+    canonical layout), stacked on a new first axis; ``c`` is the centre's mean (a scalar)."""
+    g = fm.groups[gi]
+    x = fm.value(gi, centre.dtype) - centre.mean()
+    w = W.reshape(W.shape + (1,) * g.n_event)
+    target = target_shape(fm, gi, "loc", 0, theta)
+    return torch.stack(
+        [wsum(target, w, torch.ones_like(x)), wsum(target, w, x), wsum(target, w, x.square())]
+    )
 
 
 def diagonal_view(fm: FactorModel, gi: int, theta: Mapping[str, torch.Tensor]) -> bool:
@@ -345,9 +411,12 @@ class StreamedSteps:
 
     def check(self) -> None:
         """Refuse what the streamed M-step cannot do, naming it."""
-        why = refusal(self.fm)
+        why = None if self.stream.single else refusal(self.fm)
         if why:
-            raise InputError(f"EM: data streamed in blocks of rows need {why}")
+            raise InputError(
+                f"EM: data streamed in several blocks of rows need {why} (other models are "
+                "streamed only when a process's rows fit one block: raise block_rows)"
+            )
         if self.gradient:
             raise InputError(
                 "EM: data streamed in blocks of rows need a closed-form M-step for every "
@@ -363,7 +432,7 @@ class StreamedSteps:
 
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
         """One pass: (log p(x | θ) [+ log p(θ)], statistics summed over every row)."""
-        t0 = time.perf_counter()
+        t0, compiling = time.perf_counter(), self.stream.compile_seconds
         total: dict[str, torch.Tensor] = {}
         ll = 0.0
         with torch.no_grad():
@@ -377,7 +446,8 @@ class StreamedSteps:
         t1 = time.perf_counter()
         ll, total = all_reduce(ll, total)
         self.reduce_seconds += time.perf_counter() - t1
-        self.pass_seconds += t1 - t0
+        # the first pass compiles the model for its block sizes: not part of a pass's cost
+        self.pass_seconds += t1 - t0 - (self.stream.compile_seconds - compiling)
         self.passes += 1
         ll += log_prior
         if not math.isfinite(ll):
@@ -407,6 +477,8 @@ class StreamedSteps:
         if up.kind in ("bernoulli", "poisson"):
             return mean_from_sums(stats[f"s0:{name}"], stats[f"s1:{name}"], theta[name], up)
         ((gi, slot, which),) = up.uses
+        if up.kind.startswith("normal"):
+            return self.normal_update(theta, stats[f"normal:{gi}"], up)
         S = stats[f"moments:{gi}"]
         D = c.shape[-1]
         target = target_shape(fm, gi, slot, which, theta)
@@ -438,6 +510,42 @@ class StreamedSteps:
         ).reshape(target)
         s0 = n.reshape(target[:-2] + (1, 1)).expand(target)
         return full_scale_from_sums(fm, theta, up, s0, s2, reg)
+
+    def normal_update(self, theta, S: torch.Tensor, up: Update) -> dict[str, torch.Tensor]:
+        """:func:`~.updates.normal_loc_update` / :func:`~.updates.normal_scale_update` from
+        the per-cell sums [Σ w, Σ w (x - c), Σ w (x - c)^2] (the scale constant in each cell of
+        the mean, so the precision weight is one factor per cell)."""
+        fm = self.fm
+        ((gi, slot, which),) = up.uses
+        name = up.names[0]
+        old = theta[name]
+        tiny = torch.finfo(old.dtype).tiny
+        c = self.centre.mean()
+        s0, s1, s2 = S[0], S[1], S[2]
+        if up.kind == "normal_loc":
+            view, (sc,) = fm.slot_inputs(gi, "scale", theta)
+            sd = sc.exp() if view == "exp" else sc
+            tau = sd.pow(-2)
+            if any(n not in (1, t) for n, t in zip(tau.shape, s0.shape, strict=True)):
+                raise InputError(
+                    f"EM: streamed {name!r}: its scale varies within a cell of the mean"
+                )
+            T0 = to_param(fm, gi, slot, which, old.shape, tau * s0)
+            T1 = to_param(fm, gi, slot, which, old.shape, tau * (s1 + c * s0))
+            if up.prior:
+                m, s = up.prior[1]["loc"], up.prior[1]["scale"]
+                T1, T0 = T1 + m / s**2, T0 + 1 / s**2
+            return {name: torch.where(T0 <= 0, old, T1 / T0.clamp_min(tiny))}
+        _, (mu,) = fm.slot_inputs(gi, "loc", theta)
+        m = mu - c
+        r2 = s2 - 2 * m * s1 + m.square() * s0  # Σ w (x - mu)^2 per cell
+        if tuple(target_shape(fm, gi, slot, which, theta)) != tuple(r2.shape):
+            raise InputError(f"EM: streamed {name!r}: its cells differ from its mean's")
+        T0 = to_param(fm, gi, slot, which, old.shape, s0)
+        T2 = to_param(fm, gi, slot, which, old.shape, r2)
+        sd = (T2 / T0.clamp_min(tiny) + self.reg_covar).sqrt()
+        new = sd.log() if up.view == "exp" else sd
+        return {name: torch.where(T0 <= 0, old, new)}
 
 
 def all_reduce(ll: float, stats: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
