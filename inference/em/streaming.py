@@ -88,6 +88,8 @@ STREAMED_KINDS = (
 )
 # The working set of one block by default: its data, moment features and responsibilities.
 BLOCK_BYTES = 64 * 2**20
+# Subsample rows read from a memory-mapped array at a time (each maps at most a few pages).
+SUBSAMPLE_CHUNK = 1024
 
 
 def is_row_source(a: Any) -> bool:
@@ -166,11 +168,17 @@ def subsample_rows(x: Any, m: int, seed: int, dtype: torch.dtype, where: str) ->
     hi = torch.cat([lo[1:], torch.tensor([n])])
     idx = lo + (torch.rand(m, generator=gen, dtype=torch.float64) * (hi - lo)).long()
     idx = torch.minimum(idx, hi - 1)
-    if isinstance(x, np.ndarray | torch.Tensor):
-        rows = x[idx.numpy()] if isinstance(x, np.ndarray) else x[idx]
-        t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows))
-        # the reads mapped pages all over the file (and their neighbours): unmap them
-        release_pages(x, 0, n)
+    if isinstance(x, torch.Tensor):
+        t = x[idx]
+    elif isinstance(x, np.ndarray):
+        parts = []
+        for c in range(0, m, SUBSAMPLE_CHUNK):
+            part = idx[c : c + SUBSAMPLE_CHUNK].numpy()
+            parts.append(torch.from_numpy(np.array(x[part])))
+            # the reads mapped pages (and their neighbours) across this stretch: unmap them,
+            # so that the subsample, too, costs memory for itself only
+            release_pages(x, int(part[0]), int(part[-1]) + 1)
+        t = torch.cat(parts)
     else:
         t = torch.cat([read_rows(x, int(i), int(i) + 1, dtype, where) for i in idx])
     if t.dtype.is_floating_point:
