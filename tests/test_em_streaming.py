@@ -147,6 +147,9 @@ def test_streamed_data_refusals(tmp_path):
     with pytest.raises(InputError, match="squarem"):
         EM(progress=False, accelerate="squarem").fit(GaussianMixture(2), memmap(tmp_path, x))
     (seqs,), _ = HMM(n_states=2).default_data()
+    lengths = torch.full((len(seqs),), seqs.shape[1])
+    with pytest.raises(InputError, match="'lengths' has one entry per row too"):
+        EM(progress=False).fit(HMM(n_states=2), seqs.numpy(), lengths=lengths)
     with pytest.raises(
         InputError, match="several blocks of rows need a mixture .* raise block_rows"
     ):

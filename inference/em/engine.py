@@ -209,6 +209,12 @@ class Trajectory:
             self.converged, self.reason = True, "tol"
 
 
+def per_row(a: Any, n: int) -> bool:
+    """A tensor or array with one entry per row of ``n`` (it would need splitting too)."""
+    shape = getattr(a, "shape", None)
+    return bool(shape) and len(shape) > 0 and shape[0] == n
+
+
 @register_engine
 class EM(Engine):
     """Exact expectation-maximisation for Pyro models with enumerated discrete latents.
@@ -335,6 +341,13 @@ class EM(Engine):
         pos = sources[0]
         rows = args[pos]
         n = int(rows.shape[0])
+        others = [*(f"argument {i}" for i, a in enumerate(args) if i != pos and per_row(a, n))]
+        others += [repr(k) for k, a in kwargs.items() if per_row(a, n)]
+        if others:
+            raise InputError(
+                f"EM: streamed data: {others[0]} has one entry per row too and would have to be "
+                "split with the rows; only one per-row argument can be streamed"
+            )
         rank, size = world()
         if n < size:
             raise InputError(f"EM: {n} rows cannot be split over {size} processes")
