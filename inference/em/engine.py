@@ -37,6 +37,16 @@ from jointkl.inference.em.initial import initial_theta
 from jointkl.inference.em.laplace import laplace_draws
 from jointkl.inference.em.mstep import SingularCovariance, Update, m_step, plan_updates
 from jointkl.inference.em.squarem import squarem_step
+from jointkl.inference.em.streaming import (
+    RowStream,
+    StreamedSteps,
+    block_rows_for,
+    broadcast_theta,
+    is_row_source,
+    shard,
+    subsample_rows,
+    world,
+)
 from tqdm.auto import tqdm
 
 from jointkl.engine import Engine, Result, recreate_params, register_engine
@@ -49,6 +59,7 @@ from jointkl.settings import (
     nonnegative_float,
     nonnegative_int,
     one_of,
+    optional,
     or_callable,
     positive_int,
     setting,
@@ -107,6 +118,8 @@ class EMSettings(Settings):
     kmeans_iter: int = setting(300, nonnegative_int)
     accelerate: str | None = setting(None, one_of(*ACCELERATORS))
     assign: str = setting("soft", one_of(*ASSIGNMENTS))
+    block_rows: int | None = setting(None, optional(positive_int))
+    init_rows: int = setting(100_000, positive_int)
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,11 @@ class Steps:
     reg_covar: float
     mstep_iter: int
     hard: bool = False
+
+    @property
+    def n_points(self) -> int:
+        """Data points (elements of the ``"data"`` plate)."""
+        return self.fm.n_points
 
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
         """E-step at θ: (log-likelihood, posterior weights of every table); with ``hard``,
@@ -193,6 +211,12 @@ class Trajectory:
             self.converged, self.reason = True, "tol"
 
 
+def per_row(a: Any, n: int) -> bool:
+    """A tensor or array with one entry per row of ``n`` (it would need splitting too)."""
+    shape = getattr(a, "shape", None)
+    return bool(shape) and len(shape) > 0 and shape[0] == n
+
+
 @register_engine
 class EM(Engine):
     """Exact expectation-maximisation for Pyro models with enumerated discrete latents.
@@ -223,6 +247,18 @@ class EM(Engine):
         most probable component, and the history is the classification log-likelihood
         Σ_n max_k log p(x_n, z_n = k | θ) (+ log-prior); with equal fixed weights and one
         shared spherical variance this is k-means' Lloyd iteration).
+    :param block_rows: rows per block when the data are streamed (``None``: about 64 MB of
+        working set per block, :func:`~jointkl.inference.em.streaming.block_rows_for`).
+    :param int init_rows: rows of the seeded subsample the initialisation runs on when the
+        data are streamed (all rows when there are no more).
+
+    **Data larger than memory, and several processes**
+    (:mod:`jointkl.inference.em.streaming`): a mixture's observations may be given as a row
+    source — a ``numpy.memmap`` / ``np.load(path, mmap_mode="r")`` array, or any object with
+    ``shape``, ``dtype``, ``len()`` and row slicing — and each iteration is then one pass
+    over the rows in blocks of ``block_rows``; under ``torch.distributed`` (more than one
+    process) each rank passes over its contiguous share of the rows and the statistics are
+    all-reduced once per iteration. The iterates are the in-memory fit's.
     :param accelerate: ``None`` (default: plain EM, iteration for iteration what
         scikit-learn and hmmlearn compute) or ``"squarem"`` (SQUAREM,
         :mod:`jointkl.inference.em.squarem`: after each EM step a second one and a squared
@@ -259,7 +295,20 @@ class EM(Engine):
         s = self.settings
         t_start = time.perf_counter()
         pyro.clear_param_store()
+        if any(is_row_source(a) for a in (*args, *kwargs.values())) or world()[1] > 1:
+            return self._run_streamed(pair, args, kwargs, t_start)
         fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
+        hard = s.assign == "hard"
+        self._check_model(fm, hard)
+        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
+        t_compiled = time.perf_counter()
+        result = self._restarts(steps, lambda seed: (steps, args), kwargs, t_start)
+        result.info["compile_seconds"] = t_compiled - t_start
+        return result
+
+    @staticmethod
+    def _check_model(fm: FactorModel, hard: bool) -> None:
+        """Refuse a model EM has nothing to infer in, or hard assignments off a mixture."""
         single = [v for v, var in fm.vars.items() if var.card < 2]
         if single:
             # The M-step reads a one-value variable's tables as constants and has no
@@ -268,21 +317,92 @@ class EM(Engine):
                 f"EM: the enumerated variable {single[0]!r} takes a single value, so there is "
                 "nothing to infer; EM needs at least 2 values (a mixture: n_components >= 2)"
             )
-        hard = s.assign == "hard"
         if hard and not fm._is_mixture():
             raise InputError(
                 "EM: assign='hard' needs a mixture (one enumerated variable per data point, "
                 "like GaussianMixture or BernoulliMixture); this model's latents form a chain "
                 "or a larger structure — use assign='soft'"
             )
-        steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
+
+    def _run_streamed(self, pair: Any, args: tuple, kwargs: dict[str, Any], t_start: float):
+        """EM with the E-step as a pass over blocks of rows of this process's share of the
+        data (:mod:`jointkl.inference.em.streaming`), initialised on a seeded subsample."""
+        s = self.settings
+        if kwargs and any(is_row_source(a) for a in kwargs.values()):
+            raise InputError("EM: streamed data (a row source) must be a positional argument")
+        sources = [i for i, a in enumerate(args) if is_row_source(a)]
+        if not sources:  # several processes, data in memory: each takes its rows
+            sources = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim()]
+        if len(sources) != 1:
+            raise InputError(
+                "EM: streamed data need exactly one positional argument holding the rows "
+                f"(an array or row source); got {len(sources)}"
+            )
+        if s.accelerate is not None:
+            raise InputError(
+                "EM: accelerate='squarem' is not available when the data are streamed in "
+                "blocks or split across processes; use accelerate=None"
+            )
+        pos = sources[0]
+        rows = args[pos]
+        n = int(rows.shape[0])
+        others = [*(f"argument {i}" for i, a in enumerate(args) if i != pos and per_row(a, n))]
+        others += [repr(k) for k, a in kwargs.items() if per_row(a, n)]
+        if others:
+            raise InputError(
+                f"EM: streamed data: {others[0]} has one entry per row too and would have to be "
+                "split with the rows; only one per-row argument can be streamed"
+            )
+        rank, size = world()
+        if n < size:
+            raise InputError(f"EM: {n} rows cannot be split over {size} processes")
+        where = f"argument {pos}"
+        sub = subsample_rows(rows, s.init_rows, s.seed, s.dtype, where)
+        sub_args = args[:pos] + (sub,) + args[pos + 1 :]
+        fm = FactorModel(pair.model, sub_args, kwargs, seed=s.seed, dtype=s.dtype)
+        hard = s.assign == "hard"
+        self._check_model(fm, hard)
+        closed, gradient = plan_updates(fm)
+        sub_steps = Steps(fm, closed, gradient, s.reg_covar, s.mstep_iter, hard)
+        flat = sub.reshape(sub.shape[0], -1)
+        centre = flat.to(s.dtype).mean(0) if flat.is_floating_point() else None
+        block = s.block_rows or block_rows_for(flat.shape[-1], fm.chain["K"] if fm.chain else 2)
+        start, stop = shard(n, rank, size)
+        stream = RowStream(pair.model, args, kwargs, pos, start, stop, block, s.dtype, s.seed)
+        steps = StreamedSteps(
+            fm, closed, gradient, s.reg_covar, s.mstep_iter, hard, stream, centre, n
+        )
+        steps.check()
         t_compiled = time.perf_counter()
+
+        def start_from(seed: int):
+            return sub_steps, sub_args
+
+        result = self._restarts(steps, start_from, kwargs, t_start, broadcast_theta)
+        result.info["compile_seconds"] = t_compiled - t_start + stream.compile_seconds
+        result.info["streamed"] = {
+            "block_rows": block,
+            "init_rows": int(sub.shape[0]),
+            "processes": size,
+            "rank_rows": [start, stop],
+            "passes": steps.passes,
+            "pass_seconds": steps.pass_seconds,
+            "all_reduce_seconds": steps.reduce_seconds,
+        }
+        return result
+
+    def _restarts(self, steps, start_from, kwargs, t_start, share=lambda theta: theta) -> Result:
+        """``n_init`` restarts (seeds ``seed``, ``seed + 1``, ...; one that diverges is
+        recorded and skipped); ``start_from(seed)`` gives the steps and data the initial
+        values are computed from, ``share`` makes them every process's."""
+        s = self.settings
         best, restarts, last_error = None, [], None
         for r in range(s.n_init):
             seed = s.seed + r
             try:
-                theta0 = initial_theta(steps, s.init, s.kmeans_iter, seed, args, kwargs)
-                path = self._em(steps, theta0, r)
+                init_steps, init_args = start_from(seed)
+                theta0 = initial_theta(init_steps, s.init, s.kmeans_iter, seed, init_args, kwargs)
+                path = self._em(steps, share(theta0), r)
             except FitDivergedError as e:
                 restarts.append({"seed": seed, "error": str(e)})
                 last_error = e
@@ -296,9 +416,7 @@ class EM(Engine):
             raise FitDivergedError(
                 f"EM: all {s.n_init} restart(s) diverged; last: {last_error}"
             ) from last_error
-        result = self._result(steps, best, restarts, t_start)
-        result.info["compile_seconds"] = t_compiled - t_start
-        return result
+        return self._result(steps, best, restarts, t_start)
 
     def _em(self, steps: Steps, theta: dict[str, torch.Tensor], restart: int) -> Trajectory:
         """EM iterations from θ until the change of a plain step is below ``tol`` per point,
@@ -308,7 +426,7 @@ class EM(Engine):
         fm = steps.fm
         bar = tqdm(
             total=s.max_iter,
-            disable=not s.progress,
+            disable=not s.progress or world()[0] != 0,
             desc=f"em[{restart}]" if s.n_init > 1 else "em",
         )
 
@@ -316,9 +434,9 @@ class EM(Engine):
 
         def show(ll: float) -> None:
             bar.update(1)
-            bar.set_postfix({label: f"{ll / fm.n_points:.6g}"})
+            bar.set_postfix({label: f"{ll / steps.n_points:.6g}"})
 
-        path = Trajectory(theta, s.max_iter, s.tol * fm.n_points, show)
+        path = Trajectory(theta, s.max_iter, s.tol * steps.n_points, show)
         try:
             path.start(*steps.expect(theta, 0))  # E-step at the initial values
             while not path.done:
@@ -343,7 +461,7 @@ class EM(Engine):
             log_prior = fm.log_prior(theta)
         ll = path.history[-1] - log_prior
         k = sum(degrees_of_freedom(fm.free[n].constraint, v) for n, v in theta.items())
-        n = fm.n_points
+        n = steps.n_points
         info = {
             "stop_reason": path.reason,
             "seconds": time.perf_counter() - t_start,

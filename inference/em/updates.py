@@ -65,8 +65,15 @@ def categorical_update(
     """Probability vectors: counts (+ Dirichlet α - 1), normalised."""
     name = up.names[0]
     old = theta[name]
+    return categorical_from_counts(counts(fm, theta, W, name, up.uses, old.dtype), old, up)
+
+
+def categorical_from_counts(
+    c: torch.Tensor, old: torch.Tensor, up: Update
+) -> dict[str, torch.Tensor]:
+    """:func:`categorical_update` from the counts ``c`` (in the layout of ``old``)."""
+    name = up.names[0]
     tiny = torch.finfo(old.dtype).tiny
-    c = counts(fm, theta, W, name, up.uses, old.dtype)
     if up.prior:
         c = (c + up.prior[1]["alpha"] - 1).clamp_min(0)
     tot = c.sum(-1, keepdim=True)
@@ -81,12 +88,20 @@ def mean_update(
     """Bernoulli probabilities and Poisson rates: the weighted mean Σ w x / Σ w, with a
     conjugate prior's pseudo-counts (Beta(a, b): a - 1 ones and b - 1 zeros; Gamma(a, b):
     a - 1 counts over b points), in the view's coordinates (logits, log-rates)."""
-    name = up.names[0]
-    old = theta[name]
-    dtype, tiny = old.dtype, torch.finfo(old.dtype).tiny
+    old = theta[up.names[0]]
+    dtype = old.dtype
     s0, s1 = weighted_sums(
         fm, theta, W, up.uses, old.shape, dtype, lambda gi: (None, fm.value(gi, dtype).to(dtype))
     )
+    return mean_from_sums(s0, s1, old, up)
+
+
+def mean_from_sums(
+    s0: torch.Tensor, s1: torch.Tensor, old: torch.Tensor, up: Update
+) -> dict[str, torch.Tensor]:
+    """:func:`mean_update` from the sums ``s0 = Σ w`` and ``s1 = Σ w x`` (layout of ``old``)."""
+    name = up.names[0]
+    tiny = torch.finfo(old.dtype).tiny
     bernoulli = up.kind == "bernoulli"
     if up.prior:
         a, b = up.prior[1]["a"], up.prior[1]["b"]
@@ -168,6 +183,24 @@ def mvn_loc_update(
     else:
         s0 = wsum(target[:-1] + (1,), w)
         s1 = wsum(target, w, x)
+    return mvn_loc_from_sums(fm, theta, up, target, s0, s1)
+
+
+def mvn_loc_from_sums(
+    fm: FactorModel,
+    theta: Theta,
+    up: Update,
+    target: tuple[int, ...],
+    s0: torch.Tensor,
+    s1: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """:func:`mvn_loc_update` from the sums ``s0 = Σ w`` ``(1, cells.., 1)`` and
+    ``s1 = Σ w x`` per cell (``target``, the slot input's canonical layout)."""
+    name = up.names[0]
+    old = theta[name]
+    dtype = old.dtype
+    ((gi, slot, which),) = up.uses
+    D = target[-1]
     if up.prior is None:
         S0 = to_param(fm, gi, slot, which, old.shape, s0.expand(target))
         S1 = to_param(fm, gi, slot, which, old.shape, s1)
@@ -247,9 +280,7 @@ def mvn_scale_update(
     ((gi, slot, which),) = up.uses
     g = fm.groups[gi]
     pname = g.slots[slot].params[which]
-    old = theta[pname]
-    dtype = old.dtype
-    tiny = torch.finfo(dtype).tiny
+    dtype = theta[pname].dtype
     x = fm.value(gi, dtype)
     D = x.shape[-1]
     _, (mu,) = fm.slot_inputs(gi, "loc", theta)
@@ -267,19 +298,46 @@ def mvn_scale_update(
             diff = x - mu
             s2 = wsum(target, W[gi], diff.square().sum(-1))
             s0 = wsum(target, W[gi]) * D
-        S2 = to_param(fm, gi, slot, which, old.shape, s2)
-        S0 = to_param(fm, gi, slot, which, old.shape, s0)
-        if up.prior is not None:  # Gamma(a, b) on the precisions
-            a, b = up.prior[1]["a"], up.prior[1]["b"]
-            S2, S0 = S2 + 2 * b, S0 + 2 * a - 2
-        var = S2 / S0.clamp_min(tiny) + reg
-        new = var.reciprocal() if view.endswith("precision") else var.sqrt()
-        return {pname: _keep_old(new, old, S0 <= 0)}
+        return diagonal_scale_from_sums(fm, theta, up, s0, s2, reg)
     # Full covariance: Σ = Σ w (x - mu)(x - mu)^T / Σ w per cell, then the view's factor.
     target = target_shape(fm, gi, slot, which, theta)  # (1, cells.., D, D)
     w = trailing(W[gi], 2)
     s0 = wsum(target[:-2] + (1, 1), w).expand(target)
     s2 = scatter(fm, gi, x, mu, W[gi], target)
+    return full_scale_from_sums(fm, theta, up, s0, s2, reg)
+
+
+def diagonal_scale_from_sums(
+    fm: FactorModel, theta: Theta, up: Update, s0: torch.Tensor, s2: torch.Tensor, reg: float
+) -> dict[str, torch.Tensor]:
+    """:func:`mvn_scale_update` of a diagonal or spherical view from ``s0 = Σ w`` (times D
+    for a spherical one) and ``s2 = Σ w (x - mu)^2`` per cell of the slot input's layout."""
+    ((gi, slot, which),) = up.uses
+    pname = fm.groups[gi].slots[slot].params[which]
+    old = theta[pname]
+    tiny = torch.finfo(old.dtype).tiny
+    S2 = to_param(fm, gi, slot, which, old.shape, s2)
+    S0 = to_param(fm, gi, slot, which, old.shape, s0)
+    if up.prior is not None:  # Gamma(a, b) on the precisions
+        a, b = up.prior[1]["a"], up.prior[1]["b"]
+        S2, S0 = S2 + 2 * b, S0 + 2 * a - 2
+    var = S2 / S0.clamp_min(tiny) + reg
+    new = var.reciprocal() if up.view.endswith("precision") else var.sqrt()
+    return {pname: _keep_old(new, old, S0 <= 0)}
+
+
+def full_scale_from_sums(
+    fm: FactorModel, theta: Theta, up: Update, s0: torch.Tensor, s2: torch.Tensor, reg: float
+) -> dict[str, torch.Tensor]:
+    """:func:`mvn_scale_update` of a full-covariance view from ``s0 = Σ w`` and the scatter
+    ``s2 = Σ w (x - mu)(x - mu)^T`` per cell, both ``(1, cells.., D, D)``."""
+    ((gi, slot, which),) = up.uses
+    pname = fm.groups[gi].slots[slot].params[which]
+    old = theta[pname]
+    dtype = old.dtype
+    tiny = torch.finfo(dtype).tiny
+    D = s2.shape[-1]
+    view = up.view
     S2 = to_param(fm, gi, slot, which, old.shape, s2)
     S0 = to_param(fm, gi, slot, which, old.shape, s0)
     if up.prior is not None:  # Wishart(ν, V) on the precision matrices
