@@ -130,6 +130,28 @@ def test_rank_death_then_resume_with_one_process(tmp_path):
     assert fit.history[:10] == pytest.approx(one.history[:10], rel=1e-4, abs=1e-5)
 
 
+def test_em_on_two_processes_from_the_command_line(tmp_path):
+    """`jointkl fit gmm --engine em --nproc 2`: EM is handed the whole data on each rank and
+    sums its E-step statistics over the ranks' rows, so the run's parameters are those of the
+    1-process run (float-summation tolerance); rank 0 alone writes."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-3, 1, (150, 2)), rng.normal(3, 0.5, (151, 2))])
+    data = tmp_path / "blobs.npy"
+    np.save(data, x)
+    fits = {}
+    for p in ("1", "2"):
+        out = tmp_path / f"run{p}"
+        done = _fit_cli(
+            "gmm", "--engine", "em", "--data", str(data), "--out", str(out),
+            "--set", "n_components=2", "--draws", "5", "--nproc", p,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        fits[p] = Fit.load(out)
+    assert fits["2"].n_iter == fits["1"].n_iter
+    for k, v in fits["1"].params.items():
+        torch.testing.assert_close(fits["2"].params[k], v, rtol=1e-9, atol=1e-10, msg=k)
+
+
 def test_nproc_refusals_and_launcher(capsys, monkeypatch):
     """--nproc 0 and a non-data-parallel engine are refused in one line (exit 2) before
     anything starts; --nproc is taken out of the relaunched command; P > cores is said."""
@@ -137,9 +159,9 @@ def test_nproc_refusals_and_launcher(capsys, monkeypatch):
         main(["fit", "gmm", "--engine", "svi", "--nproc", "0"])
     assert e.value.code == 2
     assert "--nproc: expected a whole number >= 1" in capsys.readouterr().err
-    assert main(["fit", "gmm", "--engine", "em", "--nproc", "2"]) == 2
+    assert main(["fit", "gmm", "--engine", "langevin", "--nproc", "2"]) == 2
     err = capsys.readouterr().err
-    assert "engine 'em' does not run data-parallel" in err and len(err.splitlines()) == 1
+    assert "engine 'langevin' does not run data-parallel" in err and len(err.splitlines()) == 1
     assert _without_nproc(["fit", "m", "--nproc", "3", "--nproc=4", "--seed", "1"]) == [
         "fit",
         "m",

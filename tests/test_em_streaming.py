@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from jointkl.inference import EM
-from jointkl.inference.em.streaming import block_rows_for, is_row_source, shard, subsample_rows
+from jointkl.distributed import shard_bounds as shard
+from jointkl.inference.em.streaming import block_rows_for, is_row_source, subsample_rows
 from jointkl.models import HMM, BernoulliMixture, GaussianMixture
 
 from jointkl.errors import InputError

@@ -274,6 +274,8 @@ class EM(Engine):
     """
 
     name = "em"
+    data_parallel = True
+    picks_own_rows = True
     description = "expectation-maximisation: exact E-step over enumerated discrete latents"
     Settings = EMSettings
 

@@ -61,6 +61,8 @@ from jointkl.inference.em.updates import (
     mvn_loc_from_sums,
 )
 
+from jointkl.distributed import rank, world_size
+from jointkl.distributed import shard_bounds as shard
 from jointkl.errors import FitDivergedError, InputError
 
 __all__ = [
@@ -68,7 +70,6 @@ __all__ = [
     "BLOCK_BYTES",
     "is_row_source",
     "world",
-    "shard",
     "block_rows_for",
     "subsample_rows",
     "RowStream",
@@ -106,15 +107,7 @@ def is_row_source(a: Any) -> bool:
 
 def world() -> tuple[int, int]:
     """``(rank, world size)`` of ``torch.distributed`` (``(0, 1)`` when not initialised)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous rows [⌊rank n / size⌋, ⌊(rank + 1) n / size⌋) of ``n``."""
-    return n * rank // size, n * (rank + 1) // size
+    return rank(), world_size()
 
 
 def block_rows_for(D: int, K: int, itemsize: int = 8, budget: int = BLOCK_BYTES) -> int:

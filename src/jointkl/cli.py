@@ -138,7 +138,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if parallel and not engine_cls.data_parallel:
         raise InputError(
             f"engine {engine_name!r} does not run data-parallel; --nproc > 1 (or torchrun) "
-            f"is for svi and nce"
+            f"is for svi, nce and em"
         )
     target, model_spec, model_cls = _resolve_model(args.model, None)
     if saved is not None:
@@ -279,16 +279,13 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     interrupted and the exit status is 128 + the signal."""
     from jointkl import signals
     from jointkl.checkpoint import retention
-    from jointkl.distributed import local_shard
     from jointkl.runs import CheckpointSkipped
     from jointkl.zoo import user_file_error
 
     caught: list = []
     where = f"; the earlier run at {run.final} is unchanged" if run.replacing else ""
     # under a process group, the engine sees this rank's rows; the Fit gets all of them
-    shard_args, shard_kwargs = local_shard(
-        data_args, data_kwargs, _data_rows(data_args, data_kwargs)
-    )
+    shard_args, shard_kwargs = _rank_data(engine, data_args, data_kwargs)
     try:
         with signals.stop_on_signals(), retention(args.keep_checkpoints):
             with warnings.catch_warnings(record=True) as caught:
@@ -349,15 +346,22 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     return 0
 
 
+def _rank_data(engine, data_args: tuple, data_kwargs: dict) -> tuple[tuple, dict]:
+    """What the engine is given under a process group: this rank's rows, or the whole data
+    for an engine that picks its own rows (``Engine.picks_own_rows``)."""
+    from jointkl.distributed import local_shard
+
+    if engine.picks_own_rows:
+        return data_args, data_kwargs
+    return local_shard(data_args, data_kwargs, _data_rows(data_args, data_kwargs))
+
+
 def _fit_rank(engine, pair, data_args, data_kwargs) -> int:
     """A rank other than 0 of a data-parallel fit: the fit on its rows, no files, no output
     but errors (rank 0 reports the run)."""
     from jointkl import signals
-    from jointkl.distributed import local_shard
 
-    shard_args, shard_kwargs = local_shard(
-        data_args, data_kwargs, _data_rows(data_args, data_kwargs)
-    )
+    shard_args, shard_kwargs = _rank_data(engine, data_args, data_kwargs)
     with signals.stop_on_signals(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine.fit(pair, *shard_args, **shard_kwargs)
@@ -754,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc",
         type=_threads,
         default=None,
-        help="data-parallel fit on this many processes (svi, nce): relaunches itself under "
+        help="data-parallel fit on this many processes (svi, nce, em): relaunches itself under "
         "torchrun, each process taking its share of the rows (default 1)",
     )
     _add_device(f, loads=False)
@@ -826,7 +830,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.engine is not None and not engine_class(args.engine).data_parallel:
         raise InputError(
-            f"engine {args.engine!r} does not run data-parallel; --nproc > 1 is for svi and nce"
+            f"engine {args.engine!r} does not run data-parallel; --nproc > 1 is for svi, nce and em"
         )
     return launch(_without_nproc(argv), args.nproc)
 

@@ -78,6 +78,9 @@ class Engine:
     # Whether ``fit`` under a process group takes each rank's shard of the rows and combines
     # the ranks' work itself (jointkl.distributed); the command line refuses --nproc > 1 else.
     data_parallel: ClassVar[bool] = False
+    # Whether such an engine is handed the whole data and picks its rank's rows itself (EM
+    # streams from a row source, so it reads only its rows); else the caller passes the shard.
+    picks_own_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
