@@ -43,12 +43,12 @@ from jointkl.inference.em.streaming import (
     block_rows_for,
     broadcast_theta,
     is_row_source,
-    shard,
     subsample_rows,
     world,
 )
 from tqdm.auto import tqdm
 
+from jointkl.distributed import shard_bounds
 from jointkl.engine import Engine, Result, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import DEFAULT_DRAWS, Fit
@@ -369,7 +369,7 @@ class EM(Engine):
         flat = sub.reshape(sub.shape[0], -1)
         centre = flat.to(s.dtype).mean(0) if flat.is_floating_point() else None
         block = s.block_rows or block_rows_for(flat.shape[-1], fm.chain["K"] if fm.chain else 2)
-        start, stop = shard(n, rank, size)
+        start, stop = shard_bounds(n, rank, size)
         stream = RowStream(pair.model, args, kwargs, pos, start, stop, block, s.dtype, s.seed)
         steps = StreamedSteps(
             fm, closed, gradient, s.reg_covar, s.mstep_iter, hard, stream, centre, n

@@ -62,7 +62,6 @@ from jointkl.inference.em.updates import (
 )
 
 from jointkl.distributed import rank, world_size
-from jointkl.distributed import shard_bounds as shard
 from jointkl.errors import FitDivergedError, InputError
 
 __all__ = [
