@@ -330,10 +330,11 @@ def viterbi(
     cols = torch.arange(N, device=dev)
     tag_n = torch.arange(0, C * N, N, device=dev)  # (C,): tag * N
     ident = tag_n.unsqueeze(-1) + cols  # (C, N): each state mapped to itself
-    # Pointers as flat indices (pointer * N + column) of their step's (C, N) map; the identity
-    # past each column's last step, so that its last state is carried back to it.
+    # Pointers as flat indices (pointer * N + column) of their step's (C, N) map, in int64 (a
+    # float32 index is exact only up to 2^24); the identity past each column's last step, so
+    # that its last state is carried back to it.
     used = s[1:].unsqueeze(-1) < steps  # (K-1, 1, N)
-    flat = torch.where(used, torch.add(cols + C * N, flipped, alpha=-N), ident).long()
+    flat = torch.where(used, torch.add(cols + C * N, flipped.long(), alpha=-N), ident)
     # Join: each column's values at its last step, (N, C), then the best (y_{m-1}, y_m) =
     # argmax fwd[j] + g[j, k] + bwd[k]; a length-1 row has no backward half and ends at
     # m - 1 = 0: argmax fwd[j] + end[j].
