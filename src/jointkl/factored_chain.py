@@ -16,11 +16,11 @@ most of its time on per-operation overhead (a few tags, tens of positions):
   to the emissions), ``Σ_t alpha_t^T (X_{t+1} beta_{t+1}) * E`` the transition counts, in one
   pass instead of autograd through ``T`` small operations.
 - :func:`viterbi` (max semiring): ``v_{t+1} = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]``,
-  state-major over a ``(C, C, 2B)`` tensor per step (an addition, an ``amax`` and the
-  emission's addition into preallocated buffers; the back-pointers of all steps are recovered
-  afterwards in three bulk operations), meet in the middle: the first half of each sequence
-  forward and the second half as a forward recursion over the reversed sequence, as one batch
-  of ``2B`` columns in ``ceil(T/2)`` steps; the path is read back by one ``take`` a step.
+  over a ``(C, C, 2B)`` tensor per step (an addition, an ``amax`` and the emission's
+  addition into preallocated buffers; the back-pointers recovered in bulk, a cache-sized
+  chunk of steps at a time), meet in the middle: the first half of each sequence forward and
+  the second half as a forward recursion over the reversed sequence, as one batch of ``2B``
+  columns in ``ceil(T/2)`` steps; the path is read back by one ``take`` a step.
 
 Neither masks positions past a sequence's end inside the loop: the recursion up to position
 ``L - 1`` does not depend on later positions, so it runs over the whole padded length and the
@@ -46,7 +46,14 @@ import torch
 from jointkl.chain import chain_contract
 from jointkl.semiring import LogSemiring
 
-__all__ = ["RESCALE_EVERY", "SCALE_FLOOR", "log_partition", "viterbi", "generic_log_partition"]
+__all__ = [
+    "RESCALE_EVERY",
+    "SCALE_FLOOR",
+    "VITERBI_CHUNK_BYTES",
+    "log_partition",
+    "viterbi",
+    "generic_log_partition",
+]
 
 # Renormalise the scaled forward vector every this many steps. Between renormalisations a
 # vector's sum grows by at most a factor C per step (E, X <= 1), so float64 cannot overflow,
@@ -56,6 +63,9 @@ RESCALE_EVERY = 8
 # Entries lost to underflow are below float64's 1e-308, so relative to a sum of at least
 # 1e-250 they change log Z by less than 1e-57.
 SCALE_FLOOR = 1e-250
+# Viterbi recovers the back-pointers of this many bytes of per-step sums at a time (at least
+# one step), so that they are read back while still in cache (under a 1 MB L2).
+VITERBI_CHUNK_BYTES = 2**19
 
 
 def _shift(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -238,44 +248,6 @@ def log_partition(
     return _LogPartition.apply(h, trans, start, end, lengths, fwd)
 
 
-def _max_plus_forward(v0: torch.Tensor, g: torch.Tensor, x: torch.Tensor):
-    """Max-plus forward vectors and back-pointers, state-major.
-
-    ``v_{t+1}[j] = max_i (v_t[i] + g[i, j]) + x[t+1, j]`` (per column ``n``) from ``v0 (C, N)``,
-    transitions ``g (C, C, N)`` and emissions ``x (K, C, N)``: the vectors ``(K, C, N)`` and the
-    back-pointers ``(K-1, C, N)``, ``pointers[t, j] = min { i : v_t[i] + g[i, j] = max }``
-    (the lowest tag attaining the max).
-
-    Why this shape: per step only an addition, an ``amax`` over the leading dimension (an
-    elementwise max of ``C`` contiguous slices, vectorised; ``max`` with indices is not, and
-    cost 5x the ``amax`` at ``C = 20``) and the emission's addition, all written into
-    preallocated buffers, so a step is three operations. The pointers are then recovered for
-    all steps at once: the sum attaining the max equals it exactly (the max is one of the
-    sums), so ``pointer = min i with sum == max``, found as ``C - max_i ((sum == max) · (C - i))``
-    by one comparison (with a floating-point result: a boolean one is not vectorised), one
-    product and one ``amax``.
-    """
-    C, N = v0.shape
-    K = x.shape[0]
-    values = v0.new_empty(K, C, N)
-    values[0] = v0
-    sums = v0.new_empty(K - 1, C, C, N)
-    best = v0.new_empty(K - 1, C, N)  # max_i (v_t[i] + g[i, j]), before the emission
-    # Views made once (unbind), not one indexing operation per step.
-    prev = values.unsqueeze(2).unbind(0)  # (C, 1, N): the previous tag along dim 0
-    nxt, s_t, b_t, x_t = values.unbind(0), sums.unbind(0), best.unbind(0), x.unbind(0)
-    for t in range(K - 1):
-        # Addition in pytorch-crf's order, (v + g) + x, so that the forward values are the
-        # same floating-point numbers as its own.
-        torch.add(prev[t], g, out=s_t[t])
-        torch.amax(s_t[t], 0, out=b_t[t])
-        torch.add(b_t[t], x_t[t + 1], out=nxt[t + 1])
-    weights = torch.arange(C, 0, -1, dtype=sums.dtype, device=sums.device).view(1, C, 1, 1)
-    hit = torch.eq(sums, best.unsqueeze(1), out=sums)  # 1.0 where the sum is the max
-    pointers = C - hit.mul_(weights).amax(1).long()
-    return values, pointers
-
-
 @torch.no_grad()
 def viterbi(
     h: torch.Tensor,
@@ -287,11 +259,24 @@ def viterbi(
     """Best tag path ``(B, T)`` (int64; 0 past each length) of a batch of CRF sequences.
 
     Same arguments as :func:`log_partition`. Meet in the middle: the forward max-plus
-    recursion over the first ``m = ceil(L/2)`` positions of each sequence and the backward one
-    over the rest (a forward recursion on the reversed sequence with transposed transitions,
-    start and end swapped) run as one batch of ``2B`` columns, ``ceil(T/2)`` steps instead of
-    ``T`` (:func:`_max_plus_forward`); the two halves are joined at the best
-    ``(y_{m-1}, y_m)`` pair and each is read back from its pointers (:func:`_backtrack`).
+    recursion ``v_{t+1}[j] = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]`` over the first
+    ``m = ceil(L/2)`` positions of each sequence and the backward one over the rest (a forward
+    recursion on the reversed sequence with transposed transitions, start and end swapped)
+    run as one batch of ``N = 2B`` columns, ``K = ceil(T/2)`` positions instead of ``T``; the
+    two halves are joined at the best ``(y_{m-1}, y_m)`` pair and each is read back from its
+    back-pointers.
+
+    Layout and cost (a few tags, tens of positions: the time is per operation, so the count
+    of operations is what is kept small): a step is three operations into preallocated
+    buffers, the addition ``sums[j, i, n] = v_t[i, n] + g_n[i, j]`` (pytorch-crf's order of
+    additions), an ``amax`` over ``i`` (vectorised over the contiguous columns; ``max`` with
+    indices is not, and cost 5x as much at ``C = 20``) and the emission's addition. The
+    back-pointers are recovered in bulk every :data:`VITERBI_CHUNK_BYTES` of sums, while they
+    are still in cache: the sum attaining a max equals it exactly, so the pointer is
+    ``min { i : sums[j, i] == max }``, found as ``C - max_i ((sums == max) * (C - i))`` (the
+    comparison written to a floating-point tensor: a boolean one is not vectorised). The path
+    is read back by one ``take`` a position (pointers encoded as flat indices of their own
+    position's ``(C, N)`` map) and put in place by one ``put_``.
 
     Ties (several best paths): the join takes the first best pair ``(y_{m-1}, y_m)`` in
     row-major order (lowest ``y_{m-1}``, then lowest ``y_m``); going back from ``y_{m-1}``
@@ -301,63 +286,73 @@ def viterbi(
     position with the lowest tag) may return another of the tied paths.
     """
     B, T, C = h.shape
-    h, g, start, end = h.detach(), trans.detach(), start.detach(), end.detach()
     dev = h.device
+    if B == 0:
+        return torch.zeros(B, T, dtype=torch.long, device=dev)
     L = lengths if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
+    K, N, BT = (T + 1) // 2, 2 * B, B * T
     m = (L + 1) // 2  # forward half: positions 0..m-1; backward half: L-1 down to m
-    K = (T + 1) // 2  # the longest half
-    N = 2 * B
-    # State-major emissions (K, C, 2B), read from h in one indexing operation: column b < B
-    # is row b's forward half, column B + b row b reversed within its length
-    # (x[s, :, B + b] = h[b, L_b - 1 - s], clamped at 0 past it).
-    pos = torch.arange(T, device=dev)
-    back = L.unsqueeze(-1) - 1 - pos  # (B, T): position t counted from the end
-    rows = torch.arange(B, device=dev)
-    at = torch.cat([pos[:K].expand(B, K), back[:, :K].clamp(min=0)]) + T * rows.repeat(2)[:, None]
-    x = h.reshape(B * T, C).index_select(0, at.t().reshape(-1)).view(K, N, C)
-    x = x.transpose(1, 2).contiguous()
-    v0 = (x[0].view(C, 2, B) + torch.stack([start, end], -1).unsqueeze(-1)).view(C, N)
-    both = torch.stack([g, g.t()], -1).unsqueeze(-1).expand(C, C, 2, B).reshape(C, C, N)
-    values, pointers = _max_plus_forward(v0, both, x)
-    fwd = values[m - 1, :, rows]  # best prefix ending at m-1 in each tag, (B, C)
     n_back = L - m  # positions in the backward half (0 for length 1)
-    bwd = values[(n_back - 1).clamp(min=0), :, rows + B]  # best suffix from m in each tag
-    # Join: best (y_{m-1}, y_m) = argmax fwd[j] + g[j, k] + bwd[k]; a length-1 row has no
-    # backward half and ends at m - 1 = 0: fwd[j] + end[j].
-    pair = (fwd.unsqueeze(-1) + g + bwd.unsqueeze(1)).flatten(1).max(-1).indices
-    alone = (fwd + end).max(-1).indices
-    single = n_back == 0
-    j = torch.where(single, alone, torch.div(pair, C, rounding_mode="floor"))
-    k = torch.where(single, 0, pair % C)
-    # (K, 2B) tags encoded as tag * 2B + column: forward halves in order, backward reversed.
-    states = _backtrack(pointers, torch.cat([j, k]), torch.cat([m, n_back.clamp(min=1)]))
-    # Position t reads the forward half at t (t < m), the backward half at L-1-t (t >= m).
-    src = torch.where(
-        pos < m.unsqueeze(-1), pos * N + rows.unsqueeze(-1), back * N + B + rows.unsqueeze(-1)
+    steps = torch.cat([m, n_back])  # (N,): positions in each column's half
+    s = torch.arange(K, device=dev).unsqueeze(-1)  # (K, 1)
+    rows = torch.arange(0, BT, T, device=dev)  # (B,): flat index of each row's position 0
+    # (K, N): flat index (b * T + position) of column n's position at step s. Column b < B is
+    # row b's forward half, column B + b row b reversed within its length (clamped at its
+    # position 0 past it). Steps past a column's half read some position of its own row:
+    # their values are never used (the recursion up to a step does not depend on later ones).
+    at = torch.cat([rows + s, torch.maximum((rows + L - 1) - s, rows)], -1)
+    # Emissions (C, N) per step: views of one gathered (K, N, C) tensor.
+    x = h.reshape(BT, C).index_select(0, at.view(-1)).view(K, N, C).transpose(1, 2).unbind(0)
+    # both[j, i, n]: the score of tag i -> tag j in column n's direction.
+    both = torch.cat(
+        [trans.t().unsqueeze(-1).expand(C, C, B), trans.unsqueeze(-1).expand(C, C, B)], -1
     )
-    path = states.take(src.clamp_(min=0)).div_(N, rounding_mode="floor")
-    return path.masked_fill_(back < 0, 0)
-
-
-def _backtrack(pointers: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The states ``(K, N)`` of each column's best path, encoded ``state * N + column``.
-
-    ``pointers (K-1, C, N)`` map the state at ``t+1`` to the one at ``t``; column ``n`` ends at
-    position ``lengths[n] - 1`` in state ``last[n]`` (later positions repeat it). One
-    ``take`` per position: with the pointers encoded as flat indices of their own step's
-    ``(C, N)`` map, following one is a single indexing operation into a preallocated buffer
-    (measured cheaper than pointer doubling's ``log2 K`` gathers over all states at the
-    few-hundred-step lengths this is for).
-    """
-    K1, C, N = pointers.shape
-    cols = torch.arange(N, device=pointers.device)
-    # Identity past each column's last position, so its last state is carried back to it.
-    used = torch.arange(K1, device=pointers.device).view(K1, 1, 1) < (lengths - 1)
-    ident = torch.arange(C, device=pointers.device).view(1, C, 1)
-    flat = torch.where(used, pointers, ident).mul_(N).add_(cols)
-    out = torch.empty(K1 + 1, N, dtype=torch.long, device=pointers.device)
-    torch.add(cols, last, alpha=N, out=out[K1])
-    maps, steps = flat.unbind(0), out.unbind(0)
-    for t in range(K1 - 1, -1, -1):
-        torch.take(maps[t], steps[t + 1], out=steps[t])
-    return out
+    init = torch.cat([start.unsqueeze(-1).expand(C, B), end.unsqueeze(-1).expand(C, B)], -1)
+    values = h.new_empty(K, C, N)
+    chunk = max(1, min(K - 1, VITERBI_CHUNK_BYTES // (C * C * N * h.element_size())))
+    sums = h.new_empty(chunk, C, C, N)
+    best = h.new_empty(K - 1, C, N)  # max_i (v_t[i] + g[i, j]), before the emission
+    flipped = h.new_empty(K - 1, C, N)  # C - pointer
+    weights = torch.arange(C, 0, -1, dtype=h.dtype, device=dev).view(1, 1, C, 1)
+    # Views made once (unbind), not one indexing operation per step.
+    v, s_t, b_t = values.unbind(0), sums.unbind(0), best.unbind(0)
+    add, amax, eq = torch.add, torch.amax, torch.eq
+    add(x[0], init, out=v[0])
+    for t0 in range(0, K - 1, chunk):
+        n = min(chunk, K - 1 - t0)
+        for u in range(n):
+            t = t0 + u
+            add(v[t], both, out=s_t[u])
+            amax(s_t[u], 1, out=b_t[t])
+            add(b_t[t], x[t + 1], out=v[t + 1])
+        hit = eq(sums[:n], best[t0 : t0 + n].unsqueeze(2), out=sums[:n])  # 1.0 at the max
+        amax(hit.mul_(weights), 2, out=flipped[t0 : t0 + n])
+    cols = torch.arange(N, device=dev)
+    tag_n = torch.arange(0, C * N, N, device=dev)  # (C,): tag * N
+    ident = tag_n.unsqueeze(-1) + cols  # (C, N): each state mapped to itself
+    # Pointers as flat indices (pointer * N + column) of their step's (C, N) map, in int64 (a
+    # float32 index is exact only up to 2^24); the identity past each column's last step, so
+    # that its last state is carried back to it.
+    used = s[1:].unsqueeze(-1) < steps  # (K-1, 1, N)
+    flat = torch.where(used, torch.add(cols + C * N, flipped.long(), alpha=-N), ident)
+    # Join: each column's values at its last step, (N, C), then the best (y_{m-1}, y_m) =
+    # argmax fwd[j] + g[j, k] + bwd[k]; a length-1 row has no backward half and ends at
+    # m - 1 = 0: argmax fwd[j] + end[j].
+    last = ((steps - 1).clamp_(min=0) * (C * N) + cols).unsqueeze(-1) + tag_n
+    ends = values.take(last)
+    fwd, bwd = ends[:B], ends[B:]
+    pair = (fwd.unsqueeze(-1) + trans + bwd.unsqueeze(1)).flatten(1).argmax(-1)
+    j = torch.where(n_back == 0, (fwd + end).argmax(-1), pair // C)
+    # (K, N) states encoded as tag * N + column, read back from the last step.
+    states = torch.empty(K, N, dtype=torch.long, device=dev)
+    torch.add(cols, torch.cat([j, pair % C]), alpha=N, out=states[K - 1])
+    maps, st = flat.unbind(0), states.unbind(0)
+    take = torch.take
+    for t in range(K - 2, -1, -1):
+        take(maps[t], st[t + 1], out=st[t])
+    # Each column's states inside its half go to their positions (at); the others to slots
+    # of their own past the end, so that no position is written twice. Padding stays 0.
+    spare = torch.arange(BT, BT + K * N, device=dev).view(K, N)
+    path = torch.zeros(BT + K * N, dtype=torch.long, device=dev)
+    path.put_(torch.where(s < steps, at, spare), states.div_(N, rounding_mode="floor"))
+    return path[:BT].view(B, T)
