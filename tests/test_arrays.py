@@ -17,7 +17,7 @@ def sharded(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
     for name, (lo, hi) in zip(
-        ["part-02.npy", "part-00.npy", "part-01.npy"], [(15, 23), (0, 7), (7, 15)]
+        ["part-02.npy", "part-00.npy", "part-01.npy"], [(15, 23), (0, 7), (7, 15)], strict=True
     ):
         np.save(folder / name, whole[lo:hi])
     (folder / "README.txt").write_text("not a shard")

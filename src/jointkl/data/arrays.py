@@ -67,7 +67,9 @@ def _open_shard(path: Path) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: cannot read as .npy ({first}); expected a NumPy array file")
+        raise InputError(
+            f"{path}: cannot read as .npy ({first}); expected a NumPy array file"
+        ) from e
     if not isinstance(array, np.memmap):  # np.load maps every non-empty, non-object array
         raise InputError(f"{path}: cannot be memory-mapped; expected a plain .npy array")
     if array.ndim == 0:
@@ -104,7 +106,7 @@ def open_rows(path: str | Path) -> RowArray:
         raise InputError(f"data {str(path)!r} not found")
     shards = [_open_shard(q) for q in paths]
     first, ref = shards[0], paths[0]
-    for q, a in zip(paths[1:], shards[1:]):
+    for q, a in zip(paths[1:], shards[1:], strict=True):
         if a.dtype != first.dtype or a.shape[1:] != first.shape[1:]:
             raise InputError(
                 f"{q}: dtype {a.dtype} and row shape {a.shape[1:]}; expected {first.dtype} and "
@@ -321,7 +323,7 @@ class RowArray:
         big, small = 0.0, np.inf
         step = self._block_rows()
         scratch = np.empty((step, *self.shape[1:]), dtype=self.stored_dtype)  # one buffer
-        for k, (path, shard) in enumerate(zip(self.paths, self.shards)):
+        for k, (path, shard) in enumerate(zip(self.paths, self.shards, strict=True)):
             for lo in range(0, len(shard), step):
                 block = shard[lo : lo + step]
                 finite = np.isfinite(block)
