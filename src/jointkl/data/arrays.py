@@ -297,7 +297,11 @@ class RowArray:
         order = np.argsort(idx, kind="stable")
         ordered = idx[order]
         shard_of = np.searchsorted(self.offsets, ordered, side="right") - 1
-        stored = np.empty((len(idx), *self.shape[1:]), dtype=self.stored_dtype)
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        # rows land in their asked-for place at once when no cast is needed (one copy)
+        direct = self.dtype == self.stored_dtype
+        stored = out if direct else np.empty(out.shape, dtype=self.stored_dtype)
+        place = order.tolist() if direct else range(len(idx))
         view = memoryview(stored.reshape(-1).view(np.uint8))
         rb = self.row_bytes
         bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
@@ -308,11 +312,12 @@ class RowArray:
             with open(self.paths[k], "rb", buffering=0) as f:
                 fd = f.fileno()
                 for j, r in enumerate(local, start=lo):
-                    got = os.preadv(fd, [view[j * rb : (j + 1) * rb]], base + r * rb)
+                    at = place[j]
+                    got = os.preadv(fd, [view[at * rb : (at + 1) * rb]], base + r * rb)
                     if got != rb:
                         raise InputError(f"{self.paths[k]}: row {r} is cut short (file truncated?)")
-        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
-        out[order] = stored
+        if not direct:
+            out[order] = stored
         return out
 
     def _scan(self) -> None:
@@ -321,7 +326,7 @@ class RowArray:
         if self.stored_dtype.kind != "f":
             return
         big, small = 0.0, np.inf
-        step = self._block_rows()
+        step = max(1, self._block_rows() // 4)  # a quarter block: the scan's copies are small
         scratch = np.empty((step, *self.shape[1:]), dtype=self.stored_dtype)  # one buffer
         for k, (path, shard) in enumerate(zip(self.paths, self.shards, strict=True)):
             for lo in range(0, len(shard), step):
