@@ -80,7 +80,10 @@ def test_cast_keeps_or_narrows_as_asked(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: np.save(d / "a.npy", np.array([[1.0, np.nan]])), r"a\.npy: NaN/inf at row 0"),
+        (
+            lambda d: np.save(d / "a.npy", np.array([[1.0, np.nan]])),
+            r"a\.npy: 1 NaN/inf value\(s\) in rows 0-0, the first at index \(0, 1\)",
+        ),
         (lambda d: np.save(d / "a.npy", np.zeros((0, 2))), r"a\.npy: has no rows"),
         (lambda d: np.save(d / "a.npy", np.array(["x"])), r"a\.npy: has dtype <U1"),
         (lambda d: np.save(d / "a.npy", np.asfortranarray(np.ones((3, 2)))), "Fortran order"),
@@ -105,7 +108,9 @@ def test_bad_shards_are_named(tmp_path):
         open_rows(tmp_path)
     (tmp_path / "b.npy").unlink()
     np.save(tmp_path / "b.npy", np.array([[1.0, 2.0, np.inf]]))
-    with pytest.raises(InputError, match=r"b\.npy: NaN/inf at row 0 \(row 2 of the whole"):
+    with pytest.raises(
+        InputError, match=r"b\.npy: 1 NaN/inf .* index \(0, 2\) \(row 2 of the whole"
+    ):
         open_rows(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()

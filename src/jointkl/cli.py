@@ -397,7 +397,9 @@ def _data_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
 def _is_row_file(path: str) -> bool:
     """A ``.npy`` file or a folder: data :func:`jointkl.data.arrays.open_rows` maps."""
     p = Path(path)
-    return p.is_dir() or (p.is_file() and p.suffix.lower() == ".npy")
+    if p.is_dir():  # a folder without .npy files gets the table loader's message
+        return any(q.suffix.lower() == ".npy" for q in p.iterdir())
+    return p.is_file() and p.suffix.lower() == ".npy"
 
 
 # Rows of streamed data a run keeps in memory after the fit: its InferenceData (pointwise

@@ -334,12 +334,12 @@ class RowArray:
                 finite = np.isfinite(block)
                 if not finite.all():
                     bad = np.argwhere(~finite)
-                    row = lo + int(bad[0][0])
-                    count = int((~finite).sum())
+                    first = (lo + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
                     _release(shard)
                     raise InputError(
-                        f"{path}: NaN/inf at row {row} (row {row + int(self.offsets[k])} of the "
-                        f"whole; {count} in that block of rows); expected finite numbers"
+                        f"{path}: {len(bad)} NaN/inf value(s) in rows {lo}-{lo + len(block) - 1}, "
+                        f"the first at index {first} (row {first[0] + int(self.offsets[k])} of "
+                        f"the whole); expected finite numbers"
                     )
                 mag = np.abs(block, out=scratch[: len(block)])
                 big = max(big, float(mag.max()))
