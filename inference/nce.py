@@ -66,10 +66,18 @@ from jointkl.checkpoint import (
     load_params,
     with_step_size,
 )
+from jointkl.data.arrays import is_row_array
 from jointkl.engine import Engine, Result, recreate_params, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.fit import Fit
-from jointkl.minibatch import BatchOrder, slice_arguments, sliceable_arguments
+from jointkl.minibatch import (
+    SAMPLE_ROWS,
+    BatchOrder,
+    slice_arguments,
+    sliceable_arguments,
+    spread_indices,
+    streamed_rows,
+)
 from jointkl.optim import optim_class
 from jointkl.optim.gradients import grad_norm, grads_finite
 from jointkl.optim.loop import StepLoop
@@ -326,6 +334,8 @@ def resolve_noise(
 
 
 def _gaussian(x: torch.Tensor) -> NoiseModel:
+    if is_row_array(x):  # a file read in batches: the moments of an even spread of its rows
+        x = x.tensor(spread_indices(len(x), SAMPLE_ROWS))
     if not x.dtype.is_floating_point:
         raise InputError(
             f"NCE: noise='gaussian' needs real-valued data, got {x.dtype}; use "
@@ -378,6 +388,23 @@ def _gaussian_of_shards(x: torch.Tensor) -> NoiseModel:
 
 
 def _unigram(x: torch.Tensor, alpha: float, name: str) -> NoiseModel:
+    if is_row_array(x):  # a file read in batches: the exact counts, a block at a time
+        if x.dtype.kind not in "iu" or x.ndim != 1:
+            raise InputError(
+                f"NCE: noise={name!r} needs integer category ids of shape (N,), got {x.dtype} "
+                f"{x.shape}; use noise='gaussian' for real-valued data"
+            )
+        counts = torch.zeros(0, dtype=torch.int64)
+        for _, block in x.blocks():
+            if block.size and block.min() < 0:
+                raise InputError(
+                    f"NCE: noise={name!r}: category ids must be >= 0, found {int(block.min())}"
+                )
+            c = torch.bincount(torch.from_numpy(block))
+            counts = torch.cat([counts, counts.new_zeros(max(0, len(c) - len(counts)))])
+            counts[: len(c)] += c
+        probs = counts.to(torch.get_default_dtype()) ** alpha
+        return NoiseModel(dist.Categorical(probs=probs / probs.sum(), validate_args=False), name)
     if x.dtype.is_floating_point or x.dtype == torch.bool or x.dim() != 1:
         raise InputError(
             f"NCE: noise={name!r} needs integer category ids of shape (N,), got {x.dtype} "
@@ -403,7 +430,7 @@ def _check_support(
         for lo in range(0, n, _CHUNK):
             idx = slice(lo, min(n, lo + _CHUNK))
             a, k = slice_arguments(ctx_args, ctx_kwargs, per_datum, idx)
-            xb = x[idx]
+            xb = x.tensor(idx) if is_row_array(x) else x[idx]  # a file: every row, in blocks
             try:
                 d = noise._dist(a, k)
                 inside = d.support.check(xb)
@@ -597,16 +624,22 @@ class NCE(Engine):
     settings: NCESettings
 
     # ------------------------------------------------------------------ fitting
+    def streams_rows(self) -> bool:
+        """With a ``batch_size``, data given as a memory-mapped row array are read one
+        mini-batch at a time (never whole)."""
+        return self.settings.batch_size is not None
+
     def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        """The skeleton's checks, after NCE's own: the first argument is the data tensor,
-        with at least one row."""
-        if not args or not isinstance(args[0], torch.Tensor):
+        """The skeleton's checks, after NCE's own: the first argument is the data tensor (or
+        a memory-mapped row array, with a batch size), with at least one row."""
+        streamed_rows("NCE", self.settings.batch_size, args, kwargs)
+        if not args or not (isinstance(args[0], torch.Tensor) or is_row_array(args[0])):
             got = type(args[0]).__name__ if args else "nothing"
             raise InputError(
                 f"NCE: the first model argument must be the data tensor (one row per datum), "
                 f"got {got}"
             )
-        if args[0].dim() == 0 or len(args[0]) == 0:
+        if len(args[0].shape) == 0 or len(args[0]) == 0:
             raise InputError(
                 f"NCE: the data must have at least one row, got shape {tuple(args[0].shape)}"
             )
@@ -628,9 +661,18 @@ class NCE(Engine):
         per_args, per_kwargs = sliceable_arguments(args, kwargs, n)
         ctx = (args[1:], kwargs)
         ctx_per = ({i - 1 for i in per_args if i > 0}, per_kwargs)
+        # Rows from a file (a RowArray) are read a batch at a time; what runs outside the
+        # loop on data in memory sees an even spread of at most SAMPLE_ROWS of them (all
+        # rows of a small file), and the noise's support is checked on every row, in blocks.
+        streamed = streamed_rows("NCE", s.batch_size, args, kwargs) is not None
+        held_args, held_kwargs = (
+            slice_arguments(args, kwargs, (per_args, per_kwargs), spread_indices(n, SAMPLE_ROWS))
+            if streamed
+            else (args, kwargs)
+        )
         spec = s.noise
         if spec is None:
-            spec = "gaussian" if x.dtype.is_floating_point else "unigram^0.75"
+            spec = "gaussian" if held_args[0].dtype.is_floating_point else "unigram^0.75"
         noise = resolve_noise(spec, x, *ctx)
         scores = hook(pair, "candidate_scores")
         shared = s.shared_noise
@@ -647,7 +689,7 @@ class NCE(Engine):
 
         pyro.clear_param_store()
         model = pair.model
-        _refuse_latents(model, args, kwargs)
+        _refuse_latents(model, held_args, held_kwargs)
 
         def batch_terms(idx, drawn=None, pos=None, global_b=None):
             """G and log q at a batch of data and its noise; idx=None is the whole data.
@@ -657,6 +699,8 @@ class NCE(Engine):
             batch of ``global_b`` rows, whose per-datum noise is drawn whole on every rank
             and cut to these rows, so the ranks' draws are the 1-process run's.
             """
+            if idx is None and streamed:  # a batch_size of at least N: every row, read now
+                idx = torch.arange(n)
             b_args, b_kwargs = (
                 (args, kwargs)
                 if idx is None
@@ -679,7 +723,7 @@ class NCE(Engine):
             if scores is not None:
                 # Shared draws, scored for every context at once: (B, ν), ν + B rows touched.
                 g_d, global_term = pointwise_log_density(model, b_args, b_kwargs, b)
-                g_n = scores(y.to(x.dtype), *b_args[1:], **b_kwargs)
+                g_n = scores(y.to(b_args[0].dtype), *b_args[1:], **b_kwargs)
                 return g_d, g_n, logq_d, logq_n, global_term, drawn
             rows = y.expand(b, *y.shape) if shared else y  # shared: every datum sees all ν
             j_args, j_kwargs = _with_noise(b_args, b_kwargs, per_args, per_kwargs, rows)
@@ -719,7 +763,10 @@ class NCE(Engine):
             log_z0 = 0.0
         learn_z = s.variant == "binary" and s.log_z == "learn"
         fixed_z = s.log_z if is_number(s.log_z) else 0.0
-        gamma = torch.tensor(log_z0 if learn_z else fixed_z, dtype=_float_dtype(x), device=x.device)
+        held = held_args[0]
+        gamma = torch.tensor(
+            log_z0 if learn_z else fixed_z, dtype=_float_dtype(held), device=held.device
+        )
         gamma.requires_grad_(learn_z)
         store = pyro.get_param_store()
         params = [p for _, p in store.named_parameters()]

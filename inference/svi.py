@@ -45,7 +45,15 @@ from jointkl.checkpoint import (
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import DEFAULT_DRAWS, Fit
-from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
+from jointkl.minibatch import (
+    SAMPLE_ROWS,
+    BatchOrder,
+    ScaleDataPlate,
+    slice_arguments,
+    sliceable_arguments,
+    spread_indices,
+    streamed_rows,
+)
 from jointkl.optim import OPTIMIZERS, optim_class, pyro_optim
 from jointkl.optim.fused_pyro import FusedPyroOptim
 from jointkl.optim.gradients import grads_finite
@@ -355,6 +363,16 @@ class SVI(Engine):
         return 1.0
 
     # ------------------------------------------------------------------ fitting
+    def streams_rows(self) -> bool:
+        """With a ``batch_size``, data given as a memory-mapped row array are read one
+        mini-batch at a time (never whole)."""
+        return self.settings.batch_size is not None
+
+    def bind_data(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """The skeleton's checks, after refusing streamed data without a batch size."""
+        streamed_rows("SVI", self.settings.batch_size, args, kwargs)
+        return super().bind_data(pair, args, kwargs)
+
     def run(self, pair: Any, args: tuple, kwargs: dict[str, Any]) -> Result:
         """The step loop on the bound data; its progress is one LoopState."""
         s = self.settings
@@ -373,8 +391,10 @@ class SVI(Engine):
             # conditional model over a large output (a full softmax over 50k words) would
             # otherwise pay a full-data pass just to create its parameters, whose shapes do
             # not depend on the batch for a model written with the "data" plate.
+            # Streamed rows (a memory-mapped file) are never one tensor: N is their length.
+            streamed = streamed_rows("SVI", s.batch_size, args, kwargs)
             rng = torch.get_rng_state()
-            n = data_plate_size(model, args, kwargs)
+            n = streamed if streamed is not None else data_plate_size(model, args, kwargs)
             if s.batch_size is None:  # data-parallel only: the draws of a 1-process full batch
                 torch.set_rng_state(rng)
             if n is None:
@@ -382,6 +402,7 @@ class SVI(Engine):
                     f"SVI: batch_size needs a pyro.plate({DATA_PLATE!r}, N) in the model"
                 )
             sliced = sliceable_arguments(args, kwargs, n)
+            full = (args, kwargs)
             if parallel:
                 shard = distributed.Shard.of_local(n)
             big_n = shard.n if shard is not None else n
@@ -395,17 +416,26 @@ class SVI(Engine):
                 """(args, kwargs, data-plate factor, this rank's weight w_r = B_r/B)."""
                 idx = order.indices(step) if order is not None else None
                 if shard is None:
-                    return (*slice_arguments(args, kwargs, sliced, idx), order.scale(idx), 1.0)
+                    return (*slice_arguments(*full, sliced, idx), order.scale(idx), 1.0)
                 local = torch.arange(n) if idx is None else shard.part(idx)[1]
                 weight = len(local) / (big_n if idx is None else len(idx))
                 scale = big_n / max(1, len(local))
-                return (*slice_arguments(args, kwargs, sliced, local), scale, weight)
+                return (*slice_arguments(*full, sliced, local), scale, weight)
 
+            if streamed is not None:
+                # What reads the data outside the loop (the plate check, which also creates
+                # a model's params from the data as the in-memory path does; an autoguide's
+                # data-based start; the medians at the end) sees at most SAMPLE_ROWS evenly
+                # spaced rows, in memory: all of them for small data (the in-memory fit's
+                # numbers), a bounded sample of a file larger than memory.
+                held = spread_indices(n, SAMPLE_ROWS)
+                args, kwargs = slice_arguments(*full, sliced, held)
+                _check_streamed_plate(model, args, kwargs, len(held))
             if shard is None:
                 init_args, init_kwargs, scale, _ = batch(0)
             else:  # this rank's part of batch 0 may be empty: its first rows create params
                 probe = torch.arange(min(n, order.batch_size if order else n))
-                init_args, init_kwargs = slice_arguments(args, kwargs, sliced, probe)
+                init_args, init_kwargs = slice_arguments(*full, sliced, probe)
                 scale = big_n / len(probe)
             guide, elbo, info = self._setup(pair, args, kwargs, init_args, init_kwargs, big_n)
             init_model, init_guide = self._scaled(elbo, model, guide, scale)
@@ -637,6 +667,17 @@ class SVI(Engine):
     def importance_guide(cls, fit: Fit):
         """The fitted guide (the IWAE proposal of a model with per-datum latents)."""
         return cls._guide_for(fit)
+
+
+def _check_streamed_plate(model, args: tuple, kwargs: Mapping[str, Any], rows: int) -> None:
+    """A streamed model's ``"data"`` plate must be as long as the batch it is given (the
+    rows are sliced to the batch before the model sees them)."""
+    size = data_plate_size(model, args, kwargs)
+    if size != rows:
+        raise InputError(
+            f"SVI: the model's pyro.plate({DATA_PLATE!r}, ...) has size {size} on {rows} "
+            f"streamed rows; with a memory-mapped file the plate must be len(x)"
+        )
 
 
 def _judge_convergence(

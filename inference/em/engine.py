@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import pyro
 import torch
 from jointkl.inference.em.criteria import degrees_of_freedom
@@ -38,6 +39,7 @@ from jointkl.inference.em.laplace import laplace_draws
 from jointkl.inference.em.mstep import SingularCovariance, Update, m_step, plan_updates
 from jointkl.inference.em.squarem import squarem_step
 from jointkl.inference.em.streaming import (
+    IN_MEMORY_BYTES,
     RowStream,
     StreamedSteps,
     block_rows_for,
@@ -297,6 +299,7 @@ class EM(Engine):
         s = self.settings
         t_start = time.perf_counter()
         pyro.clear_param_store()
+        args, kwargs = self._read_small_sources(args, kwargs)
         if any(is_row_source(a) for a in (*args, *kwargs.values())) or world()[1] > 1:
             return self._run_streamed(pair, args, kwargs, t_start)
         fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
@@ -307,6 +310,30 @@ class EM(Engine):
         result = self._restarts(steps, lambda seed: (steps, args), kwargs, t_start)
         result.info["compile_seconds"] = t_compiled - t_start
         return result
+
+    def streams_rows(self) -> bool:
+        """Data from a memory-mapped file are handed to EM as rows; :meth:`run` reads them
+        into memory unless they are larger than ``IN_MEMORY_BYTES``, ``block_rows`` is set,
+        or the fit is distributed."""
+        return True
+
+    def _read_small_sources(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Row sources that fit in memory as one tensor (at most ``IN_MEMORY_BYTES`` at EM's
+        dtype), read whole: the in-memory path, with everything it offers (SQUAREM, gradient
+        M-steps, multi-block HMMs); streaming is for data larger than that, for an explicit
+        ``block_rows``, and for distributed fits."""
+        if self.settings.block_rows is not None or world()[1] > 1:
+            return args, kwargs
+        itemsize = torch.empty((), dtype=self.settings.dtype).element_size()
+
+        def read(a: Any) -> Any:
+            if not is_row_source(a) or math.prod(a.shape) * itemsize > IN_MEMORY_BYTES:
+                return a
+            rows = np.asarray(a[0 : len(a)])
+            floating = np.issubdtype(rows.dtype, np.floating)
+            return torch.as_tensor(rows, dtype=self.settings.dtype if floating else None)
+
+        return tuple(read(a) for a in args), {k: read(a) for k, a in kwargs.items()}
 
     @staticmethod
     def _check_model(fm: FactorModel, hard: bool) -> None:

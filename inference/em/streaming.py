@@ -67,6 +67,7 @@ from jointkl.errors import FitDivergedError, InputError
 __all__ = [
     "STREAMED_KINDS",
     "BLOCK_BYTES",
+    "IN_MEMORY_BYTES",
     "is_row_source",
     "world",
     "block_rows_for",
@@ -102,6 +103,10 @@ def is_row_source(a: Any) -> bool:
     return all(hasattr(a, n) for n in ("shape", "dtype", "__len__", "__getitem__")) and bool(
         len(getattr(a, "shape", ()))
     )
+
+
+# Row sources up to this size (at EM's dtype) are read into memory when no block size is set.
+IN_MEMORY_BYTES = 1 << 30
 
 
 def world() -> tuple[int, int]:

@@ -110,7 +110,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from jointkl import distributed
     from jointkl import resume as resuming
-    from jointkl.data.tables import PrecisionWarning, bind_arguments, load_table
+    from jointkl.data.arrays import open_rows
+    from jointkl.data.tables import PrecisionWarning, Table, bind_arguments, load_table
     from jointkl.engine import engine_class
     from jointkl.runs import RunDir, tensor_digest
     from jointkl.zoo import hook
@@ -188,14 +189,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
 
     data_path = args.data
-    if data_path is None and saved is not None and Path(str(saved.get("data", ""))).is_file():
+    if data_path is None and saved is not None and Path(str(saved.get("data", ""))).exists():
         data_path = saved["data"]  # a resume reuses the run's data file unless told otherwise
+    fingerprint = None
     if data_path:
-        table = load_table(data_path)
         dtype = _data_dtype(args.dtype, probe)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PrecisionWarning)
-            data_args, data_kwargs = bind_arguments(table, pair.model, dtype=dtype)
+            if _is_row_file(data_path):
+                # .npy or a folder of .npy shards: memory-mapped; streamed by an engine that
+                # reads it a batch or a block at a time, else read into memory as before.
+                # Data-parallel SVI/NCE are handed their rows as a tensor (read into memory).
+                rows = open_rows(data_path)
+                if probe.streams_rows() and (not parallel or engine_cls.picks_own_rows):
+                    data_args, data_kwargs = (rows.astype(dtype),), {}
+                    fingerprint = data_args[0].fingerprint()
+                else:
+                    table = Table({"x": rows[:]}, False, rows.source)
+                    data_args, data_kwargs = bind_arguments(table, pair.model, dtype=dtype)
+            else:
+                table = load_table(data_path)
+                data_args, data_kwargs = bind_arguments(table, pair.model, dtype=dtype)
         for w in caught if main_rank else ():
             print(f"jointkl: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
         data_source = str(Path(data_path).resolve())
@@ -210,7 +224,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{data_source}: {rows} row(s); expected at least 2 (a fit and its "
             f"leave-one-out check need two data points)"
         )
-    digest = tensor_digest(data_args, data_kwargs)
+    # streamed rows: a fingerprint of the files (size, mtime, head and tail), not all bytes
+    digest = fingerprint["digest"] if fingerprint else tensor_digest(data_args, data_kwargs)
     if saved is not None and saved.get("data_digest") not in (None, digest):
         raise InputError(
             f"--resume: the data ({data_source}) differ from the run's ({saved.get('data')}); "
@@ -228,6 +243,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "engine_config": {**engine.config, "checkpoint_dir": str(run.final / "checkpoints")},
         "data": data_source,
         "data_digest": digest,
+        **({"data_fingerprint": fingerprint} if fingerprint else {}),
         "seed": seed,
         "device": _device_of(engine, data_args, data_kwargs),
         "created": saved["created"] if saved else time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -318,6 +334,7 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     if "checkpoint_dir" in fit.config:
         fit.config["checkpoint_dir"] = str(run.final / "checkpoints")
     signum = signals.stop_requested()
+    _hold_sample(fit)
     try:
         if signum is None:
             _write_inference_data(fit, run, args.draws, seed)
@@ -387,14 +404,14 @@ def _dtype_error(error: BaseException, args, data_args, data_kwargs) -> InputErr
     """One line for a model whose own tensors (a network's weights) are float32 fitted on
     data asked to be float64 (``--dtype float64``): torch refuses to mix the two inside the
     model, which would otherwise end in a traceback."""
-    import torch
 
     text = str(error)
     mixed = "dtype" in text or "scalar type" in text
     if args.dtype != "float64" or not isinstance(error, RuntimeError) or not mixed:
         return None
-    wide = [a for a in [*data_args, *data_kwargs.values()] if isinstance(a, torch.Tensor)]
-    if not any(a.dtype == torch.float64 for a in wide):
+    # tensors, or rows streamed from a file (NumPy dtypes)
+    dtypes = [str(getattr(a, "dtype", "")) for a in [*data_args, *data_kwargs.values()]]
+    if not any(d in ("torch.float64", "float64") for d in dtypes):
         return None
     return InputError(
         f"model {args.model!r} takes float32 data (its networks' weights are float32), not "
@@ -434,10 +451,53 @@ def _data_dtype(choice: str | None, engine: Any):
 def _data_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
     import torch
 
+    from jointkl.data.arrays import is_row_array
+
     for a in [*args, *kwargs.values()]:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
+        if is_row_array(a) or (isinstance(a, torch.Tensor) and a.dim() > 0):
             return int(a.shape[0])
     return None
+
+
+def _is_row_file(path: str) -> bool:
+    """A ``.npy`` file or a folder: data :func:`jointkl.data.arrays.open_rows` maps."""
+    p = Path(path)
+    if p.is_dir():  # a folder without .npy files gets the table loader's message
+        return any(q.suffix.lower() == ".npy" for q in p.iterdir())
+    return p.is_file() and p.suffix.lower() == ".npy"
+
+
+# Rows of streamed data a run keeps in memory after the fit: its InferenceData (pointwise
+# log-likelihood, posterior predictive), plots and saved data are made on them.
+HELD_ROWS = 10_000
+
+
+def _hold_sample(fit) -> None:
+    """Replace data the fit streamed from a file by :data:`HELD_ROWS` evenly spaced rows in
+    memory (all of a smaller file), noted in ``fit.info["data_held"]`` and one line on
+    stderr: what follows the fit (ArviZ, plots, ``tensors.pt``) needs the data as tensors,
+    and the whole file is not one."""
+    from jointkl.data.arrays import is_row_array
+    from jointkl.minibatch import spread_indices
+
+    streamed = [a for a in [*fit.args, *fit.kwargs.values()] if is_row_array(a)]
+    if not streamed:
+        return
+    n = len(streamed[0])
+    idx = spread_indices(n, HELD_ROWS)
+
+    def held(a):
+        return a.tensor(idx) if is_row_array(a) else a
+
+    fit.args = tuple(held(a) for a in fit.args)
+    fit.kwargs = {k: held(a) for k, a in fit.kwargs.items()}
+    fit.info["data_held"] = {"rows": len(idx), "of": n, "how": "evenly spaced"}
+    if len(idx) < n:
+        print(
+            f"jointkl: the fit read all {n} rows; its InferenceData, plots and saved data use "
+            f"{len(idx)} evenly spaced rows of them",
+            file=sys.stderr,
+        )
 
 
 def _write_inference_data(fit, run, draws: int, seed: int):
@@ -707,7 +767,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--engine", help="see `jointkl engines` (required, except with --resume: the run's)"
     )
-    f.add_argument("--data", help="CSV (header optional), .npy or .npz")
+    f.add_argument(
+        "--data",
+        help="CSV (header optional), .npz, .npy or a folder of .npy shards (memory-mapped; "
+        "streamed by SVI/NCE with a batch_size, see docs/large-data.md)",
+    )
     f.add_argument(
         "--set",
         action="append",

@@ -131,6 +131,13 @@ class Engine:
         move_modules(pair, device)
         return moved(tuple(args), device), moved(dict(kwargs), device)
 
+    def streams_rows(self) -> bool:
+        """Whether this engine, with its settings, reads data given as a
+        :class:`~jointkl.data.arrays.RowArray` (a memory-mapped file) a block or a batch at a
+        time; the command line passes such a file as one then, and reads it into memory
+        otherwise. Default: no."""
+        return False
+
     def seed(self) -> None:
         """Seed torch's and Pyro's global RNG from the one ``seed`` setting."""
         pyro.set_rng_seed(getattr(self.settings, "seed", 0))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from pyro.poutine.messenger import Messenger
 
+from jointkl.data.arrays import is_row_array
 from jointkl.errors import InputError
 from jointkl.sites import DATA_PLATE
 
@@ -23,7 +24,15 @@ __all__ = [
     "check_finite_data",
     "sliceable_arguments",
     "slice_arguments",
+    "streamed_rows",
+    "spread_indices",
+    "SAMPLE_ROWS",
 ]
+
+# Rows of streamed data an engine reads into memory for what happens outside its loop (an
+# autoguide's start, a noise fitted to the data): all rows of a small file, a bound on a
+# large one.
+SAMPLE_ROWS = 1 << 16
 
 
 class ScaleDataPlate(Messenger):
@@ -61,6 +70,8 @@ def sliceable_arguments(
     """Which arguments are per-data-point (a tensor whose first dim is the plate size)."""
 
     def per_point(a):
+        if is_row_array(a):  # a memory-mapped file, read a batch at a time
+            return len(a) == n
         return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
 
     return (
@@ -70,12 +81,46 @@ def sliceable_arguments(
 
 
 def slice_arguments(args: tuple, kwargs: Mapping[str, Any], which, idx: torch.Tensor):
-    """The batch ``idx`` of the arguments marked by :func:`sliceable_arguments`."""
+    """The batch ``idx`` of the arguments marked by :func:`sliceable_arguments`; a
+    :class:`~jointkl.data.arrays.RowArray` gives only those rows, read from its files and
+    made a tensor (the same tensor as indexing the rows in memory)."""
     ai, ki = which
+
+    def rows(a):
+        return a.tensor(idx) if is_row_array(a) else a[idx]
+
     return (
-        tuple(a[idx] if i in ai else a for i, a in enumerate(args)),
-        {k: (a[idx] if k in ki else a) for k, a in kwargs.items()},
+        tuple(rows(a) if i in ai else a for i, a in enumerate(args)),
+        {k: (rows(a) if k in ki else a) for k, a in kwargs.items()},
     )
+
+
+def spread_indices(n: int, count: int) -> torch.Tensor:
+    """``count`` row indices evenly spaced over ``0 … n−1`` (every row when ``n <= count``),
+    in order."""
+    if n <= count:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, count, dtype=torch.float64).round().long()
+
+
+def streamed_rows(
+    owner: str, batch_size: int | None, args: tuple, kwargs: Mapping[str, Any]
+) -> int | None:
+    """N of the data given as :class:`~jointkl.data.arrays.RowArray` (files read a batch at
+    a time), or ``None`` when every argument is in memory. Such data need a ``batch_size``
+    (a full batch would be the whole file as one tensor), and every streamed argument the
+    same number of rows."""
+    lengths = {len(a) for a in [*args, *kwargs.values()] if is_row_array(a)}
+    if not lengths:
+        return None
+    if batch_size is None:
+        raise InputError(
+            f"{owner}: data from a memory-mapped file are read one mini-batch at a time: set "
+            f"batch_size (or pass the rows in memory as a tensor, torch.as_tensor(x[:]))"
+        )
+    if len(lengths) > 1:
+        raise InputError(f"{owner}: the streamed data arguments differ in rows {sorted(lengths)}")
+    return lengths.pop()
 
 
 class BatchOrder:
@@ -109,8 +154,11 @@ class BatchOrder:
         epoch, j = divmod(step, self.per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stream + epoch)
-            self._epoch = (epoch, torch.randperm(self.n, generator=gen))
-        return self._epoch[1][j * self.batch_size : (j + 1) * self.batch_size]
+            # int32 holds the same permutation as int64 (one algorithm, whatever the dtype) in
+            # half the memory: 4 bytes a row is what a streamed file's order costs.
+            wide = torch.int64 if self.n >= 2**31 else torch.int32
+            self._epoch = (epoch, torch.randperm(self.n, generator=gen, dtype=wide))
+        return self._epoch[1][j * self.batch_size : (j + 1) * self.batch_size].long()
 
     def scale(self, idx: torch.Tensor) -> float:
         """N/B for the batch ``idx``: the factor that keeps the batch objective unbiased."""

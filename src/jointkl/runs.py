@@ -150,13 +150,18 @@ def file_digest(path: str | Path) -> str:
 
 
 def tensor_digest(args: tuple, kwargs: Mapping[str, Any]) -> str:
-    """``sha256:<hex>`` of bound data: every tensor's name, dtype, shape and bytes, and the
-    repr of other values, so a resume can tell whether it sees the same data."""
+    """``sha256:<hex>`` of bound data: every tensor's name, dtype, shape and bytes, a
+    memory-mapped :class:`~jointkl.data.arrays.RowArray`'s fingerprint (size, mtime, first
+    and last MiB of each file: it is never read whole for this), and the repr of other
+    values, so a resume can tell whether it sees the same data."""
     h = hashlib.sha256()
     items = [(f"arg{i}", a) for i, a in enumerate(args)] + sorted(kwargs.items())
     for name, a in items:
         h.update(name.encode())
-        if isinstance(a, torch.Tensor):
+        fingerprint = getattr(a, "fingerprint", None)
+        if callable(fingerprint):  # rows of a memory-mapped file: its fingerprint, not all bytes
+            h.update(fingerprint()["digest"].encode())
+        elif isinstance(a, torch.Tensor):
             t = a.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
