@@ -88,7 +88,21 @@ def test_row_source_bernoulli_mixture_follows_the_in_memory_iterates(priors):
     assert rows.reads == 4 * (streamed.n_iter + 1) + 1
 
 
-def test_default_settings_converge_to_the_in_memory_fit(tmp_path):
+def test_a_file_that_fits_in_memory_is_read_whole(tmp_path):
+    """Without ``block_rows``, a row source of at most IN_MEMORY_BYTES takes the in-memory
+    path (all of EM's features), with the in-memory fit's numbers."""
+    x = gaussian_data(500)
+    model = GaussianMixture(n_components=3)
+    whole = EM(progress=False).fit(model, x)
+    read = EM(progress=False).fit(model, memmap(tmp_path, x))
+    assert "streamed" not in read.info
+    assert_same_fit(whole, read)
+
+
+def test_default_settings_converge_to_the_in_memory_fit(tmp_path, monkeypatch):
+    import jointkl.inference.em.engine as em_engine
+
+    monkeypatch.setattr(em_engine, "IN_MEMORY_BYTES", 0)  # stream even this small file
     x = gaussian_data(2000)
     model = GaussianMixture(n_components=3)
     whole = EM(progress=False).fit(model, x)
@@ -146,24 +160,26 @@ def test_streamed_data_refusals(tmp_path):
             GaussianMixture(n_components=2), memmap(tmp_path, bad)
         )
     with pytest.raises(InputError, match="squarem"):
-        EM(progress=False, accelerate="squarem").fit(GaussianMixture(2), memmap(tmp_path, x))
+        EM(progress=False, accelerate="squarem", block_rows=50).fit(
+            GaussianMixture(2), memmap(tmp_path, x)
+        )
     (seqs,), _ = HMM(n_states=2).default_data()
     lengths = torch.full((len(seqs),), seqs.shape[1])
     with pytest.raises(InputError, match="'lengths' has one entry per row too"):
-        EM(progress=False).fit(HMM(n_states=2), seqs.numpy(), lengths=lengths)
+        EM(progress=False, block_rows=100).fit(HMM(n_states=2), seqs.numpy(), lengths=lengths)
     with pytest.raises(
         InputError, match="several blocks of rows need a mixture .* raise block_rows"
     ):
         EM(progress=False, block_rows=7).fit(HMM(n_states=2), seqs.numpy())
     with pytest.raises(InputError, match=r"\['scales'\] would need the gradient M-step"):
-        EM(progress=False).fit(HMM(n_states=2, priors="weak"), seqs.numpy())
+        EM(progress=False, block_rows=100).fit(HMM(n_states=2, priors="weak"), seqs.numpy())
 
 
 def test_hmm_sequences_in_one_block_follow_the_in_memory_iterates():
     model = HMM(n_states=3)
     (x,), _ = model.default_data()
     whole = EM(progress=False, max_iter=5, tol=0).fit(model, x)
-    streamed = EM(progress=False, max_iter=5, tol=0).fit(model, Rows(x.numpy()))
+    streamed = EM(progress=False, max_iter=5, tol=0, block_rows=len(x)).fit(model, Rows(x.numpy()))
     assert streamed.info["streamed"]["passes"] == 6
     assert_same_fit(whole, streamed)
 
