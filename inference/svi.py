@@ -45,6 +45,7 @@ from jointkl.checkpoint import (
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import ConvergenceWarning, FitDivergedError, InputError
 from jointkl.fit import DEFAULT_DRAWS, Fit
+from jointkl.guide_draws import guide_draws
 from jointkl.minibatch import (
     SAMPLE_ROWS,
     BatchOrder,
@@ -638,23 +639,10 @@ class SVI(Engine):
         if fit.config.get("resolved_guide") == "delta":
             num_chains = total = 1  # a point mass: one draw says it all
         pyro.set_rng_seed(seed)
-        rows = []
-        with torch.no_grad():
-            for _ in range(total):
-                tr = poutine.trace(guide).get_trace(*fit.args, **fit.kwargs)
-                rows.append(
-                    {
-                        n: site["value"]
-                        for n, site in tr.nodes.items()
-                        if site["type"] == "sample" and n in latent
-                    }
-                )
-        if not rows or not rows[0]:
-            return {}
-        return {
-            k: torch.stack([r[k] for r in rows]).reshape(num_chains, -1, *rows[0][k].shape)
-            for k in rows[0]
-        }
+        # all draws in one run of the guide under a plate of draws where a check allows it
+        # (the encoder of a VAE or InfoMax then runs once, not once per draw)
+        draws = guide_draws(guide, fit.args, fit.kwargs, latent, total)
+        return {k: v.reshape(num_chains, -1, *v.shape[1:]) for k, v in draws.items()}
 
     @classmethod
     def draws_kind(cls, fit: Fit) -> tuple[str, str]:

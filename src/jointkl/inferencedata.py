@@ -51,10 +51,12 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
+from jointkl.bernoulli_log_prob import independent_bernoulli_log_prob
 from jointkl.device import data_device
 from jointkl.errors import InputError
 from jointkl.sites import DATA_PLATE, in_data_plate, is_enumerated, max_plate_nesting, trace_model
@@ -202,6 +204,23 @@ class _Layout:
         return pyro.plate(_DRAWS, self.batch, dim=-(self.nesting + 1))
 
 
+def _fill_matrix_log_probs(tr, names) -> None:
+    """Set the log-densities of the observed sites ``names`` that are vectors of independent
+    Bernoullis by one matrix product (:mod:`jointkl.bernoulli_log_prob`) before Pyro's
+    ``compute_log_prob`` would expand them over every draw, component and point; it then
+    skips the sites that have one."""
+    for n in names:
+        site = tr.nodes[n]
+        if "log_prob" in site:
+            continue
+        lp = independent_bernoulli_log_prob(site["fn"], site["value"])
+        if lp is None:
+            continue
+        site["unscaled_log_prob"] = lp
+        site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+        site["log_prob_sum"] = site["log_prob"].sum()
+
+
 class _NullContext:
     def __enter__(self):
         return self
@@ -217,6 +236,7 @@ def _pointwise_log_likelihood(model, args, kwargs, draw, observed, lay: _Layout,
     enum = poutine.enum(cond, first_available_dim=-lay.rank - 1)
     with torch.no_grad(), lay.plate():
         tr = poutine.trace(enum).get_trace(*args, **kwargs)
+    _fill_matrix_log_probs(tr, observed)
     tr.compute_log_prob()
     tr.pack_tensors()
     size, data_dim = None, None
@@ -321,7 +341,9 @@ def _log_density_rows(model, args, kwargs, draw, sampled, names, lay: _Layout, p
     B = lay.batch or 1
     total = torch.zeros(B, dtype=torch.float64, device=data_device(args, kwargs))
     for n in names:
-        lp = tr.nodes[n]["fn"].log_prob(tr.nodes[n]["value"])
+        site = tr.nodes[n]
+        lp = independent_bernoulli_log_prob(site["fn"], site["value"])
+        lp = site["fn"].log_prob(site["value"]) if lp is None else lp
         lp = lp.reshape((1,) * (lay.rank - lp.dim()) + tuple(lp.shape)) if lay.batch else lp
         if lay.batch:
             lp = lp.expand(B, *lp.shape[1:]).reshape(B, -1)
@@ -590,14 +612,19 @@ def to_inference_data(
                 return False
             lay = _Layout(base, nesting, values[names[0]].shape[0])
             one = _Layout(base, nesting, None)
-            d = _take(p_flat, slice(0, lay.batch)) if p_flat else {}
-            fixed = {n: v for n, (v, _) in sampled.items()}
-            vec = _log_density_rows(model, args, kwargs, d, fixed, valued, lay, params)
-            for r in rows:
+            # The batched scoring runs on the checked rows only (a sub-batch of the chunk's
+            # draws and values): scoring every draw of the chunk was most of a Bernoulli
+            # mixture's conversion, for rows the check never reads.
+            pick = torch.tensor(rows)
+            sub = _Layout(base, nesting, len(rows))
+            d = _take(p_flat, pick) if p_flat else {}
+            fixed = {n: _rows_at(v, ev, pick, lay) for n, (v, ev) in sampled.items()}
+            vec = _log_density_rows(model, args, kwargs, d, fixed, valued, sub, params)
+            for j, r in enumerate(rows):
                 single = {n: _row_of(v, ev, r, lay) for n, (v, ev) in sampled.items()}
                 dr = _take(p_flat, r) if p_flat else {}
                 lo = _log_density_rows(model, args, kwargs, dr, single, valued, one, params)
-                if not _close(vec[r], lo[0]):
+                if not _close(vec[j], lo[0]):
                     return False
             return True
 
@@ -655,6 +682,16 @@ def _row_of(v: torch.Tensor, event_dim: int, r: int, lay: _Layout) -> torch.Tens
         return v  # does not depend on the draw
     idx = batch - lay.nesting - 1
     return v.squeeze(idx) if v.shape[idx] == 1 else v.select(idx, r)
+
+
+def _rows_at(v: torch.Tensor, event_dim: int, pick: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """Rows ``pick`` of a vectorised pass's sampled value, its draws dimension kept (a
+    sub-batch of the pass); a value that does not depend on the draw is returned as is."""
+    batch = v.dim() - event_dim
+    if batch < lay.nesting + 1:
+        return v
+    idx = batch - lay.nesting - 1
+    return v if v.shape[idx] == 1 else v.index_select(idx, pick)
 
 
 def _add_sample_stats(idata, stats: Mapping[str, torch.Tensor] | None) -> None:
