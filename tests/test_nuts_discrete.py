@@ -153,10 +153,12 @@ def test_cli_hmm(tmp_path):
     fit, idata = _fit_and_diagnose(tmp_path, "hmm", data, settings)
     assert fit.info["enumerated"] == [f"state_{t}" for t in range(6)]
     post = idata.posterior
-    for t in range(6):
-        assert post[f"state_{t}"].shape == (2, 30, 6)
+    # the states drawn along the pyro.markov chain are one variable, like the observations
+    assert post["state"].dims == ("chain", "draw", "data", "state_step")
+    assert post["state"].shape == (2, 30, 6, 6)
+    assert not [v for v in post.data_vars if v.startswith("state_")]
     # a well-separated chain: the states follow the data's signs in most draws
-    drawn = np.stack([post[f"state_{t}"].values for t in range(6)], -1)
+    drawn = post["state"].values
     assert {"init", "trans", "locs", "scales"} <= set(post.data_vars)
     agree = (drawn == states).mean()
     assert max(agree, 1 - agree) > 0.9, agree
