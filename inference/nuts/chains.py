@@ -55,10 +55,13 @@ class Chains:
 
     :param target: the potential U of the model.
     :param settings: the engine's :class:`~jointkl.inference.nuts.engine.NUTSSettings`.
+    :param init_values: for ``init="auto"``, ``c -> {site: value}``: chain c's start from
+        the model's own seeding (``None``: the model has none; uniform starts).
     """
 
-    def __init__(self, target: Potential, settings: Any):
+    def __init__(self, target: Potential, settings: Any, init_values: Any = None):
         self.target, self.s = target, settings
+        self.init_values = init_values  # chain -> {site: value}, the model's own seeding
         self.gen = torch.Generator(device=target.device).manual_seed(settings.seed)
         self.step_fn = step_function(target, settings.max_tree_depth, settings.compile)
         spans = windows(settings.warmup)
@@ -78,7 +81,9 @@ class Chains:
         heuristic (or the ``step_size`` setting)."""
         s, C, D = self.s, self.s.num_chains, self.target.dim
         self.step = 0
-        self.theta = self.target.initial(C, s.init).to(self.target.device)
+        strategy, values = ("uniform", self.init_values) if s.init == "auto" else (s.init, None)
+        theta = self.target.initial(C, strategy, chain_values=values)
+        self.theta = theta.to(self.target.device)
         self.u, self.grad = self.value_and_grad(self.theta)
         opts = dict(dtype=self.theta.dtype, device=self.theta.device)
         self.inv_mass = torch.ones(C, D, **opts)

@@ -32,6 +32,7 @@ from jointkl.settings import (
     positive_int,
     setting,
 )
+from jointkl.zoo import hook
 
 __all__ = ["NUTS", "NUTSSettings", "SAMPLE_STATS"]
 
@@ -58,7 +59,7 @@ class NUTSSettings(Settings):
     draws: int = setting(1000, positive_int)
     target_accept: float = setting(0.8, _target_accept)
     max_tree_depth: int = setting(10, positive_int)
-    init: str = setting("uniform", one_of(*INIT_STRATEGIES))
+    init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -91,9 +92,11 @@ class NUTS(Engine):
         (0.8; raise it toward 0.95 when there are divergences).
     :param int max_tree_depth: the most trajectory doublings per iteration (2^depth − 1
         leapfrog steps at most).
-    :param str init: Pyro's initial-value strategy per chain: ``"uniform"`` (uniform in
-        (−2, 2) unconstrained, Stan's), ``"median"`` (prior median) or ``"sample"`` (a prior
-        draw).
+    :param str init: the start of each chain: ``"auto"`` (the model's own seeding when it
+        has one, the zoo's ``init_values`` hook, called with ``seed + c`` for chain c, e.g.
+        k-means++ centres for a mixture; else ``"uniform"``), or Pyro's strategy
+        ``"uniform"`` (uniform in (−2, 2) unconstrained, Stan's), ``"median"`` (prior
+        median) or ``"sample"`` (a prior draw).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).
@@ -141,7 +144,14 @@ class NUTS(Engine):
         folder = Path(s.checkpoint_dir) if s.checkpoint_dir is not None else None
         latest = latest_checkpoint(folder) if s.resume and folder is not None else None
         t0 = time.perf_counter()
-        chains = Chains(target, s)
+        seeding = hook(pair, "init_values") if s.init == "auto" else None
+        init_values = None
+        if seeding is not None:
+
+            def init_values(c: int) -> dict[str, torch.Tensor]:
+                return seeding(*args, seed=s.seed + c, **kwargs)
+
+        chains = Chains(target, s, init_values)
         if latest is not None:
             chains.restore(LoopState.load(latest), latest)
         else:
