@@ -182,3 +182,22 @@ def test_vectorised_path_in_chunks(monkeypatch):
     assert torch.equal(z.reshape(-1, len(X)), (r > 0.5).long())
     batched = [b for b in runs if b is not None]
     assert batched == [3] + [2] * 9  # the check on 3 draws, then 18 draws in chunks of 2
+
+
+def test_label_switching_is_named_in_one_line():
+    """Chains that disagree (high R-hat) at the same log density on a model with enumerated
+    labels: one line saying label switching; not when the chains agree, when one chain sits
+    in a worse mode, or when nothing is enumerated."""
+    from types import SimpleNamespace
+
+    from jointkl.inference.nuts.engine import _label_switching
+
+    g = torch.Generator().manual_seed(0)
+    lp = -100 + torch.randn(4, 200, generator=g)  # four chains at the same log density
+    mixture = SimpleNamespace(enumerated=["assignment"])
+    line = _label_switching(mixture, lp, 1.8)
+    assert line.startswith("label switching") and "assignment" in line and "\n" not in line
+    assert _label_switching(mixture, lp, 1.01) is None
+    assert _label_switching(SimpleNamespace(enumerated=[]), lp, 1.8) is None
+    lp[0] -= 30  # one chain in a worse mode: a convergence failure, not label switching
+    assert _label_switching(mixture, lp, 1.8) is None

@@ -184,6 +184,9 @@ class NUTS(Engine):
         state = {STATS_PREFIX + k: v for k, v in stats.items()} if S else {}
         state.update(inverse_mass_matrix=chains.inv_mass, last=chains.theta.clone())
         info = {"stop_reason": stopped} if stopped is not None else {}
+        switching = _label_switching(target, stats["lp"], rhat)
+        if switching:
+            info["notes"] = [switching]
         return Result(
             params=params,
             history=chains.history,
@@ -238,6 +241,25 @@ class NUTS(Engine):
                     v = v[:, torch.linspace(0, n - 1, num_samples).round().long()]
                 out[key[len(STATS_PREFIX) :]] = v
         return out
+
+
+def _label_switching(target: Potential, lp: torch.Tensor, rhat: float) -> str | None:
+    """One line when the chains disagree (max R-hat > 1.05) yet sit at the same log density
+    (every chain's mean lp within two within-chain sds of the others'): what a mixture's
+    exchangeable components give when chains order them differently (label switching), not
+    a failure to converge. ``None`` otherwise, or when the model has no enumerated latent."""
+    if not target.enumerated or lp.shape[0] < 2 or lp.shape[1] < 4 or not rhat > 1.05:
+        return None
+    lp = lp.double()
+    means, spread = lp.mean(1), lp.std(1).mean()
+    if float(means.max() - means.min()) > 2 * float(spread):
+        return None
+    return (
+        f"label switching: the chains disagree (max R-hat {rhat:.2f}) at the same log "
+        f"density, as when the components labelled by {', '.join(target.enumerated)} are "
+        "exchangeable and chains order them differently; R-hat of component-indexed sites "
+        "then measures the labelling, not convergence (compare label-invariant quantities)"
+    )
 
 
 def _diagnostics(samples: dict[str, torch.Tensor]) -> tuple[float, float]:
