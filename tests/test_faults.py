@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from jointkl.inference import EM, NCE, SVI, Langevin
+from jointkl.inference import EM, NCE, NUTS, SVI, Langevin
 
 from jointkl.checkpoint import LoopState
 from jointkl.cli import main
@@ -231,7 +231,7 @@ def _setting_cases():
         "object": object(),
     }
     cases = []
-    for engine in (EM, SVI, NCE, Langevin):
+    for engine in (EM, SVI, NCE, Langevin, NUTS):
         for f in dataclasses.fields(engine.Settings):
             base = _base_checks(f.metadata.get("check"))
             values = dict(bad_always)

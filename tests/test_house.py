@@ -116,7 +116,7 @@ def test_leaf_modules_import_only_the_errors():
 
 def test_the_converter_names_no_engine():
     text = (CORE / "inferencedata.py").read_text()
-    for name in ("svi", "nce", "em", "langevin"):
+    for name in ("svi", "nce", "em", "langevin", "nuts"):
         assert f'"{name}"' not in text and f"'{name}'" not in text
 
 

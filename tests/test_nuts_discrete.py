@@ -153,10 +153,12 @@ def test_cli_hmm(tmp_path):
     fit, idata = _fit_and_diagnose(tmp_path, "hmm", data, settings)
     assert fit.info["enumerated"] == [f"state_{t}" for t in range(6)]
     post = idata.posterior
-    for t in range(6):
-        assert post[f"state_{t}"].shape == (2, 30, 6)
+    # the states drawn along the pyro.markov chain are one variable, like the observations
+    assert post["state"].dims == ("chain", "draw", "data", "state_step")
+    assert post["state"].shape == (2, 30, 6, 6)
+    assert not [v for v in post.data_vars if v.startswith("state_")]
     # a well-separated chain: the states follow the data's signs in most draws
-    drawn = np.stack([post[f"state_{t}"].values for t in range(6)], -1)
+    drawn = post["state"].values
     assert {"init", "trans", "locs", "scales"} <= set(post.data_vars)
     agree = (drawn == states).mean()
     assert max(agree, 1 - agree) > 0.9, agree
@@ -180,3 +182,22 @@ def test_vectorised_path_in_chunks(monkeypatch):
     assert torch.equal(z.reshape(-1, len(X)), (r > 0.5).long())
     batched = [b for b in runs if b is not None]
     assert batched == [3] + [2] * 9  # the check on 3 draws, then 18 draws in chunks of 2
+
+
+def test_label_switching_is_named_in_one_line():
+    """Chains that disagree (high R-hat) at the same log density on a model with enumerated
+    labels: one line saying label switching; not when the chains agree, when one chain sits
+    in a worse mode, or when nothing is enumerated."""
+    from types import SimpleNamespace
+
+    from jointkl.inference.nuts.engine import _label_switching
+
+    g = torch.Generator().manual_seed(0)
+    lp = -100 + torch.randn(4, 200, generator=g)  # four chains at the same log density
+    mixture = SimpleNamespace(enumerated=["assignment"])
+    line = _label_switching(mixture, lp, 1.8)
+    assert line.startswith("label switching") and "assignment" in line and "\n" not in line
+    assert _label_switching(mixture, lp, 1.01) is None
+    assert _label_switching(SimpleNamespace(enumerated=[]), lp, 1.8) is None
+    lp[0] -= 30  # one chain in a worse mode: a convergence failure, not label switching
+    assert _label_switching(mixture, lp, 1.8) is None

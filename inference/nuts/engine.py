@@ -6,17 +6,17 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pyro
 import torch
-from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
+from jointkl.inference.nuts.chains import STATS, Chains
 from jointkl.inference.nuts.discrete import discrete_draws
 from jointkl.inference.nuts.potential import INIT_STRATEGIES, Potential, describe
-from jointkl.inference.nuts.trajectory import step_function, transition
-from tqdm.auto import tqdm
 
+from jointkl.checkpoint import LoopState, check_checkpointing, latest_checkpoint
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import InputError
 from jointkl.fit import Fit, stored_draws
@@ -28,23 +28,17 @@ from jointkl.settings import (
     nonnegative_int,
     one_of,
     optional,
+    path_or_none,
     positive_float,
     positive_int,
     setting,
 )
+from jointkl.zoo import hook
 
 __all__ = ["NUTS", "NUTSSettings", "SAMPLE_STATS"]
 
 # ArviZ's names for the per-draw statistics of a NUTS sampler.
-SAMPLE_STATS = (
-    "lp",
-    "acceptance_rate",
-    "diverging",
-    "energy",
-    "step_size",
-    "tree_depth",
-    "n_steps",
-)
+SAMPLE_STATS = tuple(STATS)
 STATS_PREFIX = "sample_stats."
 
 
@@ -66,13 +60,25 @@ class NUTSSettings(Settings):
     draws: int = setting(1000, positive_int)
     target_accept: float = setting(0.8, _target_accept)
     max_tree_depth: int = setting(10, positive_int)
-    init: str = setting("uniform", one_of(*INIT_STRATEGIES))
+    init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
     seed: int = setting(0, integer)
     device: str | None = setting(None, compute_device)
+    checkpoint_every: int | None = setting(None, optional(positive_int))
+    checkpoint_dir: str | None = setting(None, path_or_none)
+    resume: bool = setting(False, boolean)
     progress: bool = setting(True, boolean, json=False)
+
+    def validate(self) -> None:
+        check_checkpointing(self.owner, self.checkpoint_every, self.checkpoint_dir, self.resume)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that decide the chains' path: a checkpoint records them, and a resume
+        under other values is refused (its state would not mean the same thing)."""
+        keys = ("num_chains", "warmup", "draws", "target_accept", "max_tree_depth", "init")
+        return {k: getattr(self, k) for k in (*keys, "step_size", "vectorise", "compile", "seed")}
 
 
 @register_engine
@@ -88,9 +94,11 @@ class NUTS(Engine):
         (0.8; raise it toward 0.95 when there are divergences).
     :param int max_tree_depth: the most trajectory doublings per iteration (2^depth − 1
         leapfrog steps at most).
-    :param str init: Pyro's initial-value strategy per chain: ``"uniform"`` (uniform in
-        (−2, 2) unconstrained, Stan's), ``"median"`` (prior median) or ``"sample"`` (a prior
-        draw).
+    :param str init: the start of each chain: ``"auto"`` (the model's own seeding when it
+        has one, the zoo's ``init_values`` hook, called with ``seed + c`` for chain c, e.g.
+        k-means++ centres for a mixture; else ``"uniform"``), or Pyro's strategy
+        ``"uniform"`` (uniform in (−2, 2) unconstrained, Stan's), ``"median"`` (prior
+        median) or ``"sample"`` (a prior draw).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).
@@ -104,6 +112,14 @@ class NUTS(Engine):
     :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
         (CUDA when available, else the CPU) or ``None`` (where the data already are: the
         CPU for data read from files); data and parameters move there once, at bind time.
+    :param checkpoint_every: save the sampler's whole state (positions, adaptation, draws so
+        far, generator) every N iterations (warmup and sampling counted together) into
+        ``checkpoint_dir``; ``None``: only at the end and on interruption, when
+        ``checkpoint_dir`` is set.
+    :param checkpoint_dir: folder for ``step-XXXXXXXX.pt`` checkpoints.
+    :param bool resume: continue from the latest checkpoint in ``checkpoint_dir`` if any,
+        exactly (the same draws as a run that never stopped); the settings that decide the
+        chains' path must be the ones the checkpoint was written with.
     :param bool progress: show a tqdm progress bar.
 
     ``Fit.samples``: draws by continuous latent site in the constrained space, ``(chain,
@@ -130,17 +146,38 @@ class NUTS(Engine):
         if s.compile:
             with pyro.validation_enabled(False):
                 target.compile()
-        gen = torch.Generator(device=target.device).manual_seed(s.seed)
+        folder = Path(s.checkpoint_dir) if s.checkpoint_dir is not None else None
+        latest = latest_checkpoint(folder) if s.resume and folder is not None else None
         t0 = time.perf_counter()
+        seeding = hook(pair, "init_values") if s.init == "auto" else None
+        init_values = None
+        if seeding is not None:
+
+            def init_values(c: int) -> dict[str, torch.Tensor]:
+                return seeding(*args, seed=s.seed + c, **kwargs)
+
+        chains = Chains(target, s, init_values)
+        if latest is not None:
+            chains.restore(LoopState.load(latest), latest)
+        else:
+            with pyro.validation_enabled(False):
+                chains.start()
         with pyro.validation_enabled(False):
-            out = _Chains(target, s, gen).run()
+            chains.run(folder)
         elapsed = time.perf_counter() - t0
-        draws, stats = out["draws"], out["stats"]
-        C, S = draws.shape[:2]
+        C, S = s.num_chains, max(0, chains.step - s.warmup)  # the draws kept so far
+        draws = chains.draws[:, :S]
+        stats = {k: v[:, :S] for k, v in chains.stats.items()}
         with torch.no_grad():
-            values, _ = target.constrained(draws.reshape(C * S, -1))
-        samples = {n: v.reshape(C, S, *target.site_shapes[n]) for n, v in values.items()}
+            if S:
+                values, _ = target.constrained(draws.reshape(C * S, -1))
+                samples = {n: v.reshape(C, S, *target.site_shapes[n]) for n, v in values.items()}
+                params = {n: v.mean((0, 1)) for n, v in samples.items()}
+            else:  # stopped in warmup: no draws, the chains' mean position
+                current, _ = target.constrained(chains.theta)
+                samples, params = {}, {n: v.mean(0) for n, v in current.items()}
         rhat, ess = _diagnostics(samples) if C > 1 and S >= 4 else (math.nan, math.nan)
+        stopped = chains.stopped  # by SIGINT/SIGTERM, early
         divergences = int(stats["diverging"].sum())
         if divergences:
             warnings.warn(
@@ -149,26 +186,31 @@ class NUTS(Engine):
                 "or reparameterise the model",
                 stacklevel=2,
             )
-        state = {STATS_PREFIX + k: v for k, v in stats.items()}
-        state.update(inverse_mass_matrix=out["inv_mass"], last=draws[:, -1].clone())
+        state = {STATS_PREFIX + k: v for k, v in stats.items()} if S else {}
+        state.update(inverse_mass_matrix=chains.inv_mass, last=chains.theta.clone())
+        info = {"stop_reason": stopped} if stopped is not None else {}
+        switching = _label_switching(target, stats["lp"], rhat)
+        if switching:
+            info["notes"] = [switching]
         return Result(
-            params={n: v.mean((0, 1)) for n, v in samples.items()},
-            history=out["history"],
+            params=params,
+            history=chains.history,
             objective="potential",
-            converged=bool(rhat < 1.01) and divergences == 0,
-            n_iter=s.warmup + s.draws,
+            converged=bool(rhat < 1.01) and divergences == 0 and stopped is None,
+            n_iter=chains.step,
             state=state,
             samples=samples,
             info={
                 "divergences": divergences,
-                "warmup_divergences": out["warmup_divergences"],
+                "warmup_divergences": chains.warmup_divergences,
                 "max_rhat": rhat,
                 "min_ess_bulk": ess,
-                "step_size": [float(e) for e in out["step_size"]],
+                "step_size": [float(e) for e in chains.eps],
                 "mean_tree_depth": float(stats["tree_depth"].double().mean()),
-                "gradients": out["gradients"],
+                "gradients": chains.gradients,
                 "seconds": elapsed,
                 **describe(target),
+                **info,
             },
         )
 
@@ -180,14 +222,17 @@ class NUTS(Engine):
         when given) and, for each, one draw of every enumerated discrete latent from its
         conditional posterior p(z | x, θ) (:func:`~jointkl.inference.nuts.discrete.discrete_draws`,
         seeded by ``seed``): together, draws of the joint posterior."""
+        if not fit.samples:  # stopped in warmup: the chains' mean position, one draw
+            return super().posterior_draws(fit, num_samples, seed, num_chains)
         draws = stored_draws(fit, num_samples, seed)
         draws.update(discrete_draws(fit.pair.model, fit.args, fit.kwargs, draws, seed))
         return draws
 
     @classmethod
     def draws_kind(cls, fit: Fit) -> tuple[str, str]:
-        """The sampler's own Markov chains."""
-        return "markov_chain", "nuts"
+        """The sampler's own Markov chains; a run stopped in warmup has none, only the
+        chains' mean position."""
+        return ("markov_chain", "nuts") if fit.samples else ("point_estimate", "")
 
     @classmethod
     def sample_stats(cls, fit: Fit, num_samples: int | None, seed: int) -> dict[str, torch.Tensor]:
@@ -203,116 +248,23 @@ class NUTS(Engine):
         return out
 
 
-class _Chains:
-    """The warmup and sampling loop of one fit, all chains batched."""
-
-    def __init__(self, target: Potential, s: NUTSSettings, gen: torch.Generator):
-        self.target, self.s, self.gen = target, s, gen
-        self.gradients = 0
-        self.step_fn = step_function(target, s.max_tree_depth, s.compile)
-
-    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.gradients += theta.shape[0]
-        u, g = self.target.value_and_grad(theta)
-        return u, g
-
-    def run(self) -> dict[str, Any]:
-        s, C, D = self.s, self.s.num_chains, self.target.dim
-        theta = self.target.initial(C, s.init).to(self.target.device)
-        u, grad = self.value_and_grad(theta)
-        opts = dict(dtype=theta.dtype, device=theta.device)
-        inv_mass = torch.ones(C, D, **opts)
-        eps = torch.full((C,), s.step_size or 1.0, **opts)
-        if s.step_size is None:
-            eps = self.reasonable_step_size(theta, u, grad, eps, inv_mass)
-        adapt = DualAveraging(eps, s.target_accept)
-        spans = windows(s.warmup)
-        first, last = (spans[0][0], spans[-1][1]) if spans else (s.warmup, -1)
-        ends = {end for _, end in spans}
-        window = WindowVariance((C, D), theta.dtype, theta.device)
-        W, S = s.warmup, s.draws
-        draws = torch.empty(C, S, D, **opts)
-        stats = {
-            "lp": torch.empty(C, S, **opts),
-            "acceptance_rate": torch.empty(C, S, **opts),
-            "diverging": torch.empty(C, S, dtype=torch.bool, device=theta.device),
-            "energy": torch.empty(C, S, **opts),
-            "step_size": torch.empty(C, S, **opts),
-            "tree_depth": torch.empty(C, S, dtype=torch.long, device=theta.device),
-            "n_steps": torch.empty(C, S, dtype=torch.long, device=theta.device),
-        }
-        history, warmup_divergences = [], 0
-        bar = tqdm(total=W + S, disable=not s.progress, desc="nuts")
-        try:
-            for i in range(W + S):
-                t = transition(
-                    theta, u, grad, eps, inv_mass, s.max_tree_depth, self.step_fn, self.gen
-                )
-                self.gradients += t.evaluations
-                theta, u, grad = t.theta, t.potential, t.grad
-                history.append(float(u.mean()))
-                if i < W:
-                    warmup_divergences += int(t.diverging.sum())
-                    eps = adapt.update(t.accept_prob)
-                    if first <= i <= last:
-                        window.add(theta)
-                    if i in ends:
-                        inv_mass = window.regularised()
-                        window.reset()
-                        eps = self.reasonable_step_size(theta, u, grad, eps, inv_mass)
-                        adapt.restart(eps)
-                    if i == W - 1:
-                        eps = adapt.final()
-                else:
-                    k = i - W
-                    draws[:, k] = theta
-                    stats["lp"][:, k] = -u
-                    stats["acceptance_rate"][:, k] = t.accept_prob
-                    stats["diverging"][:, k] = t.diverging.cpu()
-                    stats["energy"][:, k] = t.energy
-                    stats["step_size"][:, k] = eps
-                    stats["tree_depth"][:, k] = t.tree_depth.cpu()
-                    stats["n_steps"][:, k] = t.num_steps.cpu()
-                bar.update(1)
-        finally:
-            bar.close()
-        return {
-            "draws": draws,
-            "stats": stats,
-            "history": history,
-            "inv_mass": inv_mass,
-            "step_size": eps,
-            "warmup_divergences": warmup_divergences,
-            "gradients": self.gradients,
-        }
-
-    def reasonable_step_size(self, theta, u, grad, eps, inv_mass, tries: int = 100):
-        """Hoffman & Gelman's heuristic (Algorithm 4, as Stan runs it), per chain: from
-        ``eps``, double (or halve) the step until one leapfrog step's acceptance probability
-        exp(H₀ − H) crosses 0.8."""
-        C = theta.shape[0]
-        log_target = math.log(0.8)
-        direction = None
-        done = torch.zeros(C, dtype=torch.bool, device=theta.device)
-        for _ in range(tries):
-            r = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype, device=theta.device)
-            r = r / inv_mass.sqrt()
-            h0 = u + 0.5 * (r * r * inv_mass).sum(-1)
-            e = eps.reshape(C, 1)
-            r_half = r - 0.5 * e * grad
-            new_theta = theta + e * inv_mass * r_half
-            u_new, g_new = self.value_and_grad(new_theta)
-            r_new = r_half - 0.5 * e * g_new
-            h = u_new + 0.5 * (r_new * r_new * inv_mass).sum(-1)
-            delta = torch.nan_to_num(h0 - h, nan=-math.inf)
-            up = delta > log_target
-            if direction is None:
-                direction = up
-            done = done | (direction & ~up) | (~direction & up)
-            if bool(done.all()):
-                break
-            eps = torch.where(done, eps, torch.where(direction, eps * 2, eps / 2))
-        return eps.clamp(1e-10, 1e7)
+def _label_switching(target: Potential, lp: torch.Tensor, rhat: float) -> str | None:
+    """One line when the chains disagree (max R-hat > 1.05) yet sit at the same log density
+    (every chain's mean lp within two within-chain sds of the others'): what a mixture's
+    exchangeable components give when chains order them differently (label switching), not
+    a failure to converge. ``None`` otherwise, or when the model has no enumerated latent."""
+    if not target.enumerated or lp.shape[0] < 2 or lp.shape[1] < 4 or not rhat > 1.05:
+        return None
+    lp = lp.double()
+    means, spread = lp.mean(1), lp.std(1).mean()
+    if float(means.max() - means.min()) > 2 * float(spread):
+        return None
+    return (
+        f"label switching: the chains disagree (max R-hat {rhat:.2f}) at the same log "
+        f"density, as when the components labelled by {', '.join(target.enumerated)} are "
+        "exchangeable and chains order them differently; R-hat of component-indexed sites "
+        "then measures the labelling, not convergence (compare label-invariant quantities)"
+    )
 
 
 def _diagnostics(samples: dict[str, torch.Tensor]) -> tuple[float, float]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -40,6 +41,7 @@ from pyro.infer.autoguide.initialization import (
     init_to_median,
     init_to_sample,
     init_to_uniform,
+    init_to_value,
 )
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
@@ -303,23 +305,40 @@ class Potential:
         return bool(((fast[both] - slow[both]).abs() <= 1e-5 * scale + 1e-6).all())
 
     # ------------------------------------------------------------------ starts
-    def initial(self, num_chains: int, strategy: str, max_tries: int = 100) -> torch.Tensor:
+    def initial(
+        self,
+        num_chains: int,
+        strategy: str,
+        max_tries: int = 100,
+        chain_values: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """One start per chain from Pyro's init strategy ``strategy`` (uniform in (−2, 2)
         unconstrained, the prior median, or a prior draw), redrawn until U and ∇U are
-        finite (at most ``max_tries`` times)."""
+        finite (at most ``max_tries`` times). With ``chain_values``, chain c first tries
+        the values ``chain_values(c)`` gives by site (the model's own seeding; sites it does
+        not name from ``strategy``), and ``strategy`` alone when U or ∇U is not finite
+        there."""
         rows = []
         for c in range(num_chains):
-            for _ in range(max_tries):
-                with torch.no_grad(), InitMessenger(INIT_STRATEGIES[strategy]()):
-                    # The init strategies refuse discrete sites: hide the enumerated ones.
-                    visible = poutine.block(self.model, hide=self.enumerated)
-                    tr = poutine.trace(visible).get_trace(*self.args, **self.kwargs)
-                theta = self.unconstrained({n: tr.nodes[n]["value"] for n in self.names})
-                vectorised, self.vectorised = self.vectorised, False
+            for attempt in range(max_tries):
+                init = INIT_STRATEGIES[strategy]()
+                if chain_values is not None and attempt == 0:
+                    init = init_to_value(values=dict(chain_values(c)), fallback=init)
                 try:
-                    u, g = self.eager_value_and_grad(theta.unsqueeze(0))
-                finally:
-                    self.vectorised = vectorised
+                    with torch.no_grad(), InitMessenger(init):
+                        # The init strategies refuse discrete sites: hide the enumerated ones.
+                        visible = poutine.block(self.model, hide=self.enumerated)
+                        tr = poutine.trace(visible).get_trace(*self.args, **self.kwargs)
+                    theta = self.unconstrained({n: tr.nodes[n]["value"] for n in self.names})
+                    vectorised, self.vectorised = self.vectorised, False
+                    try:
+                        u, g = self.eager_value_and_grad(theta.unsqueeze(0))
+                    finally:
+                        self.vectorised = vectorised
+                except Exception:
+                    if attempt > 0 or chain_values is None:
+                        raise
+                    continue  # the model's own seeding does not fit these sites: the strategy
                 if torch.isfinite(u).all() and torch.isfinite(g).all():
                     break
             else:

@@ -61,14 +61,15 @@ def _params_of(obj: Any) -> set[str]:
 
 def _planned_steps(settings: Any) -> int:
     """How many steps a run with these (validated) engine settings takes, for the default
-    checkpoint interval: ``steps``, or ``warmup + num_samples`` for a sampler, or
-    ``max_iter``."""
+    checkpoint interval: ``steps``, or ``warmup + num_samples`` (``warmup + draws``) for a
+    sampler, or ``max_iter``."""
 
     def value(key: str) -> int:
         v = getattr(settings, key, 0)
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
-    return max(1, value("steps") or value("warmup") + value("num_samples") or value("max_iter"))
+    sampled = value("num_samples") or value("draws")
+    return max(1, value("steps") or value("warmup") + sampled or value("max_iter"))
 
 
 def route_settings(

@@ -810,6 +810,8 @@ def diagnose(fit, idata, plots_dir: str | Path | None) -> Diagnosis:
                 f"interrupted{': ' + str(detail) if detail else ''}: the results are those of "
                 "the last saved state, not of a finished fit"
             )
+        for note in fit.info.get("notes") or []:  # an engine's own one-line remarks
+            d.facts.append(f"note: {note}")
     with collected_warnings(d.warnings):
         if _has(idata, "posterior"):
             d.summary = _attempt("summary", d.failures, summary_table, idata, d.notes)

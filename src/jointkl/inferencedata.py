@@ -112,9 +112,9 @@ def _joint_name(names: list[str]) -> str:
 def _indexed_site_groups(
     names: list[str], dims: Mapping[str, list[str]]
 ) -> dict[str, tuple[list[str], int, list[str]]]:
-    """Observed sites named ``<stem>_0 … <stem>_{n-1}`` (n >= 2, same dims, no site called
-    ``<stem>``): {stem: (names in index order, axis of the new step dimension, the stem's
-    dims)}. The step axis goes after the sites' plate dimensions."""
+    """Sites (observed, or drawn) named ``<stem>_0 … <stem>_{n-1}`` (n >= 2, same dims, none
+    called ``<stem>``): {stem: (names in index order, axis of the new step dimension, the
+    stem's dims)}. The step axis goes after the sites' plate dimensions."""
     groups: dict[str, dict[int, str]] = {}
     for n in names:
         m = re.fullmatch(r"(.+)_(\d+)", n)
@@ -653,6 +653,14 @@ def to_inference_data(
         # dimension, as the data were before the model split them per step.
         observed_data[stem] = np.stack([observed_data.pop(n) for n in group], axis=axis)
         predictive[stem] = np.stack([predictive.pop(n) for n in group], axis=axis + 2)
+        for n in group:
+            dims.pop(n)
+        dims[stem] = stem_dims
+    drawn = [n for n in posterior if n in dims]
+    for stem, (group, axis, stem_dims) in _indexed_site_groups(drawn, dims).items():
+        # state_0 … state_{T-1} drawn along a pyro.markov chain (a sampler's discrete
+        # draws): one variable ``state`` (chain, draw, data, state_step) likewise
+        posterior[stem] = np.stack([posterior.pop(n) for n in group], axis=axis + 2)
         for n in group:
             dims.pop(n)
         dims[stem] = stem_dims
