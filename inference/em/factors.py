@@ -45,6 +45,7 @@ __all__ = [
     "site_axes",
     "canonical",
     "index_part",
+    "index_part_adjoint",
     "role_index",
 ]
 
@@ -239,6 +240,50 @@ def index_part(
         trail = value.dim() - len(idx)
         t = t.reshape(t.shape[: t.dim() - trail] + (1,) * pad + t.shape[t.dim() - trail :])
     return t
+
+
+def index_part_adjoint(
+    slot: Slot,
+    which: int,
+    shape: tuple[int, ...],
+    grad: torch.Tensor,
+    role_index: list[torch.Tensor],
+    n_axes: int,
+) -> torch.Tensor:
+    """The adjoint of :func:`index_part` for a variable of shape ``shape``: ``grad`` (in
+    canonical layout, broadcast over any of its axes) summed back onto the cells of ``V`` it
+    was gathered from, i.e. the vector-Jacobian product of ``V -> V[index]`` at ``grad``.
+
+    Written out rather than taken by ``torch.autograd.grad`` (the M-step maps statistics
+    back this way several times per iteration; autograd's graph costs more than the sums):
+    ``grad`` is summed to the gather's output shape, the padding and leading reshapes are
+    undone, and the gathered cells are scattered back with accumulation (cells read by
+    several table entries, tied or shared parameters, receive the sum), which is what the
+    backward of an advanced index computes.
+    """
+    idx = slot.index[which]
+    n_idx = len(idx)
+    if idx:
+        ix = tuple(
+            (role_index[a] if kind == "role" else torch.tensor(a)).to(grad.device)
+            for kind, a in idx
+        )
+        gathered = tuple(torch.broadcast_shapes(*(i.shape for i in ix))) + tuple(shape[n_idx:])
+        lead = len(gathered) - (len(shape) - n_idx)
+        t_shape = (1,) * max(0, 1 + n_axes - lead) + gathered
+    else:
+        t_shape = (1,) * (1 + n_axes) + tuple(shape)
+    pad = slot.pad[which]
+    out_shape = t_shape
+    if pad:
+        trail = len(shape) - n_idx
+        cut = len(t_shape) - trail
+        out_shape = t_shape[:cut] + (1,) * pad + t_shape[cut:]
+    g = grad.sum_to_size(out_shape).reshape(t_shape)
+    if not idx:
+        return g.reshape(shape)
+    out = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    return out.index_put_(ix, g.reshape(gathered), accumulate=True)
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,7 +2,8 @@
 
 Statistics are weighted sums over the tables' axes (one einsum each, :func:`wsum`) in a slot's
 canonical layout; :func:`to_param` maps them back to the free variable's own shape by the
-adjoint of the recipe's indexing (a vector-Jacobian product), which also sums statistics over
+adjoint of the recipe's indexing (a vector-Jacobian product, written out in
+:func:`~jointkl.inference.em.factors.index_part_adjoint`), which also sums statistics over
 shared or tied cells.
 """
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import opt_einsum
 import torch
-from jointkl.inference.em.factors import index_part
+from jointkl.inference.em.factors import index_part, index_part_adjoint
 from jointkl.inference.em.gaussian import data_moments, moment_parts, weighted_moments
 
 from jointkl.chain import broadcast_shapes
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "wsum",
     "to_param",
+    "to_param_by_autograd",
     "target_shape",
     "trailing",
     "full_shape",
@@ -75,6 +77,15 @@ def to_param(
     """Map statistics in a slot's canonical layout to the free variable's layout: the
     adjoint (vector-Jacobian product) of the recipe's indexing. ``shape`` may add trailing
     dims to the variable's (statistics that are matrices per mean vector, say)."""
+    g = fm.groups[gi]
+    return index_part_adjoint(g.slots[slot], which, tuple(shape), stat, fm.role_index(gi), g.n_axes)
+
+
+def to_param_by_autograd(
+    fm: FactorModel, gi: int, slot: str, which: int, shape: tuple[int, ...], stat: torch.Tensor
+) -> torch.Tensor:
+    """:func:`to_param` by ``torch.autograd.grad`` through :func:`index_part` (the
+    definition of the adjoint; the tests check :func:`to_param` against it)."""
     g = fm.groups[gi]
     s = g.slots[slot]
     dummy = torch.zeros(shape, dtype=stat.dtype, device=stat.device, requires_grad=True)
