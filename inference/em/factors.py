@@ -268,7 +268,12 @@ def index_part_adjoint(
             (role_index[a] if kind == "role" else torch.tensor(a)).to(grad.device)
             for kind, a in idx
         )
-        gathered = tuple(torch.broadcast_shapes(*(i.shape for i in ix))) + tuple(shape[n_idx:])
+        nb = max(i.dim() for i in ix)  # the indices' broadcast shape (torch's own is slow)
+        bshape = [1] * nb
+        for i in ix:
+            for a, n in enumerate(i.shape, start=nb - i.dim()):
+                bshape[a] = max(bshape[a], n)
+        gathered = tuple(bshape) + tuple(shape[n_idx:])
         lead = len(gathered) - (len(shape) - n_idx)
         t_shape = (1,) * max(0, 1 + n_axes - lead) + gathered
     else:
