@@ -11,6 +11,7 @@ between devices. A saved fit is device-free (``Fit.save`` writes CPU tensors) an
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -83,7 +84,10 @@ def follow(module: nn.Module | None, x: torch.Tensor) -> nn.Module | None:
     network a model builds lazily is built on the CPU); in place, so cheap once there."""
     if module is None:
         return None
-    for t in (*module.parameters(), *module.buffers()):
+    # Only the first tensor is read, so the generators are not unpacked: listing every
+    # parameter walks the whole module tree, which on a VAE's networks cost ~0.5 ms of
+    # each SVI step (the model and the guide each call this).
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.device != x.device:
             module.to(x.device)
         break
