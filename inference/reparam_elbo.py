@@ -175,6 +175,10 @@ class _AutoNormalSites:
                 value, log_density=log_density, event_dim=event_dim, validate_args=False
             )
             sites[name] = _guide_site(delta, value, frames)
+            if log_density.shape == delta.batch_shape:
+                # log Delta(z | z) = log 1 + log|det| = the log-density itself, exactly:
+                # the ELBO reads it without Delta.log_prob's comparison, log and addition.
+                sites[name]["own_log_density"] = log_density
         return sites, params
 
 
@@ -310,7 +314,11 @@ class ReparamELBO:
                     elbo = elbo - _weighted(kl, g, k)
             else:
                 elbo = elbo + _log_density_total(site["fn"], site["value"], site, k)
-                elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
+                own = g.get("own_log_density")
+                if own is not None:
+                    elbo = elbo - _weighted(own, g, k)
+                else:
+                    elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
         for g in guide_sites.values():  # guide-only (auxiliary) sites: their −log q
             elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
         return -torch.as_tensor(elbo)
