@@ -312,7 +312,8 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
                 warnings.simplefilter("ignore", CheckpointSkipped)  # said in one line already
                 warnings.simplefilter("always", ConvergenceWarning)
                 fit = engine.fit(pair, *shard_args, **shard_kwargs)
-                fit.args, fit.kwargs = data_args, data_kwargs
+                if shard_args is not data_args:  # a rank's rows: the Fit holds all of them
+                    fit.args, fit.kwargs = engine.bind_data(pair, data_args, data_kwargs)
     except KeyboardInterrupt:
         signum = signals.stop_requested() or signal_number("SIGINT")
         kept = not run.replacing and run.latest_checkpoint()
