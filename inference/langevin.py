@@ -76,6 +76,7 @@ from jointkl.device import data_device, moved
 from jointkl.engine import Engine, Result, register_engine
 from jointkl.errors import FitDivergedError, InputError
 from jointkl.minibatch import BatchOrder, ScaleDataPlate, slice_arguments, sliceable_arguments
+from jointkl.moment_guide import moment_guide
 from jointkl.optim import AdaptiveFlow
 from jointkl.settings import (
     Settings,
@@ -358,6 +359,16 @@ class Langevin(Engine):
         """The sampler's own chains (``to_arviz`` keeps every draw unless told otherwise); a
         run stopped before sampling has none, only the chains' mean position."""
         return ("markov_chain", "sgld") if fit.samples else ("point_estimate", "")
+
+    @classmethod
+    def importance_guide(cls, fit: Any):
+        """The IWAE proposal of a model whose latents are all per-datum (a VAE): a normal
+        per datum moment-matched to the chains' draws (:func:`jointkl.moment_guide.moment_guide`),
+        so the pointwise log-likelihood estimates log p(x_i), not log p(x_i | z_i) at each
+        draw; ``None`` when the draws are not of real-valued sites in the data plate."""
+        if not fit.samples:
+            return None
+        return moment_guide(fit.pair.model, fit.args, fit.kwargs, fit.samples)
 
 
 @dataclass(frozen=True)

@@ -381,7 +381,13 @@ class CRFTagger(ZooModel):
     ) -> None:
         self._check(chars, lengths, tags)
         net = self._module(chars)
-        net.train()
+        # Dropout while fitting only: the model runs with gradients exactly when it is being
+        # fitted. Run without them (the pointwise log-likelihood and predictive of
+        # ``to_arviz``, any evaluation), it is the fitted model itself, the same on every
+        # pass; dropout there made each pass a different random network, so the predictive's
+        # vectorised pass never matched its one-draw check and the converter re-ran the
+        # whole network on the corpus once per draw.
+        net.train(torch.is_grad_enabled())
         # Crop to this batch's longest row: a mini-batch rarely needs the global padding.
         T = int(lengths.max())
         chars = chars[:, :T]

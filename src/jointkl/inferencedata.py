@@ -628,7 +628,19 @@ def to_inference_data(
                     return False
             return True
 
-        if p_flat:
+        alone = [
+            n for n, s in base.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+        ]
+        if not p_flat and not determ and alone == valued == [valued[0]]:
+            # No latent, no deterministic site, one observed site: its distribution given
+            # the fitted params is the whole predictive, so its p_total draws come from one
+            # ``sample((p_total,))`` of the traced site (the model ran once, in ``base``),
+            # not from p_total runs of the model on the data (a CRF tagger's network over
+            # the corpus, 100 times).
+            with torch.no_grad():
+                n = valued[0]
+                outs = [({n: base.nodes[n]["fn"].sample((p_total,))}, {})]
+        elif p_flat:
             outs = passes.run(p_flat, p_total, pp_fn, pp_check)
         else:
             # a point estimate: nothing to condition on, the draws only re-sample
