@@ -203,3 +203,33 @@ def test_python_m_jointkl():
         [sys.executable, "-m", "jointkl", "--version"], env=ENV, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("jointkl ")
+
+
+def test_a_rank_maps_only_its_rows_of_a_file(tmp_path):
+    """row_range (what local_shard gives a rank of a memory-mapped file): rows [lo, hi) of a
+    folder of three .npy shards, cut across shard boundaries, read as slices, gathers and
+    tensors, equal those rows of the whole data; the view maps only the files (and the
+    bytes) its rows lie in; the read dtype is the parent's."""
+    from jointkl.data.arrays import open_rows
+
+    x = np.arange(3 * 40 * 3, dtype=np.float64).reshape(120, 3)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(3):
+        np.save(folder / f"part{k}.npy", x[40 * k : 40 * (k + 1)])
+    rows = open_rows(folder).astype(torch.float32)
+    for lo, hi in [(0, 61), (61, 120), (45, 75), (41, 42)]:
+        view = distributed.row_range(rows, lo, hi)
+        assert len(view) == hi - lo and view.shape == (hi - lo, 3)
+        assert view.dtype == np.float32
+        np.testing.assert_array_equal(view[:], x[lo:hi].astype(np.float32))
+        idx = torch.tensor([hi - lo - 1, 0, (hi - lo) // 2, 0])
+        torch.testing.assert_close(view.tensor(idx), torch.as_tensor(x[lo:hi][idx.numpy()]).float())
+        files = {p.name for p in view.paths}
+        assert files == {f"part{k}.npy" for k in range(3) if 40 * k < hi and 40 * (k + 1) > lo}
+        assert sum(s.size for s in view.shards) == (hi - lo) * 3  # only its rows mapped
+    with pytest.raises(ValueError):
+        distributed.row_range(rows, 5, 5)
+    # without a process group local_shard hands the data back untouched
+    (same,), _ = distributed.local_shard((rows,), {}, len(rows))
+    assert same is rows

@@ -200,13 +200,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if _is_row_file(data_path):
                 # .npy or a folder of .npy shards: memory-mapped; streamed by an engine that
                 # reads it a batch or a block at a time, else read into memory as before.
-                # Data-parallel SVI/NCE are handed their rows as a tensor (read into memory).
-                # The run records the file's fingerprint whenever the engine streams, so a
-                # resume under another number of processes sees the same data.
+                # Data-parallel SVI/NCE get a mapped view of their rows (local_shard), so no
+                # rank reads the whole file. The run records the whole file's fingerprint
+                # whenever the engine streams, so a resume under another number of
+                # processes sees the same data.
                 rows = open_rows(data_path)
                 if probe.streams_rows():
                     fingerprint = rows.astype(dtype).fingerprint()
-                if probe.streams_rows() and (not parallel or engine_cls.picks_own_rows):
                     data_args, data_kwargs = (rows.astype(dtype),), {}
                 else:
                     table = Table({"x": rows[:]}, False, rows.source)

@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from jointkl.data.arrays import RowArray, is_row_array
 from jointkl.errors import InputError
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "is_main",
     "shard_bounds",
     "local_shard",
+    "row_range",
     "all_reduce_step",
     "all_reduce_sum",
     "all_reduce_max",
@@ -173,8 +176,9 @@ class Shard:
 
 def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dict]:
     """This rank's contiguous rows (:func:`shard_bounds`) of every per-data-point argument
-    (a tensor whose first dimension is ``n``); other arguments unchanged. Without a process
-    group, the arguments themselves."""
+    (a tensor whose first dimension is ``n``, or a memory-mapped
+    :class:`~jointkl.data.arrays.RowArray` of ``n`` rows: cut by :func:`row_range` without
+    reading); other arguments unchanged. Without a process group, the arguments themselves."""
     if not active():
         return args, kwargs
     lo, hi = shard_bounds(n, rank(), world_size())
@@ -185,10 +189,46 @@ def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dic
         )
 
     def cut(a):
+        if is_row_array(a) and len(a) == n:
+            return row_range(a, lo, hi)
         per_point = isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
         return a[lo:hi] if per_point else a
 
     return tuple(cut(a) for a in args), {k: cut(a) for k, a in kwargs.items()}
+
+
+def row_range(rows: RowArray, lo: int, hi: int) -> RowArray:
+    """Rows ``[lo, hi)`` of a memory-mapped :class:`~jointkl.data.arrays.RowArray` as a
+    RowArray of their own (row 0 is ``rows[lo]``), reading nothing: each file it touches is
+    mapped again from the byte where its first wanted row starts, so a rank maps, and an
+    engine streaming it reads, its rows alone. The read dtype, device and value range
+    (the checks :meth:`~jointkl.data.arrays.RowArray.astype` makes) are the parent's.
+
+    :param rows: the whole data.
+    :param lo: the first row kept.
+    :param hi: one past the last row kept (``lo < hi <= len(rows)``).
+    """
+    if not 0 <= lo < hi <= len(rows):
+        raise ValueError(f"rows [{lo}, {hi}) are not within the {len(rows)} rows")
+    shards, paths = [], []
+    for k, (shard, path) in enumerate(zip(rows.shards, rows.paths, strict=True)):
+        start, stop = int(rows.offsets[k]), int(rows.offsets[k + 1])
+        a, b = max(lo, start) - start, min(hi, stop) - start  # rows of this file kept
+        if a >= b:
+            continue
+        shards.append(
+            np.memmap(
+                path,
+                dtype=shard.dtype,
+                mode="r",
+                offset=int(shard.offset) + a * rows.row_bytes,
+                shape=(b - a, *shard.shape[1:]),
+            )  # C order: open_rows refuses Fortran-order files
+        )
+        paths.append(path)
+    view = RowArray(shards, paths, rows.source)
+    view.dtype, view.device, view.range = rows.dtype, rows.device, rows.range
+    return view
 
 
 def _on_wire(t: torch.Tensor) -> torch.Tensor:
