@@ -27,6 +27,13 @@ the data points of a mini-batch plus global terms. Under a process group of P ra
 * **Files.** Rank 0 alone writes (the run directory, checkpoints, the progress bar); the
   checkpoint holds the global step, the parameters, the optimiser state and rank 0's RNG,
   nothing per rank, so a run resumes under any P.
+* **Stopping.** SIGINT/SIGTERM (Ctrl-C, or torchrun forwarding its own) must stop every
+  rank after the *same* step, or the ranks would wait on each other's ``all_reduce``.
+  Under :func:`agreed_stop` a rank's signal is only noted; :func:`all_reduce_step` carries
+  the note in its buffer, and the step after which any rank has one is where every rank
+  stops (the loop then sees the request, and rank 0 writes the checkpoint). A repeat of
+  the same signal within :data:`ECHO_SECONDS` is torchrun's echo of a Ctrl-C every rank
+  already got; any other second signal stops the rank at once, as in one process.
 * **Faults.** The process group has a timeout (:data:`TIMEOUT`); a rank that dies makes its
   peers' next ``all_reduce`` fail (:class:`RankFailedError`, one line), and torchrun stops
   the others. Checkpoints are written atomically, so the last good one stays intact.
@@ -41,8 +48,10 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -73,6 +82,7 @@ __all__ = [
     "broadcast_object",
     "barrier",
     "launch",
+    "agreed_stop",
     "comm_seconds",
 ]
 
@@ -83,6 +93,11 @@ TIMEOUT = timedelta(minutes=5)
 KILL_ENV = "JOINTKL_TEST_KILL_RANK_AT_STEP"
 
 _comm = {"seconds": 0.0, "calls": 0}
+# A second signal this soon after the first, and the same one, is the launcher's echo: a
+# terminal's Ctrl-C reaches every rank and torchrun, which then forwards it again.
+ECHO_SECONDS = 1.0
+# this rank's noted signal (not yet agreed) and when it came
+_pending: dict[str, Any] = {"signum": None, "at": 0.0}
 
 
 class RankFailedError(RuntimeError):
@@ -320,9 +335,13 @@ def all_reduce_step(
     sizes = [p.numel() for p in params]
     total, k_all = sum(sizes), len(params)
     ref = params[0] if params else torch.zeros(())
-    # [gradients | touched flag per param | sparse flag per param | loss], float64 so that
-    # the sum adds no rounding of its own beyond the float32 gradients'.
-    buf = torch.zeros(total + 2 * k_all + 1, dtype=torch.float64, device=ref.device)
+    # [gradients | touched flag per param | sparse flag per param | ranks stopping | their
+    # signal numbers | loss], float64 so that the sum adds no rounding of its own beyond the
+    # float32 gradients'.
+    buf = torch.zeros(total + 2 * k_all + 3, dtype=torch.float64, device=ref.device)
+    noted = _pending["signum"]
+    if noted is not None:
+        buf[-3], buf[-2] = 1.0, float(noted)
     at = 0
     for k, (p, size) in enumerate(zip(params, sizes, strict=True)):
         if p.grad is not None:
@@ -341,7 +360,63 @@ def all_reduce_step(
             # an embedding's row-sparse gradient stays row-sparse (the rows any rank touched)
             p.grad = g.to_sparse(1) if buf[total + k_all + k] > 0 else g
         at += size
+    stopping = int(buf[-3])
+    if stopping:  # every rank ends after this step, under the signal a rank got
+        _agree(noted if noted is not None else _common_signal(int(buf[-2]), stopping))
     return float(buf[-1])
+
+
+def _common_signal(total: int, ranks: int) -> int:
+    """The signal of the ranks that got one, from the sum of their numbers: theirs when
+    they all got the same, else SIGTERM (the one that asks a run to end)."""
+    return total // ranks if total % ranks == 0 and total // ranks in _SIGNALS else signal.SIGTERM
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _agree(signum: int) -> None:
+    """Make ``signum`` this rank's stop request as the step loops see it
+    (:func:`jointkl.signals.stop_requested`)."""
+    from jointkl import signals
+
+    # signals keeps the one request a loop polls; a distributed stop is made at the same
+    # step on every rank, so it is set here rather than by the handler
+    signals._received = int(signum)
+
+
+def _noting_handler(signum: int, frame) -> None:
+    """Note the signal for the next :func:`all_reduce_step` (see the module's Stopping)."""
+    from jointkl import signals
+
+    now = time.monotonic()
+    first = _pending["signum"]
+    if first is None:
+        _pending.update(signum=signum, at=now)
+        if signals._polling == 0:  # no loop polls (setup, or EM): stop now, as one process
+            raise signals.ForcedStop(signum)
+        return
+    if signum == first and now - _pending["at"] < ECHO_SECONDS:
+        return  # torchrun's forward of the Ctrl-C this rank already has
+    raise signals.ForcedStop(signum)
+
+
+@contextmanager
+def agreed_stop() -> Iterator[None]:
+    """Inside :func:`jointkl.signals.stop_on_signals`, under a process group: SIGINT and
+    SIGTERM are noted and agreed on at the next :func:`all_reduce_step` (every rank stops
+    after the same step) instead of stopping this rank alone. Nothing without a group or
+    off the main thread."""
+    if not active() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _pending.update(signum=None, at=0.0)
+    previous = {s: signal.signal(s, _noting_handler) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def broadcast_start(params: Sequence[torch.Tensor]) -> None:
@@ -388,6 +463,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -417,8 +493,12 @@ def launch(argv: Sequence[str], nproc: int) -> int:
                 ]
             )
         )
+    except SignalException as e:  # torchrun itself got SIGINT/SIGTERM and passed it on
+        return 128 + int(e.sigval)  # rank 0 said where the run stopped
     except ChildFailedError as e:
         r, failure = e.get_first_failure()
+        if r == 0 and failure.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            return failure.exitcode  # an agreed stop: rank 0 marked the run and said so
         how = (
             f"killed by {failure.signal_name()}"
             if failure.exitcode < 0
