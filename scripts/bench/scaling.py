@@ -7,7 +7,11 @@ file in worker mode, which fits every case with the engines' defaults for the zo
 taking its shard of the rows (:mod:`jointkl.distributed`):
 
 * ``svi-vae``: ``SVI`` on ``VAE()`` over the binarised digits (1,437 × 64);
-* ``nce-energy``: ``NCE`` on ``EnergyModel()`` over its default 5,000-point ring.
+* ``nce-energy``: ``NCE`` on ``EnergyModel()`` over its default 5,000-point ring;
+* ``em-gmm``: ``EM`` on ``GaussianMixture(n_components=4)`` over 400,000 four-dimensional
+  points (four Gaussian blobs); ``tol=0`` so both launches run the same iterations. The
+  iteration time is (t(1 + 5 iterations) − t(1 iteration))/5, which cancels the
+  initialisation; its all-reduce is the E-step statistics (a few hundred bytes).
 
 Per-step time is taken from consecutive ``on_step`` calls (the first ``--warmup`` dropped,
 the median kept); the all-reduce time is the time spent inside the one ``all_reduce`` of each
@@ -22,8 +26,9 @@ step-time model is then
 
     t_step(P) = t_compute(1)/P + 2(P − 1)/P · m/β + 2(P − 1)·α
 
-with m the bytes each step reduces (the parameter count × 8: the buffer is float64, plus one
-flag pair per parameter tensor and the loss). It assumes the global batch is fixed (strong
+with m the bytes each step reduces (the parameter count × 4 for float32 parameters, × 8
+otherwise, plus a flag pair per parameter tensor, the stop flag and the loss); for EM, the
+E-step statistics (per component: weight, Σx, Σxxᵀ; float64). It assumes the global batch is fixed (strong
 scaling), compute divides evenly over the ranks (no per-step fixed costs that do not shrink
 with the batch part: an overestimate of the speed-up where such costs dominate), one rank per
 core, and a ring all-reduce; it is evaluated with the measured α, β and, as a stated
@@ -50,6 +55,7 @@ import warnings
 import torch
 
 CASES = ("svi-vae", "nce-energy")
+EM_ROWS, EM_ITERS = 400_000, 5
 ASSUMED = {"alpha_s": 20e-6, "beta_Bps": 1.25e9, "source": "assumed: 10 Gb Ethernet"}
 
 
@@ -96,6 +102,8 @@ def worker(steps: int, warmup: int) -> None:
         batch = settings.get("batch_size") or n
         numel = sum(int(v.numel()) for k, v in fit.state.items() if k.startswith("param:"))
         tensors = sum(1 for k in fit.state if k.startswith("param:"))
+        f32 = all(v.dtype == torch.float32 for k, v in fit.state.items() if k.startswith("param:"))
+        wire = 4 if f32 else 8
         out.append(
             {
                 "case": name,
@@ -108,9 +116,11 @@ def worker(steps: int, warmup: int) -> None:
                 "compute_s": t_step - t_comm,
                 "rows_per_s": batch / t_step,
                 "params": numel,
-                "allreduce_bytes": 8 * (numel + 2 * tensors + 1),
+                # the step's buffer: float32 when every parameter is (else float64)
+                "allreduce_bytes": wire * (numel + 2 * tensors + 3),
             }
         )
+    out.append(_em_case(p))
     if p > 1:
         sizes = [8 * 4**k for k in range(10)]  # 8 B … 2 MiB
         for m in sizes:
@@ -127,6 +137,72 @@ def worker(steps: int, warmup: int) -> None:
             )
     if main:
         print("RESULT " + json.dumps(out), flush=True)
+
+
+def em_data(n: int = EM_ROWS, seed: int = 0) -> torch.Tensor:
+    """n four-dimensional points from four well-separated Gaussian blobs (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[-4.0, 0, 0, 0], [4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, -4.0, 0, 0]])
+    which = torch.randint(0, 4, (n,), generator=g)
+    return (centres[which] + torch.randn(n, 4, generator=g)).double()
+
+
+def _em_case(p: int) -> dict:
+    """``em-gmm``: EM (defaults, but ``tol=0`` so every launch runs the same iterations) on
+    ``GaussianMixture(n_components=4)`` over :func:`em_data`. Every rank is handed the
+    whole data and takes its own rows (EM picks its own rows). The time of one iteration
+    (E-step over the rows, one all-reduce of the statistics, M-step) is the difference of
+    a 1 + ``EM_ITERS``-iteration fit and a 1-iteration fit over ``EM_ITERS``: what the
+    initialisation costs cancels."""
+    from jointkl.inference import EM
+    from jointkl.models import GaussianMixture
+
+    from jointkl import distributed
+
+    x = em_data()
+    # EM's statistics go through torch.distributed.all_reduce directly (not
+    # jointkl.distributed's timed one): time that call here, for this case only
+    comm = {"s": 0.0}
+    plain = torch.distributed.all_reduce
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return plain(*a, **kw)
+        finally:
+            comm["s"] += time.perf_counter() - t
+
+    runs = {}
+    torch.distributed.all_reduce = timed
+    try:
+        for iters in (1, 1 + EM_ITERS):
+            distributed.barrier()
+            comm["s"] = 0.0
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                em = EM(max_iter=iters, tol=0.0, progress=False)
+                fit = em.fit(GaussianMixture(n_components=4), x)
+            runs[iters] = (time.perf_counter() - t0, comm["s"], fit.n_iter)
+    finally:
+        torch.distributed.all_reduce = plain
+    (t1, c1, _), (tk, ck, n_iter) = runs[1], runs[1 + EM_ITERS]
+    t_iter, t_comm = (tk - t1) / EM_ITERS, (ck - c1) / EM_ITERS
+    k, d = 4, 4
+    stats = k * (1 + d + d * d) + 1  # per component: weight, Σ x, Σ x xᵀ; the log-likelihood
+    return {
+        "case": "em-gmm",
+        "processes": p,
+        "rows": len(x),
+        "batch_size": len(x),  # a full pass per iteration
+        "iterations": n_iter,
+        "step_s": t_iter,
+        "allreduce_s": t_comm if p > 1 else 0.0,
+        "compute_s": t_iter - (t_comm if p > 1 else 0.0),
+        "rows_per_s": len(x) / t_iter,
+        "params": k * (1 + d + d * (d + 1) // 2),
+        "allreduce_bytes": 8 * stats,
+    }
 
 
 def _launch(p: int, steps: int, warmup: int) -> list[dict]:
@@ -177,7 +253,7 @@ def main() -> None:
         print(json.dumps({"kind": "allreduce", **r, **machine}))
     alpha, beta = _fit_alpha_beta(sweep)
     print(json.dumps({"kind": "allreduce-fit", "alpha_s": alpha, "beta_Bps": beta, **machine}))
-    for name in CASES:
+    for name in (*CASES, "em-gmm"):
         one = next(r for r in runs[1] if r.get("case") == name)
         two = next(r for r in runs[2] if r.get("case") == name)
         eff = two["rows_per_s"] / (2 * one["rows_per_s"])
