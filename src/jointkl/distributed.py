@@ -336,9 +336,12 @@ def all_reduce_step(
     total, k_all = sum(sizes), len(params)
     ref = params[0] if params else torch.zeros(())
     # [gradients | touched flag per param | sparse flag per param | ranks stopping | their
-    # signal numbers | loss], float64 so that the sum adds no rounding of its own beyond the
-    # float32 gradients'.
-    buf = torch.zeros(total + 2 * k_all + 3, dtype=torch.float64, device=ref.device)
+    # signal numbers | loss], in the parameters' dtype when all are float32 (half the bytes
+    # of float64: the sum of P float32 gradients rounds once per add, as the 1-process
+    # backward's own float32 sums over the batch do); float64 otherwise, so a float64
+    # model's sum adds no rounding of its own.
+    wire = torch.float32 if all(p.dtype == torch.float32 for p in params) else torch.float64
+    buf = torch.zeros(total + 2 * k_all + 3, dtype=wire, device=ref.device)
     noted = _pending["signum"]
     if noted is not None:
         buf[-3], buf[-2] = 1.0, float(noted)
