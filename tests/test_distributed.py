@@ -208,3 +208,93 @@ def test_python_m_jointkl():
         [sys.executable, "-m", "jointkl", "--version"], env=ENV, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("jointkl ")
+
+
+def test_a_rank_maps_only_its_rows_of_a_file(tmp_path):
+    """row_range (what local_shard gives a rank of a memory-mapped file): rows [lo, hi) of a
+    folder of three .npy shards, cut across shard boundaries, read as slices, gathers and
+    tensors, equal those rows of the whole data; the view maps only the files (and the
+    bytes) its rows lie in; the read dtype is the parent's."""
+    from jointkl.data.arrays import open_rows
+
+    x = np.arange(3 * 40 * 3, dtype=np.float64).reshape(120, 3)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(3):
+        np.save(folder / f"part{k}.npy", x[40 * k : 40 * (k + 1)])
+    rows = open_rows(folder).astype(torch.float32)
+    for lo, hi in [(0, 61), (61, 120), (45, 75), (41, 42)]:
+        view = distributed.row_range(rows, lo, hi)
+        assert len(view) == hi - lo and view.shape == (hi - lo, 3)
+        assert view.dtype == np.float32
+        np.testing.assert_array_equal(view[:], x[lo:hi].astype(np.float32))
+        idx = torch.tensor([hi - lo - 1, 0, (hi - lo) // 2, 0])
+        torch.testing.assert_close(view.tensor(idx), torch.as_tensor(x[lo:hi][idx.numpy()]).float())
+        files = {p.name for p in view.paths}
+        assert files == {f"part{k}.npy" for k in range(3) if 40 * k < hi and 40 * (k + 1) > lo}
+        assert sum(s.size for s in view.shards) == (hi - lo) * 3  # only its rows mapped
+    with pytest.raises(ValueError):
+        distributed.row_range(rows, 5, 5)
+    # without a process group local_shard hands the data back untouched
+    (same,), _ = distributed.local_shard((rows,), {}, len(rows))
+    assert same is rows
+
+
+def _rank_pid(parent: int, r: int) -> int | None:
+    """The pid of rank ``r`` among ``parent``'s children (its RANK in /proc/PID/environ)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={r}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+def test_sigterm_stops_every_rank_after_one_step(tmp_path, target):
+    """SIGTERM to `jointkl fit --nproc 2` (torchrun forwards it to both ranks) or to rank 1
+    alone, mid-fit: the ranks agree on the stop step through the step's all-reduce, rank 0
+    writes that step's checkpoint and marks the run interrupted, the command exits 143 with
+    one line, as a 1-process run does; the run then resumes to the end."""
+    import signal
+    import time
+
+    data = tmp_path / "ring.npy"
+    np.save(data, energy_data("ring", 256, 3).numpy())
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jointkl", "fit", "energy", "--engine", "nce"]
+    cmd += ["--data", str(data), "--out", str(out), "--draws", "5", "--nproc", "2"]
+    cmd += ["--set", "steps=200000", "--set", "batch_size=32", "--set", "checkpoint_every=5"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # mid-fit: a checkpoint is written (retention keeps the last three, so any one)
+        def started() -> bool:
+            return (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+
+        deadline = time.monotonic() + 120
+        while not started() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started(), "the run never reached step 5"
+        pid = proc.pid if target == "torchrun" else _rank_pid(proc.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "stopped (" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "interrupted by SIGTERM" in ln]
+    assert len(lines) == 1 and "continue with --resume" in lines[0], err[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "interrupted by SIGTERM"
+    fit = Fit.load(out)
+    last = LoopState.load(max((out / "checkpoints").iterdir()))
+    assert 5 <= fit.n_iter == last.step < 200000  # the agreed step, checkpointed
+    assert "SIGTERM" in fit.info["stop_reason"]

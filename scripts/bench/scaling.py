@@ -7,7 +7,12 @@ file in worker mode, which fits every case with the engines' defaults for the zo
 taking its shard of the rows (:mod:`jointkl.distributed`):
 
 * ``svi-vae``: ``SVI`` on ``VAE()`` over the binarised digits (1,437 × 64);
-* ``nce-energy``: ``NCE`` on ``EnergyModel()`` over its default 5,000-point ring.
+* ``nce-energy``: ``NCE`` on ``EnergyModel()`` over its default 5,000-point ring;
+* ``em-gmm``: ``EM`` on ``GaussianMixture(n_components=4)`` over 400,000 four-dimensional
+  points (four Gaussian blobs); ``tol=0`` so both launches run the same iterations. The
+  iteration time is (t(1 + 10 iterations) − t(1 iteration)) over the iterations between
+  them, after a first warm-up fit, which cancels the
+  initialisation; its all-reduce is the E-step statistics (a few hundred bytes).
 
 Per-step time is taken from consecutive ``on_step`` calls (the first ``--warmup`` dropped,
 the median kept); the all-reduce time is the time spent inside the one ``all_reduce`` of each
@@ -22,15 +27,16 @@ step-time model is then
 
     t_step(P) = t_compute(1)/P + 2(P − 1)/P · m/β + 2(P − 1)·α
 
-with m the bytes each step reduces (the parameter count × 8: the buffer is float64, plus one
-flag pair per parameter tensor and the loss). It assumes the global batch is fixed (strong
+with m the bytes each step reduces (the parameter count × 4 for float32 parameters, × 8
+otherwise, plus a flag pair per parameter tensor, the stop flag and the loss); for EM, the
+E-step statistics (per component: weight, Σx, Σxxᵀ; float64). It assumes the global batch is fixed (strong
 scaling), compute divides evenly over the ranks (no per-step fixed costs that do not shrink
 with the batch part: an overestimate of the speed-up where such costs dominate), one rank per
 core, and a ring all-reduce; it is evaluated with the measured α, β and, as a stated
 assumption (not a measurement), with α = 20 µs and β = 1.25 GB/s (10 Gb Ethernet between
 hosts).
 
-    python scripts/bench/scaling.py [--steps 60] [--warmup 10]
+    python scripts/bench/scaling.py [--steps 60] [--warmup 10] [--cases svi-vae,nce-energy,em-gmm]
 
 Prints one JSON object per case and P, one per all-reduce fit, and one per model row.
 """
@@ -50,6 +56,7 @@ import warnings
 import torch
 
 CASES = ("svi-vae", "nce-energy")
+EM_ROWS, EM_ITERS = 400_000, 10
 ASSUMED = {"alpha_s": 20e-6, "beta_Bps": 1.25e9, "source": "assumed: 10 Gb Ethernet"}
 
 
@@ -68,14 +75,14 @@ def _case(name: str, steps: int):
     return model, cls, settings, args
 
 
-def worker(steps: int, warmup: int) -> None:
+def worker(steps: int, warmup: int, cases: list[str]) -> None:
     """One rank of one launch: every case, then (P > 1) the all-reduce sweep."""
     from jointkl import distributed
 
     distributed.initialise()
     p, main = distributed.world_size(), distributed.is_main()
     out = []
-    for name in CASES:
+    for name in [c for c in CASES if c in cases]:
         model, cls, settings, args = _case(name, steps)
         n = len(args[0])
         shard, _ = distributed.local_shard(args, {}, n)
@@ -96,6 +103,8 @@ def worker(steps: int, warmup: int) -> None:
         batch = settings.get("batch_size") or n
         numel = sum(int(v.numel()) for k, v in fit.state.items() if k.startswith("param:"))
         tensors = sum(1 for k in fit.state if k.startswith("param:"))
+        f32 = all(v.dtype == torch.float32 for k, v in fit.state.items() if k.startswith("param:"))
+        wire = 4 if f32 else 8
         out.append(
             {
                 "case": name,
@@ -108,9 +117,12 @@ def worker(steps: int, warmup: int) -> None:
                 "compute_s": t_step - t_comm,
                 "rows_per_s": batch / t_step,
                 "params": numel,
-                "allreduce_bytes": 8 * (numel + 2 * tensors + 1),
+                # the step's buffer: float32 when every parameter is (else float64)
+                "allreduce_bytes": wire * (numel + 2 * tensors + 3),
             }
         )
+    if "em-gmm" in cases:
+        out.append(_em_case(p))
     if p > 1:
         sizes = [8 * 4**k for k in range(10)]  # 8 B … 2 MiB
         for m in sizes:
@@ -129,10 +141,77 @@ def worker(steps: int, warmup: int) -> None:
         print("RESULT " + json.dumps(out), flush=True)
 
 
-def _launch(p: int, steps: int, warmup: int) -> list[dict]:
+def em_data(n: int = EM_ROWS, seed: int = 0) -> torch.Tensor:
+    """n four-dimensional points from four well-separated Gaussian blobs (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[-4.0, 0, 0, 0], [4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, -4.0, 0, 0]])
+    which = torch.randint(0, 4, (n,), generator=g)
+    return (centres[which] + torch.randn(n, 4, generator=g)).double()
+
+
+def _em_case(p: int) -> dict:
+    """``em-gmm``: EM (defaults, but ``tol=0`` so every launch runs the same iterations) on
+    ``GaussianMixture(n_components=4)`` over :func:`em_data`. Every rank is handed the
+    whole data and takes its own rows (EM picks its own rows). The time of one iteration
+    (E-step over the rows, one all-reduce of the statistics, M-step) is the difference of
+    a 1 + ``EM_ITERS``-iteration fit and a 1-iteration fit over ``EM_ITERS``: what the
+    initialisation costs cancels."""
+    from jointkl.inference import EM
+    from jointkl.models import GaussianMixture
+
+    from jointkl import distributed
+
+    x = em_data()
+    # EM's statistics go through torch.distributed.all_reduce directly (not
+    # jointkl.distributed's timed one): time that call here, for this case only
+    comm = {"s": 0.0}
+    plain = torch.distributed.all_reduce
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return plain(*a, **kw)
+        finally:
+            comm["s"] += time.perf_counter() - t
+
+    runs = {}
+    torch.distributed.all_reduce = timed
+    try:
+        # a first 1-iteration fit warms up (first-call costs), then the two timed fits
+        for key, iters in (("warm", 1), (1, 1), (1 + EM_ITERS, 1 + EM_ITERS)):
+            distributed.barrier()
+            comm["s"] = 0.0
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                em = EM(max_iter=iters, tol=0.0, progress=False)
+                fit = em.fit(GaussianMixture(n_components=4), x)
+            runs[key] = (time.perf_counter() - t0, comm["s"], fit.n_iter)
+    finally:
+        torch.distributed.all_reduce = plain
+    (t1, c1, n1), (tk, ck, n_iter) = runs[1], runs[1 + EM_ITERS]
+    t_iter, t_comm = (tk - t1) / (n_iter - n1), (ck - c1) / (n_iter - n1)
+    k, d = 4, 4
+    stats = k * (1 + d + d * d) + 1  # per component: weight, Σ x, Σ x xᵀ; the log-likelihood
+    return {
+        "case": "em-gmm",
+        "processes": p,
+        "rows": len(x),
+        "batch_size": len(x),  # a full pass per iteration
+        "iterations_timed": n_iter - n1,
+        "step_s": t_iter,
+        "allreduce_s": t_comm if p > 1 else 0.0,
+        "compute_s": t_iter - (t_comm if p > 1 else 0.0),
+        "rows_per_s": len(x) / t_iter,
+        "params": k * (1 + d + d * (d + 1) // 2),
+        "allreduce_bytes": 8 * stats,
+    }
+
+
+def _launch(p: int, steps: int, warmup: int, cases: list[str]) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
     cmd += [f"--nproc-per-node={p}", __file__, "--worker", f"--steps={steps}"]
-    cmd += [f"--warmup={warmup}"]
+    cmd += [f"--warmup={warmup}", f"--cases={','.join(cases)}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
@@ -160,10 +239,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--cases", default=",".join((*CASES, "em-gmm")))
     ap.add_argument("--worker", action="store_true")
     a = ap.parse_args()
+    cases = a.cases.split(",")
     if a.worker:
-        worker(a.steps, a.warmup)
+        worker(a.steps, a.warmup, cases)
         return
     machine = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -171,13 +252,13 @@ def main() -> None:
         "torch": torch.__version__,
         "threads_per_rank": 1,
     }
-    runs = {p: _launch(p, a.steps, a.warmup) for p in (1, 2)}
+    runs = {p: _launch(p, a.steps, a.warmup, cases) for p in (1, 2)}
     sweep = [r for r in runs[2] if "seconds" in r]
     for r in sweep:
         print(json.dumps({"kind": "allreduce", **r, **machine}))
     alpha, beta = _fit_alpha_beta(sweep)
     print(json.dumps({"kind": "allreduce-fit", "alpha_s": alpha, "beta_Bps": beta, **machine}))
-    for name in CASES:
+    for name in cases:
         one = next(r for r in runs[1] if r.get("case") == name)
         two = next(r for r in runs[2] if r.get("case") == name)
         eff = two["rows_per_s"] / (2 * one["rows_per_s"])

@@ -200,13 +200,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if _is_row_file(data_path):
                 # .npy or a folder of .npy shards: memory-mapped; streamed by an engine that
                 # reads it a batch or a block at a time, else read into memory as before.
-                # Data-parallel SVI/NCE are handed their rows as a tensor (read into memory).
-                # The run records the file's fingerprint whenever the engine streams, so a
-                # resume under another number of processes sees the same data.
+                # Data-parallel SVI/NCE get a mapped view of their rows (local_shard), so no
+                # rank reads the whole file. The run records the whole file's fingerprint
+                # whenever the engine streams, so a resume under another number of
+                # processes sees the same data.
                 rows = open_rows(data_path)
                 if probe.streams_rows():
                     fingerprint = rows.astype(dtype).fingerprint()
-                if probe.streams_rows() and (not parallel or engine_cls.picks_own_rows):
                     data_args, data_kwargs = (rows.astype(dtype),), {}
                 else:
                     table = Table({"x": rows[:]}, False, rows.source)
@@ -297,7 +297,7 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     """The fit and the run's files; on failure the run directory is left as the one-run
     rule says (:meth:`~jointkl.runs.RunDir.discard`), on SIGINT/SIGTERM the run is marked
     interrupted and the exit status is 128 + the signal."""
-    from jointkl import signals
+    from jointkl import distributed, signals
     from jointkl.checkpoint import retention
     from jointkl.runs import CheckpointSkipped
     from jointkl.zoo import user_file_error
@@ -307,7 +307,7 @@ def _fit_into(run, engine, pair, data_args, data_kwargs, config, model_spec, arg
     # under a process group, the engine sees this rank's rows; the Fit gets all of them
     shard_args, shard_kwargs = _rank_data(engine, data_args, data_kwargs)
     try:
-        with signals.stop_on_signals(), retention(args.keep_checkpoints):
+        with signals.stop_on_signals(), distributed.agreed_stop(), retention(args.keep_checkpoints):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("ignore", CheckpointSkipped)  # said in one line already
                 warnings.simplefilter("always", ConvergenceWarning)
@@ -381,12 +381,14 @@ def _rank_data(engine, data_args: tuple, data_kwargs: dict) -> tuple[tuple, dict
 def _fit_rank(engine, pair, data_args, data_kwargs) -> int:
     """A rank other than 0 of a data-parallel fit: the fit on its rows, no files, no output
     but errors (rank 0 reports the run)."""
-    from jointkl import signals
+    from jointkl import distributed, signals
 
     shard_args, shard_kwargs = _rank_data(engine, data_args, data_kwargs)
-    with signals.stop_on_signals(), warnings.catch_warnings():
+    with signals.stop_on_signals(), distributed.agreed_stop(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine.fit(pair, *shard_args, **shard_kwargs)
+    # After a stop every rank agreed on, rank 0 alone reports it (exit 128 + signal): this
+    # rank ends cleanly, so torchrun does not stop rank 0 while it writes.
     return 0
 
 

@@ -27,6 +27,13 @@ the data points of a mini-batch plus global terms. Under a process group of P ra
 * **Files.** Rank 0 alone writes (the run directory, checkpoints, the progress bar); the
   checkpoint holds the global step, the parameters, the optimiser state and rank 0's RNG,
   nothing per rank, so a run resumes under any P.
+* **Stopping.** SIGINT/SIGTERM (Ctrl-C, or torchrun forwarding its own) must stop every
+  rank after the *same* step, or the ranks would wait on each other's ``all_reduce``.
+  Under :func:`agreed_stop` a rank's signal is only noted; :func:`all_reduce_step` carries
+  the note in its buffer, and the step after which any rank has one is where every rank
+  stops (the loop then sees the request, and rank 0 writes the checkpoint). A repeat of
+  the same signal within :data:`ECHO_SECONDS` is torchrun's echo of a Ctrl-C every rank
+  already got; any other second signal stops the rank at once, as in one process.
 * **Faults.** The process group has a timeout (:data:`TIMEOUT`); a rank that dies makes its
   peers' next ``all_reduce`` fail (:class:`RankFailedError`, one line), and torchrun stops
   the others. Checkpoints are written atomically, so the last good one stays intact.
@@ -41,15 +48,19 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from jointkl.data.arrays import RowArray, is_row_array
 from jointkl.errors import InputError
 
 __all__ = [
@@ -63,6 +74,7 @@ __all__ = [
     "is_main",
     "shard_bounds",
     "local_shard",
+    "row_range",
     "all_reduce_step",
     "all_reduce_sum",
     "all_reduce_max",
@@ -70,6 +82,7 @@ __all__ = [
     "broadcast_object",
     "barrier",
     "launch",
+    "agreed_stop",
     "comm_seconds",
 ]
 
@@ -80,6 +93,11 @@ TIMEOUT = timedelta(minutes=5)
 KILL_ENV = "JOINTKL_TEST_KILL_RANK_AT_STEP"
 
 _comm = {"seconds": 0.0, "calls": 0}
+# A second signal this soon after the first, and the same one, is the launcher's echo: a
+# terminal's Ctrl-C reaches every rank and torchrun, which then forwards it again.
+ECHO_SECONDS = 1.0
+# this rank's noted signal (not yet agreed) and when it came
+_pending: dict[str, Any] = {"signum": None, "at": 0.0}
 
 
 class RankFailedError(RuntimeError):
@@ -173,8 +191,9 @@ class Shard:
 
 def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dict]:
     """This rank's contiguous rows (:func:`shard_bounds`) of every per-data-point argument
-    (a tensor whose first dimension is ``n``); other arguments unchanged. Without a process
-    group, the arguments themselves."""
+    (a tensor whose first dimension is ``n``, or a memory-mapped
+    :class:`~jointkl.data.arrays.RowArray` of ``n`` rows: cut by :func:`row_range` without
+    reading); other arguments unchanged. Without a process group, the arguments themselves."""
     if not active():
         return args, kwargs
     lo, hi = shard_bounds(n, rank(), world_size())
@@ -185,10 +204,46 @@ def local_shard(args: tuple, kwargs: dict[str, Any], n: int) -> tuple[tuple, dic
         )
 
     def cut(a):
+        if is_row_array(a) and len(a) == n:
+            return row_range(a, lo, hi)
         per_point = isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
         return a[lo:hi] if per_point else a
 
     return tuple(cut(a) for a in args), {k: cut(a) for k, a in kwargs.items()}
+
+
+def row_range(rows: RowArray, lo: int, hi: int) -> RowArray:
+    """Rows ``[lo, hi)`` of a memory-mapped :class:`~jointkl.data.arrays.RowArray` as a
+    RowArray of their own (row 0 is ``rows[lo]``), reading nothing: each file it touches is
+    mapped again from the byte where its first wanted row starts, so a rank maps, and an
+    engine streaming it reads, its rows alone. The read dtype, device and value range
+    (the checks :meth:`~jointkl.data.arrays.RowArray.astype` makes) are the parent's.
+
+    :param rows: the whole data.
+    :param lo: the first row kept.
+    :param hi: one past the last row kept (``lo < hi <= len(rows)``).
+    """
+    if not 0 <= lo < hi <= len(rows):
+        raise ValueError(f"rows [{lo}, {hi}) are not within the {len(rows)} rows")
+    shards, paths = [], []
+    for k, (shard, path) in enumerate(zip(rows.shards, rows.paths, strict=True)):
+        start, stop = int(rows.offsets[k]), int(rows.offsets[k + 1])
+        a, b = max(lo, start) - start, min(hi, stop) - start  # rows of this file kept
+        if a >= b:
+            continue
+        shards.append(
+            np.memmap(
+                path,
+                dtype=shard.dtype,
+                mode="r",
+                offset=int(shard.offset) + a * rows.row_bytes,
+                shape=(b - a, *shard.shape[1:]),
+            )  # C order: open_rows refuses Fortran-order files
+        )
+        paths.append(path)
+    view = RowArray(shards, paths, rows.source)
+    view.dtype, view.device, view.range = rows.dtype, rows.device, rows.range
+    return view
 
 
 def _on_wire(t: torch.Tensor) -> torch.Tensor:
@@ -280,9 +335,16 @@ def all_reduce_step(
     sizes = [p.numel() for p in params]
     total, k_all = sum(sizes), len(params)
     ref = params[0] if params else torch.zeros(())
-    # [gradients | touched flag per param | sparse flag per param | loss], float64 so that
-    # the sum adds no rounding of its own beyond the float32 gradients'.
-    buf = torch.zeros(total + 2 * k_all + 1, dtype=torch.float64, device=ref.device)
+    # [gradients | touched flag per param | sparse flag per param | ranks stopping | their
+    # signal numbers | loss], in the parameters' dtype when all are float32 (half the bytes
+    # of float64: the sum of P float32 gradients rounds once per add, as the 1-process
+    # backward's own float32 sums over the batch do); float64 otherwise, so a float64
+    # model's sum adds no rounding of its own.
+    wire = torch.float32 if all(p.dtype == torch.float32 for p in params) else torch.float64
+    buf = torch.zeros(total + 2 * k_all + 3, dtype=wire, device=ref.device)
+    noted = _pending["signum"]
+    if noted is not None:
+        buf[-3], buf[-2] = 1.0, float(noted)
     at = 0
     for k, (p, size) in enumerate(zip(params, sizes, strict=True)):
         if p.grad is not None:
@@ -301,7 +363,63 @@ def all_reduce_step(
             # an embedding's row-sparse gradient stays row-sparse (the rows any rank touched)
             p.grad = g.to_sparse(1) if buf[total + k_all + k] > 0 else g
         at += size
+    stopping = int(buf[-3])
+    if stopping:  # every rank ends after this step, under the signal a rank got
+        _agree(noted if noted is not None else _common_signal(int(buf[-2]), stopping))
     return float(buf[-1])
+
+
+def _common_signal(total: int, ranks: int) -> int:
+    """The signal of the ranks that got one, from the sum of their numbers: theirs when
+    they all got the same, else SIGTERM (the one that asks a run to end)."""
+    return total // ranks if total % ranks == 0 and total // ranks in _SIGNALS else signal.SIGTERM
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _agree(signum: int) -> None:
+    """Make ``signum`` this rank's stop request as the step loops see it
+    (:func:`jointkl.signals.stop_requested`)."""
+    from jointkl import signals
+
+    # signals keeps the one request a loop polls; a distributed stop is made at the same
+    # step on every rank, so it is set here rather than by the handler
+    signals._received = int(signum)
+
+
+def _noting_handler(signum: int, frame) -> None:
+    """Note the signal for the next :func:`all_reduce_step` (see the module's Stopping)."""
+    from jointkl import signals
+
+    now = time.monotonic()
+    first = _pending["signum"]
+    if first is None:
+        _pending.update(signum=signum, at=now)
+        if signals._polling == 0:  # no loop polls (setup, or EM): stop now, as one process
+            raise signals.ForcedStop(signum)
+        return
+    if signum == first and now - _pending["at"] < ECHO_SECONDS:
+        return  # torchrun's forward of the Ctrl-C this rank already has
+    raise signals.ForcedStop(signum)
+
+
+@contextmanager
+def agreed_stop() -> Iterator[None]:
+    """Inside :func:`jointkl.signals.stop_on_signals`, under a process group: SIGINT and
+    SIGTERM are noted and agreed on at the next :func:`all_reduce_step` (every rank stops
+    after the same step) instead of stopping this rank alone. Nothing without a group or
+    off the main thread."""
+    if not active() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _pending.update(signum=None, at=0.0)
+    previous = {s: signal.signal(s, _noting_handler) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def broadcast_start(params: Sequence[torch.Tensor]) -> None:
@@ -348,6 +466,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -377,8 +496,12 @@ def launch(argv: Sequence[str], nproc: int) -> int:
                 ]
             )
         )
+    except SignalException as e:  # torchrun itself got SIGINT/SIGTERM and passed it on
+        return 128 + int(e.sigval)  # rank 0 said where the run stopped
     except ChildFailedError as e:
         r, failure = e.get_first_failure()
+        if r == 0 and failure.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            return failure.exitcode  # an agreed stop: rank 0 marked the run and said so
         how = (
             f"killed by {failure.signal_name()}"
             if failure.exitcode < 0
