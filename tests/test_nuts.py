@@ -235,3 +235,22 @@ def test_cli_fit_gmm(tmp_path):
     # the zoo mixture indexes with Vindex, so all chains run in one model call
     assert fit.info["enumerated"] == ["assignment"] and fit.info["vectorised"]
     assert (out / "inference_data.nc").exists()
+
+
+def test_cli_resume_refused_names_the_engines_that_checkpoint(tmp_path, capsys):
+    """``--resume`` with an engine that does not checkpoint: exit 2, and the message lists
+    the engines that do (read from the registry: NUTS among them, EM not)."""
+    import json
+
+    from jointkl.cli import _resolve_model, main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from jointkl.models import GaussianMixture
+
+    spec = {**_resolve_model("gmm", None)[1], "settings": GaussianMixture().settings()}
+    config = {"model": "gmm", "model_spec": spec, "engine": "em"}
+    (run / "config.json").write_text(json.dumps({**config, "engine_config": {}, "seed": 0}))
+    assert main(["fit", "gmm", "--engine", "em", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "engine 'em' does not checkpoint; --resume is for langevin, nce, nuts, svi" in err
