@@ -254,3 +254,19 @@ def test_cli_resume_refused_names_the_engines_that_checkpoint(tmp_path, capsys):
     assert main(["fit", "gmm", "--engine", "em", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "engine 'em' does not checkpoint; --resume is for langevin, nce, nuts, svi" in err
+
+
+def test_expected_cost_line_only_for_long_fits():
+    """The line printed at the start of a long fit: the measured gradient time times 7
+    (depth 3) to 2^max_tree_depth − 1 leapfrog steps per transition; nothing when even the
+    worst case is under ten minutes."""
+    from jointkl.inference.nuts.engine import NUTSSettings, expected_cost
+
+    s = NUTSSettings()
+    assert expected_cost(1e-4, 2000, s) is None  # worst case 2000 × 1023 × 0.1 ms = 205 s
+    line = expected_cost(0.009, 2000, s)
+    assert line == (
+        "NUTS: one gradient of the 4 chains takes 9.0 ms here; 2000 transitions of 7 (depth "
+        "3) to 1023 (max_tree_depth=10) leapfrog steps: 2 min to 5.1 h (lower warmup/draws "
+        "or max_tree_depth to bound it)"
+    )
