@@ -124,6 +124,55 @@ def indexed_model(x):
         pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
 
 
+def singular_at_ten(x):
+    """ρ ~ N(0, 3); a factor through M = I + (ρ/10)(J − I), singular at ρ = ±10, by the
+    GMM's route (Cholesky, ``cholesky_inverse``, Cholesky): the frozen graph raises a
+    RuntimeError at ρ = 10 exactly, where the eager model raises a LinAlgError."""
+    rho = pyro.sample("rho", dist.Normal(0.0, 3.0))
+    eye = torch.eye(2)
+    m = eye + (rho / 10).unsqueeze(-1).unsqueeze(-1) * (1 - eye)
+    cov = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)))
+    pyro.factor("det", -cov.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+    pyro.sample("obs", dist.Normal(rho, 1.0), obs=x)
+
+
+def test_compiled_leaf_that_raises_counts_a_divergence():
+    """A chain whose leapfrog lands where the compiled leaf raises (a singular matrix inside
+    the frozen graph, out of reach of the potential's own guard) diverges with U = +inf;
+    the other chains step as usual."""
+    from jointkl.inference.nuts.trajectory import _checkpoint_masks, step_function
+
+    pyro.set_rng_seed(0)
+    x = torch.tensor(0.5)
+    with pyro.validation_enabled(False):
+        target = Potential(singular_at_ten, (x,), {}, 3)
+        assert target.compile()
+        step = step_function(target, 3, compile=True)
+        C, D, K = 3, 1, 3
+        theta = torch.tensor([[0.3], [10.0], [-1.2]])
+        with pytest.raises(RuntimeError):
+            target.graph(theta)  # the frozen potential itself raises here
+        u, g = target.value_and_grad(torch.tensor([[0.3], [0.2], [-1.2]]))
+        z = torch.zeros
+        args = (
+            theta, torch.ones(C, D), g, z(C), z(C, D), theta, u, g, u, z(C), z(C),
+            z(C, dtype=torch.bool), z(C, dtype=torch.bool), z(K, C, D), z(K, C, D),
+            z(C, 1), torch.ones(C, D), u + 1, torch.ones(C, dtype=torch.bool),
+            torch.full((C,), 0.5), *_checkpoint_masks(0, K, torch.device("cpu")),
+        )  # fmt: skip
+        out = step(*args)  # step size 0: the new point is theta itself
+        u_good, _ = target.eager_value_and_grad(theta[[0, 2]])
+    assert step.fallbacks == 1
+    theta_out, log_w, p_u, div = out[0], out[3], out[6], out[12]
+    assert div.tolist() == [False, True, False]
+    assert out[11].tolist() == [False, True, False]  # the diverged chain stops its subtree
+    assert log_w[1] == 0 and p_u[1] == u[1]  # nothing of the bad state enters its proposal
+    # the good chains moved to theta (a step of 0), weighted by exp(−(H − H₀)) at U(theta)
+    assert torch.equal(theta_out[[0, 2]], theta[[0, 2]])
+    expected = -(u_good + 0.5 - (u[[0, 2]] + 1))
+    assert torch.allclose(log_w[[0, 2]], torch.logaddexp(torch.zeros(2), expected))
+
+
 def test_a_model_that_is_not_plate_correct_gets_the_per_chain_loop():
     """``locs[z]`` indexes the first dimension, which an outer plate of chains would take:
     the check at distinct points sees it and the potential runs one model per chain (and
@@ -186,3 +235,38 @@ def test_cli_fit_gmm(tmp_path):
     # the zoo mixture indexes with Vindex, so all chains run in one model call
     assert fit.info["enumerated"] == ["assignment"] and fit.info["vectorised"]
     assert (out / "inference_data.nc").exists()
+
+
+def test_cli_resume_refused_names_the_engines_that_checkpoint(tmp_path, capsys):
+    """``--resume`` with an engine that does not checkpoint: exit 2, and the message lists
+    the engines that do (read from the registry: NUTS among them, EM not)."""
+    import json
+
+    from jointkl.cli import _resolve_model, main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from jointkl.models import GaussianMixture
+
+    spec = {**_resolve_model("gmm", None)[1], "settings": GaussianMixture().settings()}
+    config = {"model": "gmm", "model_spec": spec, "engine": "em"}
+    (run / "config.json").write_text(json.dumps({**config, "engine_config": {}, "seed": 0}))
+    assert main(["fit", "gmm", "--engine", "em", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "engine 'em' does not checkpoint; --resume is for langevin, nce, nuts, svi" in err
+
+
+def test_expected_cost_line_only_for_long_fits():
+    """The line printed at the start of a long fit: the measured gradient time times 7
+    (depth 3) to 2^max_tree_depth − 1 leapfrog steps per transition; nothing when even the
+    worst case is under ten minutes."""
+    from jointkl.inference.nuts.engine import NUTSSettings, expected_cost
+
+    s = NUTSSettings()
+    assert expected_cost(1e-4, 2000, s) is None  # worst case 2000 × 1023 × 0.1 ms = 205 s
+    line = expected_cost(0.009, 2000, s)
+    assert line == (
+        "NUTS: one gradient of the 4 chains takes 9.0 ms here; 2000 transitions of 7 (depth "
+        "3) to 1023 (max_tree_depth=10) leapfrog steps: 2 min to 5.1 h (lower warmup/draws "
+        "or max_tree_depth to bound it)"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -163,6 +164,11 @@ class NUTS(Engine):
             with pyro.validation_enabled(False):
                 chains.start()
         with pyro.validation_enabled(False):
+            if s.progress:
+                remaining = s.warmup + s.draws - chains.step
+                line = expected_cost(_gradient_seconds(chains), remaining, s)
+                if line is not None:
+                    print(line, file=sys.stderr, flush=True)
             chains.run(folder)
         elapsed = time.perf_counter() - t0
         C, S = s.num_chains, max(0, chains.step - s.warmup)  # the draws kept so far
@@ -246,6 +252,46 @@ class NUTS(Engine):
                     v = v[:, torch.linspace(0, n - 1, num_samples).round().long()]
                 out[key[len(STATS_PREFIX) :]] = v
         return out
+
+
+def _gradient_seconds(chains: Chains, calls: int = 3) -> float:
+    """Seconds per U-and-∇U evaluation of all chains at their current points (the best of
+    ``calls``, the way the sampler will call it)."""
+    best = math.inf
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        chains.value_and_grad(chains.theta)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def expected_cost(seconds: float, transitions: int, s: NUTSSettings) -> str | None:
+    """One line saying what a fit will cost when it may take long, else ``None``.
+
+    A transition of the batched chains takes as many leapfrog steps (one U-and-∇U each) as
+    the deepest chain's tree: 2^d − 1 for depth d ≤ ``max_tree_depth``. Well-conditioned
+    posteriors settle at depths 3–5 after warmup; a hard one (a mixture's full precision
+    matrices) runs at ``max_tree_depth`` in early warmup, before the mass matrix adapts.
+
+    :param seconds: the measured time of one U-and-∇U evaluation of all chains.
+    :param transitions: the transitions left to run (warmup and draws).
+    :param s: the settings (``max_tree_depth``, ``num_chains``).
+    :returns: the line when the worst case exceeds ten minutes.
+    """
+    worst = transitions * (2**s.max_tree_depth - 1) * seconds
+    if worst <= 600:
+        return None
+    low = transitions * (2**3 - 1) * seconds
+
+    def span(t: float) -> str:
+        return f"{t / 60:.0f} min" if t < 5400 else f"{t / 3600:.1f} h"
+
+    return (
+        f"NUTS: one gradient of the {s.num_chains} chains takes {seconds * 1e3:.1f} ms here; "
+        f"{transitions} transitions of 7 (depth 3) to {2**s.max_tree_depth - 1} "
+        f"(max_tree_depth={s.max_tree_depth}) leapfrog steps: {span(low)} to {span(worst)} "
+        "(lower warmup/draws or max_tree_depth to bound it)"
+    )
 
 
 def _label_switching(target: Potential, lp: torch.Tensor, rhat: float) -> str | None:

@@ -322,4 +322,28 @@ def step_function(potential, max_tree_depth: int, compile: bool) -> Callable[...
                         return functools.partial(leaf, potential.value_and_grad)
     except Exception:  # tracing failed: the leaf runs eagerly on the compiled potential
         return functools.partial(leaf, potential.value_and_grad)
-    return graph
+    return _GuardedLeaf(graph, functools.partial(leaf, potential.value_and_grad))
+
+
+class _GuardedLeaf:
+    """The compiled leaf, falling back to the eager leaf on the guarded potential for the
+    one call where the graph raises: a model that cannot be evaluated at some chain's new
+    point (e.g. a precision matrix singular in floating point, met inside the frozen
+    graph's forward or backward pass, where :meth:`Potential.value_and_grad` cannot catch
+    it) then gets U = +inf there, which the leaf counts as a divergence, and the other
+    chains' steps are exact.
+
+    :param graph: the frozen leaf, called with :func:`leaf`'s arguments (less the potential).
+    :param eager: :func:`leaf` bound to :meth:`Potential.value_and_grad`.
+    """
+
+    def __init__(self, graph: Callable[..., tuple], eager: Callable[..., tuple]):
+        self.graph, self.eager = graph, eager
+        self.fallbacks = 0  # calls answered by the eager leaf (for the profile)
+
+    def __call__(self, *args: torch.Tensor) -> tuple:
+        try:
+            return self.graph(*args)
+        except RuntimeError:  # LinAlgError and TorchScript's errors are RuntimeErrors
+            self.fallbacks += 1
+            return self.eager(*args)

@@ -172,7 +172,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         engine_kw["checkpoint_dir"] = str(run.checkpoints)
         engine_kw["resume"] = bool(args.resume)
     elif args.resume:
-        raise InputError(f"engine {engine_name!r} does not checkpoint; --resume is for svi")
+        from jointkl.engine import ENGINES
+
+        able = sorted(n for n, c in ENGINES.items() if "checkpoint_dir" in _params_of(c))
+        raise InputError(
+            f"engine {engine_name!r} does not checkpoint; --resume is for {', '.join(able)}"
+        )
     try:
         probe = engine_cls(**engine_kw)  # every engine setting checked before any work
     except TypeError as e:
