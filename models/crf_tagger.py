@@ -388,12 +388,14 @@ class CRFTagger(ZooModel):
         # vectorised pass never matched its one-draw check and the converter re-ran the
         # whole network on the corpus once per draw.
         net.train(torch.is_grad_enabled())
-        # Crop to this batch's longest row: a mini-batch rarely needs the global padding.
-        T = int(lengths.max())
-        chars = chars[:, :T]
-        tags = tags[:, :T] if tags is not None else None
-        emissions = net(chars, lengths)
+        # The plate first: what needs only N (an engine sizing its mini-batches) stops at the
+        # plate's creation, before the network runs over the whole corpus.
         with pyro.plate("data", chars.shape[0]):
+            # Crop to this batch's longest row: a mini-batch rarely needs the global padding.
+            T = int(lengths.max())
+            chars = chars[:, :T]
+            tags = tags[:, :T] if tags is not None else None
+            emissions = net(chars, lengths)
             pyro.sample("tags", self.tag_distribution(emissions, lengths), obs=tags)
 
     # -------------------------------------------------------------- prediction

@@ -72,3 +72,17 @@ def test_to_arviz_runs_the_network_a_few_times_not_once_per_draw(tiny_fit):
         tr = poutine.trace(tagger.model).get_trace(*args)
         expect = tr.nodes["tags"]["fn"].log_prob(tr.nodes["tags"]["value"]).double().numpy()
     np.testing.assert_allclose(ll[0, 0], expect, rtol=1e-5)
+
+
+def test_the_data_plate_size_is_found_without_running_the_network(tiny_fit, monkeypatch):
+    """SVI sizes its mini-batches from the model's "data" plate before the first step: the
+    plate comes before the network, so finding N never runs it over the whole corpus."""
+    from jointkl.sites import data_plate_size
+
+    tagger, args, _ = tiny_fit
+
+    def refuse(*a, **k):
+        raise AssertionError("the network ran")
+
+    monkeypatch.setattr(type(tagger.net), "forward", refuse)  # also a freshly built network
+    assert data_plate_size(tagger.model, args, {}) == len(args[0])
