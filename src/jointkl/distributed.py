@@ -48,7 +48,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -410,16 +409,14 @@ def agreed_stop() -> Iterator[None]:
     SIGTERM are noted and agreed on at the next :func:`all_reduce_step` (every rank stops
     after the same step) instead of stopping this rank alone. Nothing without a group or
     off the main thread."""
-    if not active() or threading.current_thread() is not threading.main_thread():
+    from jointkl import signals
+
+    if not active():
         yield
         return
     _pending.update(signum=None, at=0.0)
-    previous = {s: signal.signal(s, _noting_handler) for s in _SIGNALS}
-    try:
+    with signals.handlers(_noting_handler):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def broadcast_start(params: Sequence[torch.Tensor]) -> None:

@@ -55,10 +55,18 @@ def stop_on_signals() -> Iterator[None]:
     this does nothing), restoring the previous handlers on exit."""
     global _received
     _received = None
+    with handlers(_handler):
+        yield
+
+
+@contextmanager
+def handlers(handler) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM while inside (main thread only; elsewhere this does
+    nothing), the previous handlers restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
     finally:
