@@ -725,6 +725,45 @@ def default_hmm_row(args, label: str, x: torch.Tensor, k: int) -> dict:
 
 
 def case_defaults(args) -> Iterator[dict]:
+    """:func:`defaults_rows` for every seed of ``--seeds`` (default: ``--seed`` alone), each
+    row tagged with its seed, then, for several seeds, one ``"defaults-seeds"`` summary per
+    row: the seconds, CPU seconds and iterations summed over the seeds on each side (a
+    single seed is one draw of both sides' initialisations: a start in a slow basin on
+    either side decides a row's ratio)."""
+    import copy
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        seeded = copy.copy(args)
+        seeded.seed = seed
+        for r in defaults_rows(seeded):
+            r = {**r, "seed": seed}
+            rows.setdefault(r["row"].split(" N=")[0] + f" N={r.get('n', '')}", []).append(r)
+            yield r
+    if len(seeds) < 2:
+        return
+    for label, rs in rows.items():
+        anchor = next(k for k in rs[0]["seconds"] if k != "jointkl")
+        sides = [anchor, "jointkl"]
+        total = {k: sum(r["seconds"][k] for r in rs) for k in sides}
+        cpu = {k: sum(r["cpu_seconds"][k] for r in rs) for k in sides}
+        gap = "loglik_gap_per_point" if "loglik_gap_per_point" in rs[0] else "loglik_gap_per_step"
+        yield {
+            "case": "defaults-seeds",
+            "row": label,
+            "seeds": seeds,
+            "seconds": total,
+            "cpu_seconds": cpu,
+            "ratio": total["jointkl"] / total[anchor],
+            "cpu_ratio": cpu["jointkl"] / cpu[anchor],
+            "iterations": {k: [r["iterations"][k] for r in rs] for k in sides},
+            "iterations_total": {k: sum(r["iterations"][k] for r in rs) for k in sides},
+            gap: [r[gap] for r in rs],
+        }
+
+
+def defaults_rows(args) -> Iterator[dict]:
     """The rows named by ``--rows`` (gmm, bmm, hmm), each as soon as it is measured; the
     mixtures at N = 20k, and 200k without ``--quick`` (``--sizes`` names others)."""
     covs = tuple(args.covs.split(","))
@@ -736,9 +775,10 @@ def case_defaults(args) -> Iterator[dict]:
     if "bmm" in which:
         yield default_bmm_row(args)
         yield same_start_bmm_row(args)
-    if "hmm" in which:
+    if which & {"hmm", "hmm-default"}:
         (x,), _ = HMM().default_data(args.seed)
         yield default_hmm_row(args, "HMM() on its default data (20 x 100 steps)", x, 3)
+    if which & {"hmm", "hmm-long"}:
         x = hmm_sample(100, 500, 6, args.seed)
         yield default_hmm_row(args, "HMM(6) on 100 x 500 steps", x, 6)
 
@@ -804,12 +844,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per contender (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument(
-        "--rows", default="gmm,bmm,hmm", help="defaults case: which rows (gmm, bmm, hmm)"
+        "--rows",
+        default="gmm,bmm,hmm",
+        help="defaults case: which rows (gmm, bmm, hmm = hmm-default + hmm-long)",
     )
     p.add_argument(
         "--covs", default="full,diag,spherical", help="defaults case: the mixtures' covariances"
     )
     p.add_argument("--sizes", default=None, help="defaults case: the mixtures' N, comma-separated")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="defaults case: seeds, comma-separated (each: its own data where generated and "
+        "both sides' initialisations), with a summary over them; default: --seed alone",
+    )
     p.add_argument(
         "--pyro-budget", type=float, default=600.0, help="most seconds for the Pyro tutorial recipe"
     )
