@@ -739,7 +739,7 @@ def case_defaults(args) -> Iterator[dict]:
         seeded.seed = seed
         for r in defaults_rows(seeded):
             r = {**r, "seed": seed}
-            rows.setdefault(r["row"].split(" N=")[0] + f" N={r.get('n', '')}", []).append(r)
+            rows.setdefault(r["row"], []).append(r)
             yield r
     if len(seeds) < 2:
         return
