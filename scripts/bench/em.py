@@ -12,7 +12,8 @@ Cases (one JSON object each on stdout):
   start, a *same start* row, as for every covariance); ``HMM()`` on its default data and
   ``HMM(6)`` on 100 x 500 steps against hmmlearn's ``GaussianHMM``. Times, iteration counts
   and the per-point log-likelihood gap (anchor minus jointkl's log-likelihood, the prior
-  left out).
+  left out). ``--seeds 0,1,2,3,4`` measures every row at each seed and adds a
+  ``defaults-seeds`` summary per row (times and iterations summed over the seeds).
 
 - ``gmm``: Gaussian mixture, full covariances, N=200,000 points, D=4, K=8 overlapping
   clusters. Every EM runs the same number of iterations from the same start (k-means++ seeds,
@@ -39,6 +40,8 @@ changes torch's).
     python scripts/bench/em.py                   # every case
     python scripts/bench/em.py --cases gmm,hmm --quick
     python scripts/bench/em.py --cases defaults --rows gmm --sizes 200000
+    python scripts/bench/em.py --cases defaults --quick --repeat 3 --rows gmm,bmm,hmm-default \
+        --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
