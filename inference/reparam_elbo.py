@@ -41,7 +41,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, biject_to
-from torch.distributions.transforms import ComposeTransform
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from jointkl.minibatch import ScaleDataPlate
 from jointkl.sites import DATA_PLATE
@@ -146,11 +146,10 @@ class _AutoNormalSites:
             if not all(n in store for n in names):
                 return None
             transform = biject_to(site["fn"].support)
-            if isinstance(transform, ComposeTransform) and not transform.parts:
-                transform = None  # the identity (a real support): see sites()
+            if _is_identity(transform):
+                transform = None  # a real support (of any event size): see sites()
             event_dim = site["fn"].event_dim
-            aux_event_dim = guide._event_dims[name]
-            entries.append((name, names[0], names[1], transform, event_dim, aux_event_dim, frames))
+            entries.append((name, names[0], names[1], transform, event_dim, frames))
         return cls(guide, entries)
 
     def applies(self, guide: Any) -> bool:
@@ -165,7 +164,7 @@ class _AutoNormalSites:
         raw = store._params
         sites: dict[str, dict] = {}
         params: dict[str, torch.Tensor] = {}
-        for name, loc_name, scale_name, transform, event_dim, aux_event_dim, frames in self.entries:
+        for name, loc_name, scale_name, transform, event_dim, frames in self.entries:
             loc, scale = store[loc_name], store[scale_name]
             params[loc_name], params[scale_name] = raw[loc_name], raw[scale_name]
             q = dist.Normal(loc, scale, validate_args=False)
@@ -199,6 +198,14 @@ class _AutoNormalSites:
 
 # The own log-density of a real-valued AutoNormal latent (identity transform): known zero.
 _ZERO = object()
+
+
+def _is_identity(transform) -> bool:
+    """Is ``transform`` the identity: ``biject_to`` of a real support, an empty composition,
+    possibly with event dimensions reinterpreted (whose log|det| is then a sum of zeros)?"""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 def _guide_site(fn, value: torch.Tensor, frames: tuple) -> dict[str, Any]:
