@@ -41,6 +41,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, biject_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from jointkl.minibatch import ScaleDataPlate
 from jointkl.sites import DATA_PLATE
@@ -145,9 +146,10 @@ class _AutoNormalSites:
             if not all(n in store for n in names):
                 return None
             transform = biject_to(site["fn"].support)
+            if _is_identity(transform):
+                transform = None  # a real support (of any event size): see sites()
             event_dim = site["fn"].event_dim
-            aux_event_dim = guide._event_dims[name]
-            entries.append((name, names[0], names[1], transform, event_dim, aux_event_dim, frames))
+            entries.append((name, names[0], names[1], transform, event_dim, frames))
         return cls(guide, entries)
 
     def applies(self, guide: Any) -> bool:
@@ -162,15 +164,27 @@ class _AutoNormalSites:
         raw = store._params
         sites: dict[str, dict] = {}
         params: dict[str, torch.Tensor] = {}
-        for name, loc_name, scale_name, transform, event_dim, aux_event_dim, frames in self.entries:
+        for name, loc_name, scale_name, transform, event_dim, frames in self.entries:
             loc, scale = store[loc_name], store[scale_name]
             params[loc_name], params[scale_name] = raw[loc_name], raw[scale_name]
             q = dist.Normal(loc, scale, validate_args=False)
             u = q.rsample()
+            # The auxiliary site is summed unmasked, through its base distribution (the
+            # ELBO's _log_density_total unwraps an Independent): the Normal itself.
+            sites[name + "_unconstrained"] = _guide_site(q, u, frames)
+            if transform is None:
+                # A real-valued latent: T is the identity, z = u and log|det| = 0, so the
+                # site's own log-density term is −s·Σ0 = −0: adding it changes no bit of the
+                # loss nor of any gradient, and it is left out (with the zero tensor, the
+                # transform calls and the Delta's log-density broadcast). The Delta stays:
+                # an analytic-KL ELBO reads KL(δ_z ‖ p) = −log p(z) from it.
+                delta = dist.Delta(u, event_dim=event_dim, validate_args=False)
+                sites[name] = _guide_site(delta, u, frames)
+                sites[name]["own_log_density"] = _ZERO
+                continue
             value = transform(u)
             log_density = transform.inv.log_abs_det_jacobian(value, u)
             log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
-            sites[name + "_unconstrained"] = _guide_site(q.to_event(aux_event_dim), u, frames)
             delta = dist.Delta(
                 value, log_density=log_density, event_dim=event_dim, validate_args=False
             )
@@ -180,6 +194,18 @@ class _AutoNormalSites:
                 # the ELBO reads it without Delta.log_prob's comparison, log and addition.
                 sites[name]["own_log_density"] = log_density
         return sites, params
+
+
+# The own log-density of a real-valued AutoNormal latent (identity transform): known zero.
+_ZERO = object()
+
+
+def _is_identity(transform) -> bool:
+    """Is ``transform`` the identity: ``biject_to`` of a real support, an empty composition,
+    possibly with event dimensions reinterpreted (whose log|det| is then a sum of zeros)?"""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
 
 
 def _guide_site(fn, value: torch.Tensor, frames: tuple) -> dict[str, Any]:
@@ -315,7 +341,9 @@ class ReparamELBO:
             else:
                 elbo = elbo + _log_density_total(site["fn"], site["value"], site, k)
                 own = g.get("own_log_density")
-                if own is not None:
+                if own is _ZERO:
+                    pass  # −s·Σ0: nothing to subtract
+                elif own is not None:
                     elbo = elbo - _weighted(own, g, k)
                 else:
                     elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)

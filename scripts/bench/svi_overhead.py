@@ -43,6 +43,10 @@ of the per-round ratios.
   −ELBO = −N/B·Σ_b log N(y_b | x_b·w + b, 1) − log p(z) + log q(z).
 
     python scripts/bench/svi_overhead.py --cases vae-fit,regression-fit --rounds 5
+
+``--cases regression-model-handler`` times one call of the regression model under the
+engine's handler against the same call with none (what a static replay that still runs the
+model's code could save).
 """
 
 from __future__ import annotations
@@ -347,6 +351,55 @@ def step_parts(x: torch.Tensor, steps: int = 600, warmup: int = 50) -> None:
     )
 
 
+def model_handler_cost(calls: int = 1000, repeat: int = 5) -> None:
+    """What Pyro's handler machinery costs in one call of the regression model
+    (``--cases regression-model-handler``, CPU ms per call, median of ``repeat`` blocks of
+    ``calls``): the model under the engine's one handler (replaying fixed latents, as the
+    pathwise ELBO runs it) against the same Python with no handler of the engine's (its
+    latents then drawn from the prior), on one mini-batch of 128 rows. The difference bounds
+    what a replay that still runs the model's own code could save per step."""
+    from jointkl.inference.reparam_elbo import _SitePass
+
+    rx, ry = regression_data(2000, 20)
+    xb, yb = rx[:128], ry[:128]
+    w = torch.zeros(rx.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    replay = {
+        "w": {"value": w, "is_observed": False, "infer": {}},
+        "b": {"value": b, "is_observed": False, "infer": {}},
+    }
+
+    def handled() -> None:
+        with _SitePass(replay=replay):
+            regression_model(xb, yb)
+
+    def bare() -> None:
+        regression_model(xb, yb)
+
+    out = {}
+    for name, call in (("under_engine_handler", handled), ("no_handler", bare)):
+        for _ in range(200):  # warm-up
+            call()
+        blocks = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            for _ in range(calls):
+                call()
+            blocks.append((time.process_time() - t0) / calls * 1e3)
+        out[name] = round(statistics.median(blocks), 4)
+    print(
+        json.dumps(
+            {
+                "case": "regression-model-handler",
+                "cpu_ms_per_call": out,
+                "handler_ms": round(out["under_engine_handler"] - out["no_handler"], 4),
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -365,6 +418,8 @@ def main() -> None:
     fit_steps = args.fit_steps
     if "vae-step-parts" in args.cases.split(","):
         step_parts(x)
+    if "regression-model-handler" in args.cases.split(","):
+        model_handler_cost()
     for case in [c for c in args.cases.split(",") if c.endswith("-fit")]:
         if case == "vae-fit":
             sides = {
