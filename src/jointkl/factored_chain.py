@@ -287,6 +287,9 @@ def viterbi(
     and going forward from ``y_m`` each later position the lowest tag whose best suffix
     follows the tag before it. pytorch-crf (a full forward pass, backtracked from the last
     position with the lowest tag) may return another of the tied paths.
+
+    The operations run as one TorchScript function (:func:`_compiled_kernel`), which removes
+    the Python interpreter between them.
     """
     return _compiled_kernel()(h, trans, start, end, lengths, VITERBI_CHUNK_BYTES)
 
@@ -323,19 +326,23 @@ def _viterbi_kernel(
     lengths: torch.Tensor | None,
     chunk_bytes: int,
 ) -> torch.Tensor:
-    """The body of :func:`viterbi` (``chunk_bytes``: :data:`VITERBI_CHUNK_BYTES`), written in the subset of Python that TorchScript
-    compiles (no aliases of torch functions, loops over ``range`` with a positive step)."""
+    """The body of :func:`viterbi` (``chunk_bytes``: :data:`VITERBI_CHUNK_BYTES`), written
+    in the subset of Python that TorchScript compiles (no aliases of torch functions, no
+    module constants, loops over ``range`` with a positive step)."""
     B, T, C = h.shape
     dev = h.device
     if B == 0:
         return torch.zeros(B, T, dtype=torch.long, device=dev)
     L = lengths if lengths is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     K, N, BT = (T + 1) // 2, 2 * B, B * T
-    m = (L + 1) // 2  # forward half: positions 0..m-1; backward half: L-1 down to m
-    n_back = L - m  # positions in the backward half (0 for length 1)
+    # Integer halving by a shift and index arithmetic on views of one arange: floor division
+    # and arange are among the slowest of the small operations this is made of.
+    n_back = torch.bitwise_right_shift(L, 1)  # floor(L/2) positions in the backward half
+    m = L - n_back  # forward half: positions 0..m-1; backward half: L-1 down to m
+    ar = torch.arange(max(BT + K * N, C * N), device=dev)
     steps = torch.cat([m, n_back])  # (N,): positions in each column's half
-    s = torch.arange(K, device=dev).unsqueeze(-1)  # (K, 1)
-    rows = torch.arange(0, BT, T, device=dev)  # (B,): flat index of each row's position 0
+    s = ar[:K].unsqueeze(-1)  # (K, 1)
+    rows = ar[:BT:T]  # (B,): flat index of each row's position 0
     # (K, N): flat index (b * T + position) of column n's position at step s. Column b < B is
     # row b's forward half, column B + b row b reversed within its length (clamped at its
     # position 0 past it). Steps past a column's half read some position of its own row:
@@ -366,8 +373,8 @@ def _viterbi_kernel(
             torch.add(b_t[t], x[t + 1], out=v[t + 1])
         hit = torch.eq(sums[:n], best[t0 : t0 + n].unsqueeze(2), out=sums[:n])  # 1.0 at the max
         torch.amax(hit.mul_(weights), 2, out=flipped[t0 : t0 + n])
-    cols = torch.arange(N, device=dev)
-    tag_n = torch.arange(0, C * N, N, device=dev)  # (C,): tag * N
+    cols = ar[:N]
+    tag_n = ar[: C * N : N]  # (C,): tag * N
     ident = tag_n.unsqueeze(-1) + cols  # (C, N): each state mapped to itself
     # Pointers as flat indices (pointer * N + column) of their step's (C, N) map, in int64 (a
     # float32 index is exact only up to 2^24); the identity past each column's last step, so
@@ -381,17 +388,18 @@ def _viterbi_kernel(
     ends = values.take(last)
     fwd, bwd = ends[:B], ends[B:]
     pair = (fwd.unsqueeze(-1) + trans + bwd.unsqueeze(1)).flatten(1).argmax(-1)
-    j = torch.where(n_back == 0, (fwd + end).argmax(-1), pair // C)
+    first = torch.div(pair, C, rounding_mode="trunc")
+    j = torch.where(n_back == 0, (fwd + end).argmax(-1), first)
     # (K, N) states encoded as tag * N + column, read back from the last step.
     states = torch.empty(K, N, dtype=torch.long, device=dev)
-    torch.add(cols, torch.cat([j, pair % C]), alpha=N, out=states[K - 1])
+    torch.add(cols, torch.cat([j, pair.sub(first, alpha=C)]), alpha=N, out=states[K - 1])
     maps, st = flat.unbind(0), states.unbind(0)
     for u in range(K - 1):
         t = K - 2 - u
         torch.take(maps[t], st[t + 1], out=st[t])
     # Each column's states inside its half go to their positions (at); the others to slots
     # of their own past the end, so that no position is written twice. Padding stays 0.
-    spare = torch.arange(BT, BT + K * N, device=dev).view(K, N)
+    spare = ar[BT : BT + K * N].view(K, N)
     path = torch.zeros(BT + K * N, dtype=torch.long, device=dev)
-    path.put_(torch.where(s < steps, at, spare), states.div_(N, rounding_mode="floor"))
+    path.put_(torch.where(s < steps, at, spare), states.div_(N, rounding_mode="trunc"))
     return path[:BT].view(B, T)

@@ -237,11 +237,14 @@ class LinearChainCRF(TorchDistribution):
             for name, v in (("start", start), ("end", end)):
                 if v is not None:
                     _check_finite(name, v, allow_neg_inf=True)
-            if lengths is not None and ((lengths < 1) | (lengths > T)).any():
-                raise InputError(
-                    f"lengths must lie in 1..{T} (the emissions' T), got values from "
-                    f"{int(lengths.min())} to {int(lengths.max())}"
-                )
+            if lengths is not None and lengths.numel() > 0:
+                # One reduction for both bounds.
+                lo, hi = (int(v) for v in torch.aminmax(lengths))
+                if lo < 1 or hi > T:
+                    raise InputError(
+                        f"lengths must lie in 1..{T} (the emissions' T), got values from "
+                        f"{lo} to {hi}"
+                    )
         self.emissions = emissions
         self.transitions = transitions
         self.start = start
