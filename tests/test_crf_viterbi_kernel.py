@@ -11,6 +11,7 @@ import torch
 
 from jointkl import factored_chain
 from jointkl.distributions import LinearChainCRF
+from jointkl.errors import InputError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -73,3 +74,19 @@ def test_emissions_that_require_grad_decode_without_a_graph():
     h = torch.randn(3, 6, 4, requires_grad=True)
     path = LinearChainCRF(h, torch.randn(4, 4), method="factored").mode
     assert not path.requires_grad and path.shape == (3, 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_mask_gives_the_lengths_and_a_non_prefix_mask_is_refused(device):
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 8, (2, 3), generator=g)
+    mask = (torch.arange(7) < lengths.unsqueeze(-1)).to(device)
+    h = torch.randn(2, 3, 7, 4, generator=g).to(device)
+    A = torch.randn(4, 4, generator=g).to(device)
+    crf = LinearChainCRF(h, A, mask=mask)
+    assert crf.lengths.device.type == device and torch.equal(crf.lengths.cpu(), lengths)
+    assert torch.equal(crf.mode, LinearChainCRF(h, A, lengths=lengths.to(device)).mode)
+    bad = mask.clone()
+    bad[1, 2, 0] = False  # a hole at the start: not a prefix
+    with pytest.raises(InputError, match="prefix"):
+        LinearChainCRF(h, A, mask=bad)
