@@ -237,11 +237,14 @@ class LinearChainCRF(TorchDistribution):
             for name, v in (("start", start), ("end", end)):
                 if v is not None:
                     _check_finite(name, v, allow_neg_inf=True)
-            if lengths is not None and ((lengths < 1) | (lengths > T)).any():
-                raise InputError(
-                    f"lengths must lie in 1..{T} (the emissions' T), got values from "
-                    f"{int(lengths.min())} to {int(lengths.max())}"
-                )
+            if lengths is not None and lengths.numel() > 0:
+                # One reduction for both bounds.
+                lo, hi = (int(v) for v in torch.aminmax(lengths))
+                if lo < 1 or hi > T:
+                    raise InputError(
+                        f"lengths must lie in 1..{T} (the emissions' T), got values from "
+                        f"{lo} to {hi}"
+                    )
         self.emissions = emissions
         self.transitions = transitions
         self.start = start
@@ -263,17 +266,21 @@ class LinearChainCRF(TorchDistribution):
             if mask.shape[-1:] != (T,):
                 raise InputError(f"mask must have shape (..., {T}), got {tuple(mask.shape)}")
             lengths = mask.sum(-1)
-            prefix = torch.arange(T, device=mask.device) < lengths.unsqueeze(-1)
-            if not torch.equal(prefix, mask):
+            # A prefix mask is non-increasing along T: it equals its running minimum.
+            if not torch.equal(mask.cummin(-1).values, mask):
                 raise InputError(
                     "mask must be True on a prefix of each sequence (from position 0) and "
                     "False after it"
                 )
         if lengths is None:
             return None
-        lengths = torch.as_tensor(lengths, device=device)
+        # Conversions only where needed: on a small decode each operation counts.
+        if not isinstance(lengths, torch.Tensor) or lengths.device != device:
+            lengths = torch.as_tensor(lengths, device=device)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise InputError(f"lengths must be integers, got dtype {lengths.dtype}")
+        if lengths.dtype == torch.long and lengths.shape == batch_shape:
+            return lengths
         try:
             return lengths.long().expand(batch_shape)
         except RuntimeError as e:
