@@ -36,3 +36,20 @@ def test_compiled_potential_is_infinite_where_the_eager_model_raises():
             if checked >= 5:
                 break
     assert checked >= 5
+
+
+def test_laplace_start_finds_the_mode_and_the_marginal_variances():
+    """On a Gaussian posterior (mean (1, −2), sds 1 and 3, correlation 0.95) the start moves
+    to the mean and M⁻¹ = diag(H⁻¹) is the marginal variances (1, 9), not 1 / H_ii."""
+    import pyro.distributions as dist
+    from jointkl.inference.nuts.curvature import mode_and_variances
+
+    def model():
+        cov = torch.tensor([[1.0, 2.85], [2.85, 9.0]])
+        pyro.sample("v", dist.MultivariateNormal(torch.tensor([1.0, -2.0]), cov))
+
+    target = Potential(model, (), {}, 3)
+    starts = torch.tensor([[3.0, 3.0], [-2.0, 0.5], [0.0, 0.0]])
+    theta, inv_mass = mode_and_variances(target.value_and_grad, starts)
+    torch.testing.assert_close(theta, torch.tensor([[1.0, -2.0]]).expand(3, 2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(inv_mass, torch.tensor([[1.0, 9.0]]).expand(3, 2), rtol=1e-2, atol=0)
