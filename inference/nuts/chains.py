@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
+from jointkl.inference.nuts.curvature import mode_and_variances
 from jointkl.inference.nuts.potential import Potential
 from jointkl.inference.nuts.trajectory import step_function, transition
 from tqdm.auto import tqdm
@@ -86,7 +87,11 @@ class Chains:
         self.theta = theta.to(self.target.device)
         self.u, self.grad = self.value_and_grad(self.theta)
         opts = dict(dtype=self.theta.dtype, device=self.theta.device)
-        self.inv_mass = torch.ones(C, D, **opts)
+        if s.laplace_start:
+            self.theta, self.inv_mass = mode_and_variances(self.value_and_grad, self.theta)
+            self.u, self.grad = self.value_and_grad(self.theta)
+        else:
+            self.inv_mass = torch.ones(C, D, **opts)
         self.eps = torch.full((C,), s.step_size or 1.0, **opts)
         if s.step_size is None:
             self.eps = self.reasonable_step_size(self.eps)

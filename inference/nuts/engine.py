@@ -62,6 +62,7 @@ class NUTSSettings(Settings):
     target_accept: float = setting(0.8, _target_accept)
     max_tree_depth: int = setting(10, positive_int)
     init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
+    laplace_start: bool = setting(True, boolean)
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -78,7 +79,15 @@ class NUTSSettings(Settings):
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide the chains' path: a checkpoint records them, and a resume
         under other values is refused (its state would not mean the same thing)."""
-        keys = ("num_chains", "warmup", "draws", "target_accept", "max_tree_depth", "init")
+        keys = (
+            "num_chains",
+            "warmup",
+            "draws",
+            "target_accept",
+            "max_tree_depth",
+            "init",
+            "laplace_start",
+        )
         return {k: getattr(self, k) for k in (*keys, "step_size", "vectorise", "compile", "seed")}
 
 
@@ -100,6 +109,10 @@ class NUTS(Engine):
         k-means++ centres for a mixture; else ``"uniform"``), or Pyro's strategy
         ``"uniform"`` (uniform in (−2, 2) unconstrained, Stan's), ``"median"`` (prior
         median) or ``"sample"`` (a prior draw).
+    :param bool laplace_start: move each start to its nearest mode (a few L-BFGS
+        iterations on U) and begin warmup with the Laplace approximation's marginal
+        variances there as the diagonal inverse mass matrix (``False``: the start as
+        drawn and M⁻¹ = I, Stan's).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).

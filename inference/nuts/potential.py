@@ -353,15 +353,74 @@ class Potential:
 def _frozen(graph, example: torch.Tensor | None, examples: tuple | None = None):
     """The FX graph as a frozen TorchScript module (its operations run by TorchScript's
     interpreter, without a Python call per operation: about 3x faster on small models), or
-    the FX graph itself if TorchScript cannot take it."""
+    the FX graph itself if TorchScript cannot take it.
+
+    Either way the linear-algebra checks of the traced computation are kept: a TorchScript
+    trace drops ``aten._linalg_check_errors`` (it returns nothing), so a Cholesky factor of
+    a matrix that is not positive-definite would give a finite but wrong U where the eager
+    model raises. :func:`_error_flagged` turns those checks into one extra boolean output,
+    and :class:`_Checked` raises as the eager model does when it is set."""
+    flagged = _error_flagged(graph)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             args = examples if examples is not None else (example,)
             scripted = torch.jit.trace(graph, args, check_trace=False)
-            return torch.jit.freeze(scripted.eval())
+            module = torch.jit.freeze(scripted.eval())
     except Exception:  # TorchScript is optional: the FX graph is exact too
-        return graph
+        module = graph
+    return _Checked(module) if flagged else module
+
+
+_CHECKS = (torch.ops.aten._linalg_check_errors.default,)
+
+
+def _error_flagged(graph) -> bool:
+    """Rewrite ``graph`` (in place) so that its error checks become data: each
+    ``_linalg_check_errors(info, …)`` is replaced by ``info ≠ 0`` reduced to one boolean,
+    the checks or-ed together and appended to the graph's outputs. Returns whether the
+    graph had any check (and so an extra output)."""
+    g = graph.graph
+    checks = [n for n in g.nodes if n.op == "call_function" and n.target in _CHECKS]
+    if not checks:
+        return False
+    flag = None
+    for node in checks:
+        with g.inserting_before(node):
+            bad = g.call_function(torch.ops.aten.ne.Scalar, (node.args[0], 0))
+            bad = g.call_function(torch.ops.aten.any.default, (bad,))
+            flag = (
+                bad
+                if flag is None
+                else g.call_function(torch.ops.aten.logical_or.default, (flag, bad))
+            )
+        g.erase_node(node)
+    out = next(n for n in g.nodes if n.op == "output")
+    results = out.args[0]
+    results = tuple(results) if isinstance(results, (tuple, list)) else (results,)
+    with g.inserting_before(out):
+        out.args = ((*results, flag),)
+    graph.recompile()
+    return True
+
+
+class _Checked:
+    """A compiled graph whose last output says whether a linear-algebra check failed
+    (:func:`_error_flagged`): returns the other outputs, or raises ``RuntimeError`` as the
+    eager computation would, so that the callers' guards (U = +inf for the chain that
+    cannot be evaluated, a divergence) take over.
+
+    :param module: the graph, returning its outputs and then the flag.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        *outputs, failed = self.module(*args)
+        if bool(failed):
+            raise RuntimeError("NUTS: a linear-algebra check failed in the compiled graph")
+        return tuple(outputs)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -297,8 +297,12 @@ def step_function(potential, max_tree_depth: int, compile: bool) -> Callable[...
             f(C), b(C), f(C).abs(), b(K), b(K),
         )  # fmt: skip
 
+    import pyro
+
     try:
-        with warnings.catch_warnings():
+        # Pyro's validation checks values with Python branches, which a trace cannot hold:
+        # the graph is traced without them (the potential's own graph is, too).
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.simplefilter("ignore")
             graph = make_fx(lambda *a: eager(*a))(*inputs())
         graph.graph.eliminate_dead_code()
