@@ -62,7 +62,7 @@ class NUTSSettings(Settings):
     target_accept: float = setting(0.8, _target_accept)
     max_tree_depth: int = setting(10, positive_int)
     init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
-    laplace_start: bool = setting(True, boolean)
+    laplace_start: bool = setting(False, boolean)
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -111,8 +111,9 @@ class NUTS(Engine):
         median) or ``"sample"`` (a prior draw).
     :param bool laplace_start: move each start to its nearest mode (a few L-BFGS
         iterations on U) and begin warmup with the Laplace approximation's marginal
-        variances there as the diagonal inverse mass matrix (``False``: the start as
-        drawn and M⁻¹ = I, Stan's).
+        variances there as the diagonal inverse mass matrix; ``False`` (default): the
+        start as drawn and M⁻¹ = I, Stan's (chains stay over-dispersed at the start,
+        which R-hat relies on).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).
