@@ -229,13 +229,20 @@ class _NullContext:
         return False
 
 
-def _pointwise_log_likelihood(model, args, kwargs, draw, observed, lay: _Layout, params):
-    """{var name: (B, n_points...)} for the draws of one pass (B = 1 without a batch)."""
+def _pointwise_log_likelihood(
+    model, args, kwargs, draw, observed, lay: _Layout, params, trace=None
+):
+    """{var name: (B, n_points...)} for the draws of one pass (B = 1 without a batch).
+    ``trace``: a trace of the model that is that pass already (a model with nothing latent,
+    traced once: the one run it needs), used instead of running the model again."""
     B = lay.batch or 1
-    cond = _at_draw(model, lay.values(draw), params)
-    enum = poutine.enum(cond, first_available_dim=-lay.rank - 1)
-    with torch.no_grad(), lay.plate():
-        tr = poutine.trace(enum).get_trace(*args, **kwargs)
+    if trace is not None:
+        tr = trace
+    else:
+        cond = _at_draw(model, lay.values(draw), params)
+        enum = poutine.enum(cond, first_available_dim=-lay.rank - 1)
+        with torch.no_grad(), lay.plate():
+            tr = poutine.trace(enum).get_trace(*args, **kwargs)
     _fill_matrix_log_probs(tr, observed)
     tr.compute_log_prob()
     tr.pack_tensors()
@@ -532,10 +539,25 @@ def to_inference_data(
         elif draws_kind == "point_estimate":
             one = _Layout(base, nesting, None)
             first = _take(flat, 0) if draws else {}
+            # Nothing latent (every sample site observed, deterministic or a plate's
+            # subsample): the model's one trace, ``base``, is the pass; a second run of it
+            # would only repeat the work (a tagger's network over its whole corpus).
+            latent_free = not draws and all(
+                s["is_observed"] or site_is_subsample(s) or s["infer"].get("_deterministic")
+                for s in base.nodes.values()
+                if s["type"] == "sample"
+            )
             once = {
                 k: v[0]
                 for k, v in _pointwise_log_likelihood(
-                    model, args, kwargs, first, observed, one, params
+                    model,
+                    args,
+                    kwargs,
+                    first,
+                    observed,
+                    one,
+                    params,
+                    trace=base if latent_free else None,
                 ).items()
             }
             ll_attrs["pointwise"] = "conditional" if local else "marginal"
