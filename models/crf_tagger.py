@@ -410,7 +410,10 @@ class CRFTagger(ZooModel):
         if torch.is_grad_enabled() or n <= EVAL_ROWS:
             return net(chars, lengths)
         return torch.cat(
-            [net(chars[i : i + EVAL_ROWS], lengths[i : i + EVAL_ROWS]) for i in range(0, n, EVAL_ROWS)]
+            [
+                net(chars[i : i + EVAL_ROWS], lengths[i : i + EVAL_ROWS])
+                for i in range(0, n, EVAL_ROWS)
+            ]
         )
 
     # -------------------------------------------------------------- prediction

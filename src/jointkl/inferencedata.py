@@ -441,8 +441,14 @@ def _cat(outs: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
+    """The values in the tensor's own dtype: the model's precision is the precision the
+    draws and log-densities have (float32 draws widened to float64 only doubled the file:
+    a VAE's 4 x 1,000 draws of 1,437 x 8 latents are 184 MB, not 368). Half precisions,
+    which netCDF cannot hold (bfloat16 is not even a numpy type), become float32."""
     t = t.detach().cpu()
-    return (t.double() if t.dtype.is_floating_point else t).numpy()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.numpy()
 
 
 def _iwae_log_likelihood(model, guide, args, kwargs, observed, k: int, seed: int):
