@@ -264,8 +264,12 @@ class SVI(Engine):
             for n, site in sample_sites.items()
             if site["infer"].get("enumerate") == "parallel" and not site["is_observed"]
         ]
+        # a plate's subsample site is not a latent: a model with none gets no guide (an
+        # autoguide over nothing would still trace the model on the whole data to set up)
         latent = [
-            n for n, site in sample_sites.items() if not site["is_observed"] and n not in enumerated
+            n
+            for n, site in sample_sites.items()
+            if not site["is_observed"] and n not in enumerated and not site_is_subsample(site)
         ]
         loss_name = s.loss if isinstance(s.loss, str) else None
         loss = (
@@ -606,12 +610,16 @@ class SVI(Engine):
         fit.guide = guide
         pyro.clear_param_store()
         rng = torch.get_rng_state()
+        args, kwargs = fit.args, fit.kwargs
+        if fit.config.get("resolved_guide") == "none":
+            # No latents, no guide params: the model's params do not depend on the rows
+            # (they are created as in the fit, from one mini-batch), so one row creates them
+            # without a run of the model over the whole data (a tagger's network on a corpus).
+            args, kwargs = _first_row(fit.pair.model, args, kwargs)
         with torch.no_grad(), poutine.block():
-            poutine.trace(guide).get_trace(*fit.args, **fit.kwargs)
-            gtr = poutine.trace(guide).get_trace(*fit.args, **fit.kwargs)
-            poutine.trace(poutine.replay(fit.pair.model, trace=gtr)).get_trace(
-                *fit.args, **fit.kwargs
-            )
+            poutine.trace(guide).get_trace(*args, **kwargs)
+            gtr = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(poutine.replay(fit.pair.model, trace=gtr)).get_trace(*args, **kwargs)
         torch.set_rng_state(rng)
         saved = {
             k.removeprefix("param:"): v for k, v in fit.state.items() if k.startswith("param:")
@@ -625,6 +633,8 @@ class SVI(Engine):
         """Independent guide draws of every latent site of the model (enumerated ones are
         summed out, not drawn), ``(num_chains, num_samples, *shape)``
         (``num_samples=None``: 100)."""
+        if fit.config.get("resolved_guide") == "none":
+            return {}  # the model has no latent site (why the fit had no guide)
         guide = cls._guide_for(fit)
         model_tr = trace_model(fit.pair.model, fit.args, fit.kwargs)
         latent = {
@@ -655,6 +665,15 @@ class SVI(Engine):
     def importance_guide(cls, fit: Fit):
         """The fitted guide (the IWAE proposal of a model with per-datum latents)."""
         return cls._guide_for(fit)
+
+
+def _first_row(model, args: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
+    """The arguments cut to the first row of the model's ``"data"`` plate (unchanged when it
+    has none, or no per-row argument)."""
+    n = data_plate_size(model, args, kwargs)
+    if n is None or n < 1:
+        return args, dict(kwargs)
+    return slice_arguments(args, kwargs, sliceable_arguments(args, kwargs, n), torch.arange(1))
 
 
 def _check_streamed_plate(model, args: tuple, kwargs: Mapping[str, Any], rows: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -74,11 +75,13 @@ def run_case(case: str, extra: list[str]) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     fit = engine.fit(pair, *data_args, **data_kwargs)
     c1, t1 = time.process_time(), time.perf_counter()
+    rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     idata = fit.to_arviz()
     c2, t2 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         idata.to_netcdf(str(Path(d) / "inference_data.nc"))
         c3, t3 = time.process_time(), time.perf_counter()
+        nc_mb = (Path(d) / "inference_data.nc").stat().st_size / 2**20
         write_plots(fit, idata, Path(d) / "plots")
         c4, t4 = time.process_time(), time.perf_counter()
     fit_s, post_s = t1 - t0, t4 - t1
@@ -105,6 +108,12 @@ def run_case(case: str, extra: list[str]) -> dict:
         "post_cpu_s": round(post_cpu, 2),
         "budget_cpu_s": round(budget_cpu, 2),
         "ok_cpu": post_cpu <= budget_cpu,
+        # peak resident memory of the process after the fit and at the end: the second
+        # is larger only when the post-fit work set a new peak
+        "peak_rss_fit_mb": round(rss_fit),
+        "peak_rss_end_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "netcdf_mb": round(nc_mb, 1),
+        "steps": getattr(engine.settings, "steps", None),
         "groups": list(idata.groups()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
