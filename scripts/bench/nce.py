@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     row = {"case": "unigram", "held_out_perplexity": math.exp(-float(log_unigram[test[0]].mean()))}
     print(json.dumps({**row, **common}), flush=True)
     quality = a.quality_cases.split(",") if a.quality_cases else []
-    for case in [*cases, *(c for c in quality if c not in cases)]:
+    order = [*cases, *(c for c in quality if c not in cases)]
+    order.sort(key=lambda c: c != "default")  # the defaults' row first, tuned rows after
+    for case in order:
         variant, nu, shared = parse(case)
         row = {
             "case": case,
