@@ -138,9 +138,14 @@ def fit_phase(phase: str, path: str, subsample: int, seed: int, timing: bool) ->
     out["peak_rss_over_file"] = out["peak_rss_bytes"] / out["file_bytes"]
     if timing and phase != "subsample":
         out["fixed_start_seconds_per_iteration"] = fixed_start_seconds(data, fit.params)
-    if phase == "stream":
+    if phase == "stream" and "streamed" not in fit.info:
+        # EM reads a row file that fits in jointkl.inference.em.streaming.IN_MEMORY_BYTES
+        # whole (the in-memory path); say so rather than report a stream that did not happen
+        out["streamed"] = False
+    elif phase == "stream":
         s = fit.info["streamed"]
         out.update(
+            streamed=True,
             block_rows=s["block_rows"],
             passes=s["passes"],
             seconds_per_pass=s["pass_seconds"] / s["passes"],

@@ -20,6 +20,7 @@ tuned settings are rows the script labels as such.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -97,6 +98,30 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "postfit", "postfit.py", (), ("arviz",), "post-fit work (to_arviz, netCDF, plots) vs fit"
     ),
     Benchmark(
+        "em_laplace",
+        "em_laplace.py",
+        (),
+        (),
+        "EM's Laplace factor for the default `jointkl fit bmm --engine em`: matmul tables"
+        " against the broadcast tables (the previous path)",
+    ),
+    Benchmark(
+        "em_stream",
+        "em_stream.py",
+        ("--n", "40000000", "--subsample", "1000000"),
+        (),
+        "EM on a memory-mapped file at N = 4·10^7 (1.28 GB, make bench's size: EM reads files"
+        " under 1 GiB whole; the script's own default is 10^8): the streamed fit against a"
+        " subsample fit",
+    ),
+    Benchmark(
+        "streaming",
+        "streaming.py",
+        (),
+        (),
+        "SVI reading each mini-batch from a memory-mapped file against the same data in memory",
+    ),
+    Benchmark(
         "scaling",
         "scaling.py",
         (),
@@ -113,8 +138,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 )
 
 
-def machine() -> str:
-    """CPU model and core count, as the table header shows them."""
+def machine(note: str = "") -> str:
+    """CPU model and core count, as the table header shows them, and ``note`` (e.g. "shared")."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -123,7 +148,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+    shown = f"{model}, {os.cpu_count()} cores, {platform.system()}"
+    return f"{shown} ({note})" if note else shown
 
 
 def version(dist: str) -> str:
@@ -177,14 +203,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def section(bench: Benchmark, rows: list[dict], seconds: float, threads: int) -> str:
+def section(
+    bench: Benchmark, rows: list[dict], seconds: float, threads: int, note: str = ""
+) -> str:
+    """The table of ``rows`` under its heading: command, machine, threads, anchors, date, time."""
     shown = " ".join(["python", f"scripts/bench/{bench.script}", *bench.args])
     anchors = ", ".join(f"{a} {version(a)}" for a in bench.anchors) or "—"
     head = [
         f"### `{bench.name}`: {bench.title}",
         "",
         f"- command: `OMP_NUM_THREADS={threads} {shown}` (via `make bench`)",
-        f"- machine: {machine()}; torch threads: {threads}; torch {version('torch')}",
+        f"- machine: {machine(note)}; torch threads: {threads}; torch {version('torch')}",
         f"- anchors: {anchors}",
         f"- measured: {time.strftime('%Y-%m-%d')}, {seconds:.0f} s for the whole benchmark",
         "",
@@ -192,17 +221,42 @@ def section(bench: Benchmark, rows: list[dict], seconds: float, threads: int) ->
     return "\n".join(head) + "\n" + table(rows) + "\n"  # a blank line ends the list
 
 
+HEADING = "## Latest `make bench` tables"
+
+
 def replace_section(page: str, name: str, body: str) -> str:
+    """``page`` with the block of benchmark ``name`` replaced by ``body``, in place.
+
+    A benchmark without markers yet gets its block after the last benchmark block of the
+    section (the section's text after the tables stays after them), or after the section's
+    first paragraph when it has none; a page without the section gets it at its end.
+    """
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{body}{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(page):
-        return pattern.sub(lambda _: block, page)
-    heading = "## Latest `make bench` tables"
-    if heading not in page:
-        page = page.rstrip("\n") + f"\n\n{heading}\n\nWritten by `make bench` "
+        return pattern.sub(lambda _: block, page, count=1)
+    if HEADING not in page:
+        page = page.rstrip("\n") + f"\n\n{HEADING}\n\nWritten by `make bench` "
         page += "(`scripts/bench/run_all.py`); edit the scripts, not these tables.\n"
-    return page.rstrip("\n") + f"\n\n{block}\n"
+        return page + f"\n{block}\n"
+    start = page.index(HEADING)
+    ends = [m.end() for m in re.finditer(r"<!-- /bench:[^ ]+ -->", page[start:])]
+    if ends:
+        at = start + ends[-1]
+    else:  # after the heading's first paragraph
+        para = page.find("\n\n", start + len(HEADING) + 2)
+        at = len(page.rstrip("\n")) if para < 0 else para
+    return page[:at] + f"\n\n{block}" + page[at:]
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Rewrite benchmark ``name``'s block of the page at ``path`` under an exclusive lock,
+    so that runners started side by side do not overwrite each other's tables."""
+    with open(path, "a", encoding="utf-8") as lock:  # the page itself is the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        page = path.read_text(encoding="utf-8") or "# Benchmarks\n"
+        path.write_text(replace_section(page, name, body), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated benchmark names")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--note", default="", help='added to the machine line, e.g. "shared"')
     ap.add_argument("--page", type=Path, default=PAGE, help="the Markdown page to rewrite")
     args = ap.parse_args(argv)
+    if args.list:
+        for bench in BENCHMARKS:
+            print(f"{bench.name:12} {bench.script:20} {' '.join(bench.args)}")
+        return 0
     names = {b.name for b in BENCHMARKS}
     chosen = BENCHMARKS
     if args.only:
@@ -231,9 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(str(e))
             print(f"   failed: {e}", file=sys.stderr)
             continue
-        page = args.page.read_text(encoding="utf-8") if args.page.exists() else "# Benchmarks\n"
-        page = replace_section(page, bench.name, section(bench, rows, seconds, args.threads))
-        args.page.write_text(page, encoding="utf-8")  # after each, so a later failure keeps it
+        body = section(bench, rows, seconds, args.threads, args.note)
+        write_section(args.page, bench.name, body)  # after each, so a later failure keeps it
         print(f"   {len(rows)} rows in {seconds:.0f} s", file=sys.stderr)
     for line in failed:
         print(f"run_all: {line}", file=sys.stderr)
