@@ -68,9 +68,8 @@ def mode_and_variances(
 
 def _inverse_mass(value_and_grad, theta: torch.Tensor) -> torch.Tensor:
     C, D = theta.shape
-    ones = torch.ones_like(theta)
     if D > MAX_DIM:
-        return ones
+        return torch.ones_like(theta)
     h = 1e-3 * (1 + theta.abs())  # (C, D): a step relative to each coordinate
     cols = []
     for i in range(D):
@@ -81,16 +80,15 @@ def _inverse_mass(value_and_grad, theta: torch.Tensor) -> torch.Tensor:
         cols.append((gp - gm) / (2 * h[:, i : i + 1]))
     H = torch.stack(cols, -1)  # (C, D, D): column i is ∂∇U/∂θ_i
     H = 0.5 * (H + H.transpose(-1, -2)).double()
-    out = ones.clone()
-    for c in range(C):
-        Hc = H[c]
-        if not torch.isfinite(Hc).all():
-            continue
-        L, info = torch.linalg.cholesky_ex(Hc)
-        if int(info) == 0:
-            var = torch.cholesky_inverse(L).diagonal()
-        else:
-            d = Hc.diagonal()
-            var = torch.where(d > 0, 1 / d, torch.ones_like(d))
-        out[c] = var.to(theta.dtype)
-    return out.clamp(1e-6, 1e6)
+    finite = torch.isfinite(H).flatten(1).all(-1)  # (C,)
+    eye = torch.eye(D, dtype=H.dtype, device=H.device)
+    H = torch.where(finite[:, None, None], H, eye)  # a chain with a non-finite H keeps 1
+    L, info = torch.linalg.cholesky_ex(H)  # all chains at once
+    pd = finite & (info == 0)
+    d = H.diagonal(dim1=-2, dim2=-1)
+    var = torch.where(
+        pd.unsqueeze(-1),
+        torch.cholesky_inverse(torch.where(pd[:, None, None], L, eye)).diagonal(dim1=-2, dim2=-1),
+        torch.where(finite.unsqueeze(-1) & (d > 0), 1 / d, torch.ones_like(d)),
+    )
+    return var.to(theta.dtype).clamp(1e-6, 1e6)

@@ -369,21 +369,22 @@ def _frozen(graph, example: torch.Tensor | None, examples: tuple | None = None):
             module = torch.jit.freeze(scripted.eval())
     except Exception:  # TorchScript is optional: the FX graph is exact too
         module = graph
-    return _Checked(module) if flagged else module
+    return module if flagged is None else _Checked(module, flagged == "several")
 
 
 _CHECKS = (torch.ops.aten._linalg_check_errors.default,)
 
 
-def _error_flagged(graph) -> bool:
+def _error_flagged(graph) -> str | None:
     """Rewrite ``graph`` (in place) so that its error checks become data: each
     ``_linalg_check_errors(info, …)`` is replaced by ``info ≠ 0`` reduced to one boolean,
-    the checks or-ed together and appended to the graph's outputs. Returns whether the
-    graph had any check (and so an extra output)."""
+    the checks or-ed together and appended to the graph's outputs. Returns ``None`` when
+    the graph had no check (and so no extra output), else ``"one"`` or ``"several"``: the
+    form of its own outputs (one tensor, or a tuple)."""
     g = graph.graph
     checks = [n for n in g.nodes if n.op == "call_function" and n.target in _CHECKS]
     if not checks:
-        return False
+        return None
     flag = None
     for node in checks:
         with g.inserting_before(node):
@@ -397,11 +398,11 @@ def _error_flagged(graph) -> bool:
         g.erase_node(node)
     out = next(n for n in g.nodes if n.op == "output")
     results = out.args[0]
-    results = tuple(results) if isinstance(results, (tuple, list)) else (results,)
+    several = isinstance(results, (tuple, list))
     with g.inserting_before(out):
-        out.args = ((*results, flag),)
+        out.args = ((*(results if several else (results,)), flag),)
     graph.recompile()
-    return True
+    return "several" if several else "one"
 
 
 class _Checked:
@@ -411,16 +412,18 @@ class _Checked:
     cannot be evaluated, a divergence) take over.
 
     :param module: the graph, returning its outputs and then the flag.
+    :param bool several: the graph's own outputs were a tuple (else one tensor).
     """
 
-    def __init__(self, module):
+    def __init__(self, module, several: bool):
         self.module = module
+        self.several = several
 
     def __call__(self, *args):
         *outputs, failed = self.module(*args)
         if bool(failed):
             raise RuntimeError("NUTS: a linear-algebra check failed in the compiled graph")
-        return tuple(outputs)
+        return tuple(outputs) if self.several else outputs[0]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

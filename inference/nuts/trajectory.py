@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 
 __all__ = ["Transition", "transition", "leaf", "step_function", "MAX_DELTA_H"]
@@ -296,8 +297,6 @@ def step_function(potential, max_tree_depth: int, compile: bool) -> Callable[...
             f(C).abs(), b(C), b(C), f(K, C, D), f(K, C, D), 0.1 * f(C, 1), 1 + f(C, D).abs(),
             f(C), b(C), f(C).abs(), b(K), b(K),
         )  # fmt: skip
-
-    import pyro
 
     try:
         # Pyro's validation checks values with Python branches, which a trace cannot hold:
