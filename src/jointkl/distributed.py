@@ -44,6 +44,7 @@ nothing here communicates.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -118,7 +119,21 @@ def initialise(device: str | torch.device | None = None) -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
+    # Left to the interpreter's own shutdown, the group's C++ worker threads can outlive
+    # the Python state they hold and abort the process ("terminate called without an
+    # active exception", SIGABRT) after a run that succeeded: take it down while Python is
+    # still whole.
+    atexit.register(_leave)
     return dist.get_world_size() > 1
+
+
+def _leave() -> None:
+    """Destroy this process's process group, if it still has one (at exit)."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a peer already gone: nothing left to take down cleanly
+        pass
 
 
 def active() -> bool:
