@@ -34,6 +34,10 @@ CONTINUOUS_FAMILIES = ("normal", "mvn")
 # Lloyd's stopping tolerance, relative to the data's mean per-coordinate variance
 # (scikit-learn's KMeans default tol).
 KMEANS_TOL = 1e-4
+# Seeding and the first Lloyd steps run on a random sample of this many points when there
+# are more (each Lloyd step over all of 20k points costs about an EM iteration); Lloyd steps
+# on all of them then start near their fixed point and take a few.
+KMEANS_SAMPLE = 4096
 
 
 def initial_theta(
@@ -146,42 +150,12 @@ def _nearest(xt: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return scores.gt(scores.amin(0)).cumprod(0).sum(0)
 
 
-def _kmeans(
-    x: torch.Tensor,
-    k: int,
-    gen: torch.Generator,
-    iters: int,
-    live: torch.Tensor | None = None,
-    smooth: bool = True,
-) -> torch.Tensor | None:
-    """Labels of every row of ``x`` from greedy k-means++ seeding and Lloyd steps on the
-    ``live`` rows, as scikit-learn's ``KMeans(n_init=1)`` computes them: each new centre is
-    the best (lowest potential Σ min_c ‖x - c‖²) of 2 + ⌊log k⌋ candidates drawn with
-    probability ∝ D(x)² (Arthur & Vassilvitskii 2007), then at most ``iters`` Lloyd steps,
-    stopping when the assignments no longer change or the centres move by less than
-    ``KMEANS_TOL`` times the data's mean per-coordinate variance (summed squared shift).
-    ``smooth``: mix ``LABEL_SMOOTHING`` uniform mass into the one-hot labels."""
-    every = x
-    x = x if live is None else x[live]
-    n = x.shape[0]
-    if n < k:
-        return None
-    trials = 2 + int(math.log(k))
-    centres = x[torch.randint(n, (1,), generator=gen)]
-    d2 = (x - centres[0]).square().sum(-1)
-    for _ in range(1, k):
-        total = d2.sum()
-        p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
-        # drawn on the CPU with the CPU generator: the same centres on every device
-        cand = x[torch.multinomial(p.cpu(), trials, replacement=True, generator=gen)]  # (t, D)
-        dc = torch.cdist(cand, x).square_()  # (t, n)
-        dc = torch.minimum(dc, d2)
-        best = int(dc.sum(-1).argmin())
-        centres = torch.cat([centres, cand[best : best + 1]])
-        d2 = dc[best]
-    tol = KMEANS_TOL * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
+def _lloyd(xt: torch.Tensor, centres: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
+    """The centres after at most ``iters`` Lloyd steps on the points ``xt`` (transposed,
+    ``(D, n)``) from ``centres``, stopping when the assignments no longer change or the
+    centres move by less than ``tol`` (summed squared shift)."""
+    k = centres.shape[0]
     assign = None
-    xt = x.T.contiguous()
     for _ in range(iters):
         new_assign = _nearest(xt, centres)
         if assign is not None and torch.equal(new_assign, assign):
@@ -196,7 +170,55 @@ def _kmeans(
         centres = new
         if shift <= tol:
             break
-    assign = _nearest(xt if live is None else every.T.contiguous(), centres)
+    return centres
+
+
+def _kmeans(
+    x: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    iters: int,
+    live: torch.Tensor | None = None,
+    smooth: bool = True,
+) -> torch.Tensor | None:
+    """Labels of every row of ``x`` from greedy k-means++ seeding and Lloyd steps on the
+    ``live`` rows, as scikit-learn's ``KMeans(n_init=1)`` computes them: each new centre is
+    the best (lowest potential Σ min_c ‖x - c‖²) of 2 + ⌊log k⌋ candidates drawn with
+    probability ∝ D(x)² (Arthur & Vassilvitskii 2007), then at most ``iters`` Lloyd steps,
+    stopping when the assignments no longer change or the centres move by less than
+    ``KMEANS_TOL`` times the data's mean per-coordinate variance (summed squared shift).
+    Beyond ``KMEANS_SAMPLE`` live rows, seeding and Lloyd steps run on a random sample of
+    that many, and Lloyd steps on all live rows then start from the sample's centres (a
+    fixed point of Lloyd on all of them, as without the sample, reached in a few steps).
+    ``smooth``: mix ``LABEL_SMOOTHING`` uniform mass into the one-hot labels."""
+    every = x
+    x = x if live is None else x[live]
+    n = x.shape[0]
+    if n < k:
+        return None
+    if n > KMEANS_SAMPLE:
+        # drawn on the CPU with the CPU generator: the same sample on every device
+        x = x[torch.randperm(n, generator=gen)[:KMEANS_SAMPLE].to(x.device)]
+        n = KMEANS_SAMPLE
+    trials = 2 + int(math.log(k))
+    centres = x[torch.randint(n, (1,), generator=gen)]
+    d2 = (x - centres[0]).square().sum(-1)
+    for _ in range(1, k):
+        total = d2.sum()
+        p = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
+        # drawn on the CPU with the CPU generator: the same centres on every device
+        cand = x[torch.multinomial(p.cpu(), trials, replacement=True, generator=gen)]  # (t, D)
+        dc = torch.cdist(cand, x).square_()  # (t, n)
+        dc = torch.minimum(dc, d2)
+        best = int(dc.sum(-1).argmin())
+        centres = torch.cat([centres, cand[best : best + 1]])
+        d2 = dc[best]
+    tol = KMEANS_TOL * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
+    centres = _lloyd(x.T.contiguous(), centres, iters, tol)
+    pts = every if live is None else every[live]
+    if n < pts.shape[0]:  # the sample's centres, polished by Lloyd steps on every point
+        centres = _lloyd(pts.T.contiguous(), centres, iters, tol)
+    assign = _nearest(every.T.contiguous(), centres)
     onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
     if live is not None:  # padding says nothing of its label
         onehot = torch.where(live.unsqueeze(-1), onehot, 1.0 / k)
