@@ -188,6 +188,32 @@ class HMM(ZooModel):
             )
         return vals
 
+    def em_time_steps(self, x: Any, lengths: Any = None) -> dict[str, Any]:
+        """The model as a chain of identical steps, for EM's compiler
+        (:func:`jointkl.inference.em.time_steps.compile_by_time_steps`): T steps of sites
+        ``state_t`` and ``obs_t``; the same model on the first n steps is the data cut to
+        them (lengths capped at n); ``obs_t``'s value is ``x[:, t]`` and its mask
+        ``t < lengths``."""
+        x = self._check(x)
+        lengths = self._check_lengths(lengths, x)
+        T = x.shape[1]
+
+        def short(n: int) -> tuple[tuple, dict]:
+            if lengths is None:
+                return (x[:, :n],), {}
+            return (x[:, :n], lengths.clamp(max=n)), {}
+
+        out = {
+            "steps": T,
+            "stems": ("state", "obs"),
+            "short": short,
+            "values": {"obs": x.movedim(1, 0)},
+        }
+        if lengths is not None:
+            steps = torch.arange(T, device=x.device).unsqueeze(-1)
+            out["masks"] = {"obs": steps < lengths}
+        return out
+
     # -------------------------------------------------------------- the model
     def _symbols(self, x: torch.Tensor) -> int:
         return self.n_symbols if self.n_symbols is not None else int(x.max()) + 1

@@ -45,6 +45,7 @@ from jointkl.inference.em.factors import (
     transform_for,
 )
 from jointkl.inference.em.families import FAMILIES, family_of, unwrap
+from jointkl.inference.em.time_steps import compile_by_time_steps
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
@@ -65,9 +66,14 @@ SLICE_ROWS = 32
 SLICE_MIN_POINTS = 128
 
 
-def compile_model(fm: FactorModel, seed: int) -> None:
+def compile_model(fm: FactorModel, seed: int, time_steps: Mapping[str, Any] | None = None) -> None:
     """Find ``fm.model``'s factor groups on ``fm``'s data (the steps of the module
-    docstring); ``seed`` seeds the probes."""
+    docstring); ``seed`` seeds the probes. ``time_steps``: the model's declaration of its
+    identical time steps (:func:`~jointkl.inference.em.time_steps.compile_by_time_steps`,
+    which compiles the first few and stamps them out, or leaves ``fm`` to the steps above
+    when the declaration does not match)."""
+    if time_steps is not None and compile_by_time_steps(fm, seed, time_steps, Compiler):
+        return
     Compiler(fm, seed).run()
 
 

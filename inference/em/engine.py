@@ -66,6 +66,7 @@ from jointkl.settings import (
     positive_int,
     setting,
 )
+from jointkl.zoo import hook
 
 __all__ = ["EM", "EMSettings", "Steps", "Trajectory"]
 
@@ -302,7 +303,14 @@ class EM(Engine):
         args, kwargs = self._read_small_sources(args, kwargs)
         if any(is_row_source(a) for a in (*args, *kwargs.values())) or world()[1] > 1:
             return self._run_streamed(pair, args, kwargs, t_start)
-        fm = FactorModel(pair.model, args, kwargs, seed=s.seed, dtype=s.dtype)
+        fm = FactorModel(
+            pair.model,
+            args,
+            kwargs,
+            seed=s.seed,
+            dtype=s.dtype,
+            time_steps=_time_steps(pair, args, kwargs),
+        )
         hard = s.assign == "hard"
         self._check_model(fm, hard)
         steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
@@ -542,3 +550,16 @@ class EM(Engine):
     def draws_kind(cls, fit: Fit) -> tuple[str, str]:
         """Independent draws from the Laplace approximation (not a Markov chain)."""
         return "independent", "laplace"
+
+
+def _time_steps(pair: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's declaration of its identical time steps on these data (its
+    ``em_time_steps`` hook), or ``None``: none, or one that fails on them (the generic
+    compilation then runs the model and reports what is wrong)."""
+    declare = hook(pair, "em_time_steps")
+    if declare is None:
+        return None
+    try:
+        return declare(*args, **kwargs)
+    except Exception:  # noqa: BLE001 (as the docstring says)
+        return None

@@ -81,6 +81,9 @@ class ZooModel:
     :ivar candidate_scores: ``candidate_scores(candidates, *context) -> (B, K) tensor``, the
         unnormalised log-density of every candidate in every context at once (NCE scores
         shared noise with it).
+    :ivar em_time_steps: ``em_time_steps(*args, **kwargs) -> dict``, a declaration that the
+        model is a chain of identical time steps, so EM compiles its first few and stamps
+        them out (:mod:`jointkl.inference.em.time_steps` says what the dict holds).
 
     Methods with a default: :meth:`spec` (rebuild recipe from :meth:`settings`),
     :meth:`default_data` (none: the CLI asks for ``--data``), :meth:`diagnostic_plots`
@@ -95,6 +98,7 @@ class ZooModel:
     init_values: Callable[..., Mapping[str, Any]] | None = None
     default_loss: Callable[..., Any] | None = None
     candidate_scores: Callable[..., Any] | None = None
+    em_time_steps: Callable[..., Mapping[str, Any]] | None = None
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define model()")
@@ -127,7 +131,7 @@ class ZooModel:
         return []
 
 
-_OPTIONAL = ("guide", "init_values", "default_loss", "candidate_scores")
+_OPTIONAL = ("guide", "init_values", "default_loss", "candidate_scores", "em_time_steps")
 _CLASS_HOOKS = ("name", "description", "engine_defaults", "default_guide")
 _METHODS = ("model", "settings", "spec", "default_data", "diagnostic_plots")
 
@@ -136,9 +140,9 @@ def hook(pair: Any, name: str) -> Any:
     """The hook ``name`` of any pair-like object, with :class:`ZooModel`'s default when the
     object does not provide it.
 
-    Optional callables (``guide``, ``init_values``, ``default_loss``, ``candidate_scores``)
-    default to ``None``; class-level hooks to ZooModel's value (``engine_defaults``: ``{}``,
-    ``description``: ``""``, ``default_guide``: ``None``); methods (``settings``, ``spec``,
+    Optional callables (``guide``, ``init_values``, ``default_loss``, ``candidate_scores``,
+    ``em_time_steps``) default to ``None``; class-level hooks to ZooModel's value
+    (``engine_defaults``: ``{}``, ``description``: ``""``, ``default_guide``: ``None``); methods (``settings``, ``spec``,
     ``default_data``, ``diagnostic_plots``) to ``None`` on an object that is not a ZooModel,
     so a caller tests ``hook(pair, "default_data") is None`` to learn that there is none.
 
