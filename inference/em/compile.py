@@ -78,15 +78,16 @@ def compile_model(fm: FactorModel, seed: int, time_steps: Mapping[str, Any] | No
 
 
 def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
-    """A site's value in the initial trace: an enumerated site's first value (everywhere:
-    a value only runs the model, and a draw of every data point's value would be a third
-    of this trace's time); a draw for another discrete site; a global's prior median, unless
+    """A site's value in the initial trace: an enumerated site's first value, one for all
+    its batch elements (size-1 batch dims, as an enumerated value has them: a value only runs
+    the model, and a draw of every data point's value would be a third of this trace's time,
+    while expanded to every point it makes the model gather, and Pyro validate, per-point
+    copies of one component's parameters, e.g. 20k Cholesky factors); a draw for another discrete site; a global's prior median, unless
     that leaves the support (an elementwise median of Dirichlet draws does not sum to one):
     then the transform of zero (uniform probabilities, identity correlations, ...)."""
     fn = site["fn"]
     if site["infer"].get("enumerate") == "parallel" and fn.has_enumerate_support:
-        first = fn.enumerate_support(expand=False)[0]
-        return first.expand(fn.batch_shape + fn.event_shape).clone()
+        return fn.enumerate_support(expand=False)[0].clone()
     if site["infer"].get("enumerate") == "parallel" or fn.support.is_discrete:
         return fn.sample()
     v = init_to_median(site)
