@@ -134,3 +134,28 @@ def test_observations_outside_the_support_are_left_to_the_generic_compilation(mo
     with pytest.raises(Exception):  # noqa: B017, PT011 (whatever the generic path raises)
         FactorModel(HMM(3).model, (x,), {}, seed=0, dtype=F64, time_steps=steps)
     assert taken == [False]
+
+
+def test_many_sequences_compile_the_prefix_on_a_slice_and_fit_as_the_generic_path(monkeypatch):
+    """200 sequences: the prefix's own compilation runs on its 32-row slice, then stamped."""
+    g = torch.Generator().manual_seed(0)
+    model, x = HMM(2), torch.randn(200, 10, generator=g, dtype=F64)
+    fast, taken = compiled(model, (x,), {}, True, monkeypatch)
+    assert taken == [True]
+    fit_fast = fitted(model, (x,), {}, True, monkeypatch)
+    fit_generic = fitted(model, (x,), {}, False, monkeypatch)
+    assert fit_fast.n_iter == fit_generic.n_iter
+    assert fit_fast.info["log_likelihood"] == fit_generic.info["log_likelihood"]
+    for k in fit_fast.params:
+        assert torch.equal(fit_fast.params[k], fit_generic.params[k]), k
+
+
+def test_symbols_first_seen_after_the_prefix_fall_back(monkeypatch):
+    """The emission table's size is read from the data: the prefix's is smaller than the
+    whole data's, so its compilation cannot be stamped out."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(5, 4, dtype=torch.long), torch.randint(6, (5, 20), generator=g)], 1)
+    model = HMM(3, emission="categorical")
+    fm, taken = compiled(model, (x,), {}, True, monkeypatch)
+    assert taken == [False]
+    assert fm.free["emit"].shape == (3, 6)
