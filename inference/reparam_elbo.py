@@ -260,6 +260,11 @@ def _weighted(log_density: torch.Tensor, site: dict, data_scale: float = 1.0) ->
         # A number: scale the sum, not every element (one scalar op, forward and backward).
         total = log_density.sum()
         return total if scale == 1.0 else total * scale
+    if mask is None and scale.dim() == 0 and torch._C._get_tracing_state() is not None:
+        # Under tracing Pyro hands a plate's scale over as a 0-dim tensor: the same number
+        # as the eager step's, so the same order of operations (sum, then scale) gives the
+        # eager step's bits (a traced graph must reproduce it: traced_elbo.py).
+        return log_density.sum() * scale
     return scale_and_mask(log_density, scale, mask).sum()
 
 

@@ -122,9 +122,7 @@ def _rebuild(args: tuple, kwargs: dict, tensors: tuple) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with their tensors replaced, in order, by ``tensors``."""
     it = iter(tensors)
     new_args = tuple(next(it) if torch.is_tensor(a) else a for a in args)
-    new_kwargs = {
-        k: next(it) if torch.is_tensor(kwargs[k]) else kwargs[k] for k in sorted(kwargs)
-    }
+    new_kwargs = {k: next(it) if torch.is_tensor(kwargs[k]) else kwargs[k] for k in sorted(kwargs)}
     return new_args, new_kwargs
 
 
@@ -292,6 +290,8 @@ class TracedELBO:
                 # The tracer's warnings are about shapes read in Python (safe: a graph is
                 # kept per exact shape) or about values, which _ValueReads sorts out itself.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # torch 2.13 marks torch.jit.trace deprecated; the fit is no place to say so
+                warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated")
                 fn = torch.jit.trace(negative_elbo, inputs, check_trace=False)
         except _Untraceable as e:
             return None, str(e)
