@@ -48,6 +48,9 @@ __all__ = ["TracedELBO", "site_signature"]
 # Graphs kept per fit: one per batch signature (a mini-batched fit has two, the full batch and
 # the epoch's short last one); a model fed ever-new shapes runs eagerly past this.
 MAX_GRAPHS = 4
+# Every this many graph steps (and on the first) the eager forward pass is run from the same
+# random state and compared with the graph's loss: about 1 % of a step's time.
+AUDIT_EVERY = 100
 
 
 def site_signature(model_sites: dict, guide_sites: dict) -> tuple:
@@ -196,17 +199,31 @@ class TracedELBO:
         if graph is None:
             return None  # this signature failed its check: eager
         if graph is not False and graph.model is model and graph.guide is guide:
-            return self._run(graph, tensors)
+            return self._run(graph, tensors, model, guide, args, kwargs)
         if len(self.graphs) >= MAX_GRAPHS:
             return None
         return self._build(key, model, guide, args, kwargs, tensors)
 
-    def _run(self, graph: _Graph, tensors: list[torch.Tensor]) -> float | None:
+    def _run(self, graph: _Graph, tensors, model, guide, args, kwargs) -> float | None:
         from .reparam_elbo import _rng_state, _set_rng_state
 
         raw = pyro.get_param_store()._params
         params = [raw[n] for n in graph.names]
         start = _rng_state()
+        audit = None
+        if self.graph_steps % AUDIT_EVERY == 0:
+            # Now and then the eager forward pass from the same state, to compare: a Python
+            # value the graph froze (an annealing factor read from a global) that has
+            # changed since shows up here, and the rest of the fit runs eagerly.
+            with torch.no_grad():
+                audit = self.elbo._pathwise(model, guide, args, kwargs)
+            same = audit is not None and _same_sites(
+                self.elbo.last_signature_shapeless(), _shapeless(self.confirmed)
+            )
+            _set_rng_state(start)
+            if not same:
+                self.disable(f"the model's sites changed after graph step {self.graph_steps}")
+                return None
         try:
             with _plain_interpreter():
                 loss = graph.fn(*params, *tensors)
@@ -216,6 +233,10 @@ class TracedELBO:
         if not math.isfinite(value):
             # Redo the step eagerly from the same state: the model's own checks and the
             # engine's diagnosis (Pyro's validation, the non-finite-loss message) see it.
+            _set_rng_state(start)
+            return None
+        if audit is not None and not _close(loss.detach(), audit):
+            self.disable(f"the model's step changed after graph step {self.graph_steps}")
             _set_rng_state(start)
             return None
         loss.backward()

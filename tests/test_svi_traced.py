@@ -222,3 +222,32 @@ def test_an_enumerating_model_still_fits_with_the_default_jit():
     assert fit.config["resolved_loss"] == "enum"
     assert fit.info["jit"]["path"].startswith("eager")
     assert sorted(fit.params["locs"].tolist())[0] < -1.5
+
+
+def test_a_python_value_that_changes_after_the_graph_is_built_is_caught_by_the_audit(
+    monkeypatch,
+):
+    from jointkl.inference import traced_elbo
+
+    monkeypatch.setattr(traced_elbo, "AUDIT_EVERY", 5)
+    anneal = {"factor": 1.0}
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+        with pyro.plate("data", len(x)):
+            # a KL-annealing style factor read from a global: frozen in a graph
+            pyro.sample("y", dist.Normal(x @ w, 1.0 / anneal["factor"]), obs=y)
+
+    def bump(step, loss):
+        if step == 12:
+            anneal["factor"] = 2.0
+
+    x, y = regression_data()
+    fit = _fit(model, x, y, guide="normal", on_step=bump)
+    assert fit.info["jit"]["path"].startswith("eager: the model's step changed"), fit.info["jit"]
+    assert 8 <= fit.info["jit"]["graph_steps"] <= 13
+    anneal["factor"] = 1.0
+    eager = _fit(model, x, y, guide="normal", on_step=bump, jit=False)
+    # the steps before the change and after the detection are the eager path's; those
+    # between (at most AUDIT_EVERY) used the old factor
+    assert fit.history[:12] == eager.history[:12]
