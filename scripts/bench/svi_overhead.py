@@ -369,6 +369,71 @@ def step_parts(x: torch.Tensor, steps: int = 600, warmup: int = 50) -> None:
     )
 
 
+def traced_parts(x: torch.Tensor, calls: int = 200, blocks: int = 3) -> None:
+    """Forward and backward of one VAE step three ways (``--cases vae-traced-parts``, CPU
+    ms, median of ``calls`` per block, ``blocks`` alternating blocks): the engine's traced
+    graph (taken from a ``ReparamELBO(compiled=True)`` after five steps), its eager pathwise
+    ELBO, and the hand-written loss, on one batch of 128 with the same networks."""
+    from jointkl.inference.reparam_elbo import ReparamELBO
+    from jointkl.inference.traced_elbo import _plain_interpreter
+
+    xb = x[:128]
+    torch.manual_seed(0)
+    vae = VAE(8, hidden=256, input_dim=x.shape[1])
+    pyro.clear_param_store()
+    elbo = ReparamELBO(compiled=True)
+    elbo.data_scale = x.shape[0] / 128
+    for _ in range(5):
+        elbo.loss_and_grads(vae.model, vae.guide, xb)
+        for p in elbo.last_params:
+            p.grad = None
+    graph = next(g for g in elbo.traced.graphs.values() if g is not None)
+    raw = pyro.get_param_store()._params
+    params = [raw[n] for n in graph.names]
+    enc, dec = vae.encoder, vae.decoder
+
+    def hand() -> torch.Tensor:
+        loc, scale = enc(xb)
+        eps = torch.randn_like(loc)
+        z = loc + scale * eps
+        logits = dec(z)
+        rec = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, xb, reduction="none"
+        ).sum(-1)
+        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
+        return (rec + kl).sum() * (x.shape[0] / 128)
+
+    def traced() -> torch.Tensor:
+        with _plain_interpreter():
+            return graph.fn(*params, xb)
+
+    def eager() -> torch.Tensor:
+        return elbo._pathwise(vae.model, vae.guide, (xb,), {})
+
+    parts: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(blocks):
+        for name, fn in (("hand", hand), ("graph", traced), ("eager", eager)):
+            fw, bw = [], []
+            for _ in range(calls):
+                t0 = time.process_time()
+                loss = fn()
+                t1 = time.process_time()
+                loss.backward()
+                t2 = time.process_time()
+                for p in params:
+                    p.grad = None
+                fw.append(t1 - t0)
+                bw.append(t2 - t1)
+            parts.setdefault(name, []).append(
+                (statistics.median(fw) * 1e3, statistics.median(bw) * 1e3)
+            )
+    out = {"case": "vae-traced-parts", "batch_size": 128, "calls": calls}
+    for name, blocks_ in parts.items():
+        out[f"{name}_forward_cpu_ms"] = [round(f, 3) for f, _ in blocks_]
+        out[f"{name}_backward_cpu_ms"] = [round(b, 3) for _, b in blocks_]
+    print(json.dumps({**out, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
 def model_handler_cost(calls: int = 1000, repeat: int = 5) -> None:
     """What Pyro's handler machinery costs in one call of the regression model
     (``--cases regression-model-handler``, CPU ms per call, median of ``repeat`` blocks of
@@ -443,6 +508,8 @@ def main() -> None:
         step_parts(x)
     if "regression-model-handler" in args.cases.split(","):
         model_handler_cost()
+    if "vae-traced-parts" in args.cases.split(","):
+        traced_parts(x)
     for case in [c for c in args.cases.split(",") if c.endswith("-fit")]:
         if case == "vae-fit":
             sides = {
