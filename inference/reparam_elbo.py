@@ -46,6 +46,8 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 from jointkl.minibatch import ScaleDataPlate
 from jointkl.sites import DATA_PLATE
 
+from .traced_elbo import TracedELBO, site_signature
+
 __all__ = ["ReparamELBO"]
 
 
@@ -258,6 +260,11 @@ def _weighted(log_density: torch.Tensor, site: dict, data_scale: float = 1.0) ->
         # A number: scale the sum, not every element (one scalar op, forward and backward).
         total = log_density.sum()
         return total if scale == 1.0 else total * scale
+    if mask is None and scale.dim() == 0 and torch._C._get_tracing_state() is not None:
+        # Under tracing Pyro hands a plate's scale over as a 0-dim tensor: the same number
+        # as the eager step's, so the same order of operations (sum, then scale) gives the
+        # eager step's bits (a traced graph must reproduce it: traced_elbo.py).
+        return log_density.sum() * scale
     return scale_and_mask(log_density, scale, mask).sum()
 
 
@@ -272,7 +279,7 @@ class ReparamELBO:
     ``"data"`` plate; model and guide are passed unscaled.
     """
 
-    def __init__(self, analytic_kl: bool = False):
+    def __init__(self, analytic_kl: bool = False, compiled: bool = False):
         self.analytic_kl = analytic_kl
         # N/B of the current mini-batch, applied to the data plate's sites here rather than by
         # a ScaleDataPlate handler around model and guide: one handler fewer for every message
@@ -287,6 +294,10 @@ class ReparamELBO:
         # first pathwise step; None: the guide is run through Pyro).
         self._autonormal: _AutoNormalSites | None = None
         self._planned_for: Any = None
+        self.last_named: dict[str, torch.Tensor] = {}
+        self.last_signature: tuple = ()
+        # The compiled steps (set by the engine when its ``jit`` setting allows them).
+        self.traced: TracedELBO | None = TracedELBO(self) if compiled else None
 
     def _negative_elbo(self, model, guide, args, kwargs) -> torch.Tensor | None:
         """−ELBO from one guide draw, or None (RNG rewound) when the general class must run."""
@@ -294,6 +305,24 @@ class ReparamELBO:
         if self._calls == 1 or not self.reparameterised:
             return None
         rng = _rng_state()
+        value = self._pathwise(model, guide, args, kwargs)
+        if value is None:
+            # A score-function term is needed (or the traces need Pyro's own checks): from
+            # now on the general class, and this step redrawn from the same random state, so
+            # the numbers, and any error message, are the general class's.
+            self.reparameterised = False
+            _set_rng_state(rng)
+            return None
+        if self.traced is not None and not self.traced.disabled:
+            self.traced.observe(self.last_signature)
+        return value
+
+    def _pathwise(self, model, guide, args, kwargs) -> torch.Tensor | None:
+        """−ELBO from one guide draw (the pathwise sum), or None when this step falls
+        outside the reparameterised case. Leaves the unconstrained params it touched in
+        :attr:`last_params` (and by name in :attr:`last_named`), and, while a
+        :class:`~jointkl.inference.traced_elbo.TracedELBO` is deciding, the step's site
+        signature in :attr:`last_signature`."""
         if self._planned_for is not guide:
             self._planned_for, self._autonormal = guide, _AutoNormalSites.plan(guide)
         if self._autonormal is not None and self._autonormal.applies(guide):
@@ -306,19 +335,17 @@ class ReparamELBO:
             guide_invalid = guide_pass.invalid
         with _SitePass(replay=guide_sites) as model_pass:
             model(*args, **kwargs)
-        guide_sites = dict(guide_sites)
         if (
             guide_invalid
             or model_pass.invalid
             or not all(g["fn"].has_rsample for g in guide_sites.values())
         ):
-            # A score-function term is needed (or the traces need Pyro's own checks): from
-            # now on the general class, and this step redrawn from the same random state, so
-            # the numbers, and any error message, are the general class's.
-            self.reparameterised = False
-            _set_rng_state(rng)
             return None
-        self.last_params = list({**guide_params, **model_pass.params}.values())
+        if self.traced is not None and not self.traced.disabled:
+            self.last_signature = site_signature(model_pass.sites, guide_sites)
+        guide_sites = dict(guide_sites)
+        self.last_named = {**guide_params, **model_pass.params}
+        self.last_params = list(self.last_named.values())
         elbo: Any = 0.0
         k = self.data_scale
         for name, site in model_pass.sites.items():
@@ -326,9 +353,7 @@ class ReparamELBO:
             if site["is_observed"] or g is None:
                 # Observed, or (Trace_ELBO only) sampled from the model's own prior.
                 if g is None and not site["is_observed"] and self.analytic_kl:
-                    self.reparameterised = False  # TraceMeanField_ELBO's error message
-                    _set_rng_state(rng)
-                    return None
+                    return None  # TraceMeanField_ELBO's error message
                 elbo = elbo + _log_density_total(site["fn"], site["value"], site, k)
                 continue
             kl = self._kl(g["fn"], site["fn"]) if self.analytic_kl else None
@@ -350,6 +375,12 @@ class ReparamELBO:
         for g in guide_sites.values():  # guide-only (auxiliary) sites: their −log q
             elbo = elbo - _log_density_total(g["fn"], g["value"], g, k)
         return -torch.as_tensor(elbo)
+
+    def last_signature_shapeless(self) -> tuple:
+        """The last step's site signature without shapes (see :func:`site_signature`)."""
+        from .traced_elbo import _shapeless
+
+        return _shapeless(self.last_signature)
 
     def _kl(self, q, p) -> torch.Tensor | None:
         key = (type(q), type(p))
@@ -377,7 +408,13 @@ class ReparamELBO:
 
     def loss_and_grads(self, model, guide, *args: Any, **kwargs: Any) -> float:
         """−ELBO, one sample, with its gradient accumulated into the parameters' ``.grad``;
-        the unconstrained parameters it touched are left in :attr:`last_params`."""
+        the unconstrained parameters it touched are left in :attr:`last_params`. With
+        :attr:`traced` set, a step after the first checked ones may run through (or build)
+        a traced graph of the same computation."""
+        if self.traced is not None and self.reparameterised and self._calls >= 1:
+            loss = self.traced.step(model, guide, args, kwargs)
+            if loss is not None:
+                return loss
         value = self._negative_elbo(model, guide, args, kwargs)
         if value is None:
             with poutine.trace(param_only=True) as capture:

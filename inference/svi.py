@@ -143,7 +143,7 @@ class SVISettings(Settings):
     resume: bool = setting(False, boolean)
     seed: int = setting(0, integer)
     device: str | None = setting(None, compute_device)
-    jit: bool = setting(False, boolean)
+    jit: bool | None = setting(None, optional(boolean))
     progress: bool = setting(True, boolean, json=False)
     on_step: Callable[[int, float], None] | None = setting(None, optional(function), json=False)
 
@@ -236,7 +236,12 @@ class SVI(Engine):
     :param device: where the fit computes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``
         (CUDA when available, else the CPU) or ``None`` (where the data already are: the
         CPU for data read from files); data and parameters move there once, at bind time.
-    :param bool jit: use the JIT-compiled TraceEnum loss (enum only).
+    :param jit: compile the loss with ``torch.jit.trace``. ``None`` (default): the pathwise
+        ELBO (``"trace"``/``"meanfield"``, one particle) replays a traced graph of its step
+        where checks show the model's structure is static, else runs eagerly
+        (:mod:`jointkl.inference.traced_elbo`; ``fit.info["jit"]`` says which path ran);
+        the enum loss runs eagerly. ``True``: the same, and ``JitTraceEnum_ELBO`` for
+        ``"enum"``. ``False``: everything eager.
     :param bool progress: show a tqdm progress bar with the running loss.
     :param on_step: called as ``on_step(step, loss)`` after every step; raising
         ``KeyboardInterrupt`` there ends the fit early, keeping it.
@@ -321,7 +326,9 @@ class SVI(Engine):
         elif loss in ("trace", "meanfield") and s.num_particles == 1:
             # The same estimator without the general bookkeeping when the guide is fully
             # reparameterised (it hands any other step to Pyro's class itself).
-            elbo = ReparamELBO(analytic_kl=loss == "meanfield")
+            # A data-parallel run's ranks see batches of varying shapes: eager there.
+            compiled = s.jit is not False and not distributed.active()
+            elbo = ReparamELBO(analytic_kl=loss == "meanfield", compiled=compiled)
         elif loss == "trace":
             elbo = Trace_ELBO(**common)
         elif loss == "meanfield":
@@ -519,6 +526,7 @@ class SVI(Engine):
                 "seconds": elapsed,
                 "data_size": info["data_size"],
                 "convergence": convergence,
+                "jit": _jit_info(elbo, s.jit),
             },
             config={"resolved_loss": info["loss"], "resolved_guide": info["guide"]},
             guide=guide,  # in memory: a callable guide cannot be rebuilt from disk
@@ -665,6 +673,22 @@ class SVI(Engine):
     def importance_guide(cls, fit: Fit):
         """The fitted guide (the IWAE proposal of a model with per-datum latents)."""
         return cls._guide_for(fit)
+
+
+def _jit_info(elbo: Any, setting: bool | None) -> dict[str, Any]:
+    """Which path the fit's loss ran (``fit.info["jit"]``): the compiled steps' account, or
+    why there were none."""
+    if isinstance(elbo, ReparamELBO) and elbo.traced is not None:
+        if not elbo.reparameterised:
+            return {"path": "eager: the general ELBO (a non-reparameterised site)"}
+        return elbo.traced.info()
+    if isinstance(elbo, JitTraceEnum_ELBO):
+        return {"path": "JitTraceEnum_ELBO"}
+    if setting is False:
+        return {"path": "eager: jit=False"}
+    if isinstance(elbo, ReparamELBO) and distributed.active():
+        return {"path": "eager: data-parallel run"}
+    return {"path": "eager: the loss has no compiled form"}
 
 
 def _first_row(model, args: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:

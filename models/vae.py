@@ -194,7 +194,12 @@ class VAE(ZooModel):
         if isinstance(x, torch.Tensor) and x.dim() == 3 and self.image_shape is None:
             self.image_shape = tuple(x.shape[1:])  # for plotting
         x = data_rows(x, "VAE", self.input_dim)
-        if values and self.likelihood == "bernoulli" and bool((x * (1 - x) != 0).any()):
+        if values and self.likelihood == "bernoulli" and torch.jit.is_tracing():
+            # Under SVI's traced loss (jointkl.inference.traced_elbo) the check is data flow
+            # in the graph: a non-binary batch gives a NaN loss, and the engine redoes that
+            # step eagerly, where the branch below raises.
+            x = torch.where((x * (1 - x) == 0).all(), x, torch.nan)
+        elif values and self.likelihood == "bernoulli" and bool((x * (1 - x) != 0).any()):
             raise InputError(
                 "VAE: likelihood='bernoulli' needs binary x (0/1); binarise the data "
                 "(e.g. digits(binarize=True)) or use a Gaussian likelihood"

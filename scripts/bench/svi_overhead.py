@@ -44,6 +44,10 @@ of the per-round ratios.
 
     python scripts/bench/svi_overhead.py --cases vae-fit,regression-fit --rounds 5
 
+The engine's default traces its pathwise ELBO step (``jit=None``, inference/traced_elbo.py);
+``--eager-side`` adds a third side to the whole fits, the engine with ``jit=False``, for an
+in-process A/B of the traced step against the eager one.
+
 ``--cases regression-model-handler`` times one call of the regression model under the
 engine's handler against the same call with none (what a static replay that still runs the
 model's code could save).
@@ -160,8 +164,8 @@ def _epoch_batches(n: int, b: int, steps: int, seed: int):
         pos += b
 
 
-def jointkl_vae_fit(x: torch.Tensor, steps: int, seed: int) -> dict:
-    fit = SVI(steps=steps, batch_size=128, lr=1e-3, seed=seed).fit(VAE(8, hidden=256), x)
+def jointkl_vae_fit(x: torch.Tensor, steps: int, seed: int, jit: bool | None = None) -> dict:
+    fit = SVI(steps=steps, batch_size=128, lr=1e-3, seed=seed, jit=jit).fit(VAE(8, hidden=256), x)
     return fit.params
 
 
@@ -205,8 +209,10 @@ def regression_model(x: torch.Tensor, y: torch.Tensor) -> None:
         pyro.sample("y", dist.Normal(x @ w + b, 1.0), obs=y)
 
 
-def jointkl_regression_fit(x, y, steps: int, batch: int | None, seed: int) -> dict:
-    fit = SVI(guide="normal", steps=steps, batch_size=batch, lr=1e-3, seed=seed).fit(
+def jointkl_regression_fit(
+    x, y, steps: int, batch: int | None, seed: int, jit: bool | None = None
+) -> dict:
+    fit = SVI(guide="normal", steps=steps, batch_size=batch, lr=1e-3, seed=seed, jit=jit).fit(
         regression_model, x, y
     )
     return fit.params
@@ -256,6 +262,16 @@ def whole_fit_case(name: str, sides: dict, rounds: int, info: dict) -> None:
     medc = {k: statistics.median(v) for k, v in cpu.items()}
     per_round = [a / b for a, b in zip(wall["jointkl"], wall["hand"], strict=True)]
     per_round_cpu = [a / b for a, b in zip(cpu["jointkl"], cpu["hand"], strict=True)]
+    extra = {}
+    for side in [k for k in sides if k not in ("jointkl", "hand")]:
+        # another engine configuration (--eager-side: jit=False), against both
+        rounds_vs = [a / b for a, b in zip(cpu["jointkl"], cpu[side], strict=True)]
+        extra |= {
+            f"{side}_fit_cpu_s": round(medc[side], 3),
+            f"{side}_cpu_time_ratio": round(medc[side] / medc["hand"], 3),
+            f"jointkl_vs_{side}_cpu": round(medc["jointkl"] / medc[side], 3),
+            f"jointkl_vs_{side}_median_round_cpu": round(statistics.median(rounds_vs), 3),
+        }
     print(
         json.dumps(
             {
@@ -270,6 +286,8 @@ def whole_fit_case(name: str, sides: dict, rounds: int, info: dict) -> None:
                 "hand_fit_cpu_s": round(medc["hand"], 3),
                 "cpu_time_ratio": round(medc["jointkl"] / medc["hand"], 3),
                 "median_round_cpu_ratio": round(statistics.median(per_round_cpu), 3),
+                "round_cpu_ratios": [round(v, 3) for v in per_round_cpu],
+                **extra,
                 "rounds": rounds,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
@@ -351,6 +369,71 @@ def step_parts(x: torch.Tensor, steps: int = 600, warmup: int = 50) -> None:
     )
 
 
+def traced_parts(x: torch.Tensor, calls: int = 200, blocks: int = 3) -> None:
+    """Forward and backward of one VAE step three ways (``--cases vae-traced-parts``, CPU
+    ms, median of ``calls`` per block, ``blocks`` alternating blocks): the engine's traced
+    graph (taken from a ``ReparamELBO(compiled=True)`` after five steps), its eager pathwise
+    ELBO, and the hand-written loss, on one batch of 128 with the same networks."""
+    from jointkl.inference.reparam_elbo import ReparamELBO
+    from jointkl.inference.traced_elbo import _plain_interpreter
+
+    xb = x[:128]
+    torch.manual_seed(0)
+    vae = VAE(8, hidden=256, input_dim=x.shape[1])
+    pyro.clear_param_store()
+    elbo = ReparamELBO(compiled=True)
+    elbo.data_scale = x.shape[0] / 128
+    for _ in range(5):
+        elbo.loss_and_grads(vae.model, vae.guide, xb)
+        for p in elbo.last_params:
+            p.grad = None
+    graph = next(g for g in elbo.traced.graphs.values() if g is not None)
+    raw = pyro.get_param_store()._params
+    params = [raw[n] for n in graph.names]
+    enc, dec = vae.encoder, vae.decoder
+
+    def hand() -> torch.Tensor:
+        loc, scale = enc(xb)
+        eps = torch.randn_like(loc)
+        z = loc + scale * eps
+        logits = dec(z)
+        rec = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, xb, reduction="none"
+        ).sum(-1)
+        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
+        return (rec + kl).sum() * (x.shape[0] / 128)
+
+    def traced() -> torch.Tensor:
+        with _plain_interpreter():
+            return graph.fn(*params, xb)
+
+    def eager() -> torch.Tensor:
+        return elbo._pathwise(vae.model, vae.guide, (xb,), {})
+
+    parts: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(blocks):
+        for name, fn in (("hand", hand), ("graph", traced), ("eager", eager)):
+            fw, bw = [], []
+            for _ in range(calls):
+                t0 = time.process_time()
+                loss = fn()
+                t1 = time.process_time()
+                loss.backward()
+                t2 = time.process_time()
+                for p in params:
+                    p.grad = None
+                fw.append(t1 - t0)
+                bw.append(t2 - t1)
+            parts.setdefault(name, []).append(
+                (statistics.median(fw) * 1e3, statistics.median(bw) * 1e3)
+            )
+    out = {"case": "vae-traced-parts", "batch_size": 128, "calls": calls}
+    for name, blocks_ in parts.items():
+        out[f"{name}_forward_cpu_ms"] = [round(f, 3) for f, _ in blocks_]
+        out[f"{name}_backward_cpu_ms"] = [round(b, 3) for _, b in blocks_]
+    print(json.dumps({**out, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
 def model_handler_cost(calls: int = 1000, repeat: int = 5) -> None:
     """What Pyro's handler machinery costs in one call of the regression model
     (``--cases regression-model-handler``, CPU ms per call, median of ``repeat`` blocks of
@@ -410,6 +493,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="whole fits: alternating rounds")
     ap.add_argument("--fit-steps", type=int, default=1000, help="whole fits: steps per fit")
     ap.add_argument("--regression", default="2000,20,128", help="whole fits: N,D,batch (0: full)")
+    ap.add_argument(
+        "--eager-side",
+        action="store_true",
+        help="whole fits: a third side, the engine with jit=False (its traced step off)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, _ = digits("train", binarize=True)
@@ -420,12 +508,16 @@ def main() -> None:
         step_parts(x)
     if "regression-model-handler" in args.cases.split(","):
         model_handler_cost()
+    if "vae-traced-parts" in args.cases.split(","):
+        traced_parts(x)
     for case in [c for c in args.cases.split(",") if c.endswith("-fit")]:
         if case == "vae-fit":
             sides = {
                 "jointkl": functools.partial(jointkl_vae_fit, x, fit_steps),
                 "hand": functools.partial(hand_vae_fit, x, fit_steps),
             }
+            if args.eager_side:
+                sides["jointkl_eager"] = functools.partial(jointkl_vae_fit, x, fit_steps, jit=False)
             info = {"model": "VAE(8, hidden=256), digits 1437x64", "batch_size": 128}
         elif case == "regression-fit":
             n, d, b = (int(v) for v in args.regression.split(","))
@@ -435,6 +527,10 @@ def main() -> None:
                 "jointkl": functools.partial(jointkl_regression_fit, rx, ry, fit_steps, batch),
                 "hand": functools.partial(hand_regression_fit, rx, ry, fit_steps, batch),
             }
+            if args.eager_side:
+                sides["jointkl_eager"] = functools.partial(
+                    jointkl_regression_fit, rx, ry, fit_steps, batch, jit=False
+                )
             info = {"model": f"Bayesian linear regression N={n} D={d}", "batch_size": batch}
         else:
             raise SystemExit(f"unknown case {case!r}")
