@@ -104,9 +104,12 @@ def _forward_kernel(
     start: torch.Tensor,
     end: torch.Tensor,
     lengths: torch.Tensor,
+    tags: torch.Tensor | None,
     both: bool,
     every: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """The scaled forward recursion of :func:`log_partition` (and, with ``both``, the
     backward one as a second batch of the same steps), written in the subset of Python that
     TorchScript compiles.
@@ -114,20 +117,25 @@ def _forward_kernel(
     Args:
         h: ``(B, T, C)`` emissions; trans ``(C, C)``, start / end ``(C,)`` scores.
         lengths: ``(B,)`` int64 lengths in ``1..T``.
+        tags: ``(B, T)`` int64 tags, or ``None``: with tags the first output is the
+            log-likelihood ``s(tags) - log Z`` (``-inf`` for a forbidden path) instead of
+            ``log Z``.
         both: also run the reversed recursion (the gradient needs it).
         every: renormalise every this many steps (:data:`RESCALE_EVERY`).
 
-    Returns ``(log_z (B,), low, X, V, P, scale)``, all float64: ``low`` the smallest scale a
-    sequence uses (0-dim); ``X (T, D, B, C)`` the shifted, exponentiated emissions of each
-    direction (``D = 2`` with ``both``, else 1), ``V`` the scaled forward vectors, ``P`` the
-    matrix products before the emission (``P[0, 1]``: ``exp(end - max end)``), ``scale
-    (T, D, B, 1)`` the renormalisations (1 where none).
+    Returns ``(out (B,), low, possible, X, V, P, scale)``, float64 but ``possible``: ``low``
+    the smallest scale a sequence uses (0-dim); ``possible`` (``B``, bool) whether the
+    path's score is finite (empty without tags); ``X (T, D, B, C)`` the shifted,
+    exponentiated emissions of each direction (``D = 2`` with ``both``, else 1), ``V`` the
+    scaled forward vectors, ``P`` the matrix products before the emission (``P[0, 1]``:
+    ``exp(end - max end)``), ``scale (T, D, B, 1)`` the renormalisations (1 where none).
 
-    Direction 0 is ``alpha_t = (alpha_{t-1} @ E) * X_t`` from ``X_0 = exp(h_0 + start)``.
-    Direction 1 runs the same step with ``E^T`` over each sequence reversed within its length:
-    its step ``s`` reads position ``L - 1 - s`` (position 0 past its start: never used), starts
-    from ``exp(h_{L-1} + end)``, and its product ``P[s, 1] = V[s-1, 1] @ E^T`` is the backward
-    vector ``beta`` at position ``L - 1 - s`` up to a positive factor per (step, sequence).
+    Direction 0 is ``alpha_t = (alpha_{t-1} @ E) * X_t`` from ``X_0 = exp(h_0 + start)``
+    (shifted). Direction 1 runs the same step with ``E^T`` over each sequence reversed within
+    its length: its step ``s`` reads position ``L - 1 - s`` (position 0 past its start: never
+    used), starts from ``exp(h_{L-1} + end)``, and its product ``P[s, 1] = V[s-1, 1] @ E^T``
+    is the backward vector ``beta`` at position ``L - 1 - s`` up to a positive factor per
+    (step, sequence).
     """
     B, T, C = h.shape
     dev = h.device
@@ -135,24 +143,25 @@ def _forward_kernel(
     D = 2 if both else 1
     pos = torch.arange(T, device=dev).unsqueeze(-1)  # (T, 1)
     xf = h.detach().transpose(0, 1).to(f64)  # (T, B, C); a view when h is float64
-    if both:
-        idx = (lengths - 1 - pos).clamp_(min=0)  # (T, B): position read at reversed step s
-        xr = xf.gather(0, idx.unsqueeze(-1).expand(T, B, C))
-        logits = torch.stack([xf, xr], 1)  # (T, 2, B, C), a new tensor
-        first = torch.stack([start.detach(), end.detach()]).to(f64).unsqueeze(1)  # (2, 1, C)
-    else:
-        logits = xf.unsqueeze(1).clone(memory_format=torch.contiguous_format)
-        first = start.detach().to(f64).view(1, 1, C)
-    logits[0] += first
-    m = logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # (T, D, B, 1); 0 if all -inf
-    X = logits.sub_(m).exp_()  # max 1 at every (step, sequence), 0 for a forbidden tag
+    m = xf.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # (T, B, 1); 0 if all -inf
+    Y = (xf - m).exp_()  # max 1 at every (position, sequence), 0 for a forbidden tag
     g = trans.detach().to(f64)
     m_g = g.max().nan_to_num(neginf=0.0)
     E = (g - m_g).exp_()
+    s0 = start.detach().to(f64)
+    m_s = s0.max().nan_to_num(neginf=0.0)
     e = end.detach().to(f64)
     m_e = e.max().nan_to_num(neginf=0.0)
     exp_end = (e - m_e).exp_()
-    M = torch.stack([E, E.t()]) if both else E.unsqueeze(0)  # (D, C, C)
+    if both:
+        idx = (lengths - 1 - pos).clamp_(min=0)  # (T, B): position read at reversed step s
+        X = torch.stack([Y, Y.gather(0, idx.unsqueeze(-1).expand(T, B, C))], 1)  # (T,2,B,C)
+        X[0] *= torch.stack([(s0 - m_s).exp_(), exp_end]).unsqueeze(1)
+        M = torch.stack([E, E.t()])  # (2, C, C)
+    else:
+        X = Y.unsqueeze(1)
+        X[0] *= (s0 - m_s).exp_()
+        M = E.unsqueeze(0)
     V = torch.empty(T, D, B, C, dtype=f64, device=dev)
     P = torch.empty(T, D, B, C, dtype=f64, device=dev)
     scale = torch.ones(T, D, B, 1, dtype=f64, device=dev)
@@ -160,25 +169,30 @@ def _forward_kernel(
     x, v, p, sc = X.unbind(0), V.unbind(0), P.unbind(0), scale.unbind(0)
     torch.sum(x[0], -1, keepdim=True, out=sc[0])
     torch.div(x[0], sc[0], out=v[0])
-    if both:
-        P[0, 1] = exp_end
+    P[0] = exp_end  # used in direction 1 only (0 has no product before its first step)
     for t in range(1, T):
         torch.bmm(v[t - 1], M, out=p[t])
         torch.mul(p[t], x[t], out=v[t])
-        if t % every == 0 or t == T - 1:
+        if t % every == 0:
             torch.sum(v[t], -1, keepdim=True, out=sc[t])
             v[t].div_(sc[t])
-    # log Z = Σ_{t<L} (log scale_t + m_t) + (L-1) max g + log Σ alpha_{L-1} exp(end) + max e
+    # log Z = Σ_{t<L} (log scale_t + m_t) + max start + (L-1) max g
+    #         + log Σ alpha_{L-1} exp(end - max end) + max end
     last = lengths - 1
     at_last = last.view(1, B, 1)
-    cum = (scale[:, 0].log() + m[:, 0]).cumsum(0).gather(0, at_last)[0, :, 0]
+    cum = (scale[:, 0].log() + m).cumsum(0).gather(0, at_last)[0, :, 0]
     alpha_last = V[:, 0].gather(0, at_last.expand(1, B, C))[0]  # (B, C)
     end_scale = alpha_last.mv(exp_end)  # (B,)
-    log_z = cum + last * m_g + end_scale.log() + m_e
+    out = cum + end_scale.log() + (last * m_g + (m_s + m_e))
     # Trusted iff every scale a sequence uses (in either direction) is >= SCALE_FLOOR.
     valid = (pos < lengths).view(T, 1, B, 1)
     low = torch.minimum(torch.where(valid, scale, 1.0).min(), end_scale.min())
-    return log_z, low, X, V, P, scale
+    possible = torch.empty(0, dtype=torch.bool, device=dev)
+    if tags is not None:
+        score = _path_score(h.detach(), trans.detach(), start.detach(), end.detach(), lengths, tags)
+        possible = torch.isfinite(score)
+        out = torch.where(possible, score.to(f64) - out, float("-inf"))
+    return out, low, possible, X, V, P, scale
 
 
 def _gradient_kernel(
@@ -215,13 +229,20 @@ def _gradient_kernel(
     alpha = V[:, 0]
     # Read at reversed steps 0..L-1 only: finite wherever the forward pass was trusted.
     beta = P[:, 1].gather(0, idx.unsqueeze(-1).expand(T, B, C))
-    prod = alpha * beta
+    # Each normalised to sum 1 before their product, which then cannot underflow where the
+    # marginals themselves are representable (the raw vectors may each be ~1e-250).
+    sa = alpha.sum(-1, keepdim=True)
+    beta = beta / beta.sum(-1, keepdim=True)
+    prod = (alpha / sa) * beta
     g = grad.to(f64)
     w = (g if tags is None else -g).view(1, B, 1) / prod.sum(-1, keepdim=True)
     node = torch.where(valid, prod * w, 0.0)  # (T, B, C): the marginals, weighted
     E = (trans.detach().to(f64) - trans.detach().to(f64).max().nan_to_num(neginf=0.0)).exp()
     if T > 1:
-        left = torch.where(valid[1:], alpha[:-1] * (w[1:] / scale[1:, 0]), 0.0)
+        # The edge (t, t+1)'s normaliser in these units: n_{t+1} times the step's mass
+        # r_{t+1} = Σ (alpha_t / sa_t @ E) X_{t+1} = sa_{t+1} scale_{t+1} / sa_t.
+        r = sa[1:] * (scale[1:, 0] / sa[:-1])
+        left = torch.where(valid[1:], alpha[:-1] / sa[:-1] * (w[1:] / r), 0.0)
         right = X[1:, 0] * beta[1:]
         g_trans = left.reshape(-1, C).t().mm(right.reshape(-1, C)).mul_(E)
     else:
@@ -337,8 +358,8 @@ def log_partition(
     both = torch.is_grad_enabled() and (
         h.requires_grad or trans.requires_grad or start.requires_grad or end.requires_grad
     )
-    log_z, low, *state = _compiled(_forward_kernel)(
-        h, trans, start, end, lengths, both, RESCALE_EVERY
+    log_z, low, _, *state = _compiled(_forward_kernel)(
+        h, trans, start, end, lengths, None, both, RESCALE_EVERY
     )
     if not bool(low >= SCALE_FLOOR):
         return None
@@ -372,15 +393,11 @@ def log_likelihood(
     both = torch.is_grad_enabled() and (
         h.requires_grad or trans.requires_grad or start.requires_grad or end.requires_grad
     )
-    log_z, low, *state = _compiled(_forward_kernel)(
-        h, trans, start, end, lengths, both, RESCALE_EVERY
+    value, low, possible, *state = _compiled(_forward_kernel)(
+        h, trans, start, end, lengths, tags, both, RESCALE_EVERY
     )
     if not bool(low >= SCALE_FLOOR):
         return None
-    with torch.no_grad():
-        s = _compiled(_path_score)(h, trans, start, end, lengths, tags)
-        possible = torch.isfinite(s)
-        value = torch.where(possible, s.to(log_z.dtype) - log_z, float("-inf"))
     if not both:
         return value.to(h.dtype)
     return _Scaled.apply(h, trans, start, end, lengths, tags, value, (*state, possible))
