@@ -163,9 +163,9 @@ def test_the_kernels_are_compiled_and_equal_the_eager_functions():
             )
             grad = torch.linspace(0.5, 1.5, B, dtype=dtype)
             for t in (None, tags):
-                eager = factored_chain._gradient_kernel(*state, trans, lengths, grad, t)
+                eager = factored_chain._gradient_kernel(*state, lengths, grad, t)
                 compiled = factored_chain._compiled(factored_chain._gradient_kernel)(
-                    *state, trans, lengths, grad, t
+                    *state, lengths, grad, t
                 )
                 for a, b in zip(eager[:4], compiled[:4], strict=True):
                     assert torch.allclose(a, b, atol=1e-13, rtol=1e-13)

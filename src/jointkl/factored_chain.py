@@ -108,7 +108,15 @@ def _forward_kernel(
     both: bool,
     every: int,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     """The scaled forward recursion of :func:`log_partition` (and, with ``both``, the
     backward one as a second batch of the same steps), written in the subset of Python that
@@ -123,12 +131,15 @@ def _forward_kernel(
         both: also run the reversed recursion (the gradient needs it).
         every: renormalise every this many steps (:data:`RESCALE_EVERY`).
 
-    Returns ``(out (B,), low, possible, X, V, P, scale)``, float64 but ``possible``: ``low``
-    the smallest scale a sequence uses (0-dim); ``possible`` (``B``, bool) whether the
-    path's score is finite (empty without tags); ``X (T, D, B, C)`` the shifted,
-    exponentiated emissions of each direction (``D = 2`` with ``both``, else 1), ``V`` the
-    scaled forward vectors, ``P`` the matrix products before the emission (``P[0, 1]``:
-    ``exp(end - max end)``), ``scale (T, D, B, 1)`` the renormalisations (1 where none).
+    Returns ``(out (B,), low, possible, X, V, P, scale, M, idx)``: ``low`` the smallest
+    scale a sequence uses (0-dim); ``possible`` (``B``, bool) whether the path's score is
+    finite (empty without tags); ``X (T, D, B, C)`` the shifted, exponentiated emissions of
+    each direction (``D = 2`` with ``both``, else 1), ``V`` the scaled forward vectors,
+    ``P`` the matrix products before the emission (``P[0]``: ``exp(end - m)``), ``scale
+    (T, D, B, 1)`` the renormalisations (1 where none), ``M (D, C, C)`` the step matrices
+    ``exp(g - m)`` (and its transpose), ``idx (T, B)`` the position each reversed step reads
+    (empty without ``both``); float64 but ``possible`` and ``idx``. ``m`` is the largest of
+    the transition, start and end scores.
 
     Direction 0 is ``alpha_t = (alpha_{t-1} @ E) * X_t`` from ``X_0 = exp(h_0 + start)``
     (shifted). Direction 1 runs the same step with ``E^T`` over each sequence reversed within
@@ -145,22 +156,22 @@ def _forward_kernel(
     xf = h.detach().transpose(0, 1).to(f64)  # (T, B, C); a view when h is float64
     m = xf.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # (T, B, 1); 0 if all -inf
     Y = (xf - m).exp_()  # max 1 at every (position, sequence), 0 for a forbidden tag
-    g = trans.detach().to(f64)
-    m_g = g.max().nan_to_num(neginf=0.0)
-    E = (g - m_g).exp_()
-    s0 = start.detach().to(f64)
-    m_s = s0.max().nan_to_num(neginf=0.0)
-    e = end.detach().to(f64)
-    m_e = e.max().nan_to_num(neginf=0.0)
-    exp_end = (e - m_e).exp_()
+    # The transition, start and end scores shifted by one common maximum (one exp for all):
+    # exp(g - m), exp(start - m), exp(end - m).
+    par = torch.cat([trans.detach().reshape(-1), start.detach(), end.detach()]).to(f64)
+    m_p = par.max().nan_to_num(neginf=0.0)
+    par = (par - m_p).exp_()
+    E = par[: C * C].view(C, C)
+    exp_end = par[C * C + C :]
+    idx = pos[:0]  # (T, B) reversed-step positions, with ``both`` only
     if both:
         idx = (lengths - 1 - pos).clamp_(min=0)  # (T, B): position read at reversed step s
         X = torch.stack([Y, Y.gather(0, idx.unsqueeze(-1).expand(T, B, C))], 1)  # (T,2,B,C)
-        X[0] *= torch.stack([(s0 - m_s).exp_(), exp_end]).unsqueeze(1)
+        X[0] *= par[C * C :].view(2, 1, C)  # start into direction 0, end into direction 1
         M = torch.stack([E, E.t()])  # (2, C, C)
     else:
         X = Y.unsqueeze(1)
-        X[0] *= (s0 - m_s).exp_()
+        X[0] *= par[C * C : C * C + C]
         M = E.unsqueeze(0)
     V = torch.empty(T, D, B, C, dtype=f64, device=dev)
     P = torch.empty(T, D, B, C, dtype=f64, device=dev)
@@ -176,14 +187,14 @@ def _forward_kernel(
         if t % every == 0:
             torch.sum(v[t], -1, keepdim=True, out=sc[t])
             v[t].div_(sc[t])
-    # log Z = Σ_{t<L} (log scale_t + m_t) + max start + (L-1) max g
-    #         + log Σ alpha_{L-1} exp(end - max end) + max end
+    # log Z = Σ_{t<L} (log scale_t + m_t) + log Σ alpha_{L-1} exp(end - m) + (L + 1) m: the
+    # shift m of the start, of L - 1 transitions and of the end.
     last = lengths - 1
     at_last = last.view(1, B, 1)
     cum = (scale[:, 0].log() + m).cumsum(0).gather(0, at_last)[0, :, 0]
     alpha_last = V[:, 0].gather(0, at_last.expand(1, B, C))[0]  # (B, C)
     end_scale = alpha_last.mv(exp_end)  # (B,)
-    out = cum + end_scale.log() + (last * m_g + (m_s + m_e))
+    out = cum + end_scale.log() + (last + 2) * m_p
     # Trusted iff every scale a sequence uses (in either direction) is >= SCALE_FLOOR.
     valid = (pos < lengths).view(T, 1, B, 1)
     low = torch.minimum(torch.where(valid, scale, 1.0).min(), end_scale.min())
@@ -192,7 +203,7 @@ def _forward_kernel(
         score = _path_score(h.detach(), trans.detach(), start.detach(), end.detach(), lengths, tags)
         possible = torch.isfinite(score)
         out = torch.where(possible, score.to(f64) - out, float("-inf"))
-    return out, low, possible, X, V, P, scale
+    return out, low, possible, X, V, P, scale, M, idx
 
 
 def _gradient_kernel(
@@ -200,7 +211,8 @@ def _gradient_kernel(
     V: torch.Tensor,
     P: torch.Tensor,
     scale: torch.Tensor,
-    trans: torch.Tensor,
+    M: torch.Tensor,
+    idx: torch.Tensor,
     lengths: torch.Tensor,
     grad: torch.Tensor,
     tags: torch.Tensor | None,
@@ -223,9 +235,7 @@ def _gradient_kernel(
     first and last tag, weighted by ``grad``) minus the weighted marginals."""
     T, _, B, C = X.shape
     f64 = torch.float64
-    pos = torch.arange(T, device=X.device).unsqueeze(-1)  # (T, 1)
-    valid = (pos < lengths).unsqueeze(-1)  # (T, B, 1)
-    idx = (lengths - 1 - pos).clamp_(min=0)  # (T, B): reversed step of position t
+    valid = (torch.arange(T, device=X.device).unsqueeze(-1) < lengths).unsqueeze(-1)  # (T,B,1)
     alpha = V[:, 0]
     # Read at reversed steps 0..L-1 only: finite wherever the forward pass was trusted.
     beta = P[:, 1].gather(0, idx.unsqueeze(-1).expand(T, B, C))
@@ -237,7 +247,7 @@ def _gradient_kernel(
     g = grad.to(f64)
     w = (g if tags is None else -g).view(1, B, 1) / prod.sum(-1, keepdim=True)
     node = torch.where(valid, prod * w, 0.0)  # (T, B, C): the marginals, weighted
-    E = (trans.detach().to(f64) - trans.detach().to(f64).max().nan_to_num(neginf=0.0)).exp()
+    E = M[0]
     if T > 1:
         # The edge (t, t+1)'s normaliser in these units: n_{t+1} times the step's mass
         # r_{t+1} = Σ (alpha_t / sa_t @ E) X_{t+1} = sa_{t+1} scale_{t+1} / sa_t.
@@ -266,14 +276,14 @@ class _Scaled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, trans, start, end, lengths, tags, value, state):
         ctx.save_for_backward(h, trans, start, end, lengths, tags)
-        ctx.state = state  # (X, V, P, scale) of both directions, and which paths count
+        ctx.state = state  # (X, V, P, scale, M, idx) of both directions; which paths count
         return value.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         h, trans, start, end, lengths, tags = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        X, V, P, scale, possible = ctx.state
+        *kernel_state, possible = ctx.state
         if possible is not None:  # an impossible path's -inf is a constant: no gradient
             grad = torch.where(possible, grad, 0.0)
         if torch.is_grad_enabled():
@@ -282,7 +292,7 @@ class _Scaled(torch.autograd.Function):
             # recursion, which is.
             return _generic_grads(h, trans, start, end, lengths, tags, grad, needs)
         g_h, g_trans, g_start, g_end, finite = _compiled(_gradient_kernel)(
-            X, V, P, scale, trans, lengths, grad.detach(), tags
+            *kernel_state, lengths, grad.detach(), tags
         )
         if not finite:
             return _generic_grads(h, trans, start, end, lengths, tags, grad, needs)
@@ -322,10 +332,10 @@ def _path_score(
     B, T, C = h.shape
     valid = torch.arange(T, device=h.device) < lengths.unsqueeze(-1)  # (B, T)
     y = torch.where(valid, tags, 0)
-    emit = torch.where(valid, h.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0.0).sum(-1)
-    pairs = torch.where(valid[:, 1:], trans.take(y[:, :-1] * C + y[:, 1:]), 0.0).sum(-1)
+    emit = h.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    steps = emit[:, 1:] + trans.take(y[:, :-1] * C + y[:, 1:])  # into position t + 1
     last = y.gather(1, (lengths - 1).unsqueeze(-1)).squeeze(-1)
-    return start[y[:, 0]] + emit + pairs + end[last]
+    return torch.where(valid[:, 1:], steps, 0.0).sum(-1) + (emit[:, 0] + start[y[:, 0]]) + end[last]
 
 
 def log_partition(
