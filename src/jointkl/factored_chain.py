@@ -10,11 +10,16 @@ most of its time on per-operation overhead (a few tags, tens of positions):
   (Rabiner 1989): with ``X_t = exp(h_t - max h_t)`` and ``E = exp(g - max g)`` the step is
   ``alpha_{t+1} = (alpha_t @ E) * X_{t+1}``, one matrix product shared by the batch and one
   product, renormalised every :data:`RESCALE_EVERY` steps with the log of the scale
-  accumulated (``log Z = Σ log scales + Σ shifts + log Σ alpha_{L-1} exp(end)``). Its backward
-  pass is written by hand (:class:`_LogPartition`): the matching scaled backward recursion
-  gives ``beta``, and ``alpha_t * beta_t`` are the node marginals (the gradient with respect
-  to the emissions), ``Σ_t alpha_t^T (X_{t+1} beta_{t+1}) * E`` the transition counts, in one
-  pass instead of autograd through ``T`` small operations.
+  accumulated (``log Z = Σ log scales + Σ shifts + log Σ alpha_{L-1} exp(end)``). When a
+  gradient may be asked for, the backward recursion runs in the same loop, as a second batch
+  of the same step (``E^T`` over each sequence reversed within its length: one batched matrix
+  product and one product a step for both). The gradient is written by hand
+  (:class:`_Scaled`): ``alpha_t * beta_t`` normalised per position are the node marginals
+  (the gradient with respect to the emissions), ``Σ_t alpha_t^T (X_{t+1} beta_{t+1}) * E``
+  (normalised likewise) the transition counts, computed in bulk after the loop, instead of
+  autograd through ``T`` small operations. :func:`log_likelihood` folds the gold path's
+  score into the same ``autograd.Function`` (its gradient: the path's indicators minus the
+  marginals). The loop and the bulk gradient run as TorchScript functions (:func:`_compiled`).
 - :func:`viterbi` (max semiring): ``v_{t+1} = max_i (v_t[i] + g[i, j]) + h_{t+1}[j]``,
   over a ``(C, C, 2B)`` tensor per step (an addition, an ``amax`` and the emission's
   addition into preallocated buffers; the back-pointers recovered in bulk, a cache-sized
@@ -93,77 +98,204 @@ def generic_log_partition(
     return LogSemiring.plus(alpha + end, dim=-1)
 
 
-class _Forward:
-    """The scaled forward pass of one batch (float64, time-major), kept for the backward."""
+def _forward_kernel(
+    h: torch.Tensor,
+    trans: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    lengths: torch.Tensor,
+    tags: torch.Tensor | None,
+    both: bool,
+    every: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """The scaled forward recursion of :func:`log_partition` (and, with ``both``, the
+    backward one as a second batch of the same steps), written in the subset of Python that
+    TorchScript compiles.
 
-    def __init__(self, h, trans, start, end, lengths):
-        B, T, C = h.shape
-        f64 = torch.float64
-        # A copy (never a view of h: it is modified in place below), time-major.
-        x = h.detach().transpose(0, 1).to(f64, memory_format=torch.contiguous_format, copy=True)
-        x[0] += start.detach().to(f64)
-        m = _shift(x, -1)  # (T, B, 1)
-        x.sub_(m).exp_()  # X_t: max 1 at every position
-        g = trans.detach().to(f64)
-        m_g = _shift(g)
-        E = (g - m_g).exp_()
-        e = end.detach().to(f64)
-        m_e = _shift(e)
-        exp_end = (e - m_e).exp_()
-        rows = x.unbind(0)
-        c = rows[0].sum(-1, keepdim=True)
-        a = rows[0] / c
-        alphas, scaled_at, scales = [a], [0], [c]
-        mm = torch.mm
-        for t in range(1, T):
-            a = mm(a, E).mul_(rows[t])
-            if t % RESCALE_EVERY == 0 or t == T - 1:
-                c = a.sum(-1, keepdim=True)
-                a = a.div_(c)
-                scaled_at.append(t)
-                scales.append(c)
-            alphas.append(a)
-        alpha = torch.stack(alphas)  # (T, B, C)
-        scale = x.new_ones(T, B, 1)  # 1 where no renormalisation happened
-        scale[scaled_at] = torch.stack(scales)
-        last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=x.device)
-        at_last = last.view(1, B, 1)
-        alpha_last = alpha.gather(0, at_last.expand(1, B, C))[0]  # (B, C)
-        end_scale = alpha_last @ exp_end  # (B,)
-        # log Z = Σ_{t<L} (log scale_t + m_t) + (L-1) max g + log Σ alpha_{L-1} exp(end) + max e
-        cum = (scale.log() + m).cumsum(0).gather(0, at_last)[0, :, 0]
-        self.log_z = cum + last * m_g + end_scale.log() + m_e
-        self.valid = torch.arange(T, device=x.device).view(T, 1, 1) <= at_last  # (T, B, 1)
-        # Trusted iff every scale a sequence uses is >= SCALE_FLOOR (a nan fails too).
-        low = torch.minimum(torch.where(self.valid, scale, 1.0).min(), end_scale.min())
-        self.trusted = bool(low >= SCALE_FLOOR)
-        self.x, self.scale, self.alpha, self.E = x, scale, alpha, E
-        self.exp_end, self.end_scale, self.last = exp_end, end_scale, last
-        self.alpha_last = alpha_last
+    Args:
+        h: ``(B, T, C)`` emissions; trans ``(C, C)``, start / end ``(C,)`` scores.
+        lengths: ``(B,)`` int64 lengths in ``1..T``.
+        tags: ``(B, T)`` int64 tags, or ``None``: with tags the first output is the
+            log-likelihood ``s(tags) - log Z`` (``-inf`` for a forbidden path) instead of
+            ``log Z``.
+        both: also run the reversed recursion (the gradient needs it).
+        every: renormalise every this many steps (:data:`RESCALE_EVERY`).
+
+    Returns ``(out (B,), low, possible, X, V, P, scale, M, idx)``: ``low`` the smallest
+    scale a sequence uses (0-dim); ``possible`` (``B``, bool) whether the path's score is
+    finite (empty without tags); ``X (T, D, B, C)`` the shifted, exponentiated emissions of
+    each direction (``D = 2`` with ``both``, else 1), ``V`` the scaled forward vectors,
+    ``P`` the matrix products before the emission (``P[0]``: ``exp(end - m)``), ``scale
+    (T, D, B, 1)`` the renormalisations (1 where none), ``M (D, C, C)`` the step matrices
+    ``exp(g - m)`` (and its transpose), ``idx (T, B)`` the position each reversed step reads
+    (empty without ``both``); float64 but ``possible`` and ``idx``. ``m`` is the largest of
+    the transition, start and end scores.
+
+    Direction 0 is ``alpha_t = (alpha_{t-1} @ E) * X_t`` from ``X_0 = exp(h_0 + start)``
+    (shifted). Direction 1 runs the same step with ``E^T`` over each sequence reversed within
+    its length: its step ``s`` reads position ``L - 1 - s`` (position 0 past its start: never
+    used), starts from ``exp(h_{L-1} + end)``, and its product ``P[s, 1] = V[s-1, 1] @ E^T``
+    is the backward vector ``beta`` at position ``L - 1 - s`` up to a positive factor per
+    (step, sequence).
+    """
+    B, T, C = h.shape
+    dev = h.device
+    f64 = torch.float64
+    D = 2 if both else 1
+    pos = torch.arange(T, device=dev).unsqueeze(-1)  # (T, 1)
+    xf = h.detach().transpose(0, 1).to(f64)  # (T, B, C); a view when h is float64
+    m = xf.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # (T, B, 1); 0 if all -inf
+    Y = (xf - m).exp_()  # max 1 at every (position, sequence), 0 for a forbidden tag
+    # The transition, start and end scores shifted by one common maximum (one exp for all):
+    # exp(g - m), exp(start - m), exp(end - m).
+    par = torch.cat([trans.detach().reshape(-1), start.detach(), end.detach()]).to(f64)
+    m_p = par.max().nan_to_num(neginf=0.0)
+    par = (par - m_p).exp_()
+    E = par[: C * C].view(C, C)
+    exp_end = par[C * C + C :]
+    idx = pos[:0]  # (T, B) reversed-step positions, with ``both`` only
+    if both:
+        idx = (lengths - 1 - pos).clamp_(min=0)  # (T, B): position read at reversed step s
+        X = torch.stack([Y, Y.gather(0, idx.unsqueeze(-1).expand(T, B, C))], 1)  # (T,2,B,C)
+        X[0] *= par[C * C :].view(2, 1, C)  # start into direction 0, end into direction 1
+        M = torch.stack([E, E.t()])  # (2, C, C)
+    else:
+        X = Y.unsqueeze(1)
+        X[0] *= par[C * C : C * C + C]
+        M = E.unsqueeze(0)
+    V = torch.empty(T, D, B, C, dtype=f64, device=dev)
+    P = torch.empty(T, D, B, C, dtype=f64, device=dev)
+    scale = torch.ones(T, D, B, 1, dtype=f64, device=dev)
+    # Views made once (unbind), not one indexing operation per step.
+    x, v, p, sc = X.unbind(0), V.unbind(0), P.unbind(0), scale.unbind(0)
+    torch.sum(x[0], -1, keepdim=True, out=sc[0])
+    torch.div(x[0], sc[0], out=v[0])
+    P[0] = exp_end  # used in direction 1 only (0 has no product before its first step)
+    for t in range(1, T):
+        torch.bmm(v[t - 1], M, out=p[t])
+        torch.mul(p[t], x[t], out=v[t])
+        if t % every == 0:
+            torch.sum(v[t], -1, keepdim=True, out=sc[t])
+            v[t].div_(sc[t])
+    # log Z = Σ_{t<L} (log scale_t + m_t) + log Σ alpha_{L-1} exp(end - m) + (L + 1) m: the
+    # shift m of the start, of L - 1 transitions and of the end.
+    last = lengths - 1
+    at_last = last.view(1, B, 1)
+    cum = (scale[:, 0].log() + m).cumsum(0).gather(0, at_last)[0, :, 0]
+    alpha_last = V[:, 0].gather(0, at_last.expand(1, B, C))[0]  # (B, C)
+    end_scale = alpha_last.mv(exp_end)  # (B,)
+    out = cum + end_scale.log() + (last + 2) * m_p
+    # Trusted iff every scale a sequence uses (in either direction) is >= SCALE_FLOOR.
+    valid = (pos < lengths).view(T, 1, B, 1)
+    low = torch.minimum(torch.where(valid, scale, 1.0).min(), end_scale.min())
+    possible = torch.empty(0, dtype=torch.bool, device=dev)
+    if tags is not None:
+        score = _path_score(h.detach(), trans.detach(), start.detach(), end.detach(), lengths, tags)
+        possible = torch.isfinite(score)
+        out = torch.where(possible, score.to(f64) - out, float("-inf"))
+    return out, low, possible, X, V, P, scale, M, idx
 
 
-class _LogPartition(torch.autograd.Function):
-    """``log Z`` with the hand-written scaled forward-backward as its gradient."""
+def _gradient_kernel(
+    X: torch.Tensor,
+    V: torch.Tensor,
+    P: torch.Tensor,
+    scale: torch.Tensor,
+    M: torch.Tensor,
+    idx: torch.Tensor,
+    lengths: torch.Tensor,
+    grad: torch.Tensor,
+    tags: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The gradients of ``Σ_b grad_b log Z_b`` from :func:`_forward_kernel`'s two directions
+    (``both``): ``(emissions (B, T, C), transitions (C, C), start (C,), end (C,), finite)``,
+    float64, in TorchScript's subset of Python.
+
+    With ``alpha_t`` and ``beta_t`` each known up to a positive factor per (position,
+    sequence), the node marginal is ``alpha_t beta_t / n_t`` with ``n_t = Σ alpha_t beta_t``
+    (the gradient with respect to ``h_t``; at ``t = 0`` for start, ``t = L - 1`` for end),
+    and the edge marginal ``alpha_t[i] E[i, j] X_{t+1}[j] beta_{t+1}[j] / (scale_{t+1}
+    n_{t+1})`` (its normaliser is ``Σ_j (alpha_t @ E)[j] X_{t+1}[j] beta_{t+1}[j]``, and
+    ``alpha_{t+1} = (alpha_t @ E) X_{t+1} / scale_{t+1}``); summed over positions and the
+    batch it is one matrix product, ``alpha^T (X beta) * E``. Positions past each length are
+    zeroed with ``where`` (their forward values may be 0/0).
+
+    With ``tags (B, T)`` the gradients are those of ``Σ_b grad_b (s_b(tags) - log Z_b)``
+    instead (:func:`log_likelihood`): the path's indicators (its tags, its transitions, its
+    first and last tag, weighted by ``grad``) minus the weighted marginals."""
+    T, _, B, C = X.shape
+    f64 = torch.float64
+    valid = (torch.arange(T, device=X.device).unsqueeze(-1) < lengths).unsqueeze(-1)  # (T,B,1)
+    alpha = V[:, 0]
+    # Read at reversed steps 0..L-1 only: finite wherever the forward pass was trusted.
+    beta = P[:, 1].gather(0, idx.unsqueeze(-1).expand(T, B, C))
+    # Each normalised to sum 1 before their product, which then cannot underflow where the
+    # marginals themselves are representable (the raw vectors may each be ~1e-250).
+    sa = alpha.sum(-1, keepdim=True)
+    beta = beta / beta.sum(-1, keepdim=True)
+    prod = (alpha / sa) * beta
+    g = grad.to(f64)
+    w = (g if tags is None else -g).view(1, B, 1) / prod.sum(-1, keepdim=True)
+    node = torch.where(valid, prod * w, 0.0)  # (T, B, C): the marginals, weighted
+    E = M[0]
+    if T > 1:
+        # The edge (t, t+1)'s normaliser in these units: n_{t+1} times the step's mass
+        # r_{t+1} = Σ (alpha_t / sa_t @ E) X_{t+1} = sa_{t+1} scale_{t+1} / sa_t.
+        r = sa[1:] * (scale[1:, 0] / sa[:-1])
+        left = torch.where(valid[1:], alpha[:-1] / sa[:-1] * (w[1:] / r), 0.0)
+        right = X[1:, 0] * beta[1:]
+        g_trans = left.reshape(-1, C).t().mm(right.reshape(-1, C)).mul_(E)
+    else:
+        g_trans = torch.zeros(C, C, dtype=f64, device=X.device)
+    if tags is not None:
+        y = torch.where(valid[:, :, 0], tags.t(), 0)  # (T, B); padding tags ignored
+        gv = torch.where(valid[:, :, 0], g, 0.0)  # (T, B)
+        node.scatter_add_(-1, y.unsqueeze(-1), gv.unsqueeze(-1))
+        if T > 1:
+            g_trans.view(-1).index_add_(0, (y[:-1] * C + y[1:]).view(-1), gv[1:].reshape(-1))
+    g_start = node[0].sum(0)
+    g_end = node.gather(0, (lengths - 1).view(1, B, 1).expand(1, B, C))[0].sum(0)
+    finite = bool(torch.isfinite(node.sum() + g_trans.sum()))
+    return node.transpose(0, 1), g_trans, g_start, g_end, finite
+
+
+class _Scaled(torch.autograd.Function):
+    """``log Z`` (``tags`` None) or ``s(tags) - log Z`` with the hand-written scaled
+    forward-backward as its gradient."""
 
     @staticmethod
-    def forward(ctx, h, trans, start, end, lengths, fwd: _Forward):
-        ctx.save_for_backward(h, trans, start, end, lengths)
-        ctx.fwd = fwd
-        return fwd.log_z.to(h.dtype)
+    def forward(ctx, h, trans, start, end, lengths, tags, value, state):
+        ctx.save_for_backward(h, trans, start, end, lengths, tags)
+        ctx.state = state  # (X, V, P, scale, M, idx) of both directions; which paths count
+        return value.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        h, trans, start, end, lengths = ctx.saved_tensors
+        h, trans, start, end, lengths, tags = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
+        *kernel_state, possible = ctx.state
+        if possible is not None:  # an impossible path's -inf is a constant: no gradient
+            grad = torch.where(possible, grad, 0.0)
         if torch.is_grad_enabled():
             # create_graph=True (a gradient of the gradient): the analytic marginals below are
             # not themselves differentiable, so take this gradient by autograd of the generic
             # recursion, which is.
-            return _generic_grads(h, trans, start, end, lengths, grad, needs)
-        grads = _scaled_grads(ctx.fwd, grad)
-        if grads is None:
-            return _generic_grads(h, trans, start, end, lengths, grad, needs)
-        g_h, g_trans, g_start, g_end = grads
+            return _generic_grads(h, trans, start, end, lengths, tags, grad, needs)
+        g_h, g_trans, g_start, g_end, finite = _compiled(_gradient_kernel)(
+            *kernel_state, lengths, grad.detach(), tags
+        )
+        if not finite:
+            return _generic_grads(h, trans, start, end, lengths, tags, grad, needs)
         return (
             g_h.to(h.dtype) if needs[0] else None,
             g_trans.to(trans.dtype) if needs[1] else None,
@@ -171,53 +303,39 @@ class _LogPartition(torch.autograd.Function):
             g_end.to(end.dtype) if needs[3] else None,
             None,
             None,
+            None,
+            None,
         )
 
 
-def _generic_grads(h, trans, start, end, lengths, grad, needs):
+def _generic_grads(h, trans, start, end, lengths, tags, grad, needs):
     inputs = [x for x, n in zip((h, trans, start, end), needs, strict=True) if n]
     with torch.enable_grad():
-        log_z = generic_log_partition(h, trans, start, end, lengths)
-        got = iter(torch.autograd.grad(log_z, inputs, grad, create_graph=torch.is_grad_enabled()))
-    return (*(next(got) if n else None for n in needs), None, None)
+        out = generic_log_partition(h, trans, start, end, lengths)
+        if tags is not None:
+            out = _path_score(h, trans, start, end, lengths, tags) - out
+        got = iter(torch.autograd.grad(out, inputs, grad, create_graph=torch.is_grad_enabled()))
+    return (*(next(got) if n else None for n in needs), None, None, None, None)
 
 
-def _scaled_grads(fwd: _Forward, grad: torch.Tensor):
-    """Node marginals, transition counts, first- and last-tag marginals, each weighted by the
-    incoming gradient of its sequence's log Z; ``None`` if any came out non-finite."""
-    T, B, C = fwd.x.shape
-    # W_t = X_t / scale_t: the backward recursion divides by the same scales as the forward,
-    # so alpha_t * beta_t sums to 1 at every position. Zeroed past each sequence's end,
-    # where the forward values may be 0/0.
-    w = torch.where(fwd.valid, fwd.x / fwd.scale, 0.0)
-    alpha = torch.where(fwd.valid, fwd.alpha, 0.0)
-    # beta at the last position: exp(end) / Σ alpha_{L-1} exp(end); injected at t = L - 1,
-    # so rows that end earlier start their backward recursion there (beta = 0 after it).
-    beta_last = fwd.exp_end / fwd.end_scale.unsqueeze(-1)
-    inject = torch.zeros_like(w).scatter_(
-        0, fwd.last.view(1, B, 1).expand(1, B, C), beta_last[None]
-    )
-    w_rows, i_rows = w.unbind(0), inject.unbind(0)
-    b = i_rows[T - 1]
-    betas = [b]
-    Et = fwd.E.t()
-    addmm = torch.addmm
-    for t in range(T - 1, 0, -1):
-        b = addmm(i_rows[t - 1], w_rows[t] * b, Et)
-        betas.append(b)
-    beta = torch.stack(betas[::-1])  # (T, B, C)
-    g = grad.detach().to(torch.float64).view(1, B, 1)
-    node = alpha * beta * g  # (T, B, C): the marginals, weighted
-    g_end = (fwd.alpha_last * beta_last * g[0]).sum(0)
-    if T > 1:
-        # Σ_t alpha_t^T (W_{t+1} beta_{t+1}), then * E: the expected transition counts.
-        counts = (alpha[:-1] * g).reshape(-1, C).t() @ (w[1:] * beta[1:]).reshape(-1, C)
-        g_trans = counts.mul_(fwd.E)
-    else:
-        g_trans = fwd.E.new_zeros(C, C)
-    if not bool(torch.isfinite(node.sum() + g_trans.sum())):
-        return None
-    return node.transpose(0, 1), g_trans, node[0].sum(0), g_end
+def _path_score(
+    h: torch.Tensor,
+    trans: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    lengths: torch.Tensor,
+    tags: torch.Tensor,
+) -> torch.Tensor:
+    """``s(tags)`` (``(B,)``, in ``h``'s dtype; ``-inf`` for a forbidden path) of ``tags (B, T)``
+    int64, padding tags ignored: the sum of the path's emissions, transitions, first and last
+    tag scores (differentiable; TorchScript compiles it)."""
+    B, T, C = h.shape
+    valid = torch.arange(T, device=h.device) < lengths.unsqueeze(-1)  # (B, T)
+    y = torch.where(valid, tags, 0)
+    emit = h.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    steps = emit[:, 1:] + trans.take(y[:, :-1] * C + y[:, 1:])  # into position t + 1
+    last = y.gather(1, (lengths - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid[:, 1:], steps, 0.0).sum(-1) + (emit[:, 0] + start[y[:, 0]]) + end[last]
 
 
 def log_partition(
@@ -237,18 +355,86 @@ def log_partition(
 
     Returns:
         ``(B,)`` log-partition in ``h``'s dtype, differentiable with respect to the four score
-        tensors (by the scaled backward recursion); ``None`` when some sequence's scales fell
-        below :data:`SCALE_FLOOR` (including a sequence with no possible path), in which
-        case the caller should use :func:`generic_log_partition`.
+        tensors (by the scaled backward recursion, run alongside the forward one when a
+        gradient may be asked for); ``None`` when some sequence's scales fell below
+        :data:`SCALE_FLOOR` (including a sequence with no possible path), in which case the
+        caller should use :func:`generic_log_partition`.
     """
-    if h.shape[0] == 0:
+    B, T = h.shape[:2]
+    if B == 0:
         return None  # an empty batch: nothing to gain, and the checks below need an element
-    fwd = _Forward(h, trans, start, end, lengths)
-    if not fwd.trusted:
+    if lengths is None:
+        lengths = torch.full((B,), T, device=h.device, dtype=torch.long)
+    both = torch.is_grad_enabled() and (
+        h.requires_grad or trans.requires_grad or start.requires_grad or end.requires_grad
+    )
+    log_z, low, _, *state = _compiled(_forward_kernel)(
+        h, trans, start, end, lengths, None, both, RESCALE_EVERY
+    )
+    if not bool(low >= SCALE_FLOOR):
+        return None
+    if not both:
+        return log_z.to(h.dtype)
+    return _Scaled.apply(h, trans, start, end, lengths, None, log_z, (*state, None))
+
+
+def log_likelihood(
+    h: torch.Tensor,
+    trans: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    lengths: torch.Tensor | None,
+    tags: torch.Tensor,
+) -> torch.Tensor | None:
+    """``log p(tags) = s(tags) - log Z`` of a batch of CRF sequences, or ``None``.
+
+    Same arguments as :func:`log_partition`, and ``tags (B, T)`` integer tags (any value
+    past each length). ``-inf`` for a path the scores forbid (its gradient 0). One
+    ``autograd.Function`` for the whole: its gradient is the path's indicators minus the
+    marginals, from one pass of the scaled forward-backward, instead of autograd through
+    the path score's gathers. ``None`` where :func:`log_partition` gives ``None``.
+    """
+    B, T = h.shape[:2]
+    if B == 0:
         return None
     if lengths is None:
-        lengths = torch.full((h.shape[0],), h.shape[1], device=h.device, dtype=torch.long)
-    return _LogPartition.apply(h, trans, start, end, lengths, fwd)
+        lengths = torch.full((B,), T, device=h.device, dtype=torch.long)
+    tags = tags.long()
+    both = torch.is_grad_enabled() and (
+        h.requires_grad or trans.requires_grad or start.requires_grad or end.requires_grad
+    )
+    value, low, possible, *state = _compiled(_forward_kernel)(
+        h, trans, start, end, lengths, tags, both, RESCALE_EVERY
+    )
+    if not bool(low >= SCALE_FLOOR):
+        return None
+    if not both:
+        return value.to(h.dtype)
+    return _Scaled.apply(h, trans, start, end, lengths, tags, value, (*state, possible))
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` compiled by TorchScript once per process (``fn`` itself if TorchScript is
+    unavailable or fails on it: the eager function does the same operations).
+
+    Why: at the sizes this is for (tens of positions, a few tags) each of these kernels is a
+    few hundred small tensor operations, and a TorchScript function runs them without the
+    Python interpreter and argument parsing between them."""
+    got = _SCRIPTED.get(fn.__name__)
+    if got is None:
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.script is deprecated in favour of torch.compile, which needs a C++
+                # compiler at run time and compiles per shape: not a default for a library.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                got = torch.jit.script(fn)
+        except Exception:  # noqa: BLE001 (any failure to compile: the eager function is exact)
+            got = fn
+        _SCRIPTED[fn.__name__] = got
+    return got
+
+
+_SCRIPTED: dict[str, Callable] = {}
 
 
 @torch.no_grad()
@@ -296,26 +482,10 @@ def viterbi(
 
 def _compiled_kernel() -> Callable[..., torch.Tensor]:
     """:func:`_viterbi_kernel` compiled by TorchScript once per process (the eager function
-    if TorchScript is unavailable or fails on it).
-
-    Why: at the sizes this is for (tens of positions, a few tags) the decode is about 200
-    small tensor operations, and a TorchScript function runs them without the Python
-    interpreter and argument parsing between them: 1.2-1.3x faster on CPU for the same
-    operations in the same order, so the same paths bit for bit (pinned by the tests)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            with warnings.catch_warnings():
-                # torch.jit.script is deprecated in favour of torch.compile, which needs a C++
-                # compiler at run time and compiles per shape: not a default for a library.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _KERNEL = torch.jit.script(_viterbi_kernel)
-        except Exception:  # noqa: BLE001 (any failure to compile: the eager function is exact)
-            _KERNEL = _viterbi_kernel
-    return _KERNEL
-
-
-_KERNEL: Callable[..., torch.Tensor] | None = None
+    if TorchScript is unavailable or fails on it): 1.2-1.3x faster on CPU than the eager
+    function for the same operations in the same order, so the same paths bit for bit
+    (pinned by the tests)."""
+    return _compiled(_viterbi_kernel)
 
 
 def _viterbi_kernel(

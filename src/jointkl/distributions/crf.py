@@ -462,6 +462,16 @@ class LinearChainCRF(TorchDistribution):
         """``s(y) - log Z``; ``-inf`` for paths the constraints forbid."""
         if self._validate_args:
             self._validate_sample(value)
+        if value.shape == self.batch_shape + self.event_shape and self._factored():
+            # One autograd node for s(y) - log Z (the path's indicators minus the marginals
+            # as its gradient) instead of the path score's gathers and sums.
+            trans, start, end = self._scores()
+            h, lengths = self._flat()
+            lp = factored_chain.log_likelihood(
+                h, trans, start, end, lengths, value.reshape(h.shape[:2])
+            )
+            if lp is not None:
+                return lp.reshape(self.batch_shape)
         s = self.score(value)
         log_z = self.log_partition
         # When no path is possible (log Z = -inf) every path has probability 0; avoid -inf - -inf.
