@@ -31,6 +31,7 @@ from jointkl.inference.em.factors import (
     site_log_prob,
 )
 from jointkl.inference.em.families import FAMILIES
+from jointkl.inference.em.fixed_prior import fixed_prior_log_prob
 from pyro.poutine.util import prune_subsample_sites
 
 from jointkl.device import data_device
@@ -165,7 +166,7 @@ class FactorModel:
                     out[i] = g.table
                 else:
                     d2s, axes = g.dims
-                    lp = g.fn.log_prob(theta[g.free])
+                    lp = fixed_prior_log_prob(g.fn, theta[g.free])
                     out[i] = canonical(lp, 0, d2s, axes, g.n_axes, g.sites[0])
             elif g.kind == "traced":
                 site = tr.nodes[g.sites[0]]
