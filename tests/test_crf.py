@@ -342,6 +342,24 @@ def test_bad_input_raises_input_error_naming_the_argument():
         bmes_constraints(["B", "I", "E", "S"])
 
 
+def test_tag_check_fast_and_masked_paths_agree():
+    # The tag check first reduces over every entry (padding included); only when that finds
+    # an out-of-range value does it look at which positions are padding.
+    h, A = torch.randn(2, 5, 3), torch.randn(3, 3)
+    crf = LinearChainCRF(h, A, lengths=torch.tensor([5, 2]))
+    good = torch.tensor([[0, 1, 2, 0, 1], [2, 2, 0, 0, 0]])
+    padded = good.clone()
+    padded[1, 2:] = torch.tensor([-100, 3, 7])  # out of range, but only past the length
+    torch.testing.assert_close(crf.log_prob(padded), crf.log_prob(good))
+    as_float = good.double()
+    torch.testing.assert_close(crf.log_prob(as_float), crf.log_prob(good))
+    for bad_value in (3.0, -1.0, float("inf")):
+        bad = as_float.clone()
+        bad[1, 1] = bad_value  # a valid position of the length-2 row
+        with pytest.raises(InputError, match="tags must lie in 0..2"):
+            crf.log_prob(bad)
+
+
 def test_pyro_site_in_a_data_plate():
     h, A = torch.randn(6, 5, 3), torch.randn(3, 3)
     lengths = torch.tensor([5, 4, 3, 2, 1, 5])

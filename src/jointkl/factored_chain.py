@@ -117,6 +117,7 @@ def _forward_kernel(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     """The scaled forward recursion of :func:`log_partition` (and, with ``both``, the
     backward one as a second batch of the same steps), written in the subset of Python that
@@ -131,14 +132,15 @@ def _forward_kernel(
         both: also run the reversed recursion (the gradient needs it).
         every: renormalise every this many steps (:data:`RESCALE_EVERY`).
 
-    Returns ``(out (B,), low, possible, X, V, P, scale, M, idx)``: ``low`` the smallest
+    Returns ``(out (B,), low, possible, X, V, P, scale, M, idx, live)``: ``low`` the smallest
     scale a sequence uses (0-dim); ``possible`` (``B``, bool) whether the path's score is
     finite (empty without tags); ``X (T, D, B, C)`` the shifted, exponentiated emissions of
     each direction (``D = 2`` with ``both``, else 1), ``V`` the scaled forward vectors,
     ``P`` the matrix products before the emission (``P[0]``: ``exp(end - m)``), ``scale
     (T, D, B, 1)`` the renormalisations (1 where none), ``M (D, C, C)`` the step matrices
     ``exp(g - m)`` (and its transpose), ``idx (T, B)`` the position each reversed step reads
-    (empty without ``both``); float64 but ``possible`` and ``idx``. ``m`` is the largest of
+    (empty without ``both``), ``live (T, B)`` bool, position ``t < L``; float64 but
+    ``possible``, ``idx`` and ``live``. ``m`` is the largest of
     the transition, start and end scores.
 
     Direction 0 is ``alpha_t = (alpha_{t-1} @ E) * X_t`` from ``X_0 = exp(h_0 + start)``
@@ -153,6 +155,9 @@ def _forward_kernel(
     f64 = torch.float64
     D = 2 if both else 1
     pos = torch.arange(T, device=dev).unsqueeze(-1)  # (T, 1)
+    # Made once and handed to the path score and the gradient: each distinct operation
+    # costs tens of microseconds when cold, as it is right after other work.
+    live = pos < lengths  # (T, B)
     xf = h.detach().transpose(0, 1).to(f64)  # (T, B, C); a view when h is float64
     m = xf.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # (T, B, 1); 0 if all -inf
     Y = (xf - m).exp_()  # max 1 at every (position, sequence), 0 for a forbidden tag
@@ -196,14 +201,16 @@ def _forward_kernel(
     end_scale = alpha_last.mv(exp_end)  # (B,)
     out = cum + end_scale.log() + (last + 2) * m_p
     # Trusted iff every scale a sequence uses (in either direction) is >= SCALE_FLOOR.
-    valid = (pos < lengths).view(T, 1, B, 1)
+    valid = live.view(T, 1, B, 1)
     low = torch.minimum(torch.where(valid, scale, 1.0).min(), end_scale.min())
     possible = torch.empty(0, dtype=torch.bool, device=dev)
     if tags is not None:
-        score = _path_score(h.detach(), trans.detach(), start.detach(), end.detach(), lengths, tags)
+        score = _path_score(
+            h.detach(), trans.detach(), start.detach(), end.detach(), lengths, tags, live.t()
+        )
         possible = torch.isfinite(score)
         out = torch.where(possible, score.to(f64) - out, float("-inf"))
-    return out, low, possible, X, V, P, scale, M, idx
+    return out, low, possible, X, V, P, scale, M, idx, live
 
 
 def _gradient_kernel(
@@ -213,6 +220,7 @@ def _gradient_kernel(
     scale: torch.Tensor,
     M: torch.Tensor,
     idx: torch.Tensor,
+    live: torch.Tensor,
     lengths: torch.Tensor,
     grad: torch.Tensor,
     tags: torch.Tensor | None,
@@ -235,7 +243,7 @@ def _gradient_kernel(
     first and last tag, weighted by ``grad``) minus the weighted marginals."""
     T, _, B, C = X.shape
     f64 = torch.float64
-    valid = (torch.arange(T, device=X.device).unsqueeze(-1) < lengths).unsqueeze(-1)  # (T,B,1)
+    valid = live.unsqueeze(-1)  # (T, B, 1)
     alpha = V[:, 0]
     # Read at reversed steps 0..L-1 only: finite wherever the forward pass was trusted.
     beta = P[:, 1].gather(0, idx.unsqueeze(-1).expand(T, B, C))
@@ -276,7 +284,7 @@ class _Scaled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, trans, start, end, lengths, tags, value, state):
         ctx.save_for_backward(h, trans, start, end, lengths, tags)
-        ctx.state = state  # (X, V, P, scale, M, idx) of both directions; which paths count
+        ctx.state = state  # (X, V, P, scale, M, idx, live) of both directions; which paths count
         return value.to(h.dtype)
 
     @staticmethod
@@ -325,12 +333,14 @@ def _path_score(
     end: torch.Tensor,
     lengths: torch.Tensor,
     tags: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``s(tags)`` (``(B,)``, in ``h``'s dtype; ``-inf`` for a forbidden path) of ``tags (B, T)``
     int64, padding tags ignored: the sum of the path's emissions, transitions, first and last
     tag scores (differentiable; TorchScript compiles it)."""
     B, T, C = h.shape
-    valid = torch.arange(T, device=h.device) < lengths.unsqueeze(-1)  # (B, T)
+    if valid is None:  # (B, T): position t < L
+        valid = torch.arange(T, device=h.device) < lengths.unsqueeze(-1)
     y = torch.where(valid, tags, 0)
     emit = h.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
     steps = emit[:, 1:] + trans.take(y[:, :-1] * C + y[:, 1:])  # into position t + 1

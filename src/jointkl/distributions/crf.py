@@ -338,10 +338,11 @@ class LinearChainCRF(TorchDistribution):
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Effective (transitions, start, end) with constraints applied as true -inf."""
         C = self.num_tags
-        zeros = self.emissions.new_zeros(C)
-        trans = self.transitions
-        start = zeros if self.start is None else self.start
-        end = zeros if self.end is None else self.end
+        trans, start, end = self.transitions, self.start, self.end
+        if start is None or end is None:
+            zeros = self.emissions.new_zeros(C)
+            start = zeros if start is None else start
+            end = zeros if end is None else end
         if self.allowed is not None:
             a_trans, a_start, a_end = self.allowed
             if a_trans is not None:
@@ -413,6 +414,12 @@ class LinearChainCRF(TorchDistribution):
         self._tags_shape(value)
         if value.dtype.is_floating_point and not torch.equal(value, value.round()):
             raise InputError("tags must be integer tag indices")
+        if value.numel() > 0 and value.dtype != torch.bool:
+            # Fast path, one reduction: every entry in range (padding included) needs no
+            # mask (item(), not int(): a float tag may be inf).
+            lo, hi = (v.item() for v in torch.aminmax(value))
+            if lo >= 0 and hi < self.num_tags:
+                return
         valid = self._valid_mask()
         bad = ((value < 0) | (value >= self.num_tags)) & valid
         if bad.any():
