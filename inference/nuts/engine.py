@@ -43,6 +43,12 @@ SAMPLE_STATS = tuple(STATS)
 STATS_PREFIX = "sample_stats."
 
 
+def _dense_mass(value: Any, where: str) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise InputError(f"{where} must be true, false or 'auto', got {value!r}")
+
+
 def _target_accept(value: Any, where: str) -> float:
     value = positive_float(value, where)
     if value >= 1:
@@ -63,6 +69,7 @@ class NUTSSettings(Settings):
     max_tree_depth: int = setting(10, positive_int)
     init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
     laplace_start: bool = setting(False, boolean)
+    dense_mass: bool | str = setting(False, _dense_mass)
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -87,6 +94,7 @@ class NUTSSettings(Settings):
             "max_tree_depth",
             "init",
             "laplace_start",
+            "dense_mass",
         )
         return {k: getattr(self, k) for k in (*keys, "step_size", "vectorise", "compile", "seed")}
 
