@@ -76,8 +76,9 @@ def test_compiled_dense_leaf_gives_the_eager_draws():
 
 
 def test_the_window_covariance_is_stans_regularised_sample_covariance():
-    """(n/(n + 5)) Σ̂ + 10⁻³ · 5/(n + 5) · I per chain, Σ̂ the unbiased sample covariance;
-    its diagonal is the diagonal metric's estimate."""
+    """(n/(n + 5)) Σ̃ + 10⁻³ · 5/(n + 5) · I per chain, Σ̃ = (1 − λ) Σ̂ + λ diag(Σ̂) with
+    λ = D/n, Σ̂ the unbiased sample covariance; its diagonal is the diagonal metric's
+    estimate; a window of n ≤ D draws gives that diagonal."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 3, 4, generator=g, dtype=torch.float64)  # 30 draws, 3 chains, D = 4
     x = x @ torch.tensor([[1.0, 0.5, 0, 0], [0, 1, 0.3, 0], [0, 0, 2, 0], [0, 0, 0, 1]]).double()
@@ -88,9 +89,16 @@ def test_the_window_covariance_is_stans_regularised_sample_covariance():
         diagonal.add(row)
     n = 30
     for c in range(3):
-        expected = n / (n + 5) * np.cov(x[:, c].numpy().T) + 1e-3 * 5 / (n + 5) * np.eye(4)
+        cov = np.cov(x[:, c].numpy().T)
+        cov = (1 - 4 / n) * cov + 4 / n * np.diag(np.diag(cov))
+        expected = n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * np.eye(4)
         np.testing.assert_allclose(dense.regularised()[c].numpy(), expected, rtol=1e-10)
     torch.testing.assert_close(diagonal.regularised(), dense.regularised().diagonal(0, -2, -1))
+    short = WindowVariance((3, 4), torch.float64, "cpu", dense=True)
+    for row in x[:4]:
+        short.add(row)
+    off = short.regularised() - torch.diag_embed(short.regularised().diagonal(0, -2, -1))
+    assert torch.equal(off, torch.zeros_like(off))
 
 
 def test_momentum_has_covariance_m_and_the_kinetic_energy_uses_its_inverse():
