@@ -69,7 +69,7 @@ class NUTSSettings(Settings):
     max_tree_depth: int = setting(10, positive_int)
     init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
     laplace_start: bool = setting(False, boolean)
-    dense_mass: bool | str = setting(False, _dense_mass)
+    dense_mass: bool | str = setting("auto", _dense_mass)
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -122,11 +122,11 @@ class NUTS(Engine):
         variances there as the diagonal inverse mass matrix; ``False`` (default): the
         start as drawn and M⁻¹ = I, Stan's (chains stay over-dispersed at the start,
         which R-hat relies on).
-    :param dense_mass: the mass matrix's form: ``False`` (default) a diagonal M⁻¹ per
-        chain, Stan's and Pyro's default; ``True`` a dense M⁻¹ per chain, each slow window's
-        sample covariance (its off-diagonal part shrunk by min(1, D/n), then Stan's
-        regularisation toward 10⁻³ I): undoes linear correlations at O(D²) per leapfrog
-        step; ``"auto"``: dense up to 200 unconstrained coordinates, diagonal above.
+    :param dense_mass: the mass matrix's form: ``"auto"`` (default) dense up to 200
+        unconstrained coordinates, diagonal above; ``True`` a dense M⁻¹ per chain, each
+        slow window's sample covariance (its off-diagonal part shrunk by min(1, D/n), then
+        Stan's regularisation toward 10⁻³ I): undoes linear correlations at O(D²) per
+        leapfrog step; ``False`` a diagonal M⁻¹ per chain (Stan's and Pyro's default).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).
