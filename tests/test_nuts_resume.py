@@ -48,10 +48,17 @@ def assert_same_fit(a, b):
         assert a.info[k] == b.info[k], k
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["diagonal", "dense"])
 @pytest.mark.parametrize("stop", [15, 50], ids=["in warmup", "in sampling"])
-def test_a_fit_interrupted_and_resumed_gives_the_uninterrupted_draws(tmp_path, monkeypatch, stop):
+def test_a_fit_interrupted_and_resumed_gives_the_uninterrupted_draws(
+    tmp_path, monkeypatch, stop, dense
+):
+    """Also with a dense metric: its M⁻¹ (C, D, D) and the window's outer-product sums are
+    in the checkpoint."""
     x, y = data()
-    whole = NUTS(**QUICK).fit(regression, x, y)
+    quick = {**QUICK, "dense_mass": dense}
+    whole = NUTS(**quick).fit(regression, x, y)
+    assert whole.state["inverse_mass_matrix"].dim() == (3 if dense else 2)
     iterate = chains.Chains.iterate
 
     def interrupted(self):  # Ctrl-C arrives during iteration ``stop + 1``
@@ -61,11 +68,11 @@ def test_a_fit_interrupted_and_resumed_gives_the_uninterrupted_draws(tmp_path, m
 
     monkeypatch.setattr(chains.Chains, "iterate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        NUTS(**QUICK, checkpoint_dir=str(tmp_path), checkpoint_every=7).fit(regression, x, y)
+        NUTS(**quick, checkpoint_dir=str(tmp_path), checkpoint_every=7).fit(regression, x, y)
     monkeypatch.setattr(chains.Chains, "iterate", iterate)
     # the state of the last whole iteration is kept, past the periodic checkpoints
     assert latest_checkpoint(tmp_path).name == f"step-{stop:08d}.pt"
-    resumed = NUTS(**QUICK, checkpoint_dir=str(tmp_path), resume=True).fit(regression, x, y)
+    resumed = NUTS(**quick, checkpoint_dir=str(tmp_path), resume=True).fit(regression, x, y)
     assert_same_fit(resumed, whole)
     assert latest_checkpoint(tmp_path).name == f"step-{60:08d}.pt"
 
@@ -76,6 +83,10 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     other = {**QUICK, "target_accept": 0.9}
     with pytest.raises(InputError, match="target_accept=0.8"):
         NUTS(**other, checkpoint_dir=str(tmp_path), resume=True).fit(regression, x, y)
+    # the default ("auto") is dense on this 2-coordinate model; a diagonal fit refuses it
+    diagonal = {**QUICK, "dense_mass": False}
+    with pytest.raises(InputError, match="holds a dense mass matrix; this fit adapts a diagonal"):
+        NUTS(**diagonal, checkpoint_dir=str(tmp_path), resume=True).fit(regression, x, y)
 
 
 def test_checkpoint_settings_are_checked():

@@ -10,7 +10,7 @@ one :class:`~jointkl.checkpoint.LoopState`:
 * ``history``: the chains' mean potential per iteration;
 * ``extra``: U and ∇U at ``theta`` (so a resumed run does not recompute them, which could
   differ in the last bit from the values the trajectory carried), the step size ε and the
-  inverse mass matrix M⁻¹ per chain, the dual-averaging state (μ, H̄, log ε̄, t), the current
+  inverse mass matrix M⁻¹ per chain ((C, D) diagonal or (C, D, D) dense), the dual-averaging state (μ, H̄, log ε̄, t), the current
   slow window's running moments (n, mean, M2), the per-draw sample statistics so far, the
   warmup divergences, the gradient count, and the settings that decide the chains' path.
 
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
 from jointkl.inference.nuts.curvature import mode_and_variances
+from jointkl.inference.nuts.metric import as_dense, dense_metric, kinetic, momentum, velocity
 from jointkl.inference.nuts.potential import Potential
 from jointkl.inference.nuts.trajectory import step_function, transition
 from tqdm.auto import tqdm
@@ -64,7 +65,11 @@ class Chains:
         self.target, self.s = target, settings
         self.init_values = init_values  # chain -> {site: value}, the model's own seeding
         self.gen = torch.Generator(device=target.device).manual_seed(settings.seed)
-        self.step_fn = step_function(target, settings.max_tree_depth, settings.compile)
+        # The metric's form, fixed for the fit: dense (C, D, D) or diagonal (C, D) M⁻¹.
+        self.dense = dense_metric(settings.dense_mass, target.dim)
+        self.step_fn = step_function(
+            target, settings.max_tree_depth, settings.compile, dense=self.dense
+        )
         spans = windows(settings.warmup)
         self.first, self.last = (spans[0][0], spans[-1][1]) if spans else (settings.warmup, -1)
         self.ends = {end for _, end in spans}
@@ -78,8 +83,8 @@ class Chains:
         return self.target.value_and_grad(theta)
 
     def start(self) -> None:
-        """Iteration 0: a start per chain from the init strategy, M⁻¹ = I, ε from the
-        heuristic (or the ``step_size`` setting)."""
+        """Iteration 0: a start per chain from the init strategy, M⁻¹ = I (diagonal or
+        dense), ε from the heuristic (or the ``step_size`` setting)."""
         s, C, D = self.s, self.s.num_chains, self.target.dim
         self.step = 0
         strategy, values = ("uniform", self.init_values) if s.init == "auto" else (s.init, None)
@@ -92,11 +97,13 @@ class Chains:
             self.u, self.grad = self.value_and_grad(self.theta)
         else:
             self.inv_mass = torch.ones(C, D, **opts)
+        if self.dense:
+            self.inv_mass = as_dense(self.inv_mass)
         self.eps = torch.full((C,), s.step_size or 1.0, **opts)
         if s.step_size is None:
             self.eps = self.reasonable_step_size(self.eps)
         self.adapt = DualAveraging(self.eps, s.target_accept)
-        self.window = WindowVariance((C, D), self.theta.dtype, self.theta.device)
+        self.window = WindowVariance((C, D), self.theta.dtype, self.theta.device, self.dense)
         # Zeros, not empty: the buffer is checkpointed whole and must be finite.
         self.draws = torch.zeros(C, s.draws, D, **opts)
         self.stats = {
@@ -143,9 +150,12 @@ class Chains:
         if saved is None or "theta" not in state.params or "dual_averaging" not in extra:
             raise InputError(f"NUTS: checkpoint {path} was not written by NUTS")
         for key, value in self.s.trajectory().items():
-            if saved.get(key) != value:
+            if key == "dense_mass":  # what matters is the metric's form, checked below
+                continue
+            was = saved.get(key)
+            if was != value:
                 raise InputError(
-                    f"NUTS: checkpoint {path} was written with {key}={saved.get(key)!r}, "
+                    f"NUTS: checkpoint {path} was written with {key}={was!r}, "
                     f"not {value!r}: resume with the same settings"
                 )
         theta = state.params["theta"]
@@ -161,12 +171,21 @@ class Chains:
         self.u, self.grad = extra["potential"].to(device), extra["grad"].to(device)
         self.eps = extra["step_size"].to(device)
         self.inv_mass = extra["inverse_mass_matrix"].to(device)
+        # The metric's form, not the dense_mass value: True and "auto" give the same path
+        # on a small model, and a checkpoint from before the setting existed is diagonal.
+        if self.inv_mass.dim() != (3 if self.dense else 2):
+            raise InputError(
+                f"NUTS: checkpoint {path} holds a "
+                f"{'dense' if self.inv_mass.dim() == 3 else 'diagonal'} mass matrix; this fit "
+                f"adapts a {'dense' if self.dense else 'diagonal'} one: resume with the same "
+                "dense_mass"
+            )
         da = extra["dual_averaging"]
         self.adapt = DualAveraging(self.eps, self.s.target_accept)
         self.adapt.mu, self.adapt.h_bar = da["mu"].to(device), da["h_bar"].to(device)
         self.adapt.log_eps_bar, self.adapt.t = da["log_eps_bar"].to(device), int(da["t"])
         w = extra["window"]
-        self.window = WindowVariance(tuple(theta.shape), theta.dtype, device)
+        self.window = WindowVariance(tuple(theta.shape), theta.dtype, device, self.dense)
         self.window.n = int(w["n"])
         self.window.mean, self.window.m2 = w["mean"].to(device), w["m2"].to(device)
         self.stats = dict(extra["stats"])
@@ -263,15 +282,15 @@ class Chains:
         direction = None
         done = torch.zeros(C, dtype=torch.bool, device=theta.device)
         for _ in range(tries):
-            r = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype, device=theta.device)
-            r = r / inv_mass.sqrt()
-            h0 = u + 0.5 * (r * r * inv_mass).sum(-1)
+            z = torch.randn(theta.shape, generator=self.gen, dtype=theta.dtype, device=theta.device)
+            r = momentum(z, inv_mass)
+            h0 = u + kinetic(r, inv_mass)
             e = eps.reshape(C, 1)
             r_half = r - 0.5 * e * grad
-            new_theta = theta + e * inv_mass * r_half
+            new_theta = theta + e * velocity(r_half, inv_mass)
             u_new, g_new = self.value_and_grad(new_theta)
             r_new = r_half - 0.5 * e * g_new
-            h = u_new + 0.5 * (r_new * r_new * inv_mass).sum(-1)
+            h = u_new + kinetic(r_new, inv_mass)
             delta = torch.nan_to_num(h0 - h, nan=-math.inf)
             up = delta > log_target
             if direction is None:

@@ -43,6 +43,12 @@ SAMPLE_STATS = tuple(STATS)
 STATS_PREFIX = "sample_stats."
 
 
+def _dense_mass(value: Any, where: str) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise InputError(f"{where} must be true, false or 'auto', got {value!r}")
+
+
 def _target_accept(value: Any, where: str) -> float:
     value = positive_float(value, where)
     if value >= 1:
@@ -63,6 +69,7 @@ class NUTSSettings(Settings):
     max_tree_depth: int = setting(10, positive_int)
     init: str = setting("auto", one_of("auto", *INIT_STRATEGIES))
     laplace_start: bool = setting(False, boolean)
+    dense_mass: bool | str = setting("auto", _dense_mass)
     step_size: float | None = setting(None, optional(positive_float))
     vectorise: bool | None = setting(None, optional(boolean))
     compile: bool = setting(True, boolean)
@@ -87,6 +94,7 @@ class NUTSSettings(Settings):
             "max_tree_depth",
             "init",
             "laplace_start",
+            "dense_mass",
         )
         return {k: getattr(self, k) for k in (*keys, "step_size", "vectorise", "compile", "seed")}
 
@@ -98,7 +106,7 @@ class NUTS(Engine):
 
     :param int num_chains: independent chains (R-hat needs ≥ 2).
     :param int warmup: adaptation iterations per chain (discarded): step size by dual
-        averaging, diagonal mass matrix from Stan's doubling windows.
+        averaging, mass matrix (diagonal or dense) from Stan's doubling windows.
     :param int draws: kept iterations per chain.
     :param float target_accept: the mean acceptance statistic the step size is tuned to
         (0.8; raise it toward 0.95 when there are divergences).
@@ -114,6 +122,11 @@ class NUTS(Engine):
         variances there as the diagonal inverse mass matrix; ``False`` (default): the
         start as drawn and M⁻¹ = I, Stan's (chains stay over-dispersed at the start,
         which R-hat relies on).
+    :param dense_mass: the mass matrix's form: ``"auto"`` (default) dense up to 200
+        unconstrained coordinates, diagonal above; ``True`` a dense M⁻¹ per chain, each
+        slow window's sample covariance (its off-diagonal part shrunk by min(1, D/n), then
+        Stan's regularisation toward 10⁻³ I): undoes linear correlations at O(D²) per
+        leapfrog step; ``False`` a diagonal M⁻¹ per chain (Stan's and Pyro's default).
     :param step_size: the initial leapfrog step; ``None``: Hoffman & Gelman's heuristic
         (double or halve until one step's acceptance crosses 0.8). Adapted during warmup
         either way; with ``warmup=0`` it is used as is (1 when ``None``... after the heuristic).
@@ -141,7 +154,8 @@ class NUTS(Engine):
     draw, *site_shape)`` (:meth:`posterior_draws` adds a draw of the enumerated discrete
     sites given each); ``Fit.state``: the ArviZ sample statistics as ``"sample_stats.<name>"``
     (``(chain, draw)`` each: ``lp``, ``acceptance_rate``, ``diverging``, ``energy``,
-    ``step_size``, ``tree_depth``, ``n_steps``), the inverse mass matrix and the last draws;
+    ``step_size``, ``tree_depth``, ``n_steps``), the inverse mass matrix ((C, D) diagonal or
+    (C, D, D) dense) and the last draws;
     ``Fit.info``: ``divergences`` (after warmup), ``warmup_divergences``, ``max_rhat``,
     ``min_ess_bulk``, ``step_size`` (per chain), ``gradients``, ``seconds``, ``vectorised``.
     """

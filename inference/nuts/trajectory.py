@@ -1,8 +1,9 @@
 """One NUTS transition for a batch of chains at once (multinomial sampling, iterative
 doubling, the generalised U-turn criterion), every chain with its own tree.
 
-Hamiltonian H(θ, r) = U(θ) + ½ rᵀ M⁻¹ r with a diagonal inverse mass M⁻¹ per chain; the
-leapfrog step of size ε is r ← r − ε/2 ∇U(θ); θ ← θ + ε M⁻¹ r; r ← r − ε/2 ∇U(θ).
+Hamiltonian H(θ, r) = U(θ) + ½ rᵀ M⁻¹ r with an inverse mass M⁻¹ per chain, diagonal or
+dense (:mod:`~jointkl.inference.nuts.metric`); the leapfrog step of size ε is
+r ← r − ε/2 ∇U(θ); θ ← θ + ε M⁻¹ r; r ← r − ε/2 ∇U(θ).
 
 A transition (Hoffman & Gelman 2014; Betancourt 2017, as Stan and Pyro do it) draws
 r ~ N(0, M) and grows a trajectory around (θ, r) by doublings: the j-th doubling picks a
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from jointkl.inference.nuts.metric import kinetic, momentum, velocity
 
 __all__ = ["Transition", "transition", "leaf", "step_function", "MAX_DELTA_H"]
 
@@ -52,10 +54,6 @@ class Transition:
     num_steps: torch.Tensor
     energy: torch.Tensor
     evaluations: int = 0
-
-
-def _kinetic(r: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (r * r * inv_mass).sum(-1)
 
 
 def _turning(p_left, p_right, rho) -> torch.Tensor:
@@ -94,7 +92,8 @@ def transition(
     :param potential: (C,) U(theta).
     :param grad: (C, D) ∇U(theta).
     :param step_size: (C,) leapfrog step ε per chain.
-    :param inv_mass: (C, D) diagonal inverse mass matrix M⁻¹ per chain.
+    :param inv_mass: the inverse mass matrix M⁻¹ per chain: (C, D) diagonal or (C, D, D)
+        dense.
     :param int max_tree_depth: the most doublings per transition.
     :param step_fn: :func:`leaf` with its potential bound (or its compiled graph).
     :param gen: the generator of the momenta, directions and multinomial draws.
@@ -103,8 +102,8 @@ def transition(
     """
     C, D = theta.shape
     opts = dict(dtype=theta.dtype, device=theta.device)
-    r0 = torch.randn(C, D, generator=gen, **opts) / inv_mass.sqrt()
-    h0 = potential + _kinetic(r0, inv_mass)
+    r0 = momentum(torch.randn(C, D, generator=gen, **opts), inv_mass)
+    h0 = potential + kinetic(r0, inv_mass)
     eps = step_size.reshape(C, 1)
     # The tree: its two ends (position, momentum, gradient), its proposal, log Σ exp(H₀ − H),
     # and Σ r over its states.
@@ -143,7 +142,7 @@ def transition(
         log_w = torch.where(ok, torch.logaddexp(log_w, s_log_w), log_w)
         r_sum = _where(ok, r_sum + s_r_sum, r_sum)
         rho = r_sum - (left[1] + right[1]) / 2
-        turned = _turning(left[1] * inv_mass, right[1] * inv_mass, rho)
+        turned = _turning(velocity(left[1], inv_mass), velocity(right[1], inv_mass), rho)
         done = done | (active & (s_stop | turned))
     new_theta, new_u, new_grad, new_h = prop
     return Transition(
@@ -228,10 +227,10 @@ def leaf(
     can be traced once with the potential into one compiled graph."""
     live = active & ~stop
     r_half = r - 0.5 * step * grad
-    theta_new = theta + step * inv_mass * r_half
+    theta_new = theta + step * velocity(r_half, inv_mass)
     u_new, grad_new = value_and_grad(theta_new)
     r_new = r_half - 0.5 * step * grad_new
-    h = u_new + _kinetic(r_new, inv_mass)
+    h = u_new + kinetic(r_new, inv_mass)
     delta = h - h0
     delta = torch.where(torch.isnan(delta), torch.inf, delta)
     bad = ~torch.isfinite(grad_new).all(-1)
@@ -256,7 +255,9 @@ def leaf(
     r_sum_ckpt = torch.where(slot, r_sum.unsqueeze(0), r_sum_ckpt)
     # U-turn of each piece from checkpoint i to this state (Σ r over it, less half its ends).
     rho = r_sum.unsqueeze(0) - r_sum_ckpt + r_ckpt - (r_ckpt + r.unsqueeze(0)) / 2
-    turned = ((r_ckpt * inv_mass * rho).sum(-1) <= 0) | ((r * inv_mass * rho).sum(-1) <= 0)
+    turned = ((velocity(r_ckpt, inv_mass) * rho).sum(-1) <= 0) | (
+        (velocity(r, inv_mass) * rho).sum(-1) <= 0
+    )
     turned = (turned & check.reshape(-1, 1)).any(0)
     stop = stop | (good & turned) | new_div
     div = div | new_div
@@ -266,11 +267,15 @@ def leaf(
     )  # fmt: skip
 
 
-def step_function(potential, max_tree_depth: int, compile: bool) -> Callable[..., tuple]:
+def step_function(
+    potential, max_tree_depth: int, compile: bool, dense: bool = False
+) -> Callable[..., tuple]:
     """:func:`leaf` with ``potential``'s U and ∇U bound; when ``compile`` and the potential
     itself compiled (:meth:`Potential.compile`), the whole leaf — leapfrog step, model,
     backward pass and the tree's bookkeeping — traced once into one graph (``make_fx``,
-    frozen by TorchScript), kept only if it reproduces the eager leaf on random inputs."""
+    frozen by TorchScript), kept only if it reproduces the eager leaf on random inputs.
+    ``dense``: the graph is traced for a dense inverse mass matrix (C, D, D), else for a
+    diagonal one (C, D); the sampler keeps one form for a whole fit."""
     import functools
 
     eager = functools.partial(leaf, potential.eager_value_and_grad)
@@ -290,11 +295,17 @@ def step_function(potential, max_tree_depth: int, compile: bool) -> Callable[...
         def b(*shape):
             return (torch.rand(*shape, generator=gen) < 0.5).to(potential.device)
 
+        def metric():
+            if not dense:
+                return 1 + f(C, D).abs()
+            a = f(C, D, D)  # symmetric positive definite: I + a aᵀ / D
+            return torch.eye(D, **opts).to(potential.device) + a @ a.mT / D
+
         # Distinct tensors in every position: a tracer that meets one tensor object twice
         # would take the two inputs for one.
         return (
             f(C, D), f(C, D), f(C, D), f(C), f(C, D), f(C, D), f(C), f(C, D), f(C), f(C).abs(),
-            f(C).abs(), b(C), b(C), f(K, C, D), f(K, C, D), 0.1 * f(C, 1), 1 + f(C, D).abs(),
+            f(C).abs(), b(C), b(C), f(K, C, D), f(K, C, D), 0.1 * f(C, 1), metric(),
             f(C), b(C), f(C).abs(), b(K), b(K),
         )  # fmt: skip
 

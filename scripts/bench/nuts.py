@@ -1,8 +1,8 @@
 """jointkl's NUTS against Pyro's MCMC(NUTS): effective samples per second, same posterior.
 
 Two models, each run by both samplers in this process with the same chains, warmup and
-draws (Pyro's defaults on both sides: diagonal mass matrix, target acceptance 0.8, tree
-depth 10, uniform starts in (−2, 2)):
+draws (Pyro's defaults on both sides, with ``--dense-mass false``: diagonal mass matrix,
+target acceptance 0.8, tree depth 10, uniform starts in (−2, 2)):
 
 * ``schools``: eight schools, non-centred (μ ~ N(0, 5²), τ ~ HalfCauchy(5),
   η_j ~ N(0, 1), y_j ~ N(μ + τ η_j, σ_j²)), Rubin's data;
@@ -19,9 +19,15 @@ coordinates; ``ratio`` is jointkl's ESS/s over Pyro's. Posterior means and stand
 deviations are printed side by side.
 
 Prints one JSON object per (case, sampler), then one per case with the ratio.
+``--dense-mass`` runs jointkl once per value given (``auto``, the default: the engine's own
+default, a dense metric on these small models; ``false``: the diagonal metric, Pyro's
+default, the like-for-like kernel; ``true``), each row labelled with it and the ratio taken
+for each; ``--no-pyro`` leaves Pyro out (dense against diagonal only). Rows also
+carry the process CPU seconds (``cpu_seconds``), steadier than the wall clock on a shared
+machine.
 
     python scripts/bench/nuts.py [--cases schools linreg] [--chains 4] [--warmup 1000]
-        [--draws 1000] [--seed 0]
+        [--draws 1000] [--seed 0] [--dense-mass auto false true] [--no-pyro]
 """
 
 from __future__ import annotations
@@ -85,10 +91,15 @@ def pyro_nuts(model, data, chains: int, warmup: int, draws: int, seed: int):
     return samples, sum(r[1] for r in runs)
 
 
-def jointkl_nuts(model, data, chains: int, warmup: int, draws: int, seed: int):
-    fit = JointklNUTS(num_chains=chains, warmup=warmup, draws=draws, seed=seed, progress=False).fit(
-        model, *data
-    )
+def jointkl_nuts(model, data, chains: int, warmup: int, draws: int, seed: int, dense_mass="auto"):
+    fit = JointklNUTS(
+        num_chains=chains,
+        warmup=warmup,
+        draws=draws,
+        seed=seed,
+        progress=False,
+        dense_mass=dense_mass,
+    ).fit(model, *data)
     samples = {k: v.numpy() for k, v in fit.samples.items()}
     return samples, fit.info["divergences"], fit.info
 
@@ -118,40 +129,57 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-mass", nargs="+", default=["auto"], choices=["false", "true", "auto"])
+    p.add_argument("--no-pyro", action="store_true", help="run jointkl only")
     a = p.parse_args()
+    metrics = {"false": False, "true": True, "auto": "auto"}
     for case in a.cases:
         model, make = CASES[case]
         data = make()
+        rows = []
+        for value in a.dense_mass:
+            with pyro.validation_enabled(False):
+                t0, c0 = time.perf_counter(), time.process_time()
+                ours, div, info = jointkl_nuts(
+                    model, data, a.chains, a.warmup, a.draws, a.seed, metrics[value]
+                )
+                t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
+            row = summary(case, "jointkl", ours, t_ours, div)
+            row.update(
+                dense_mass=value,
+                cpu_seconds=round(c_ours, 2),
+                ess_per_cpu_s=round(row["min_ess_bulk"] / c_ours, 3),
+                vectorised=info["vectorised"],
+                compiled=info["compiled"],
+                mean_tree_depth=round(info["mean_tree_depth"], 2),
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        if a.no_pyro:
+            continue
         with pyro.validation_enabled(False):
-            t0 = time.perf_counter()
-            ours, div, info = jointkl_nuts(model, data, a.chains, a.warmup, a.draws, a.seed)
-            t_ours = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             theirs, pdiv = pyro_nuts(model, data, a.chains, a.warmup, a.draws, a.seed)
-            t_pyro = time.perf_counter() - t0
-        row_ours = summary(case, "jointkl", ours, t_ours, div)
-        row_ours.update(
-            vectorised=info["vectorised"],
-            compiled=info["compiled"],
-            mean_tree_depth=round(info["mean_tree_depth"], 2),
-        )
+            t_pyro, c_pyro = time.perf_counter() - t0, time.process_time() - c0
         row_pyro = summary(case, f"pyro {pyro.__version__}", theirs, t_pyro, pdiv)
-        print(json.dumps(row_ours), flush=True)
+        row_pyro.update(cpu_seconds=round(c_pyro, 2))
         print(json.dumps(row_pyro), flush=True)
-        print(
-            json.dumps(
-                {
-                    "case": case,
-                    "chains": a.chains,
-                    "warmup": a.warmup,
-                    "draws": a.draws,
-                    "threads": torch.get_num_threads(),
-                    "ess_per_s_ratio": round(row_ours["ess_per_s"] / row_pyro["ess_per_s"], 2),
-                    "time_ratio": round(t_pyro / t_ours, 2),
-                }
-            ),
-            flush=True,
-        )
+        for row in rows:
+            print(
+                json.dumps(
+                    {
+                        "case": case,
+                        "dense_mass": row["dense_mass"],
+                        "chains": a.chains,
+                        "warmup": a.warmup,
+                        "draws": a.draws,
+                        "threads": torch.get_num_threads(),
+                        "ess_per_s_ratio": round(row["ess_per_s"] / row_pyro["ess_per_s"], 2),
+                        "time_ratio": round(t_pyro / row["seconds"], 2),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
