@@ -186,8 +186,8 @@ def test_vectorised_path_in_chunks(monkeypatch):
 
 def test_label_switching_is_named_in_one_line():
     """Chains that disagree (high R-hat) at the same log density on a model with enumerated
-    labels: one line saying label switching; not when the chains agree, when one chain sits
-    in a worse mode, or when nothing is enumerated."""
+    labels: one line saying label switching; not when the chains agree or when nothing is
+    enumerated; when one chain sits in a worse mode, one line saying separate modes."""
     from types import SimpleNamespace
 
     from jointkl.inference.nuts.engine import _label_switching
@@ -200,4 +200,7 @@ def test_label_switching_is_named_in_one_line():
     assert _label_switching(mixture, lp, 1.01) is None
     assert _label_switching(SimpleNamespace(enumerated=[]), lp, 1.8) is None
     lp[0] -= 30  # one chain in a worse mode: a convergence failure, not label switching
-    assert _label_switching(mixture, lp, 1.8) is None
+    line = _label_switching(mixture, lp, 1.8)
+    assert line.startswith("separate modes") and "\n" not in line
+    assert "highest: chain" in line and "highest: chain 0" not in line
+    assert "label switching" not in line

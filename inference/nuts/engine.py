@@ -326,18 +326,35 @@ def _label_switching(target: Potential, lp: torch.Tensor, rhat: float) -> str | 
     """One line when the chains disagree (max R-hat > 1.05) yet sit at the same log density
     (every chain's mean lp within two within-chain sds of the others'): what a mixture's
     exchangeable components give when chains order them differently (label switching), not
-    a failure to converge. ``None`` otherwise, or when the model has no enumerated latent."""
+    a failure to converge. Chains that disagree at different log densities get the
+    :func:`_separate_modes` line instead; ``None`` when they agree, or when the model has no
+    enumerated latent."""
     if not target.enumerated or lp.shape[0] < 2 or lp.shape[1] < 4 or not rhat > 1.05:
         return None
     lp = lp.double()
     means, spread = lp.mean(1), lp.std(1).mean()
     if float(means.max() - means.min()) > 2 * float(spread):
-        return None
+        return _separate_modes(means, rhat)
     return (
         f"label switching: the chains disagree (max R-hat {rhat:.2f}) at the same log "
         f"density, as when the components labelled by {', '.join(target.enumerated)} are "
         "exchangeable and chains order them differently; R-hat of component-indexed sites "
         "then measures the labelling, not convergence (compare label-invariant quantities)"
+    )
+
+
+def _separate_modes(means: torch.Tensor, rhat: float) -> str:
+    """One line for chains that disagree at *different* log densities: each sits in its own
+    mode (a mixture's near-empty component placed differently, a merged pair of clusters),
+    which no longer run of the same chains is likely to join; the draws are not one
+    posterior sample."""
+    per_chain = ", ".join(f"{float(m):.1f}" for m in means)
+    best = int(means.argmax())
+    return (
+        f"separate modes: the chains disagree (max R-hat {rhat:.2f}) at different log "
+        f"densities (mean lp per chain: {per_chain}; highest: chain {best}): each sits in its "
+        "own mode of a multimodal posterior, so the pooled draws are not one posterior "
+        "sample; compare the chains, or simplify the model (e.g. fewer components)"
     )
 
 
