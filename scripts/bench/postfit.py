@@ -45,18 +45,25 @@ from jointkl.zoo import model_class  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-CASES = (
+CASES = (  # every model x engine pair `jointkl fit` accepts (tests/test_diagnose_matrix.py)
     "gmm/em",
     "gmm/svi",
     "gmm/nuts",
     "bmm/em",
+    "bmm/svi",
+    "bmm/nuts",
     "hmm/em",
+    "hmm/svi",
     "vae/svi",
+    "vae/langevin",
+    "vae/nuts",
     "infomax/svi",
+    "infomax/langevin",
+    "infomax/nuts",
     "crf-seg/svi",
     "energy/nce",
+    "energy/svi",
     "skipgram/nce",
-    "vae/langevin",
 )
 
 
@@ -69,6 +76,8 @@ def run_case(case: str, extra: list[str]) -> dict:
     engine_kw = {**getattr(pair, "engine_defaults", {}).get(engine_name, {}), **engine_kw}
     if "progress" in engine_cls.Settings.names():
         engine_kw.setdefault("progress", False)
+    if "seed" in engine_cls.Settings.names():  # as `jointkl fit` does (--seed 0)
+        engine_kw.setdefault("seed", 0)
     data_args, data_kwargs = pair.default_data(seed=0)
     torch.manual_seed(0)
     engine = engine_cls(**engine_kw)
@@ -76,7 +85,7 @@ def run_case(case: str, extra: list[str]) -> dict:
     fit = engine.fit(pair, *data_args, **data_kwargs)
     c1, t1 = time.process_time(), time.perf_counter()
     rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    idata = fit.to_arviz()
+    idata = fit.to_arviz(seed=0)  # as `jointkl fit` calls it (no --draws)
     c2, t2 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         idata.to_netcdf(str(Path(d) / "inference_data.nc"))
@@ -114,6 +123,13 @@ def run_case(case: str, extra: list[str]) -> dict:
         "peak_rss_end_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "netcdf_mb": round(nc_mb, 1),
         "steps": getattr(engine.settings, "steps", None),
+        # the loop lengths the fit ran: the per-step cost of a shortened fit gives the
+        # default fit's time
+        "loop": {
+            k: getattr(engine.settings, k)
+            for k in ("steps", "max_iter", "warmup", "draws", "num_samples", "num_chains")
+            if hasattr(engine.settings, k)
+        },
         "groups": list(idata.groups()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
