@@ -14,7 +14,8 @@ seconds of the process (``*_cpu_s``, ``ok_cpu``) are given beside them: with one
 thread they are what the wall clock would read on an idle machine. ArviZ and matplotlib are
 imported before anything is timed (a one-off cost of the process, not of a conversion).
 
-    python scripts/bench/postfit.py                        # every case
+    python scripts/bench/postfit.py                        # every case but LONG_CASES
+    python scripts/bench/postfit.py --cases all            # every case
     python scripts/bench/postfit.py --cases gmm/em,bmm/em
     python scripts/bench/postfit.py --set steps=50         # shorter fits (not the default run)
 """
@@ -65,6 +66,10 @@ CASES = (  # every model x engine pair `jointkl fit` accepts (tests/test_diagnos
     "energy/svi",
     "skipgram/nce",
 )
+# Default NUTS fits of these take hours on a 2-core CPU (4 x (1000 + 1000) transitions of up
+# to 1,023 gradient evaluations each, a network or 1,797 x 64 enumerated pixels a gradient):
+# `--cases all` includes them; the plain run (`make bench`) does not.
+LONG_CASES = ("bmm/nuts", "vae/nuts", "infomax/nuts")
 
 
 def run_case(case: str, extra: list[str]) -> dict:
@@ -130,6 +135,13 @@ def run_case(case: str, extra: list[str]) -> dict:
             for k in ("steps", "max_iter", "warmup", "draws", "num_samples", "num_chains")
             if hasattr(engine.settings, k)
         },
+        # a sampler's work (NUTS: U-and-gradient evaluations of all chains, tree depth):
+        # with fit_cpu_s, the cost per gradient that sizes a default fit not run here
+        "fit_info": {
+            k: fit.info[k]
+            for k in ("gradients", "mean_tree_depth", "divergences")
+            if k in getattr(fit, "info", {})
+        },
         "groups": list(idata.groups()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -138,12 +150,16 @@ def run_case(case: str, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument(
+        "--cases",
+        default=",".join(c for c in CASES if c not in LONG_CASES),
+        help="comma-separated model/engine pairs, or 'all' (default: all but LONG_CASES)",
+    )
     p.add_argument("--set", action="append", default=[], help="key=value for every case")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    for case in a.cases.split(","):
+    for case in CASES if a.cases == "all" else a.cases.split(","):
         try:
             row = run_case(case, a.set)
         except InputError as e:  # a combination the engine refuses: said, not a crash
