@@ -14,7 +14,8 @@ seconds of the process (``*_cpu_s``, ``ok_cpu``) are given beside them: with one
 thread they are what the wall clock would read on an idle machine. ArviZ and matplotlib are
 imported before anything is timed (a one-off cost of the process, not of a conversion).
 
-    python scripts/bench/postfit.py                        # every case
+    python scripts/bench/postfit.py                        # every case but LONG_CASES
+    python scripts/bench/postfit.py --cases all            # every case
     python scripts/bench/postfit.py --cases gmm/em,bmm/em
     python scripts/bench/postfit.py --set steps=50         # shorter fits (not the default run)
 """
@@ -45,19 +46,30 @@ from jointkl.zoo import model_class  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-CASES = (
+CASES = (  # every model x engine pair `jointkl fit` accepts (tests/test_diagnose_matrix.py)
     "gmm/em",
     "gmm/svi",
     "gmm/nuts",
     "bmm/em",
+    "bmm/svi",
+    "bmm/nuts",
     "hmm/em",
+    "hmm/svi",
     "vae/svi",
+    "vae/langevin",
+    "vae/nuts",
     "infomax/svi",
+    "infomax/langevin",
+    "infomax/nuts",
     "crf-seg/svi",
     "energy/nce",
+    "energy/svi",
     "skipgram/nce",
-    "vae/langevin",
 )
+# Default NUTS fits of these take hours on a 2-core CPU (4 x (1000 + 1000) transitions of up
+# to 1,023 gradient evaluations each, a network or 1,797 x 64 enumerated pixels a gradient):
+# `--cases all` includes them; the plain run (`make bench`) does not.
+LONG_CASES = ("bmm/nuts", "vae/nuts", "infomax/nuts")
 
 
 def run_case(case: str, extra: list[str]) -> dict:
@@ -69,6 +81,8 @@ def run_case(case: str, extra: list[str]) -> dict:
     engine_kw = {**getattr(pair, "engine_defaults", {}).get(engine_name, {}), **engine_kw}
     if "progress" in engine_cls.Settings.names():
         engine_kw.setdefault("progress", False)
+    if "seed" in engine_cls.Settings.names():  # as `jointkl fit` does (--seed 0)
+        engine_kw.setdefault("seed", 0)
     data_args, data_kwargs = pair.default_data(seed=0)
     torch.manual_seed(0)
     engine = engine_cls(**engine_kw)
@@ -76,7 +90,7 @@ def run_case(case: str, extra: list[str]) -> dict:
     fit = engine.fit(pair, *data_args, **data_kwargs)
     c1, t1 = time.process_time(), time.perf_counter()
     rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    idata = fit.to_arviz()
+    idata = fit.to_arviz(seed=0)  # as `jointkl fit` calls it (no --draws)
     c2, t2 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         idata.to_netcdf(str(Path(d) / "inference_data.nc"))
@@ -114,6 +128,20 @@ def run_case(case: str, extra: list[str]) -> dict:
         "peak_rss_end_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "netcdf_mb": round(nc_mb, 1),
         "steps": getattr(engine.settings, "steps", None),
+        # the loop lengths the fit ran: the per-step cost of a shortened fit gives the
+        # default fit's time
+        "loop": {
+            k: getattr(engine.settings, k)
+            for k in ("steps", "max_iter", "warmup", "draws", "num_samples", "num_chains")
+            if hasattr(engine.settings, k)
+        },
+        # a sampler's work (NUTS: U-and-gradient evaluations of all chains, tree depth):
+        # with fit_cpu_s, the cost per gradient that sizes a default fit not run here
+        "fit_info": {
+            k: fit.info[k]
+            for k in ("gradients", "mean_tree_depth", "divergences")
+            if k in getattr(fit, "info", {})
+        },
         "groups": list(idata.groups()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -122,12 +150,16 @@ def run_case(case: str, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument(
+        "--cases",
+        default=",".join(c for c in CASES if c not in LONG_CASES),
+        help="comma-separated model/engine pairs, or 'all' (default: all but LONG_CASES)",
+    )
     p.add_argument("--set", action="append", default=[], help="key=value for every case")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    for case in a.cases.split(","):
+    for case in CASES if a.cases == "all" else a.cases.split(","):
         try:
             row = run_case(case, a.set)
         except InputError as e:  # a combination the engine refuses: said, not a crash
