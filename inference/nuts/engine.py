@@ -43,10 +43,22 @@ SAMPLE_STATS = tuple(STATS)
 STATS_PREFIX = "sample_stats."
 
 
-def _dense_mass(value: Any, where: str) -> bool | str:
-    if value == "auto" or isinstance(value, bool):
-        return value
-    raise InputError(f"{where} must be true, false or 'auto', got {value!r}")
+def _or_auto(check: Any) -> Any:
+    """``"auto"``, or a value that passes ``check`` (here :func:`boolean`): a closure over the
+    check, so that the setting's checks are seen as boolean ones."""
+
+    def or_auto(value: Any, where: str) -> Any:
+        if isinstance(value, str) and value == "auto":
+            return value
+        try:
+            return check(value, where)
+        except InputError:
+            raise InputError(f"{where} must be true, false or 'auto', got {value!r}") from None
+
+    return or_auto
+
+
+_dense_mass = _or_auto(boolean)
 
 
 def _target_accept(value: Any, where: str) -> float:
