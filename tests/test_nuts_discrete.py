@@ -204,3 +204,37 @@ def test_label_switching_is_named_in_one_line():
     assert line.startswith("separate modes") and "\n" not in line
     assert "highest: chain" in line and "highest: chain 0" not in line
     assert "label switching" not in line
+
+
+def test_bernoulli_pixels_by_one_matrix_product_give_the_same_draws(monkeypatch):
+    """The zoo's Bernoulli mixture: its observed pixels' log-density under enumeration is
+    filled by one matrix product as the model runs (``MatrixBernoulli``), not expanded over
+    draws × components × points × pixels; the assignments drawn are those of Pyro's own
+    ``log_prob`` (same seed, temperatures 0 and 1), and the site really takes the product."""
+    from jointkl.inference.nuts import discrete
+    from jointkl.models import BernoulliMixture
+
+    model = BernoulliMixture(n_components=4)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(60, 12, generator=g) < 0.4).double()
+    C, S = 2, 3
+    draws = {
+        "weights": dist.Dirichlet(torch.ones(4, dtype=torch.float64)).sample((C, S)),
+        "probs": torch.rand(C, S, 4, 12, generator=g, dtype=torch.float64).clamp(0.05, 0.95),
+    }
+    filled = []
+    plain = discrete.MatrixBernoulli._process_message
+
+    def counting(self, msg):
+        plain(self, msg)
+        if msg["is_observed"] and "log_prob" in msg:
+            filled.append(msg["name"])
+
+    monkeypatch.setattr(discrete.MatrixBernoulli, "_process_message", counting)
+    fast = {t: discrete_draws(model.model, (x,), {}, draws, seed=3, temperature=t) for t in (0, 1)}
+    assert "obs" in filled
+    monkeypatch.setattr(discrete.MatrixBernoulli, "_process_message", lambda self, msg: None)
+    slow = {t: discrete_draws(model.model, (x,), {}, draws, seed=3, temperature=t) for t in (0, 1)}
+    for t in (0, 1):
+        assert fast[t]["assignment"].shape == (C, S, 60)
+        assert torch.equal(fast[t]["assignment"], slow[t]["assignment"]), t

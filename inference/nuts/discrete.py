@@ -10,6 +10,13 @@ All draws go through one model run inside an outer plate of draws (dimension
 −(max_plate_nesting + 1)) when the model broadcasts over it, checked first against one run
 per draw at the most probable assignments (temperature 0, which is deterministic); a model
 that fails the check, or raises, gets one run per draw.
+
+An observed vector of independent Bernoullis (a Bernoulli mixture's pixels) has its
+log-density under enumeration computed as one matrix product
+(:mod:`jointkl.bernoulli_log_prob`) as the model runs, so that ``infer_discrete`` does not
+expand it to (draws × components × points × dimensions) and take three elementwise
+logarithms over all of it: on the digits, 126 of 129 CPU seconds of a 4 × 1,000-draw
+``to_arviz``.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from __future__ import annotations
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate, infer_discrete
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from jointkl.bernoulli_log_prob import independent_bernoulli_log_prob
 from jointkl.sites import max_plate_nesting, trace_model
 
 __all__ = ["discrete_draws", "enumerated_sites"]
@@ -41,6 +51,23 @@ def enumerated_sites(model, args: tuple, kwargs: dict) -> dict[str, tuple[int, .
     }
 
 
+class MatrixBernoulli(Messenger):
+    """Give an observed site that is a vector of independent Bernoullis its ``log_prob``
+    (scaled and masked, as Pyro's ``Trace.compute_log_prob`` would) when the model makes it;
+    ``compute_log_prob`` then keeps it. Sits outside the model's plates (their scale and mask
+    are set by then) and inside the trace. Any other site is left to Pyro."""
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or not msg["is_observed"] or "log_prob" in msg:
+            return
+        lp = independent_bernoulli_log_prob(msg["fn"], msg["value"])
+        if lp is None:
+            return
+        msg["unscaled_log_prob"] = lp
+        msg["log_prob"] = scale_and_mask(lp, msg["scale"], msg["mask"])
+        msg["log_prob_sum"] = msg["log_prob"].sum()
+
+
 def _run(model, args, kwargs, values, names, nesting, batch: int | None, temperature: int):
     """{site: value} of the ``names`` drawn by ``infer_discrete`` given the continuous
     ``values`` (batched along an outer plate of ``batch`` draws, or one draw)."""
@@ -55,7 +82,7 @@ def _run(model, args, kwargs, values, names, nesting, batch: int | None, tempera
 
         nesting += 1
     fn = infer_discrete(
-        config_enumerate(cond, default="parallel"),
+        config_enumerate(MatrixBernoulli()(cond), default="parallel"),
         first_available_dim=-nesting - 1,
         temperature=temperature,
     )
