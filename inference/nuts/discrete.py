@@ -24,12 +24,11 @@ from __future__ import annotations
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate, infer_discrete
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from jointkl.bernoulli_log_prob import independent_bernoulli_log_prob
+from jointkl.bernoulli_log_prob import fill_site_log_prob
 from jointkl.sites import max_plate_nesting, trace_model
 
 __all__ = ["discrete_draws", "enumerated_sites"]
@@ -58,14 +57,8 @@ class MatrixBernoulli(Messenger):
     are set by then) and inside the trace. Any other site is left to Pyro."""
 
     def _process_message(self, msg) -> None:
-        if msg["type"] != "sample" or not msg["is_observed"] or "log_prob" in msg:
-            return
-        lp = independent_bernoulli_log_prob(msg["fn"], msg["value"])
-        if lp is None:
-            return
-        msg["unscaled_log_prob"] = lp
-        msg["log_prob"] = scale_and_mask(lp, msg["scale"], msg["mask"])
-        msg["log_prob_sum"] = msg["log_prob"].sum()
+        if msg["type"] == "sample" and msg["is_observed"]:
+            fill_site_log_prob(msg)
 
 
 def _run(model, args, kwargs, values, names, nesting, batch: int | None, temperature: int):

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributions as tdist
+from pyro.distributions.util import scale_and_mask
 
-__all__ = ["independent_bernoulli_log_prob"]
+__all__ = ["independent_bernoulli_log_prob", "fill_site_log_prob"]
 
 
 def _unexpanded(t: torch.Tensor) -> torch.Tensor:
@@ -79,3 +80,25 @@ def independent_bernoulli_log_prob(fn, value: torch.Tensor) -> torch.Tensor | No
         return lp.to(dtype).expand(batch)
     except RuntimeError:
         return None  # shapes that do not broadcast to the batch shape: the plain path
+
+
+def fill_site_log_prob(site: dict, log_prob=None) -> bool:
+    """Give an observed site (a trace node or a message) its ``unscaled_log_prob``,
+    ``log_prob`` (scaled and masked) and ``log_prob_sum`` as Pyro's
+    ``Trace.compute_log_prob`` would, by the matrix product above; Pyro's
+    ``compute_log_prob`` then keeps them.
+
+    :param site: the site's dict, changed in place.
+    :param log_prob: the function giving the log-density or ``None`` where it does not
+        apply; default :func:`independent_bernoulli_log_prob`.
+    :returns: whether it applied (a site that has a ``log_prob`` already is left alone).
+    """
+    if "log_prob" in site:
+        return False
+    lp = (log_prob or independent_bernoulli_log_prob)(site["fn"], site["value"])
+    if lp is None:
+        return False
+    site["unscaled_log_prob"] = lp
+    site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    site["log_prob_sum"] = site["log_prob"].sum()
+    return True

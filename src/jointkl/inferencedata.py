@@ -51,12 +51,11 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
-from jointkl.bernoulli_log_prob import independent_bernoulli_log_prob
+from jointkl.bernoulli_log_prob import fill_site_log_prob, independent_bernoulli_log_prob
 from jointkl.device import data_device
 from jointkl.errors import InputError
 from jointkl.sites import DATA_PLATE, in_data_plate, is_enumerated, max_plate_nesting, trace_model
@@ -210,15 +209,7 @@ def _fill_matrix_log_probs(tr, names) -> None:
     ``compute_log_prob`` would expand them over every draw, component and point; it then
     skips the sites that have one."""
     for n in names:
-        site = tr.nodes[n]
-        if "log_prob" in site:
-            continue
-        lp = independent_bernoulli_log_prob(site["fn"], site["value"])
-        if lp is None:
-            continue
-        site["unscaled_log_prob"] = lp
-        site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
-        site["log_prob_sum"] = site["log_prob"].sum()
+        fill_site_log_prob(tr.nodes[n], independent_bernoulli_log_prob)
 
 
 class _NullContext:
