@@ -123,6 +123,23 @@ def pyro_step_times(vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float)
     return _deltas(stamps)
 
 
+def hand_vae_loss(
+    enc, dec, xb: torch.Tensor, factor: float, meanfield: bool = False
+) -> torch.Tensor:
+    """The hand-written VAE's −ELBO of one batch, scaled by ``factor`` (N / B): Bernoulli
+    reconstruction plus the KL term, analytic (``meanfield``) or at the sample, as
+    log q(z|x) − log p(z) = −½ε² − log σ + ½z²."""
+    loc, scale = enc(xb)
+    eps = torch.randn_like(loc)
+    z = loc + scale * eps
+    rec = torch.nn.functional.binary_cross_entropy_with_logits(dec(z), xb, reduction="none").sum(-1)
+    if meanfield:
+        kl = 0.5 * (loc.square() + scale.square() - 2 * scale.log() - 1).sum(-1)
+    else:
+        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
+    return (rec + kl).sum() * factor
+
+
 def hand_step_times(
     vae: VAE, x: torch.Tensor, loss: str, steps: int, lr: float, fused: bool = False
 ) -> list:
@@ -131,18 +148,7 @@ def hand_step_times(
     n, b = x.shape[0], 128
     stamps: list[tuple[float, float]] = []
     for xb in _batches(x, b, steps):
-        loc, scale = enc(xb)
-        eps = torch.randn_like(loc)
-        z = loc + scale * eps
-        logits = dec(z)
-        rec = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, xb, reduction="none"
-        ).sum(-1)
-        if loss == "meanfield":
-            kl = 0.5 * (loc.square() + scale.square() - 2 * scale.log() - 1).sum(-1)
-        else:  # log q(z|x) − log p(z) at the sample: −½ε² − log σ + ½z²
-            kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
-        total = (rec + kl).sum() * (n / len(xb))
+        total = hand_vae_loss(enc, dec, xb, n / len(xb), meanfield=loss == "meanfield")
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -177,15 +183,7 @@ def hand_vae_fit(x: torch.Tensor, steps: int, seed: int) -> dict:
     n, history = x.shape[0], []
     for idx in _epoch_batches(n, 128, steps, seed):
         xb = x[idx]
-        loc, scale = enc(xb)
-        eps = torch.randn_like(loc)
-        z = loc + scale * eps
-        logits = dec(z)
-        rec = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, xb, reduction="none"
-        ).sum(-1)
-        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)  # log q − log p
-        total = (rec + kl).sum() * (n / len(xb))
+        total = hand_vae_loss(enc, dec, xb, n / len(xb))
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -337,14 +335,7 @@ def step_parts(x: torch.Tensor, steps: int = 600, warmup: int = 50) -> None:
     hand = {"forward": 0.0, "backward": 0.0, "optimiser": 0.0}
     for i in range(steps + warmup):
         t0 = time.process_time()
-        loc, scale = enc(xb)
-        eps = torch.randn_like(loc)
-        z = loc + scale * eps
-        rec = torch.nn.functional.binary_cross_entropy_with_logits(
-            dec(z), xb, reduction="none"
-        ).sum(-1)
-        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
-        total = (rec + kl).sum() * factor
+        total = hand_vae_loss(enc, dec, xb, factor)
         t1 = time.process_time()
         hopt.zero_grad()
         total.backward()
@@ -393,15 +384,7 @@ def traced_parts(x: torch.Tensor, calls: int = 200, blocks: int = 3) -> None:
     enc, dec = vae.encoder, vae.decoder
 
     def hand() -> torch.Tensor:
-        loc, scale = enc(xb)
-        eps = torch.randn_like(loc)
-        z = loc + scale * eps
-        logits = dec(z)
-        rec = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, xb, reduction="none"
-        ).sum(-1)
-        kl = (-0.5 * eps.square() - scale.log() + 0.5 * z.square()).sum(-1)
-        return (rec + kl).sum() * (x.shape[0] / 128)
+        return hand_vae_loss(enc, dec, xb, x.shape[0] / 128)
 
     def traced() -> torch.Tensor:
         with _plain_interpreter():
