@@ -213,19 +213,29 @@ def table(rows: list[dict]) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    """One table per ``case`` of the rows (in first-seen order), each with only the columns
-    its own rows fill; rows without a ``case`` form one table."""
-    cases: dict[object, list[dict]] = {}
+    """The rows as few tables as their columns allow: rows are grouped by ``case`` (or else
+    ``kind``) when every row names one, and groups whose rows fill the same columns share one
+    table (with that column); a table of one group is headed by it and drops the column."""
+    by = next((k for k in ("case", "kind") if all(isinstance(r.get(k), str) for r in rows)), None)
+    if by is None:
+        return table(rows)
+    cases: dict[str, list[dict]] = {}
     for row in rows:
-        cases.setdefault(row.get("case"), []).append(row)
-    if len(cases) == 1:
+        cases.setdefault(row[by], []).append(row)
+    shapes: dict[frozenset, list[str]] = {}
+    for name, group in cases.items():
+        filled = frozenset(k for r in group for k, v in r.items() if v not in (None, ""))
+        shapes.setdefault(filled, []).append(name)
+    if len(shapes) == 1:
         return table(rows)
     parts = []
-    for name, group in cases.items():
-        head = f"Case `{name}`:" if name is not None else "Other rows:"
-        parts.append(
-            head + "\n\n" + table([{k: v for k, v in r.items() if k != "case"} for r in group])
-        )
+    for names in shapes.values():
+        group = [r for r in rows if r[by] in names]
+        if len(names) == 1:
+            group = [{k: v for k, v in r.items() if k != by} for r in group]
+            parts.append(f"{by.capitalize()} `{names[0]}`:\n\n" + table(group))
+        else:
+            parts.append(table(group))
     return "\n\n".join(parts)
 
 
