@@ -8,6 +8,7 @@ tables, and each heading names the command, machine, thread count, anchors, date
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -160,3 +161,42 @@ def test_unknown_name_and_list(run_all, capsys):
     assert run_all.main(["--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert all(b.name in listed for b in run_all.BENCHMARKS)
+
+
+def test_rows_of_several_cases_get_one_table_each_with_their_own_columns(run_all):
+    text = run_all.tables(
+        [
+            {"case": "defaults", "seconds": {"sklearn": 0.27245, "jointkl": 0.15709}, "n": ""},
+            {"case": "hard", "sigma": 0.5, "assign": "soft"},
+            {"case": "defaults", "seconds": {"sklearn": 1.0, "jointkl": 2.0}, "ok": True},
+        ]
+    )
+    first, second = text.split("Case `hard`:")
+    assert first.startswith("Case `defaults`:")
+    assert "| seconds | ok |" in first  # no `case`, no empty `n`, no `sigma`
+    assert "| sklearn 0.2725; jointkl 0.1571 |  |" in first
+    assert "| sklearn 1; jointkl 2 | True |" in first
+    assert "| sigma | assign |" in second and "| 0.5 | soft |" in second
+    assert "seconds" not in second
+
+
+def test_render_rewrites_the_tables_from_the_saved_rows(run_all, tmp_path, monkeypatch):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(PAGE, encoding="utf-8")
+    monkeypatch.setattr(run_all, "run", fake_run({"optim": [{"case": "adam", "ratio": 0.91}]}))
+    assert run_all.main(["--only", "optim", "--page", str(page)]) == 0
+    saved = tmp_path / run_all.ROWS / "optim.json"
+    assert json.loads(saved.read_text(encoding="utf-8"))["rows"] == [
+        {"case": "adam", "ratio": 0.91}
+    ]
+    written = page.read_text(encoding="utf-8")
+    page.write_text(PAGE, encoding="utf-8")  # the tables lost; the rows kept
+
+    def no_run(bench, threads):
+        raise AssertionError("--render must not run a benchmark")
+
+    monkeypatch.setattr(run_all, "run", no_run)
+    assert run_all.main(["--only", "optim,nce", "--page", str(page), "--render"]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text == written  # same block, same date, same wall time
+    assert "OLD NCE TABLE" in text  # no saved rows: left as it was

@@ -3,6 +3,7 @@
     python scripts/bench/run_all.py                 # all benchmarks (what `make bench` runs)
     python scripts/bench/run_all.py --only crf,em   # some of them
     python scripts/bench/run_all.py --dry-run       # print the commands, run nothing
+    python scripts/bench/run_all.py --render        # rewrite the tables from the last rows
 
 Each benchmark in ``BENCHMARKS`` is a script of ``scripts/bench/`` with the arguments of its
 default run. The script prints one JSON object per case on stdout; this runner collects them
@@ -34,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"
+ROWS = "bench-rows"  # beside the page: each benchmark's last JSON rows, for --render
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "em",
         "em.py",
-        ("--cases", "defaults,gmm,hmm,hard"),
+        ("--cases", "defaults,gmm,hmm,hard", "--repeat", "3", "--seeds", "0,1,2,3,4"),
         ("scikit-learn", "hmmlearn", "pomegranate"),
         "EM at the defaults (and from a shared start) against scikit-learn, hmmlearn, pomegranate",
     ),
@@ -186,27 +188,67 @@ def run(bench: Benchmark, threads: int) -> tuple[list[dict], float]:
 
 
 def cell(value) -> str:
+    """One table cell: floats to 4 significant digits, a mapping as ``key value`` pairs (the
+    contenders of one measurement side by side), a list in brackets."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(cell(v) for v in value) + "]"
     return str(value).replace("|", "\\|")
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table over the union of the rows' keys, in first-seen order."""
+    """A Markdown table over the rows' keys, in first-seen order, leaving out a column that
+    no row fills."""
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row if k not in keys]
+        keys += [k for k in row if k not in keys and row[k] not in (None, "")]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def tables(rows: list[dict]) -> str:
+    """The rows as few tables as their columns allow: rows are grouped by ``case`` (or else
+    ``kind``) when every row names one, and groups whose rows fill the same columns share one
+    table (with that column); a table of one group is headed by it and drops the column."""
+    by = next((k for k in ("case", "kind") if all(isinstance(r.get(k), str) for r in rows)), None)
+    if by is None:
+        return table(rows)
+    cases: dict[str, list[dict]] = {}
+    for row in rows:
+        cases.setdefault(row[by], []).append(row)
+    shapes: dict[frozenset, list[str]] = {}
+    for name, group in cases.items():
+        filled = frozenset(k for r in group for k, v in r.items() if v not in (None, ""))
+        shapes.setdefault(filled, []).append(name)
+    if len(shapes) == 1:
+        return table(rows)
+    parts = []
+    for names in shapes.values():
+        group = [r for r in rows if r[by] in names]
+        if len(names) == 1:
+            group = [{k: v for k, v in r.items() if k != by} for r in group]
+            parts.append(f"{by.capitalize()} `{names[0]}`:\n\n" + table(group))
+        else:
+            parts.append(table(group))
+    return "\n\n".join(parts)
+
+
 def section(
-    bench: Benchmark, rows: list[dict], seconds: float, threads: int, note: str = ""
+    bench: Benchmark,
+    rows: list[dict],
+    seconds: float,
+    threads: int,
+    note: str = "",
+    date: str | None = None,
 ) -> str:
-    """The table of ``rows`` under its heading: command, machine, threads, anchors, date, time."""
+    """The tables of ``rows`` under their heading: command, machine, threads, anchors, the
+    date measured (default today) and the benchmark's wall time."""
     shown = " ".join(["python", f"scripts/bench/{bench.script}", *bench.args])
     anchors = ", ".join(f"{a} {version(a)}" for a in bench.anchors) or "—"
     head = [
@@ -215,10 +257,10 @@ def section(
         f"- command: `OMP_NUM_THREADS={threads} {shown}` (via `make bench`)",
         f"- machine: {machine(note)}; torch threads: {threads}; torch {version('torch')}",
         f"- anchors: {anchors}",
-        f"- measured: {time.strftime('%Y-%m-%d')}, {seconds:.0f} s for the whole benchmark",
+        f"- measured: {date or time.strftime('%Y-%m-%d')}, {seconds:.0f} s for the whole benchmark",
         "",
     ]
-    return "\n".join(head) + "\n" + table(rows) + "\n"  # a blank line ends the list
+    return "\n".join(head) + "\n" + tables(rows) + "\n"  # a blank line ends the list
 
 
 HEADING = "## Latest `make bench` tables"
@@ -267,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     ap.add_argument("--note", default="", help='added to the machine line, e.g. "shared"')
     ap.add_argument("--page", type=Path, default=PAGE, help="the Markdown page to rewrite")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help=f"rewrite the tables from the rows of the last runs ({ROWS}/ beside the page), "
+        "running nothing",
+    )
     args = ap.parse_args(argv)
     if args.list:
         for bench in BENCHMARKS:
@@ -285,12 +333,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {bench.name}: {' '.join(command(bench))}", file=sys.stderr, flush=True)
         if args.dry_run:
             continue
+        if args.render:
+            saved = args.page.parent / ROWS / f"{bench.name}.json"
+            if not saved.exists():
+                print(f"   no saved rows ({saved}): left as it is", file=sys.stderr)
+                continue
+            last = json.loads(saved.read_text(encoding="utf-8"))
+            body = section(
+                bench, last["rows"], last["seconds"], last["threads"], last["note"], last["date"]
+            )
+            write_section(args.page, bench.name, body)
+            continue
         try:
             rows, seconds = run(bench, args.threads)
         except RuntimeError as e:
             failed.append(str(e))
             print(f"   failed: {e}", file=sys.stderr)
             continue
+        kept = args.page.parent / ROWS
+        kept.mkdir(parents=True, exist_ok=True)
+        last = {
+            "rows": rows,
+            "seconds": seconds,
+            "threads": args.threads,
+            "note": args.note,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        (kept / f"{bench.name}.json").write_text(
+            json.dumps(last, indent=1) + "\n", encoding="utf-8"
+        )
         body = section(bench, rows, seconds, args.threads, args.note)
         write_section(args.page, bench.name, body)  # after each, so a later failure keeps it
         print(f"   {len(rows)} rows in {seconds:.0f} s", file=sys.stderr)
