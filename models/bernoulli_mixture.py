@@ -100,6 +100,24 @@ class BernoulliMixture(ZooModel):
         probs = 0.5 * rows + 0.5 * x.mean(0).clamp(0.05, 0.95)
         return {"weights": x.new_full((K,), 1.0 / K), "probs": probs}
 
+    def em_mixture(self, x: Any) -> dict[str, Any] | None:
+        """The model's structure, for EM's compiler
+        (:func:`jointkl.inference.em.declared_mixture.compile_declared_mixture`): one
+        enumerated ``assignment`` per row of ``x``, Categorical over K values with
+        probabilities ``weights``, and ``obs`` Bernoulli with probabilities ``probs[z]``
+        (D coordinates summed) observing ``x``. ``None`` for a subclass that overrides
+        :meth:`model` (whose structure this does not describe)."""
+        if type(self).model is not BernoulliMixture.model:
+            return None
+        x = self._check(x)
+        obs = {"site": "obs", "family": "bernoulli", "slot": "probs", "param": "probs"}
+        return {
+            "variable": "assignment",
+            "components": self.n_components,
+            "weights": "weights",
+            "emissions": [{**obs, "event_dims": 1, "value": x}],
+        }
+
     # -------------------------------------------------------------- the model
     def _check(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
