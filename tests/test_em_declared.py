@@ -1,16 +1,18 @@
-"""A mixture that declares its structure (the zoo hook ``em_mixture``) compiles to exactly
-what probing it finds: the same free variables, initial values, groups and data, and the same
-fit to the bit (jointkl.inference.em.declared_mixture)."""
+"""A mixture or a hidden Markov chain that declares its structure (the zoo hooks
+``em_mixture``, ``em_chain``) compiles to exactly what probing it finds: the same free
+variables, initial values, groups, data and masks, and the same fit to the bit
+(jointkl.inference.em.declared_mixture, declared_chain)."""
 
 import pytest
 import torch
 from jointkl.inference import EM
 from jointkl.inference.em import FactorModel
-from jointkl.models import BernoulliMixture
+from jointkl.models import HMM, BernoulliMixture
 
 from jointkl.errors import InputError
 from jointkl.zoo import hook
 
+F64 = torch.float64
 GROUP_FIELDS = (
     "kind",
     "family",
@@ -25,7 +27,6 @@ GROUP_FIELDS = (
     "slots",
     "n_event",
     "depends",
-    "mask",
 )
 
 
@@ -54,20 +55,28 @@ MODELS = [
 ]
 
 
-def compiled(model, x, declared: bool) -> tuple[FactorModel, torch.Tensor]:
+def compiled(model, x, declared: bool, **kw) -> tuple[FactorModel, torch.Tensor]:
     """The compiled model and the next draw of torch's random state after compiling."""
     torch.manual_seed(11)
     mixture = model.em_mixture(x) if declared else None
-    fm = FactorModel(model.model, (x,), {}, seed=0, dtype=torch.float64, mixture=mixture)
+    fm = FactorModel(model.model, (x,), kw, seed=0, dtype=torch.float64, mixture=mixture)
     return fm, torch.rand(4)
 
 
-@pytest.mark.parametrize("data", sorted(DATA))
-@pytest.mark.parametrize("make", MODELS)
-def test_declared_compilation_is_the_probed_one(make, data):
-    model, x = make(), DATA[data]()
-    probed, after_probed = compiled(model, x, declared=False)
-    declared, after_declared = compiled(model, x, declared=True)
+def compiled_chain(model, x, how: str, **kw) -> tuple[FactorModel, torch.Tensor]:
+    """The HMM compiled from its declaration, from its time steps, or generically."""
+    torch.manual_seed(11)
+    opts = {}
+    if how == "declared":
+        opts["chain"] = model.em_chain(x, **kw)
+        assert opts["chain"] is not None
+    elif how == "time_steps":
+        opts["time_steps"] = model.em_time_steps(x, **kw)
+    fm = FactorModel(model.model, (x,), kw, seed=0, dtype=torch.float64, **opts)
+    return fm, torch.rand(4)
+
+
+def assert_same_compilation(probed, after_probed, declared, after_declared):
     # the hook's groups were built, not probed: no "bind" of a slice or whole-data probe ran
     assert torch.equal(after_probed, after_declared)  # the same draws of torch's random state
     assert list(declared.free) == list(probed.free)
@@ -90,8 +99,104 @@ def test_declared_compilation_is_the_probed_one(make, data):
         if g.fn is not None:
             theta = probed.init[g.free]
             assert torch.equal(g.fn.log_prob(theta), h.fn.log_prob(theta))
+        assert (g.mask is None) == (h.mask is None)
+        if g.mask is not None:
+            assert g.mask.shape == h.mask.shape and torch.equal(g.mask, h.mask)
     theta = probed.init
     assert declared.e_step(theta)[0] == probed.e_step(theta)[0]
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("make", MODELS)
+def test_declared_compilation_is_the_probed_one(make, data):
+    model, x = make(), DATA[data]()
+    assert_same_compilation(*compiled(model, x, False), *compiled(model, x, True))
+
+
+def hmm_case(name: str):
+    """(model, data, kwargs) of the HMM variants the chain declaration covers."""
+    (x,), _ = HMM().default_data()
+    (r,), _ = HMM(emission="categorical").default_data()
+    lengths = torch.randint(60, 101, (20,), generator=torch.Generator().manual_seed(0))
+    x, short = x.double(), x.double()[:4, :12]
+    return {
+        "diag": (HMM(), x, {}),
+        "diag-weak": (HMM(priors="weak"), x, {}),
+        "diag-padded": (HMM(), x, {"lengths": lengths}),
+        "diag-2d": (HMM(2), x.expand(-1, -1, 2) * torch.tensor([1.0, -0.5], dtype=F64), {}),
+        "short": (HMM(2), short, {}),
+        "categorical": (HMM(4, emission="categorical"), r, {}),
+        "categorical-weak-padded": (
+            HMM(3, emission="categorical", priors="weak"),
+            r,
+            {"lengths": lengths},
+        ),
+    }[name]
+
+
+HMM_CASES = [
+    "diag",
+    "diag-weak",
+    "diag-padded",
+    "diag-2d",
+    "short",
+    "categorical",
+    "categorical-weak-padded",
+]
+
+
+@pytest.mark.parametrize("against", ["time_steps", "generic"])
+@pytest.mark.parametrize("case", HMM_CASES)
+def test_declared_chain_is_the_probed_compilation(case, against):
+    model, x, kw = hmm_case(case)
+    assert_same_compilation(
+        *compiled_chain(model, x, against, **kw), *compiled_chain(model, x, "declared", **kw)
+    )
+
+
+class ProbedHMM(HMM):
+    """The zoo HMM without its chain declaration (its time steps still declared)."""
+
+    em_chain = None
+
+
+@pytest.mark.parametrize("settings", [{}, {"seed": 2}, {"init": "random"}, {"n_init": 2}])
+@pytest.mark.parametrize("case", ["diag", "diag-weak", "diag-padded", "categorical"])
+def test_declared_chain_fit_is_the_probed_fit_bitwise(case, settings):
+    model, x, kw = hmm_case(case)
+    probed_model = ProbedHMM(**model.settings())
+    torch.manual_seed(5)
+    a = EM(progress=False, max_iter=30, **settings).fit(probed_model, x, **kw)
+    ra = torch.rand(3)
+    torch.manual_seed(5)
+    b = EM(progress=False, max_iter=30, **settings).fit(model, x, **kw)
+    assert torch.equal(ra, torch.rand(3))
+    assert a.history == b.history and a.n_iter == b.n_iter
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def test_the_hmm_declares_no_chain_it_does_not_describe():
+    (x,), _ = HMM().default_data()
+    assert HMM(covariance="full").em_chain(x) is None
+
+    class Other(HMM):
+        def model(self, x, lengths=None):
+            return super().model(x, lengths)
+
+    assert Other().em_chain(x) is None
+    assert HMM().em_chain(x) is not None
+
+
+def test_a_chain_declaration_that_does_not_fit_falls_back():
+    model, x, _ = hmm_case("diag")
+    bad = dict(model.em_chain(x), states=4)
+    torch.manual_seed(0)
+    fm = FactorModel(model.model, (x,), {}, dtype=torch.float64, chain=bad)
+    torch.manual_seed(0)
+    ref = FactorModel(model.model, (x,), {}, dtype=torch.float64)
+    assert fm.vars == ref.vars and fm.vars["state_0"].card == 3
+    assert [g.sites for g in fm.groups] == [g.sites for g in ref.groups]
 
 
 SETTINGS = [

@@ -29,6 +29,7 @@ generically.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import opt_einsum
@@ -48,7 +49,7 @@ from jointkl.sites import DATA_PLATE
 if TYPE_CHECKING:
     from jointkl.inference.em.factor_model import FactorModel
 
-__all__ = ["compile_declared_mixture"]
+__all__ = ["compile_declared_mixture", "declared_globals", "DeclaredGlobals"]
 
 
 class _Stop(Exception):
@@ -97,66 +98,16 @@ def compile_declared_mixture(fm: FactorModel, declared: Mapping[str, Any]) -> bo
 
 def _compile(fm: FactorModel, declared: Mapping[str, Any]) -> bool:
     """:func:`compile_declared_mixture` without putting torch's random state back."""
-    tr, constraints_of, frame = _globals_trace(fm)
-    if frame is None:
+    found = declared_globals(fm)
+    if found is None:
         return False
     K = int(declared["components"])
     var, weights = declared["variable"], declared["weights"]
-    free: dict[str, Free] = {}
-    init: dict[str, torch.Tensor] = {}
-    priors: list[tuple[str, Any]] = []
-    cast = _caster(fm)
-    for name, s in tr.nodes.items():
-        if s["type"] == "param":
-            c = constraints_of.get(name, constraints.real)
-            v = cast(s["value"].detach(), c)
-            free[name], init[name] = Free(name, "param", c, v.shape), v.clone()
-        elif s["type"] == "sample":
-            if s["is_observed"] or s["infer"].get("enumerate") or s["fn"].support.is_discrete:
-                return False
-            v = cast(s["value"].detach(), s["fn"].support)
-            free[name], init[name] = Free(name, "global", s["fn"].support, v.shape), v.clone()
-            priors.append((name, s))
+    free = found.free
     if weights not in free or tuple(free[weights].shape) != (K,):
         return False
-    n = frame.size
-    plate_dims: dict[str, int] = {}
-    plate_sizes: dict[str, int] = {}
-    for _, s in priors:
-        for f in plates_of(s):
-            if plate_dims.setdefault(f.name, f.dim) != f.dim:
-                return False
-            plate_sizes[f.name] = f.size
-    if plate_dims.setdefault(DATA_PLATE, frame.dim) != frame.dim:
-        return False
-    plate_sizes[DATA_PLATE] = n
-    plate_order = sorted(plate_dims, key=lambda p: plate_dims[p])
-    nesting = max(-d for d in plate_dims.values())
-
-    groups: list[Group] = []
-    if priors:
-        tr.symbolize_dims()
-    for name, s in priors:
-        plates = tuple(p for p in plate_order if p in {f.name for f in plates_of(s)})
-        shape = tuple(plate_sizes[p] for p in plates)
-        axes = site_axes(s, (), plates, {}, plate_dims)
-        dims = (s["infer"]["_dim_to_symbol"], axes)
-        groups.append(
-            Group(
-                kind="fixed",
-                family=None,
-                sites=[name],
-                roles=[()],
-                cards=(),
-                plates=plates,
-                shape=shape,
-                value="free",
-                free=name,
-                fn=s["fn"],
-                depends=frozenset({name}),
-                dims=dims,
-            )
-        )
+    n = found.plate_sizes[DATA_PLATE]
+    groups = list(found.priors)
     common = dict(roles=[(var,)], cards=(K,), plates=(DATA_PLATE,), shape=(K, n))
     groups.append(
         Group(
@@ -192,16 +143,94 @@ def _compile(fm: FactorModel, declared: Mapping[str, Any]) -> bool:
                 **common,
             )
         )
-    fm.free, fm.init, fm.nesting = free, init, nesting
-    fm.plate_dims, fm.plate_sizes, fm.plate_order = plate_dims, plate_sizes, plate_order
-    fm.n_points = n
-    fm.vars = {var: Var(var, K, (DATA_PLATE,))}
-    fm.groups = groups
-    fm.chain = chain_plan(fm)
-    fm.chain_method = "auto"
-    fm.plate_symbol = {p: opt_einsum.get_symbol(2 * i) for i, p in enumerate(fm.plate_order)}
-    fm.var_symbol = {v: opt_einsum.get_symbol(2 * i + 1) for i, v in enumerate(fm.vars)}
+    found.fill(fm, {var: Var(var, K, (DATA_PLATE,))}, groups)
     return True
+
+
+@dataclass
+class DeclaredGlobals:
+    """What a declared model's globals give its compilation: the free variables and their
+    initial values (as the generic initial trace finds them), a ``fixed`` group per MAP
+    global's prior, and the plates (the globals' and the ``"data"`` plate)."""
+
+    free: dict[str, Free]
+    init: dict[str, torch.Tensor]
+    priors: list[Group]
+    plate_dims: dict[str, int]
+    plate_sizes: dict[str, int]
+
+    def fill(self, fm: FactorModel, variables: dict[str, Var], groups: list[Group]) -> None:
+        """Fill ``fm`` with these globals, the enumerated ``variables`` and ``groups``, and
+        what the generic compilation derives from them (chain plan, einsum symbols)."""
+        fm.free, fm.init = self.free, self.init
+        fm.plate_dims, fm.plate_sizes = self.plate_dims, self.plate_sizes
+        fm.plate_order = sorted(self.plate_dims, key=lambda p: self.plate_dims[p])
+        fm.nesting = max(-d for d in self.plate_dims.values())
+        fm.n_points = self.plate_sizes[DATA_PLATE]
+        fm.vars = variables
+        fm.groups = groups
+        fm.chain = chain_plan(fm)
+        fm.chain_method = "auto"
+        fm.plate_symbol = {p: opt_einsum.get_symbol(2 * i) for i, p in enumerate(fm.plate_order)}
+        fm.var_symbol = {v: opt_einsum.get_symbol(2 * i + 1) for i, v in enumerate(fm.vars)}
+
+
+def declared_globals(fm: FactorModel) -> DeclaredGlobals | None:
+    """The globals of ``fm``'s model, read from its run up to its first site inside the
+    ``"data"`` plate (:func:`_globals_trace`); ``None`` when it has no such site, or a sample
+    site before it that is not a continuous global, or a plate at two dims."""
+    tr, constraints_of, frame = _globals_trace(fm)
+    if frame is None:
+        return None
+    free: dict[str, Free] = {}
+    init: dict[str, torch.Tensor] = {}
+    sites: list[tuple[str, Any]] = []
+    cast = _caster(fm)
+    for name, s in tr.nodes.items():
+        if s["type"] == "param":
+            c = constraints_of.get(name, constraints.real)
+            v = cast(s["value"].detach(), c)
+            free[name], init[name] = Free(name, "param", c, v.shape), v.clone()
+        elif s["type"] == "sample":
+            if s["is_observed"] or s["infer"].get("enumerate") or s["fn"].support.is_discrete:
+                return None
+            v = cast(s["value"].detach(), s["fn"].support)
+            free[name], init[name] = Free(name, "global", s["fn"].support, v.shape), v.clone()
+            sites.append((name, s))
+    plate_dims: dict[str, int] = {}
+    plate_sizes: dict[str, int] = {}
+    for _, s in sites:
+        for f in plates_of(s):
+            if plate_dims.setdefault(f.name, f.dim) != f.dim:
+                return None
+            plate_sizes[f.name] = f.size
+    if plate_dims.setdefault(DATA_PLATE, frame.dim) != frame.dim:
+        return None
+    plate_sizes[DATA_PLATE] = frame.size
+    order = sorted(plate_dims, key=lambda p: plate_dims[p])
+    priors = []
+    if sites:
+        tr.symbolize_dims()
+    for name, s in sites:
+        plates = tuple(p for p in order if p in {f.name for f in plates_of(s)})
+        axes = site_axes(s, (), plates, {}, plate_dims)
+        priors.append(
+            Group(
+                kind="fixed",
+                family=None,
+                sites=[name],
+                roles=[()],
+                cards=(),
+                plates=plates,
+                shape=tuple(plate_sizes[p] for p in plates),
+                value="free",
+                free=name,
+                fn=s["fn"],
+                depends=frozenset({name}),
+                dims=(s["infer"]["_dim_to_symbol"], axes),
+            )
+        )
+    return DeclaredGlobals(free, init, priors, plate_dims, plate_sizes)
 
 
 def _globals_trace(fm: FactorModel) -> tuple[Any, dict[str, Any], Any]:

@@ -311,6 +311,7 @@ class EM(Engine):
             dtype=s.dtype,
             time_steps=_declaration(pair, "em_time_steps", args, kwargs),
             mixture=_declaration(pair, "em_mixture", args, kwargs),
+            chain=_declaration(pair, "em_chain", args, kwargs),
         )
         hard = s.assign == "hard"
         self._check_model(fm, hard)
@@ -557,7 +558,8 @@ def _declaration(
     pair: Any, name: str, args: tuple, kwargs: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The model's declaration ``name`` on these data (its ``em_time_steps`` hook: identical
-    time steps; ``em_mixture``: a mixture's structure), or ``None``: none, or one that fails
+    time steps; ``em_mixture``, ``em_chain``: a mixture's, a hidden Markov chain's
+    structure), or ``None``: none, or one that fails
     on them (the generic compilation then runs the model and reports what is wrong)."""
     declare = hook(pair, name)
     if declare is None:

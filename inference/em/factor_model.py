@@ -50,6 +50,8 @@ class FactorModel:
         ``em_time_steps``; see :mod:`jointkl.inference.em.time_steps`), or ``None``.
     :param mixture: the model's declaration of its mixture structure (the zoo hook
         ``em_mixture``; see :mod:`jointkl.inference.em.declared_mixture`), or ``None``.
+    :param chain: the model's declaration of its hidden Markov chain (the zoo hook
+        ``em_chain``; see :mod:`jointkl.inference.em.declared_chain`), or ``None``.
 
     Compiled structure: ``free`` and ``init`` (θ's variables and initial values), ``vars``
     (the enumerated variables), ``groups`` (the factor groups), ``plate_order``,
@@ -84,13 +86,14 @@ class FactorModel:
         dtype: torch.dtype | None = None,
         time_steps: Mapping[str, Any] | None = None,
         mixture: Mapping[str, Any] | None = None,
+        chain: Mapping[str, Any] | None = None,
     ):
         self.model, self.args, self.kwargs = model, args, dict(kwargs)
         self.dtype = dtype
         # where the data are (the engine moved them there): every table and statistic
         self.device = data_device(args, kwargs)
         self.responsibilities = None
-        compile_model(self, seed, time_steps, mixture)
+        compile_model(self, seed, time_steps, mixture, chain)
 
     # ------------------------------------------------------------------ running the model
     def _substituted(self, theta: Mapping[str, torch.Tensor]) -> Callable:
