@@ -109,7 +109,12 @@ class BernoulliMixture(ZooModel):
         :meth:`model` (whose structure this does not describe)."""
         if type(self).model is not BernoulliMixture.model:
             return None
-        x = self._check(x)
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            return None
+        # the values are checked by the model itself, which EM runs up to the data plate
+        # before using this (a refusal there falls back to the generic compilation)
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
         obs = {"site": "obs", "family": "bernoulli", "slot": "probs", "param": "probs"}
         return {
             "variable": "assignment",

@@ -72,6 +72,9 @@ def test_kmeans_labels_are_the_plain_formulation_s(data, seed):
 def test_lloyd_sums_along_rows_equal_the_sums_along_the_transposed_points():
     x = blobs(700, 24, 5, 3)
     start = x[:5].clone()
-    a = initial._lloyd(x.T.contiguous(), start, 50, 0.0)
-    b = initial._lloyd(x.T.contiguous(), start, 50, 0.0, x.contiguous())
+    a, assign_a = initial._lloyd(x.T.contiguous(), start, 50, 0.0)
+    b, assign_b = initial._lloyd(x.T.contiguous(), start, 50, 0.0, x.contiguous())
     torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    # stopped on unchanged assignments: they are the nearest centres of the final ones
+    assert assign_a is not None and torch.equal(assign_a, assign_b)
+    assert torch.equal(assign_a, torch.cdist(x, a).argmin(-1))

@@ -157,17 +157,19 @@ def _nearest(xt: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def _lloyd(
     xt: torch.Tensor, centres: torch.Tensor, iters: int, tol: float, x: torch.Tensor | None = None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The centres after at most ``iters`` Lloyd steps on the points ``xt`` (transposed,
     ``(D, n)``) from ``centres``, stopping when the assignments no longer change or the
-    centres move by less than ``tol`` (summed squared shift). ``x``: the same points
-    untransposed, ``(n, D)`` contiguous, given for wide data (cluster sums along its rows)."""
+    centres move by less than ``tol`` (summed squared shift), and the points' nearest
+    centres when the last step found them unchanged (``None`` otherwise). ``x``: the same
+    points untransposed, ``(n, D)`` contiguous, given for wide data (cluster sums along its
+    rows)."""
     k = centres.shape[0]
     assign = None
     for _ in range(iters):
         new_assign = _nearest(xt, centres)
         if assign is not None and torch.equal(new_assign, assign):
-            break
+            return centres, assign
         assign = new_assign
         counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
         if x is not None:
@@ -179,7 +181,7 @@ def _lloyd(
         centres = new
         if shift <= tol:
             break
-    return centres
+    return centres, None
 
 
 def _kmeans(
@@ -234,12 +236,17 @@ def _kmeans(
     tol = KMEANS_TOL * float(norms.sum()) / norms.numel() / x.shape[1] if n > 1 else 0.0
     wide = x.shape[1] >= WIDE
     xs = x.contiguous()
-    centres = _lloyd(xs.T.contiguous(), centres, iters, tol, xs if wide else None)
+    xst = xs.T.contiguous()
+    centres, assign = _lloyd(xst, centres, iters, tol, xs if wide else None)
     pts = every if live is None else every[live]
     if n < pts.shape[0]:  # the sample's centres, polished by Lloyd steps on every point
         pts = pts.contiguous()
-        centres = _lloyd(pts.T.contiguous(), centres, iters, tol, pts if wide else None)
-    assign = _nearest(every.T.contiguous(), centres)
+        centres, assign = _lloyd(pts.T.contiguous(), centres, iters, tol, pts if wide else None)
+    # Lloyd's last assignment, when it found one for these centres, is that of the live
+    # points; every point needs one when some are padding
+    if assign is None or live is not None:
+        whole = live is None and n == every.shape[0]  # x is every point, xst its transpose
+        assign = _nearest(xst if whole else every.T.contiguous(), centres)
     onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)
     if live is not None:  # padding says nothing of its label
         onehot = torch.where(live.unsqueeze(-1), onehot, 1.0 / k)
