@@ -160,7 +160,9 @@ class ProbedHMM(HMM):
     em_chain = None
 
 
-@pytest.mark.parametrize("settings", [{}, {"seed": 2}, {"init": "random"}, {"n_init": 2}])
+@pytest.mark.parametrize(
+    "settings", [{}, {"seed": 2}, {"init": "random"}, {"n_init": 2}, {"dtype": "float32"}]
+)
 @pytest.mark.parametrize("case", ["diag", "diag-weak", "diag-padded", "categorical"])
 def test_declared_chain_fit_is_the_probed_fit_bitwise(case, settings):
     model, x, kw = hmm_case(case)
@@ -206,6 +208,7 @@ SETTINGS = [
     {"n_init": 2},
     {"accelerate": "squarem"},
     {"assign": "hard"},
+    {"dtype": "float32"},
 ]
 
 
