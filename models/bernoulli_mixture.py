@@ -100,6 +100,29 @@ class BernoulliMixture(ZooModel):
         probs = 0.5 * rows + 0.5 * x.mean(0).clamp(0.05, 0.95)
         return {"weights": x.new_full((K,), 1.0 / K), "probs": probs}
 
+    def em_mixture(self, x: Any) -> dict[str, Any] | None:
+        """The model's structure, for EM's compiler
+        (:func:`jointkl.inference.em.declared_mixture.compile_declared_mixture`): one
+        enumerated ``assignment`` per row of ``x``, Categorical over K values with
+        probabilities ``weights``, and ``obs`` Bernoulli with probabilities ``probs[z]``
+        (D coordinates summed) observing ``x``. ``None`` for a subclass that overrides
+        :meth:`model` (whose structure this does not describe)."""
+        if type(self).model is not BernoulliMixture.model:
+            return None
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            return None
+        # the values are checked by the model itself, which EM runs up to the data plate
+        # before using this (a refusal there falls back to the generic compilation)
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        obs = {"site": "obs", "family": "bernoulli", "slot": "probs", "param": "probs"}
+        return {
+            "variable": "assignment",
+            "components": self.n_components,
+            "weights": "weights",
+            "emissions": [{**obs, "event_dims": 1, "value": x}],
+        }
+
     # -------------------------------------------------------------- the model
     def _check(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

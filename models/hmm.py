@@ -214,6 +214,39 @@ class HMM(ZooModel):
             out["masks"] = {"obs": steps < lengths}
         return out
 
+    def em_chain(self, x: Any, lengths: Any = None) -> dict[str, Any] | None:
+        """The model's whole structure, for EM's compiler
+        (:func:`jointkl.inference.em.declared_chain.compile_declared_chain`): states
+        ``state_t`` (Categorical, ``init`` then ``trans[s_{t-1}]``) and emissions ``obs_t``
+        (``Normal(locs[s_t], scales[s_t])`` over D coordinates, or ``Categorical(emit[s_t])``)
+        observing ``x[:, t]``, masked by ``t < lengths``. ``None`` for a full covariance
+        (its emission's scale is not one free variable under the priors) and for a
+        subclass that overrides :meth:`model`."""
+        if type(self).model is not HMM.model or (
+            self.emission == "gaussian" and self.covariance != "diag"
+        ):
+            return None
+        x = self._check(x)
+        lengths = self._check_lengths(lengths, x)
+        T = x.shape[1]
+        if self.emission == "categorical":
+            emission = {"family": "categorical", "slots": {"probs": "emit"}, "event_dims": 0}
+        else:
+            slots = {"loc": "locs", "scale": "scales"}
+            emission = {"family": "normal", "slots": slots, "event_dims": 1}
+        masks = None
+        if lengths is not None:
+            masks = torch.arange(T, device=x.device).unsqueeze(-1) < lengths
+        emission.update(stem="obs", values=x.movedim(1, 0), masks=masks)
+        return {
+            "stem": "state",
+            "steps": T,
+            "states": self.n_states,
+            "init": "init",
+            "trans": "trans",
+            "emission": emission,
+        }
+
     # -------------------------------------------------------------- the model
     def _symbols(self, x: torch.Tensor) -> int:
         return self.n_symbols if self.n_symbols is not None else int(x.max()) + 1

@@ -83,3 +83,96 @@ def test_to_param_is_the_autograd_adjoint(name, model, args, kwargs):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
                 checked += 1
     assert checked >= 2, name
+
+
+def mixture_weights(model, x, seed: int = 1):
+    """A compiled mixture, θ after a k-means start, and the E-step's weights there."""
+    from jointkl.inference.em.engine import Steps
+    from jointkl.inference.em.initial import initial_theta
+    from jointkl.inference.em.mstep import plan_updates
+
+    fm = FactorModel(model.model, (x,), {}, dtype=F64)
+    steps = Steps(fm, *plan_updates(fm), 0.0, 20)
+    theta = initial_theta(steps, "kmeans++", 300, seed, (x,), {})
+    return fm, steps, theta, fm.e_step(theta)[1]
+
+
+@pytest.mark.parametrize("k", [2, 10])
+@pytest.mark.parametrize("priors", ["weak", None])
+def test_mixture_m_step_sums_are_the_general_sums_bit_for_bit(priors, k):
+    """The Bernoulli mixture's M-step statistics taken directly (component_bernoulli_sums,
+    own_counts) are the general einsum statistics mapped back by the index adjoint, to the
+    bit, at the mixture E-step's weights: the fit's iterates do not change."""
+    from jointkl.inference.em.statistics import (
+        component_bernoulli_sums,
+        counts,
+        own_counts,
+        weighted_sums,
+    )
+
+    (x,), _ = BernoulliMixture().default_data()
+    x = x[:700].double()
+    fm, steps, theta, W = mixture_weights(BernoulliMixture(k, priors=priors), x)
+    (bern,) = [u for u in steps.closed if u.kind == "bernoulli"]
+    (cat,) = [u for u in steps.closed if u.kind == "categorical"]
+    shape = tuple(theta["probs"].shape)
+    fast = component_bernoulli_sums(fm, W, bern.uses[0], shape)
+    s0, s1 = weighted_sums(fm, theta, W, bern.uses, shape, F64, lambda i: (None, fm.value(i, F64)))
+    assert fast is not None
+    assert torch.equal(fast[0], s0) and torch.equal(fast[1], s1)
+    own = own_counts(fm, W, cat.uses[0], (k,), F64)
+    assert own is not None
+    # the general counts, by the one-hot einsum and the index adjoint (own_counts bypassed)
+    gi, slot, which = cat.uses[0]
+    onehot = torch.nn.functional.one_hot(fm.value(gi, F64).long(), k).to(F64)
+    target = target_shape(fm, gi, slot, which, theta)
+    from jointkl.inference.em.statistics import trailing, wsum
+
+    general = to_param(fm, gi, slot, which, (k,), wsum(target, trailing(W[gi], 1), onehot))
+    assert torch.equal(own, general)
+    assert torch.equal(counts(fm, theta, W, "weights", cat.uses, F64), general)
+
+
+def test_direct_statistics_leave_other_uses_to_the_general_sums():
+    """Stacked Bernoulli sites, the HMM's per-sequence initial state, a shape that is not the
+    variable's: None (the general statistics apply)."""
+    from jointkl.inference.em.mstep import plan_updates
+    from jointkl.inference.em.statistics import component_bernoulli_sums, own_counts
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(150, 6, generator=g) < 0.5).double()
+    fm = FactorModel(two_bernoulli_sites, (x,), {}, dtype=F64)
+    (up,) = [u for u in plan_updates(fm)[0] if u.kind == "bernoulli"]
+    (use,) = up.uses
+    assert fm.groups[use[0]].rows == 2
+    W = {use[0]: torch.full((2, 3, 150), 1 / 3, dtype=F64)}
+    assert component_bernoulli_sums(fm, W, use, (3, 3)) is None
+
+    args, kwargs = HMM().default_data()
+    hmm = FactorModel(HMM().model, args, kwargs, dtype=F64)
+    (init,) = [u for u in plan_updates(hmm)[0] if u.names == ("init",)]
+    gi = init.uses[0][0]
+    W = {gi: torch.full((1, 3, 20), 1 / 3, dtype=F64)}  # one state per sequence: summed
+    assert own_counts(hmm, W, init.uses[0], (3,), F64) is None
+
+    (bx,), _ = BernoulliMixture().default_data()
+    fm, steps, theta, W = mixture_weights(BernoulliMixture(3), bx[:200].double())
+    (up,) = [u for u in steps.closed if u.kind == "bernoulli"]
+    assert component_bernoulli_sums(fm, W, up.uses[0], (3, 64)) is not None
+    assert component_bernoulli_sums(fm, W, up.uses[0], (3, 63)) is None
+
+
+def two_bernoulli_sites(x):
+    """Two Bernoulli vectors per point share the component's probabilities (stacked as two
+    rows of one group)."""
+    weights = pyro.param(
+        "weights", torch.ones(3, dtype=F64) / 3, constraint=dist.constraints.simplex
+    )
+    h = x.shape[1] // 2
+    probs = pyro.param(
+        "probs", torch.full((3, h), 0.4, dtype=F64), constraint=dist.constraints.unit_interval
+    )
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("a", dist.Bernoulli(probs[z]).to_event(1), obs=x[:, :h])
+        pyro.sample("b", dist.Bernoulli(probs[z]).to_event(1), obs=x[:, h:])

@@ -33,6 +33,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from jointkl.inference.em.classify import Classifier, _distribution_signature
+from jointkl.inference.em.declared_chain import compile_declared_chain
+from jointkl.inference.em.declared_mixture import compile_declared_mixture
 from jointkl.inference.em.estep import chain_plan
 from jointkl.inference.em.factors import (
     Free,
@@ -66,12 +68,26 @@ SLICE_ROWS = 32
 SLICE_MIN_POINTS = 128
 
 
-def compile_model(fm: FactorModel, seed: int, time_steps: Mapping[str, Any] | None = None) -> None:
+def compile_model(
+    fm: FactorModel,
+    seed: int,
+    time_steps: Mapping[str, Any] | None = None,
+    mixture: Mapping[str, Any] | None = None,
+    chain: Mapping[str, Any] | None = None,
+) -> None:
     """Find ``fm.model``'s factor groups on ``fm``'s data (the steps of the module
     docstring); ``seed`` seeds the probes. ``time_steps``: the model's declaration of its
     identical time steps (:func:`~jointkl.inference.em.time_steps.compile_by_time_steps`,
     which compiles the first few and stamps them out, or leaves ``fm`` to the steps above
-    when the declaration does not match)."""
+    when the declaration does not match). ``mixture``: the model's declaration of its
+    mixture structure (:func:`~jointkl.inference.em.declared_mixture.compile_declared_mixture`,
+    which builds the groups without probing, or leaves ``fm`` to the steps above); ``chain``:
+    the same for a hidden Markov chain
+    (:func:`~jointkl.inference.em.declared_chain.compile_declared_chain`)."""
+    if mixture is not None and compile_declared_mixture(fm, mixture):
+        return
+    if chain is not None and compile_declared_chain(fm, chain):
+        return
     if time_steps is not None and compile_by_time_steps(fm, seed, time_steps, Compiler):
         return
     Compiler(fm, seed).run()

@@ -309,7 +309,9 @@ class EM(Engine):
             kwargs,
             seed=s.seed,
             dtype=s.dtype,
-            time_steps=_time_steps(pair, args, kwargs),
+            time_steps=_declaration(pair, "em_time_steps", args, kwargs),
+            mixture=_declaration(pair, "em_mixture", args, kwargs),
+            chain=_declaration(pair, "em_chain", args, kwargs),
         )
         hard = s.assign == "hard"
         self._check_model(fm, hard)
@@ -552,11 +554,14 @@ class EM(Engine):
         return "independent", "laplace"
 
 
-def _time_steps(pair: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The model's declaration of its identical time steps on these data (its
-    ``em_time_steps`` hook), or ``None``: none, or one that fails on them (the generic
-    compilation then runs the model and reports what is wrong)."""
-    declare = hook(pair, "em_time_steps")
+def _declaration(
+    pair: Any, name: str, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The model's declaration ``name`` on these data (its ``em_time_steps`` hook: identical
+    time steps; ``em_mixture``, ``em_chain``: a mixture's, a hidden Markov chain's
+    structure), or ``None``: none, or one that fails
+    on them (the generic compilation then runs the model and reports what is wrong)."""
+    declare = hook(pair, name)
     if declare is None:
         return None
     try:

@@ -48,6 +48,10 @@ class FactorModel:
     :param dtype: floating dtype of parameter values (initial values are cast to it).
     :param time_steps: the model's declaration of its identical time steps (the zoo hook
         ``em_time_steps``; see :mod:`jointkl.inference.em.time_steps`), or ``None``.
+    :param mixture: the model's declaration of its mixture structure (the zoo hook
+        ``em_mixture``; see :mod:`jointkl.inference.em.declared_mixture`), or ``None``.
+    :param chain: the model's declaration of its hidden Markov chain (the zoo hook
+        ``em_chain``; see :mod:`jointkl.inference.em.declared_chain`), or ``None``.
 
     Compiled structure: ``free`` and ``init`` (θ's variables and initial values), ``vars``
     (the enumerated variables), ``groups`` (the factor groups), ``plate_order``,
@@ -81,13 +85,15 @@ class FactorModel:
         seed: int = 0,
         dtype: torch.dtype | None = None,
         time_steps: Mapping[str, Any] | None = None,
+        mixture: Mapping[str, Any] | None = None,
+        chain: Mapping[str, Any] | None = None,
     ):
         self.model, self.args, self.kwargs = model, args, dict(kwargs)
         self.dtype = dtype
         # where the data are (the engine moved them there): every table and statistic
         self.device = data_device(args, kwargs)
         self.responsibilities = None
-        compile_model(self, seed, time_steps)
+        compile_model(self, seed, time_steps, mixture, chain)
 
     # ------------------------------------------------------------------ running the model
     def _substituted(self, theta: Mapping[str, torch.Tensor]) -> Callable:

@@ -30,7 +30,9 @@ __all__ = [
     "trailing",
     "full_shape",
     "counts",
+    "own_counts",
     "weighted_sums",
+    "component_bernoulli_sums",
     "scatter",
 ]
 
@@ -125,6 +127,10 @@ def counts(
 
     :param W: the E-step's weights by group; ``uses``: where ``name`` enters a recipe.
     """
+    if len(uses) == 1:
+        own = own_counts(fm, W, uses[0], tuple(fm.free[name].shape), dtype)
+        if own is not None:
+            return own
     total = torch.zeros(fm.free[name].shape, dtype=dtype, device=fm.device)
     for gi, slot, which in uses:
         g = fm.groups[gi]
@@ -136,6 +142,37 @@ def counts(
         stat = wsum(target, w, onehot)
         total = total + to_param(fm, gi, slot, which, theta[name].shape, stat)
     return total
+
+
+def own_counts(
+    fm: FactorModel, W: Weights, use: Use, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """:func:`counts` of an enumerated variable's own probabilities ``(K,)`` (a mixture's
+    weights, unindexed) when its weights are already one count per value (the mixture
+    E-step's): the one-hot sum Σ_j w_j [j == k] is w_k exactly (every other term an exact
+    0), so the counts are the weights, bit for bit; ``None`` for any other use."""
+    gi, slot, which = use
+    g = fm.groups[gi]
+    s = g.slots[slot]
+    w = W[gi]
+    if (
+        g.value != "own"
+        or g.family != "categorical"
+        or g.mask is not None
+        or len(g.cards) != 1
+        or g.n_event != 0
+        or s.const is not None
+        or s.index != ((),)
+        or s.pad != (0,)
+        or tuple(shape) != g.cards
+        or w.dtype != dtype
+        or w.dim() < 2
+        or w.shape[1] != g.cards[0]
+        or any(n != 1 for i, n in enumerate(w.shape) if i != 1)
+        or not bool(torch.isfinite(w).all())
+    ):
+        return None
+    return w.reshape(g.cards).clone()
 
 
 def weighted_sums(
@@ -165,6 +202,44 @@ def weighted_sums(
         s0 = s0 + to_param(fm, gi, slot, which, shape, wsum(target, *ops, full=full))
         s1 = s1 + to_param(fm, gi, slot, which, shape, wsum(target, *ops, b))
     return s0, s1
+
+
+def component_bernoulli_sums(
+    fm: FactorModel, W: Weights, use: Use, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(Σ w, Σ w x) of :func:`weighted_sums` for a mixture's Bernoulli vectors whose
+    probabilities are ``probs[z]`` (``shape`` ``(K, D)``, one row per component), computed
+    as the general sums compute them — the same ``(K, points) @ (points, D)`` product and
+    the same sum over the points, so the same bits — without the einsum set-up and the
+    index adjoint (an identity here), which cost about as much as the product on the
+    digits; ``None`` for any other use. ``tests/test_em_statistics.py`` pins it to
+    :func:`weighted_sums`, bit for bit."""
+    gi, slot, which = use
+    g = fm.groups[gi]
+    s = g.slots[slot]
+    x = g.data
+    if (
+        g.kind != "recipe"
+        or g.mask is not None
+        or x is None
+        or not x.is_floating_point()
+        or g.n_event != 1
+        or len(g.cards) != 1
+        or len(g.plates) != 1
+        or s.const is not None
+        or len(s.params) != 1
+        or s.index != ((("role", 0),),)
+        or s.pad != (0,)
+    ):
+        return None
+    K, D = g.cards[0], x.shape[-1]
+    w = W[gi]
+    if tuple(shape) != (K, D) or x.dim() != 4 or tuple(x.shape[:2]) != (1, 1):
+        return None
+    if tuple(w.shape) != (1, K, x.shape[2]) or w.dtype != x.dtype:
+        return None
+    w = w[0]
+    return w.sum(-1, keepdim=True).expand(K, D), w @ x[0, 0]
 
 
 def scatter(

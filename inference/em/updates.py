@@ -26,6 +26,7 @@ from jointkl.inference.em.gaussian import (
 from jointkl.inference.em.statistics import (
     Theta,
     Weights,
+    component_bernoulli_sums,
     counts,
     scatter,
     target_shape,
@@ -90,6 +91,10 @@ def mean_update(
     a - 1 counts over b points), in the view's coordinates (logits, log-rates)."""
     old = theta[up.names[0]]
     dtype = old.dtype
+    if up.kind == "bernoulli" and len(up.uses) == 1:
+        sums = component_bernoulli_sums(fm, W, up.uses[0], tuple(old.shape))
+        if sums is not None and sums[0].dtype == dtype:
+            return mean_from_sums(*sums, old, up)
     s0, s1 = weighted_sums(
         fm, theta, W, up.uses, old.shape, dtype, lambda gi: (None, fm.value(gi, dtype).to(dtype))
     )

@@ -84,6 +84,11 @@ class ZooModel:
     :ivar em_time_steps: ``em_time_steps(*args, **kwargs) -> dict``, a declaration that the
         model is a chain of identical time steps, so EM compiles its first few and stamps
         them out (:mod:`jointkl.inference.em.time_steps` says what the dict holds).
+    :ivar em_mixture: ``em_mixture(*args, **kwargs) -> dict``, a declaration of the model's
+        mixture structure, so EM builds its factor groups without probing the model
+        (:mod:`jointkl.inference.em.declared_mixture` says what the dict holds).
+    :ivar em_chain: ``em_chain(*args, **kwargs) -> dict``, the same for a hidden Markov chain
+        (:mod:`jointkl.inference.em.declared_chain`).
 
     Methods with a default: :meth:`spec` (rebuild recipe from :meth:`settings`),
     :meth:`default_data` (none: the CLI asks for ``--data``), :meth:`diagnostic_plots`
@@ -99,6 +104,8 @@ class ZooModel:
     default_loss: Callable[..., Any] | None = None
     candidate_scores: Callable[..., Any] | None = None
     em_time_steps: Callable[..., Mapping[str, Any]] | None = None
+    em_mixture: Callable[..., Mapping[str, Any]] | None = None
+    em_chain: Callable[..., Mapping[str, Any]] | None = None
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define model()")
@@ -131,7 +138,15 @@ class ZooModel:
         return []
 
 
-_OPTIONAL = ("guide", "init_values", "default_loss", "candidate_scores", "em_time_steps")
+_OPTIONAL = (
+    "guide",
+    "init_values",
+    "default_loss",
+    "candidate_scores",
+    "em_time_steps",
+    "em_mixture",
+    "em_chain",
+)
 _CLASS_HOOKS = ("name", "description", "engine_defaults", "default_guide")
 _METHODS = ("model", "settings", "spec", "default_data", "diagnostic_plots")
 
@@ -141,7 +156,7 @@ def hook(pair: Any, name: str) -> Any:
     object does not provide it.
 
     Optional callables (``guide``, ``init_values``, ``default_loss``, ``candidate_scores``,
-    ``em_time_steps``) default to ``None``; class-level hooks to ZooModel's value
+    ``em_time_steps``, ``em_mixture``, ``em_chain``) default to ``None``; class-level hooks to ZooModel's value
     (``engine_defaults``: ``{}``, ``description``: ``""``, ``default_guide``: ``None``); methods (``settings``, ``spec``,
     ``default_data``, ``diagnostic_plots``) to ``None`` on an object that is not a ZooModel,
     so a caller tests ``hook(pair, "default_data") is None`` to learn that there is none.
