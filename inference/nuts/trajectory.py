@@ -285,7 +285,6 @@ def step_function(
         _Checked,
         _close,
         _error_flagged,
-        _frozen,
         _traced,
     )
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -328,11 +327,14 @@ def step_function(
         # (:mod:`~jointkl.inference.nuts.compiled_transition`) sees one form of leaf.
         if _error_flagged(graph) is None:
             _flag_never(graph)
-        traced = _traced(graph, inputs())
-        graph = _Checked(
-            _frozen(graph, None, inputs()) if traced is None else torch.jit.freeze(traced.eval()),
-            several=True,
-        )
+        traced = _traced(graph, inputs())  # kept unfrozen for the scripted transition
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                module = graph if traced is None else torch.jit.freeze(traced.eval())
+        except Exception:  # TorchScript is optional: the FX graph is exact too
+            module, traced = graph, None
+        graph = _Checked(module, several=True)
         # Four consecutive leaves from each of two random starts, outputs fed back in.
         for _ in range(2):
             example = inputs()
