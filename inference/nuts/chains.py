@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 from jointkl.inference.nuts.adaptation import DualAveraging, WindowVariance, windows
+from jointkl.inference.nuts.compiled_transition import transition_graph
 from jointkl.inference.nuts.curvature import mode_and_variances
 from jointkl.inference.nuts.metric import as_dense, dense_metric, kinetic, momentum, velocity
 from jointkl.inference.nuts.potential import Potential
-from jointkl.inference.nuts.trajectory import step_function, transition
+from jointkl.inference.nuts.trajectory import Transition, step_function, transition
 from tqdm.auto import tqdm
 
 from jointkl.checkpoint import LoopState
@@ -70,6 +71,9 @@ class Chains:
         self.step_fn = step_function(
             target, settings.max_tree_depth, settings.compile, dense=self.dense
         )
+        # The whole transition as one TorchScript call around the compiled leaf (same
+        # draws as the eager transition, which replays any transition where it raises).
+        self.graph = transition_graph(self.step_fn, settings.max_tree_depth)
         spans = windows(settings.warmup)
         self.first, self.last = (spans[0][0], spans[-1][1]) if spans else (settings.warmup, -1)
         self.ends = {end for _, end in spans}
@@ -231,16 +235,7 @@ class Chains:
     def iterate(self) -> None:
         """One transition of every chain, then warmup's adaptation or the draw's record."""
         s, i = self.s, self.step
-        t = transition(
-            self.theta,
-            self.u,
-            self.grad,
-            self.eps,
-            self.inv_mass,
-            s.max_tree_depth,
-            self.step_fn,
-            self.gen,
-        )
+        t = self.transition()
         self.gradients += t.evaluations
         self.theta, self.u, self.grad = t.theta, t.potential, t.grad
         self.history.append(float(self.u.mean()))
@@ -271,6 +266,21 @@ class Chains:
             for name, value in row.items():
                 self.stats[name][:, k] = value.detach().cpu()
         self.step = i + 1
+
+    def transition(self) -> Transition:
+        """One NUTS transition of every chain from the current state: by the scripted
+        transition when there is one, else (or when it raises: a failed check or an error
+        in the compiled leaf) by the eager one from the same generator state, whose leaves
+        are guarded one at a time."""
+        args = (self.theta, self.u, self.grad, self.eps, self.inv_mass)
+        if self.graph is not None:
+            rng = self.gen.get_state()
+            try:
+                *out, evaluations = self.graph(*args, self.gen)
+                return Transition(*out, evaluations=evaluations)
+            except (RuntimeError, torch.jit.Error):  # a raise inside TorchScript is the latter
+                self.gen.set_state(rng)
+        return transition(*args, self.s.max_tree_depth, self.step_fn, self.gen)
 
     def reasonable_step_size(self, eps: torch.Tensor, tries: int = 100) -> torch.Tensor:
         """Hoffman & Gelman's heuristic (Algorithm 4, as Stan runs it), per chain, at the

@@ -361,15 +361,23 @@ def _frozen(graph, example: torch.Tensor | None, examples: tuple | None = None):
     model raises. :func:`_error_flagged` turns those checks into one extra boolean output,
     and :class:`_Checked` raises as the eager model does when it is set."""
     flagged = _error_flagged(graph)
+    scripted = _traced(graph, examples if examples is not None else (example,))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            args = examples if examples is not None else (example,)
-            scripted = torch.jit.trace(graph, args, check_trace=False)
-            module = torch.jit.freeze(scripted.eval())
+        module = graph if scripted is None else torch.jit.freeze(scripted.eval())
     except Exception:  # TorchScript is optional: the FX graph is exact too
         module = graph
     return module if flagged is None else _Checked(module, flagged == "several")
+
+
+def _traced(graph, args: tuple):
+    """The FX graph traced by TorchScript at the example ``args`` (not frozen, so that it
+    can be a submodule of a scripted module), or ``None`` if TorchScript cannot take it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(graph, args, check_trace=False)
+    except Exception:  # TorchScript is optional: the FX graph is exact too
+        return None
 
 
 _CHECKS = (torch.ops.aten._linalg_check_errors.default,)

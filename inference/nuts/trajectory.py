@@ -281,7 +281,12 @@ def step_function(
     eager = functools.partial(leaf, potential.eager_value_and_grad)
     if not compile or potential.graph is None:
         return functools.partial(leaf, potential.value_and_grad)
-    from jointkl.inference.nuts.potential import _close, _frozen
+    from jointkl.inference.nuts.potential import (
+        _Checked,
+        _close,
+        _error_flagged,
+        _traced,
+    )
     from torch.fx.experimental.proxy_tensor import make_fx
 
     C, D, K = potential.num_chains, potential.dim, max(max_tree_depth, 1)
@@ -317,7 +322,19 @@ def step_function(
             graph = make_fx(lambda *a: eager(*a))(*inputs())
         graph.graph.eliminate_dead_code()
         graph.recompile()
-        graph = _frozen(graph, None, inputs())
+        # The failed-check flag is always the graph's last output (a constant False where
+        # the leaf has no linear-algebra check), so the scripted transition
+        # (:mod:`~jointkl.inference.nuts.compiled_transition`) sees one form of leaf.
+        if _error_flagged(graph) is None:
+            _flag_never(graph)
+        traced = _traced(graph, inputs())  # kept unfrozen for the scripted transition
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                module = graph if traced is None else torch.jit.freeze(traced.eval())
+        except Exception:  # TorchScript is optional: the FX graph is exact too
+            module, traced = graph, None
+        graph = _Checked(module, several=True)
         # Four consecutive leaves from each of two random starts, outputs fed back in.
         for _ in range(2):
             example = inputs()
@@ -336,7 +353,18 @@ def step_function(
                         return functools.partial(leaf, potential.value_and_grad)
     except Exception:  # tracing failed: the leaf runs eagerly on the compiled potential
         return functools.partial(leaf, potential.value_and_grad)
-    return _GuardedLeaf(graph, functools.partial(leaf, potential.value_and_grad))
+    return _GuardedLeaf(graph, functools.partial(leaf, potential.value_and_grad), traced)
+
+
+def _flag_never(graph) -> None:
+    """Append a constant False to the outputs of the FX ``graph`` (in place): the flag of
+    :func:`~jointkl.inference.nuts.potential._error_flagged` for a graph with no check."""
+    g = graph.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(out):
+        flag = g.call_function(torch.ops.aten.zeros.default, ([],), {"dtype": torch.bool})
+    out.args = ((*out.args[0], flag),)
+    graph.recompile()
 
 
 class _GuardedLeaf:
@@ -349,10 +377,13 @@ class _GuardedLeaf:
 
     :param graph: the frozen leaf, called with :func:`leaf`'s arguments (less the potential).
     :param eager: :func:`leaf` bound to :meth:`Potential.value_and_grad`.
+    :param traced: the same graph traced by TorchScript and not frozen (a submodule of the
+        scripted transition, :mod:`~jointkl.inference.nuts.compiled_transition`), or
+        ``None``.
     """
 
-    def __init__(self, graph: Callable[..., tuple], eager: Callable[..., tuple]):
-        self.graph, self.eager = graph, eager
+    def __init__(self, graph: Callable[..., tuple], eager: Callable[..., tuple], traced=None):
+        self.graph, self.eager, self.traced = graph, eager, traced
         self.fallbacks = 0  # calls answered by the eager leaf (for the profile)
 
     def __call__(self, *args: torch.Tensor) -> tuple:
