@@ -50,6 +50,7 @@ from jointkl.inference.em.families import FAMILIES, family_of, unwrap
 from jointkl.inference.em.time_steps import compile_by_time_steps
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import prune_subsample_sites
+from torch import distributions as tdist
 from torch.distributions import constraints
 
 from jointkl.errors import InputError
@@ -106,10 +107,34 @@ def _initial_value(site: Mapping[str, Any]) -> torch.Tensor:
         return fn.enumerate_support(expand=False)[0].clone()
     if site["infer"].get("enumerate") == "parallel" or fn.support.is_discrete:
         return fn.sample()
+    base = fn
+    while isinstance(base, tdist.Independent):
+        base = base.base_dist
+    if isinstance(base, tdist.Beta):
+        return beta_median(base.concentration1, base.concentration0).expand(fn.shape()).clone()
     v = init_to_median(site)
     if not bool(site["fn"].support.check(v).all()):
         v = init_to_feasible(site)
     return v
+
+
+def beta_median(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The median of Beta(a, b), elementwise, where it has a closed form, else its mean:
+
+        a = b:  1/2;   a = 1:  1 - 2^(-1/b);   b = 1:  2^(-1/a);   otherwise a / (a + b).
+
+    Computed rather than taken from draws (a Beta prior's median of 15 draws per
+    coordinate was a third of a small mixture's compilation); it only starts the trace
+    EM reads the model's structure from, whose globals EM's initialisation then sets.
+
+    :param a: the concentration of the ones (``concentration1``).
+    :param b: the concentration of the zeros (``concentration0``), broadcastable with ``a``.
+    """
+    a, b = torch.broadcast_tensors(a, b)
+    half = torch.full_like(a, 0.5)
+    median = torch.where(a == 1, 1 - torch.pow(2.0, -1 / b), a / (a + b))
+    median = torch.where(b == 1, torch.pow(2.0, -1 / a), median)
+    return torch.where(a == b, half, median)
 
 
 def _is_deterministic(site: Mapping[str, Any]) -> bool:
