@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jointkl.inference.em.data_plate_prefix import compiled_or_restored
 from jointkl.inference.em.declared_mixture import declared_globals
 from jointkl.inference.em.factors import Group, Slot, Var
 from jointkl.inference.em.families import FAMILIES
@@ -53,14 +54,7 @@ def compile_declared_chain(fm: FactorModel, declared: Mapping[str, Any]) -> bool
         axis, ``(T, sequences, *event)``) and ``"masks"`` (``(T, sequences)`` booleans, or
         ``None``).
     """
-    rng = torch.get_rng_state()
-    try:
-        done = _compile(fm, declared)
-    except Exception:  # noqa: BLE001 (the generic compilation decides, and says why)
-        done = False
-    if not done:
-        torch.set_rng_state(rng)
-    return done
+    return compiled_or_restored(_compile, fm, declared)
 
 
 def _compile(fm: FactorModel, declared: Mapping[str, Any]) -> bool:

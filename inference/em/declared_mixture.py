@@ -33,14 +33,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import opt_einsum
-import pyro
-import pyro.poutine as poutine
 import torch
+from jointkl.inference.em.data_plate_prefix import compiled_or_restored, trace_to_data_plate
 from jointkl.inference.em.estep import chain_plan
 from jointkl.inference.em.factors import Free, Group, Slot, Var, plates_of, site_axes
 from jointkl.inference.em.families import FAMILIES
-from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
@@ -50,25 +47,6 @@ if TYPE_CHECKING:
     from jointkl.inference.em.factor_model import FactorModel
 
 __all__ = ["compile_declared_mixture", "declared_globals", "DeclaredGlobals"]
-
-
-class _Stop(Exception):
-    """Raised at the first sample site inside the data plate."""
-
-
-class _StopAtData(Messenger):
-    """Stops the model at its first sample site inside the ``"data"`` plate, keeping that
-    plate's frame (its size and batch dim)."""
-
-    frame: Any = None
-
-    def _process_message(self, msg: Any) -> None:
-        if msg["type"] != "sample":
-            return
-        for f in msg.get("cond_indep_stack", ()):
-            if f.name == DATA_PLATE:
-                self.frame = f
-                raise _Stop
 
 
 def compile_declared_mixture(fm: FactorModel, declared: Mapping[str, Any]) -> bool:
@@ -86,14 +64,7 @@ def compile_declared_mixture(fm: FactorModel, declared: Mapping[str, Any]) -> bo
         site's log-density), and ``"value"``, the observations ``(points, *event)``. Sites
         are listed in the model's order: the variable, then the emissions.
     """
-    rng = torch.get_rng_state()  # put back when falling back: the generic run draws again
-    try:
-        done = _compile(fm, declared)
-    except Exception:  # noqa: BLE001 (the generic compilation decides, and says why)
-        done = False
-    if not done:
-        torch.set_rng_state(rng)
-    return done
+    return compiled_or_restored(_compile, fm, declared)
 
 
 def _compile(fm: FactorModel, declared: Mapping[str, Any]) -> bool:
@@ -234,26 +205,11 @@ def declared_globals(fm: FactorModel) -> DeclaredGlobals | None:
 
 
 def _globals_trace(fm: FactorModel) -> tuple[Any, dict[str, Any], Any]:
-    """The model run as the generic initial trace runs it (validated, initial values by
-    :func:`~jointkl.inference.em.compile._initial_value`, an empty param store), stopped at
-    its first sample site inside the ``"data"`` plate: the trace of its globals, the param
-    store's constraints, and the data plate's frame (``None``: the model has no such site)."""
-    from jointkl.inference.em.compile import _initial_value
-
-    store = pyro.get_param_store()
-    saved = store.get_state()
-    store.clear()
-    stop = _StopAtData()
-    tracer = poutine.trace(InitMessenger(_initial_value)(stop(fm.model)))
-    try:
-        with torch.no_grad():
-            tracer.get_trace(*fm.args, **fm.kwargs)
-    except _Stop:
-        pass
-    finally:
-        found = dict(store.get_state()["constraints"])
-        store.set_state(saved)
-    return prune_subsample_sites(tracer.trace), found, stop.frame
+    """The model run as the generic initial trace runs it (validated), stopped at its first
+    sample site inside the ``"data"`` plate: the trace of its globals, the param store's
+    constraints, and the data plate's frame (``None``: the model has no such site)."""
+    tr, constraints_of, frame = trace_to_data_plate(fm, validate=True)
+    return prune_subsample_sites(tr), constraints_of, frame
 
 
 def _caster(fm: FactorModel):

@@ -24,13 +24,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import opt_einsum
-import pyro
-import pyro.poutine as poutine
 import torch
+from jointkl.inference.em.data_plate_prefix import trace_to_data_plate
 from jointkl.inference.em.estep import chain_plan
 from jointkl.inference.em.factors import Group, Var
-from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.poutine.messenger import Messenger
 
 from jointkl.sites import DATA_PLATE
 
@@ -42,25 +39,6 @@ __all__ = ["compile_by_time_steps", "PREFIX_STEPS"]
 # Steps the prefix model has: enough that every step after the first few is a row of a
 # stacked group (with 3, Pyro's alternating markov dims leave one step's emission apart).
 PREFIX_STEPS = 4
-
-
-class _Stop(Exception):
-    """Raised at the first sample site inside the data plate: the globals are all known."""
-
-
-class _StopAtData(Messenger):
-    """Stops the model at its first sample site inside the data plate, keeping that plate's
-    size."""
-
-    size: int | None = None
-
-    def _process_message(self, msg: Any) -> None:
-        if msg["type"] != "sample":
-            return
-        for f in msg.get("cond_indep_stack", ()):
-            if f.name == DATA_PLATE:
-                self.size = f.size
-                raise _Stop
 
 
 def compile_by_time_steps(
@@ -143,24 +121,11 @@ def compile_by_time_steps(
 
 
 def _whole_data_trace(fm: FactorModel) -> tuple[Any, int | None]:
-    """The model on the whole data run as the initial trace runs it, stopped at its first
-    site inside the data plate (a model's initial values may depend on its data), and that
-    plate's size."""
-    from jointkl.inference.em.compile import _initial_value
-
-    store = pyro.get_param_store()
-    saved = store.get_state()
-    store.clear()
-    stop = _StopAtData()
-    tracer = poutine.trace(InitMessenger(_initial_value)(stop(fm.model)))
-    try:
-        with torch.no_grad(), pyro.validation_enabled(False):
-            tracer.get_trace(*fm.args, **fm.kwargs)
-    except _Stop:
-        pass
-    finally:
-        store.set_state(saved)
-    return tracer.trace, stop.size
+    """The model on the whole data run as the initial trace runs it (validation off), stopped
+    at its first site inside the data plate (a model's initial values may depend on its
+    data), and that plate's size."""
+    tr, _, frame = trace_to_data_plate(fm, validate=False)
+    return tr, None if frame is None else frame.size
 
 
 def _whole_data_init(whole: Any, c: Any) -> dict[str, torch.Tensor] | None:
