@@ -148,9 +148,12 @@ class DeclaredGlobals:
 
 def declared_globals(fm: FactorModel) -> DeclaredGlobals | None:
     """The globals of ``fm``'s model, read from its run up to its first site inside the
-    ``"data"`` plate (:func:`_globals_trace`); ``None`` when it has no such site, or a sample
-    site before it that is not a continuous global, or a plate at two dims."""
-    tr, constraints_of, frame = _globals_trace(fm)
+    ``"data"`` plate, validated, as the generic initial trace runs it
+    (:func:`~jointkl.inference.em.data_plate_prefix.trace_to_data_plate`); ``None`` when it
+    has no such site, or a sample site before it that is not a continuous global, or a plate
+    at two dims."""
+    tr, constraints_of, frame = trace_to_data_plate(fm, validate=True)
+    tr = prune_subsample_sites(tr)
     if frame is None:
         return None
     free: dict[str, Free] = {}
@@ -202,14 +205,6 @@ def declared_globals(fm: FactorModel) -> DeclaredGlobals | None:
             )
         )
     return DeclaredGlobals(free, init, priors, plate_dims, plate_sizes)
-
-
-def _globals_trace(fm: FactorModel) -> tuple[Any, dict[str, Any], Any]:
-    """The model run as the generic initial trace runs it (validated), stopped at its first
-    sample site inside the ``"data"`` plate: the trace of its globals, the param store's
-    constraints, and the data plate's frame (``None``: the model has no such site)."""
-    tr, constraints_of, frame = trace_to_data_plate(fm, validate=True)
-    return prune_subsample_sites(tr), constraints_of, frame
 
 
 def _caster(fm: FactorModel):
