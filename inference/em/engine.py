@@ -34,6 +34,7 @@ import pyro
 import torch
 from jointkl.inference.em.criteria import degrees_of_freedom
 from jointkl.inference.em.factor_model import FactorModel
+from jointkl.inference.em.fused_mixture import fused_steps
 from jointkl.inference.em.initial import initial_theta
 from jointkl.inference.em.laplace import laplace_draws
 from jointkl.inference.em.mstep import SingularCovariance, Update, m_step, plan_updates
@@ -148,7 +149,10 @@ class Steps:
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
         """E-step at θ: (log-likelihood, posterior weights of every table); with ``hard``,
         (classification log-likelihood, one-hot weights)."""
-        ll, W = self.fm.e_step(theta, self.hard)
+        return self.checked(*self.fm.e_step(theta, self.hard), iteration)
+
+    def checked(self, ll: float, W, iteration: int):
+        """``(ll, W)``, an E-step's result at ``iteration``, if ``ll`` is finite."""
         if not math.isfinite(ll):
             raise FitDivergedError(
                 f"EM: the log-likelihood became {ll} at iteration {iteration}; the last good "
@@ -156,6 +160,15 @@ class Steps:
                 "or set reg_covar > 0"
             )
         return ll, W
+
+    def initial_m_step(self, theta, W) -> dict[str, torch.Tensor]:
+        """The M-step that follows an initial labelling (weights W) from θ."""
+        try:
+            return m_step(
+                self.fm, theta, W, self.closed, self.gradient, self.reg_covar, self.mstep_iter
+            )
+        except SingularCovariance as e:
+            raise FitDivergedError(f"EM: initial M-step: {e}") from e
 
     def maximise(self, theta, W, iteration: int) -> dict[str, torch.Tensor]:
         """M-step from θ with the weights W."""
@@ -174,13 +187,14 @@ class Trajectory:
     and an extrapolated point is kept only when no worse), and why it stopped.
 
     :param tolerance: the convergence test's bound on a step's change (``tol`` x points).
-    :param on_record: called with each new log-likelihood (the progress bar).
+    :param on_record: called with each new log-likelihood (the progress bar; ``None`` when
+        it is hidden).
     """
 
     theta: dict[str, torch.Tensor]
     max_iter: int
     tolerance: float
-    on_record: Callable[[float], None] = lambda ll: None
+    on_record: Callable[[float], None] | None = None
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
     converged: bool = False
@@ -209,7 +223,8 @@ class Trajectory:
             self.decreases += 1
         self.theta, self.weights = theta, W
         self.history.append(ll)
-        self.on_record(ll)
+        if self.on_record is not None:
+            self.on_record(ll)
         if tested and abs(change) <= self.tolerance:
             self.converged, self.reason = True, "tol"
 
@@ -316,6 +331,7 @@ class EM(Engine):
         hard = s.assign == "hard"
         self._check_model(fm, hard)
         steps = Steps(fm, *plan_updates(fm), s.reg_covar, s.mstep_iter, hard)
+        steps = fused_steps(steps, s.accelerate)
         t_compiled = time.perf_counter()
         result = self._restarts(steps, lambda seed: (steps, args), kwargs, t_start)
         result.info["compile_seconds"] = t_compiled - t_start
@@ -475,7 +491,9 @@ class EM(Engine):
             bar.update(1)
             bar.set_postfix({label: f"{ll / steps.n_points:.6g}"})
 
-        path = Trajectory(theta, s.max_iter, s.tol * steps.n_points, show)
+        path = Trajectory(
+            theta, s.max_iter, s.tol * steps.n_points, show if not bar.disable else None
+        )
         try:
             path.start(*steps.expect(theta, 0))  # E-step at the initial values
             while not path.done:

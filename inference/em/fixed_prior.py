@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.distributions as tdist
 
-__all__ = ["fixed_prior_log_prob"]
+__all__ = ["fixed_prior_log_prob", "prior_terms"]
 
 # Per prior object: (name of the family, its terms that do not depend on the value).
 _TERMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -35,7 +35,7 @@ def _base(fn: tdist.Distribution) -> tuple[tdist.Distribution, int]:
     return fn, n
 
 
-def _terms(fn: tdist.Distribution) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+def prior_terms(fn: tdist.Distribution) -> tuple[str, tuple[torch.Tensor, ...]] | None:
     """(family, constant terms) of a Beta or Dirichlet with torch's own ``log_prob``."""
     if fn in _TERMS:
         return _TERMS[fn]
@@ -61,7 +61,7 @@ def fixed_prior_log_prob(fn: tdist.Distribution, value: torch.Tensor) -> torch.T
     :param value: the current value of the variable it scores.
     :returns: the log-density, shape ``fn.batch_shape`` broadcast with the value's batch.
     """
-    terms = _terms(fn)
+    terms = prior_terms(fn)
     if terms is None:
         return fn.log_prob(value)
     family, t = terms

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jointkl.inference.em.factor_model import FactorModel
-from jointkl.inference.em.mstep import SingularCovariance, m_step
 
 if TYPE_CHECKING:
     from jointkl.inference.em.engine import Steps
 
-from jointkl.errors import FitDivergedError, InputError
+from jointkl.errors import InputError
 
 __all__ = ["initial_theta", "initial_labels"]
 
@@ -67,11 +66,7 @@ def initial_theta(
         return _given(fm, theta, init(*args, seed=seed, **kwargs))
     gen = torch.Generator().manual_seed(seed)
     labels = initial_labels(fm, init, gen, fm.dtype, kmeans_iter)
-    W = fm.label_weights(labels)
-    try:
-        return m_step(fm, theta, W, steps.closed, steps.gradient, steps.reg_covar, steps.mstep_iter)
-    except SingularCovariance as e:
-        raise FitDivergedError(f"EM: initial M-step: {e}") from e
+    return steps.initial_m_step(theta, fm.label_weights(labels))
 
 
 def _given(fm: FactorModel, theta: dict[str, torch.Tensor], given: Any) -> dict[str, torch.Tensor]:
@@ -147,12 +142,11 @@ def initial_labels(
 def _nearest(xt: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centre of every column of ``xt`` (the points transposed,
     ``(D, n)``): argmin_c ‖c‖² - 2 c·x (‖x‖² is the same for every centre), one
-    ``(k, D) @ (D, n)`` product (faster than ``(n, D) @ (D, k)`` for few centres). The
-    first index of the minimum, as ``argmin``, computed as the number of leading centres
-    scoring above the minimum (torch's ``min(dim)`` with indices costs several times the
-    value-only ``amin`` and a cumulative product over the k rows)."""
+    ``(k, D) @ (D, n)`` product (faster than ``(n, D) @ (D, k)`` for few centres), and the
+    first index of the minimum down the k rows (``min(0)``, which returns the first index
+    of a tie as ``argmin`` does, at a tenth of ``argmin(0)``'s time on this layout)."""
     scores = torch.addmm(centres.square().sum(-1, keepdim=True), centres, xt, alpha=-2)
-    return scores.gt(scores.amin(0)).cumprod(0).sum(0)
+    return scores.min(0).indices
 
 
 def _lloyd(
