@@ -178,6 +178,18 @@ def _lloyd(
     return centres, None
 
 
+def _without_zero_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows, D) without its columns that are 0 in every row, contiguous (``x`` itself
+    when it has none)."""
+    if x.shape[0] == 0 or x.shape[1] < 2:
+        return x
+    zero = x.amax(0).eq_(0).logical_and_(x.amin(0).eq_(0))  # (any(0) is slower)
+    if not bool(zero.any()) or bool(zero.all()):
+        return x
+    # selected as rows of the transpose: index_select along dim 1 is several times slower
+    return x.T.index_select(0, zero.logical_not_().nonzero().squeeze(-1)).T.contiguous()
+
+
 def _kmeans(
     x: torch.Tensor,
     k: int,
@@ -195,7 +207,12 @@ def _kmeans(
     Beyond ``KMEANS_SAMPLE`` live rows, seeding and Lloyd steps run on a random sample of
     that many, and Lloyd steps on all live rows then start from the sample's centres (a
     fixed point of Lloyd on all of them, as without the sample, reached in a few steps).
-    ``smooth``: mix ``LABEL_SMOOTHING`` uniform mass into the one-hot labels."""
+    ``smooth``: mix ``LABEL_SMOOTHING`` uniform mass into the one-hot labels.
+
+    A coordinate that is 0 in every row (the border pixels of images) adds exactly 0 to
+    every distance and every centre: the steps run on the other coordinates."""
+    width = x.shape[1]  # the tolerance's mean variance is over every coordinate
+    x = _without_zero_columns(x)
     every = x
     x = x if live is None else x[live]
     n = x.shape[0]
@@ -227,7 +244,7 @@ def _kmeans(
         d2 = dc[best]
     centres = x[chosen]
     # the mean per-coordinate variance, Σ (x - x̄)² / (n D) (x.var is several times slower)
-    tol = KMEANS_TOL * float(norms.sum()) / norms.numel() / x.shape[1] if n > 1 else 0.0
+    tol = KMEANS_TOL * float(norms.sum()) / norms.numel() / width if n > 1 else 0.0
     wide = x.shape[1] >= WIDE
     xs = x.contiguous()
     xst = xs.T.contiguous()
