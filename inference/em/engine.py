@@ -134,6 +134,7 @@ class Steps:
     :param closed, gradient: the M-step's plan (:func:`~.mstep.plan_updates`).
     """
 
+    name: ClassVar[str] = "generic"
     fm: FactorModel
     closed: list[Update]
     gradient: list[str]
@@ -535,6 +536,7 @@ class EM(Engine):
             "closed_form": [name for up in steps.closed for name in up.names],
             "gradient": list(steps.gradient),
             "e_step": "chain" if fm.chain is not None else "contract",
+            "steps": steps.name,
             "traced_sites": [s for g in fm.groups if g.kind == "traced" for s in g.sites],
         }
         return Result(

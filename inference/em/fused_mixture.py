@@ -4,25 +4,30 @@ The generic steps (:func:`~jointkl.inference.em.estep.mixture_e_step`,
 :func:`~jointkl.inference.em.mstep.m_step`) find, at every iteration, which tables are
 linear in the data, which weights each closed-form update reads and how each sum maps back
 to a parameter's layout. For a large mixture that bookkeeping is nothing beside the
-arithmetic; on a small one (``BernoulliMixture()`` on the 1797 digits: a (1797, 65) by
-(65, 10) product and a (10, 1797) by (1797, 64) one) it is most of an iteration. A
+arithmetic; on a small one (``BernoulliMixture()`` on the 1797 digits: a (10, 65) by
+(65, 1797) product and a (10, 1797) by (1797, 64) one) it was most of an iteration. A
 compiled model whose structure is exactly a Bernoulli mixture — Categorical assignments
 with probabilities ``weights``, one vector of Bernoulli observations with probabilities
-``probs[z]``, both closed-form, each either a ``pyro.param`` or a MAP global under a
+``probs[z]``, both updated in closed form, each a ``pyro.param`` or a MAP global under a
 Dirichlet / Beta prior — gets :class:`BernoulliMixtureSteps`, which does the same
 arithmetic directly:
 
-* E-step: ``L = [x, 1] @ [logit p, Σ_d log(1 - p)]^T + log w``, a stable softmax per
-  point, ``log Z = Σ_n (m_n + log Σ_k exp(L_nk - m_n))``, plus the priors' log-densities;
-* M-step: counts ``c_k = Σ_n r_nk``, weights ``(c + α - 1)_+`` normalised, probabilities
-  ``(r^T x + a - 1) / (c + a + b - 2)`` (a component with no mass keeps its values).
+* E-step: ``L = [logit p, Σ_d log(1 - p)] @ [x, 1]^T + log w``, ``(K, points)``, a stable
+  softmax over the K rows, ``log Z = Σ_n (m_n + log Σ_k exp(L_kn - m_n))``, plus the
+  priors' log-densities;
+* M-step: counts ``c_k = Σ_n r_kn``, weights ``(c + α - 1)_+`` normalised, probabilities
+  ``(r x + a - 1) / (c + a + b - 2)`` clipped to [0, 1] (a component with no mass keeps
+  its probabilities), as :func:`~jointkl.inference.em.updates.categorical_from_counts` and
+  :func:`~jointkl.inference.em.updates.mean_from_sums` compute them;
+* coordinates that are 0 in every point (an image's border) add exactly 0 to both
+  products and are left out of them.
 
-Every operation is the one the generic steps perform on these groups, in the same order,
-so the iterates are the generic ones bit for bit (``tests/test_em_fused_mixture.py`` pins
-it: priors, no priors, float32, an empty component). Where a probability is exactly 0 or 1
-(no prior keeps it inside) the linear form does not exist and that E-step is the generic
-one. Hard assignments, SQUAREM, streamed or distributed data and any other structure use
-the generic steps.
+The numbers are the generic steps' up to the order of rounding (the table is laid out
+component-major, where the generic E-step lays it out point-major): on the tests' fits the
+same iterations, parameters within 1e-13 (``tests/test_em_fused_mixture.py``). Where a
+probability is exactly 0 or 1 in a coordinate some point has (no prior keeps it inside) the
+linear form has no finite value and that E-step is the generic one. Hard assignments,
+SQUAREM, streamed or distributed data and any other structure use the generic steps.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class BernoulliMixtureSteps:
     than the generic ones (differences of order 1e-13 in the log-likelihood). The weights are
     returned in the generic layout (responsibilities ``(1, K, points)``, counts
     ``(1, K, 1)``), so anything that reads them reads what the generic E-step gives."""
+
+    name = "bernoulli-mixture"
 
     def __init__(self, steps: Steps, plan: dict):
         self.generic, self.plan = steps, plan

@@ -401,6 +401,7 @@ class StreamedSteps:
     :param n_points: rows over all processes.
     """
 
+    name = "streamed"
     fm: FactorModel
     closed: list[Update]
     gradient: list[str]
