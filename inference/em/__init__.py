@@ -13,7 +13,8 @@ The engine (:mod:`.engine`) runs the EM loop on a model compiled once into facto
 - :mod:`.mstep` — the M-step (the closed-form table :data:`~.mstep.CLOSED_FORMS`, the
   gradient M-step); :mod:`.updates` — the closed forms; :mod:`.statistics` — their
   sufficient statistics;
-- :mod:`.initial` — initial values; :mod:`.squarem` — acceleration;
+- :mod:`.fused_mixture` — a Bernoulli mixture's E- and M-step written out;
+  :mod:`.initial` — initial values; :mod:`.squarem` — acceleration;
   :mod:`.laplace` — posterior draws; :mod:`.criteria` — BIC/AIC.
 """
 

@@ -150,10 +150,7 @@ class Steps:
     def expect(self, theta: Mapping[str, torch.Tensor], iteration: int):
         """E-step at θ: (log-likelihood, posterior weights of every table); with ``hard``,
         (classification log-likelihood, one-hot weights)."""
-        return self.checked(*self.fm.e_step(theta, self.hard), iteration)
-
-    def checked(self, ll: float, W, iteration: int):
-        """``(ll, W)``, an E-step's result at ``iteration``, if ``ll`` is finite."""
+        ll, W = self.fm.e_step(theta, self.hard)
         if not math.isfinite(ll):
             raise FitDivergedError(
                 f"EM: the log-likelihood became {ll} at iteration {iteration}; the last good "

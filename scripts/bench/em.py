@@ -743,7 +743,8 @@ def case_defaults(args) -> Iterator[dict]:
         for r in defaults_rows(seeded):
             r = {**r, "seed": seed}
             rows.setdefault(r["row"], []).append(r)
-            yield r
+            if not args.summary_only:
+                yield r
     if len(seeds) < 2:
         return
     for label, rs in rows.items():
@@ -860,6 +861,11 @@ def main(argv=None) -> int:
         default=None,
         help="defaults case: seeds, comma-separated (each: its own data where generated and "
         "both sides' initialisations), with a summary over them; default: --seed alone",
+    )
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="defaults case with several --seeds: print the summaries over the seeds only",
     )
     p.add_argument(
         "--pyro-budget", type=float, default=600.0, help="most seconds for the Pyro tutorial recipe"

@@ -66,6 +66,25 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "EM at the defaults (and from a shared start) against scikit-learn, hmmlearn, pomegranate",
     ),
     Benchmark(
+        "em_bmm_seeds",
+        "em.py",
+        (
+            "--cases",
+            "defaults",
+            "--rows",
+            "bmm",
+            "--quick",
+            "--repeat",
+            "3",
+            "--summary-only",
+            "--seeds",
+            ",".join(str(s) for s in range(20)),
+        ),  # fmt: skip
+        ("scikit-learn",),
+        "`BernoulliMixture()` EM at the defaults against the NumPy anchor, times and iterations"
+        " summed over seeds 0-19 (each seed draws both sides' k-means starts)",
+    ),
+    Benchmark(
         "crf",
         "crf.py",
         ("--threads", "1", "--repeat", "21"),
