@@ -22,3 +22,14 @@ def test_beta_median_elsewhere_is_the_mean_and_inside_the_support():
     m = beta_median(a, b)
     assert torch.allclose(m, a / (a + b))
     assert bool(((m > 0) & (m < 1)).all())
+
+
+def test_beta_median_of_one_prior_expanded_is_that_of_its_copies():
+    """A prior written Beta(a, b).expand(shape) takes a shortcut when a = b; the values are
+    those of the same concentrations written out."""
+    for a, b in [(1.001, 1.001), (2.0, 3.0), (1.0, 4.0), (3.0, 1.0)]:
+        ca = torch.tensor(a, dtype=torch.float64).expand(3, 4)
+        cb = torch.tensor(b, dtype=torch.float64).expand(3, 4)
+        shortcut = beta_median(ca, cb)
+        assert torch.equal(shortcut, beta_median(ca.clone(), cb.clone()))
+        assert shortcut.shape == (3, 4)

@@ -131,6 +131,12 @@ def beta_median(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :param b: the concentration of the zeros (``concentration0``), broadcastable with ``a``.
     """
     a, b = torch.broadcast_tensors(a, b)
+    if a.dim() and not any(a.stride() + b.stride()):
+        # one (a, b) expanded over every coordinate (a prior written Beta(a, b).expand(...)):
+        # one value, and the symmetric case's 1/2 needs no arithmetic at all
+        first = (0,) * a.dim()
+        if bool(a[first] == b[first]):
+            return torch.full_like(a, 0.5)
     half = torch.full_like(a, 0.5)
     median = torch.where(a == 1, 1 - torch.pow(2.0, -1 / b), a / (a + b))
     median = torch.where(b == 1, torch.pow(2.0, -1 / a), median)

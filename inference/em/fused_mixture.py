@@ -142,9 +142,15 @@ class BernoulliMixtureSteps:
         x = plan["x"]
         active = x.amax(0).ne_(0).logical_or_(x.amin(0).ne_(0))  # (any(0) is slower)
         self.columns = None if bool(active.all()) else active.nonzero().squeeze(-1)
-        x_t = x.T if self.columns is None else x.T.index_select(0, self.columns)  # (D', n)
-        self.x = x.contiguous() if self.columns is None else x_t.T.contiguous()  # (n, D')
-        self.features_t = torch.cat([x_t, x_t.new_ones((1, x_t.shape[1]))])  # [x, 1]^T
+        width = x.shape[1] if self.columns is None else len(self.columns)
+        features_t = x.new_empty((width + 1, x.shape[0]))  # [x, 1]^T
+        if self.columns is None:
+            features_t[:width] = x.T
+        else:
+            torch.index_select(x.T, 0, self.columns, out=features_t[:width])
+        features_t[width] = 1
+        self.features_t = features_t
+        self.x = x.contiguous() if self.columns is None else features_t[:width].T.contiguous()
 
     @property
     def n_points(self) -> int:
