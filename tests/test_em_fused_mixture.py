@@ -48,6 +48,7 @@ CASES = {
     "seed 3": (lambda: BernoulliMixture(4), {"seed": 3}),
     "no priors": (lambda: BernoulliMixture(4, priors=None), {}),
     "Beta(2, 3)": (lambda: BernoulliMixture(3, beta=(2.0, 3.0)), {}),
+    "Beta(1, 2)": (lambda: BernoulliMixture(3, beta=(1.0, 2.0)), {}),
     "sparse Dirichlet": (lambda: BernoulliMixture(8, concentration=0.5), {"max_iter": 200}),
     "random start": (lambda: BernoulliMixture(4), {"init": "random"}),
     "tol 0": (lambda: BernoulliMixture(4), {"tol": 0.0, "max_iter": 15}),

@@ -182,12 +182,16 @@ class BernoulliMixtureSteps:
         ll = float(z.log_().add_(m).sum()) + pr["constant"]
         if pr["dirichlet"] is not None:  # Σ (α - 1) log w, when some α ≠ 1
             ll += float(torch.xlogy(pr["dirichlet"], w).sum())
+        # Σ (a - 1) log p + (b - 1) log(1 - p), a zero coefficient scoring 0 at p = 0 or 1 as
+        # xlogy does (Beta(1, b) leaves a coordinate no point has at exactly 0)
         beta = pr["beta"]
         if isinstance(beta, tuple):  # one (a - 1, b - 1) for every probability
-            ll += beta[0] * float(log_p.sum()) + beta[1] * float(log1m_sum.sum())
+            if beta[0]:
+                ll += beta[0] * float(log_p.sum())
+            if beta[1]:
+                ll += beta[1] * float(log1m_sum.sum())
         elif beta is not None:
-            ll += float(torch.vdot(beta[0].reshape(-1), log_p.reshape(-1)))
-            ll += float(torch.vdot(beta[1].reshape(-1), log1m.reshape(-1)))
+            ll += float(torch.xlogy(beta[0], p).sum() + torch.xlogy(beta[1], 1 - p).sum())
         cat_gi, bern_gi = self.plan["groups"]
         return ll, {cat_gi: L.sum(1).reshape(1, K, 1), bern_gi: L.unsqueeze(0)}
 
